@@ -1,0 +1,27 @@
+"""pip route for the ROS-free core (no ROS needed): `pip install .[transformers]` on a GPU server.
+
+The ROS package itself (interfaces, node, launch files) is built by CMakeLists.txt, with colcon in a ROS 2
+workspace or by `make setup` into the venv; neither uses this file. See README, "How the package is built".
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="spatialthinker_ros",
+    version="0.1.0",
+    description="SpatialThinker spatial question answering: prompts, robust parsing, geometry and backends",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["spatialthinker_ros", "spatialthinker_ros.*"],
+                           exclude=["spatialthinker_ros.ros", "spatialthinker_ros.ros.*"]),
+    install_requires=[
+        "numpy>=1.24",
+        "opencv-python-headless>=4.8",
+        "json-repair>=0.30",
+        "httpx>=0.27",
+    ],
+    extras_require={
+        "transformers": ["torch>=2.4", "torchvision", "transformers>=4.52", "accelerate>=1.0"],
+    },
+    entry_points={"console_scripts": ["spatialthinker-ask=spatialthinker_ros.cli:main"]},
+)

@@ -1,0 +1,150 @@
+"""Plain data passed between the stages of the ROS-free core.
+
+Data flows one way: frame + question -> prompt (prompt.py) -> backend (backends/) -> raw text ->
+ParsedResponse (parsing.py) -> boxes mapped to the camera and lifted to 3D (geometry.py) -> SpatialResult.
+Every stage takes and returns these types, so the ROS layer only converts them to messages.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Box:
+    """Axis-aligned box, corner form, in pixels (x right, y down). Invariant after geometry: min <= max."""
+
+    x_min: float
+    y_min: float
+    x_max: float
+    y_max: float
+
+    @property
+    def width(self) -> float:
+        return self.x_max - self.x_min
+
+    @property
+    def height(self) -> float:
+        return self.y_max - self.y_min
+
+
+@dataclass(frozen=True)
+class Position3D:
+    """Box centre and approximate extent in the camera optical frame (z forward, x right, y down), metres."""
+
+    x: float
+    y: float
+    z: float
+    size_x: float
+    size_y: float
+    size_z: float
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    id: str                      # the model's id, e.g. "cup.1"
+    label: str                   # the id without its ".N" suffix, underscores as spaces, e.g. "cup"
+    box: Box                     # pixels of the image the box refers to (see SceneGraph.image_size)
+    position: Optional[Position3D] = None
+
+
+@dataclass(frozen=True)
+class SceneRelation:
+    subject: str
+    predicate: str
+    object: str
+
+
+@dataclass(frozen=True)
+class SceneGraph:
+    objects: tuple[SceneObject, ...] = ()
+    relations: tuple[SceneRelation, ...] = ()
+    image_size: tuple[int, int] = (0, 0)     # (width, height) in pixels of the image the boxes refer to
+
+
+class AnswerStatus(enum.IntEnum):
+    """Same values as SpatialAnswer.STATUS_* in msg/SpatialAnswer.msg."""
+
+    COMPLETE = 0
+    PARTIAL = 1
+    NO_ANSWER = 2
+
+
+@dataclass(frozen=True)
+class ParsedResponse:
+    """What could be recovered from one raw model output. Parsing never raises; problems say what was lost."""
+
+    observation: str
+    scene: SceneGraph
+    scene_complete: bool         # a closed <scene> whose JSON parsed (possibly after repair)
+    reasoning: str
+    answer: str                  # text inside <answer>, trimmed; "" when none found
+    choice: str                  # option letter ("A".."Z") when the answer names one of the options, else ""
+    status: AnswerStatus
+    problems: tuple[str, ...] = ()
+
+    @property
+    def status_message(self) -> str:
+        return "; ".join(self.problems)
+
+
+@dataclass
+class InferenceRequest:
+    """One question about one image, ready for a backend.
+
+    `image` is RGB uint8 HxWx3 and is exactly what the model sees; `prompt` already states its size.
+    """
+
+    image: np.ndarray
+    prompt: str
+    question: str                # the caller's question as asked (the replay backend matches on it)
+    scene_only: bool = False     # stop once "</scene>" has been generated
+    on_text: Optional[Callable[[str, int], None]] = None   # (text so far, tokens so far); called from the backend's thread
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    model: str = ""
+    seconds: float = 0.0         # wall time the backend spent on this request (a batch's time for each member)
+
+
+class BackendErrorKind(enum.Enum):
+    UNAVAILABLE = "unavailable"      # server down / connection refused / model not loaded
+    TIMEOUT = "timeout"
+    OUT_OF_MEMORY = "out_of_memory"
+    NO_MATCH = "no_match"            # replay: no recorded response for this question
+    FAILED = "failed"                # anything else the backend raised
+
+
+class BackendError(Exception):
+    """A backend could not answer. The message is safe to show a caller (never contains secrets)."""
+
+    def __init__(self, kind: BackendErrorKind, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+class InvalidRequest(ValueError):
+    """The caller's request cannot be answered as asked (empty question, too many options, bad image ...)."""
+
+
+@dataclass(frozen=True)
+class SpatialResult:
+    """A finished answer: parsed response with boxes in the SOURCE camera image's pixels (and 3D if depth)."""
+
+    parsed: ParsedResponse
+    inference: InferenceResult
+    prompt: str = ""
+    model_image_size: tuple[int, int] = (0, 0)   # (width, height) of the image given to the model
+
+    @property
+    def scene(self) -> SceneGraph:
+        return self.parsed.scene

@@ -1,0 +1,32 @@
+"""Suite-wide isolation: ROS discovery stays on this machine, on a domain of our own, logging to a temp dir.
+
+This runs before any test module imports rclpy, so every node this suite starts (in-process or as a child
+process, which inherits os.environ) is isolated.
+"""
+
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+os.environ["ROS_DOMAIN_ID"] = str(random.SystemRandom().randint(1, 100))
+_LOG_DIR = tempfile.mkdtemp(prefix="spatialthinker-test-roslog-")
+os.environ["ROS_LOG_DIR"] = _LOG_DIR
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_LOG_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random Qwen2.5-VL checkpoint, built offline once per session (answers are noise)."""
+    from spatialthinker_ros.tiny_checkpoint import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen25vl"))
