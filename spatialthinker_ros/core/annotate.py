@@ -1,0 +1,45 @@
+"""Draw a scene graph on its image: boxes, ids and relation arrows. Shared by the CLI and ~/debug_image."""
+
+from __future__ import annotations
+
+import colorsys
+
+import cv2
+import numpy as np
+
+from spatialthinker_ros.core.types import SceneGraph
+
+
+def object_colour(index: int) -> tuple[int, int, int]:
+    r, g, b = colorsys.hsv_to_rgb((index * 0.618033988749895) % 1.0, 0.85, 1.0)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def draw_scene(rgb: np.ndarray, scene: SceneGraph, caption: str = "") -> np.ndarray:
+    """A copy of `rgb` (HxWx3, the image the scene's boxes refer to) with the scene drawn on it."""
+    canvas = np.ascontiguousarray(rgb, dtype=np.uint8).copy()
+    thickness = max(1, round(max(canvas.shape[:2]) / 400))
+    scale = max(0.4, max(canvas.shape[:2]) / 1200)
+    centres = {}
+    for i, obj in enumerate(scene.objects):
+        colour = object_colour(i)
+        p1 = (int(round(obj.box.x_min)), int(round(obj.box.y_min)))
+        p2 = (int(round(obj.box.x_max)), int(round(obj.box.y_max)))
+        cv2.rectangle(canvas, p1, p2, colour, thickness)
+        label = obj.id if obj.position is None else f"{obj.id} {obj.position.z:.2f}m"
+        (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+        top = max(0, p1[1] - th - base - 2)
+        cv2.rectangle(canvas, (p1[0], top), (p1[0] + tw + 4, top + th + base + 2), colour, -1)
+        cv2.putText(canvas, label, (p1[0] + 2, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness)
+        centres[obj.id] = ((p1[0] + p2[0]) // 2, (p1[1] + p2[1]) // 2)
+    for relation in scene.relations:
+        if relation.subject in centres and relation.object in centres:
+            start, end = centres[relation.subject], centres[relation.object]
+            cv2.arrowedLine(canvas, start, end, (255, 255, 255), thickness, tipLength=0.05)
+            mid = ((start[0] + end[0]) // 2, (start[1] + end[1]) // 2)
+            cv2.putText(canvas, relation.predicate, mid, cv2.FONT_HERSHEY_SIMPLEX, scale * 0.9, (255, 255, 255),
+                        thickness)
+    if caption:
+        cv2.putText(canvas, caption[:120], (8, canvas.shape[0] - 10), cv2.FONT_HERSHEY_SIMPLEX, scale,
+                    (255, 255, 0), thickness)
+    return canvas

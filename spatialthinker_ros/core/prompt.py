@@ -1,0 +1,137 @@
+"""The text SpatialThinker is asked: its instruction, the image size it must use for boxes, the question.
+
+The model answers boxes in pixels of the image size stated here, so the size must be that of the image the
+backend actually hands to the model (pipeline.prepare_request passes it). Requests are validated here because
+this is the first place that sees the caller's question and options together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from spatialthinker_ros.core.types import InvalidRequest
+
+_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+STYLES = ("model_card", "training")
+
+# The inference template of the model card, word for word.
+MODEL_CARD_INSTRUCTION = (
+    "You FIRST observe the image in <observe> </observe> tags, then visualise the relevant scene graph in "
+    "<scene> </scene> tags, followed by thinking about the reasoning process as an internal monologue within "
+    "<think> </think> tags and then provide the final answer. The final answer MUST BE put within <answer> "
+    "</answer> tags, and only return the final choice including the correct option and answer within the "
+    "answer tags, e.g., <answer> (A) cat </answer>."
+)
+
+# Our own wording of the training prompt's instruction block (same sections, id scheme and JSON shape).
+TRAINING_INSTRUCTION = """\
+You are given an image and a question about it. Answer by observing the image, localising the objects that \
+matter for the question, and reasoning over a scene graph of them.
+- In <observe> </observe> tags, describe the scene and name the objects relevant to the question.
+- In <scene> </scene> tags, write the scene graph as JSON. Give each relevant object a unique id of the form \
+"object_name.number" (e.g. "cup.1", "coffee_mug.2") and a bounding box [x1, y1, x2, y2] in pixel coordinates \
+of the image. List the relationships between these objects that matter for the question.
+- In <think> </think> tags, reason step by step as an internal monologue, using your observations and the \
+scene graph.
+- In <answer> </answer> tags, give only the final choice: the option letter and its text.
+Output format:
+<observe>
+The image shows a cup standing on a table.
+</observe>
+<scene>
+{
+  "objects": [
+    {"id": "cup.1", "bbox": [x1, y1, x2, y2]},
+    {"id": "table.1", "bbox": [x1, y1, x2, y2]}
+  ],
+  "relationships": [
+    {"subject": "cup.1", "predicate": "on", "object": "table.1"}
+  ]
+}
+</scene>
+<think>
+Step-by-step reasoning from the observations and the scene graph.
+</think>
+<answer> (A) answer text </answer>"""
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """Which prompt variant to use and how large a request may be (questions come from untrusted callers)."""
+
+    style: str = "model_card"
+    max_question_chars: int = 2000
+    max_options: int = 26
+    max_option_chars: int = 200
+
+    def __post_init__(self) -> None:
+        if self.style not in STYLES:
+            raise ValueError(f"prompt style must be one of {', '.join(STYLES)}, not {self.style!r}")
+        if self.max_question_chars < 1:
+            raise ValueError(f"max_question_chars must be at least 1, not {self.max_question_chars}")
+        if not 0 <= self.max_options <= len(_LETTERS):
+            raise ValueError(f"max_options must be between 0 and {len(_LETTERS)}, not {self.max_options}")
+        if self.max_option_chars < 1:
+            raise ValueError(f"max_option_chars must be at least 1, not {self.max_option_chars}")
+
+
+def option_letter(i: int) -> str:
+    """The letter the prompt gives the i-th option (0 -> "A")."""
+    if not 0 <= i < len(_LETTERS):
+        raise ValueError(f"option index must be between 0 and {len(_LETTERS) - 1}, not {i}")
+    return _LETTERS[i]
+
+
+def build_prompt(
+    question: str,
+    options: Sequence[str],
+    image_size: tuple[int, int],
+    config: PromptConfig = PromptConfig(),
+) -> str:
+    """The user-turn text that follows the image. `image_size` is (width, height) of the image the model sees."""
+    question = _checked_question(question, config)
+    options = _checked_options(options, config)
+    width, height = image_size
+    if width <= 0 or height <= 0:
+        raise InvalidRequest(f"image size must be positive, not {width} x {height}")
+    labelled = " ".join(f"({option_letter(i)}) {option}" for i, option in enumerate(options))
+    if config.style == "model_card":
+        asked = f"{question} {labelled}" if options else question
+        return f"{MODEL_CARD_INSTRUCTION}\n\nImage size: {width} x {height}\n\n{asked}"
+    asked = f"{question}\nOptions: {labelled}" if options else question
+    return (
+        f"{TRAINING_INSTRUCTION}\n\nImage size: ({width} x {height})\n\n"
+        f"Now answer the following question:\n\nQ. {asked}"
+    )
+
+
+def _checked_question(question: str, config: PromptConfig) -> str:
+    question = question.strip()
+    if not question:
+        raise InvalidRequest("the question is empty")
+    if len(question) > config.max_question_chars:
+        raise InvalidRequest(
+            f"the question is {len(question)} characters long; at most {config.max_question_chars} are allowed"
+        )
+    return question
+
+
+def _checked_options(options: Sequence[str], config: PromptConfig) -> list[str]:
+    if isinstance(options, str):
+        raise InvalidRequest("options must be a list of strings, not one string")
+    if len(options) > config.max_options:
+        raise InvalidRequest(f"{len(options)} options given; at most {config.max_options} are allowed")
+    checked = []
+    for i, option in enumerate(options):
+        # One line per option keeps the inline "(A) ... (B) ..." list intact.
+        option = " ".join(option.split())
+        if not option:
+            raise InvalidRequest(f"option {option_letter(i)} is empty")
+        if len(option) > config.max_option_chars:
+            raise InvalidRequest(
+                f"option {option_letter(i)} is {len(option)} characters long; "
+                f"at most {config.max_option_chars} are allowed"
+            )
+        checked.append(option)
+    return checked

@@ -1,0 +1,218 @@
+import math
+import time
+
+import numpy as np
+import pytest
+
+from spatialthinker_ros.core.geometry import CameraIntrinsics, depth_to_metres, lift_box, map_box, map_scene
+from spatialthinker_ros.core.types import Box, SceneGraph, SceneObject, SceneRelation
+
+K640 = CameraIntrinsics(fx=500.0, fy=520.0, cx=319.5, cy=239.5, width=640, height=480)
+OBJECT = Box(200, 100, 300, 200)           # where the synthetic object is, in 640x480 pixels
+
+
+def corners(box):
+    return (box.x_min, box.y_min, box.x_max, box.y_max)
+
+
+def scene_depth(object_m=1.5, background_m=3.0, size=(640, 480), scale=1):
+    """A wall at background_m with a flat object at object_m over OBJECT (scaled to `size`)."""
+    depth = np.full((size[1], size[0]), background_m, dtype=np.float32)
+    depth[OBJECT.y_min * scale:OBJECT.y_max * scale, OBJECT.x_min * scale:OBJECT.x_max * scale] = object_m
+    return depth
+
+
+def expected_position(box, z, k=K640):
+    """The pinhole model written out: centre ray through the box centre (pixel-centre convention)."""
+    u = (box.x_min + box.x_max) / 2 - 0.5
+    v = (box.y_min + box.y_max) / 2 - 0.5
+    return (u - k.cx) * z / k.fx, (v - k.cy) * z / k.fy, z
+
+
+# ---- boxes ----------------------------------------------------------------------------------------------
+
+def test_map_box_from_model_size_back_to_camera():
+    mapped = map_box(Box(322, 238, 644, 476), (644, 476), (640, 480))
+    assert corners(mapped) == pytest.approx((320, 240, 640, 480))
+    assert corners(map_box(Box(10, 20, 30, 40), (640, 480), (640, 480))) == (10, 20, 30, 40)
+    assert corners(map_box(Box(10, 20, 30, 40), (640, 480), (1280, 960))) == (20, 40, 60, 80)
+
+
+def test_map_box_normalises_and_clamps():
+    assert corners(map_box(Box(300, 200, 100, 50), (640, 480), (640, 480))) == (100, 50, 300, 200)
+    assert corners(map_box(Box(-10, -5, 700, 500), (640, 480), (640, 480))) == (0, 0, 640, 480)
+    assert corners(map_box(Box(600, 400, 700, 500), (640, 480), (640, 480))) == (600, 400, 640, 480)
+
+
+@pytest.mark.parametrize("box", [Box(650, 10, 700, 50), Box(-50, -50, -1, 100), Box(10, 490, 50, 600),
+                                 Box(100, 100, 100, 200), Box(10, 20, 30, 20)])
+def test_map_box_outside_or_empty_is_none(box):
+    assert map_box(box, (640, 480), (640, 480)) is None
+
+
+def test_map_box_rejects_bad_sizes():
+    with pytest.raises(ValueError):
+        map_box(Box(1, 2, 3, 4), (0, 0), (640, 480))
+
+
+def test_map_scene_drops_outside_objects_and_their_relations():
+    scene = SceneGraph(
+        objects=(SceneObject("cup.1", "cup", Box(322, 238, 644, 476)),
+                 SceneObject("plate.1", "plate", Box(700, 10, 800, 50)),
+                 SceneObject("table.1", "table", Box(0, 300, 644, 476))),
+        relations=(SceneRelation("cup.1", "on", "table.1"), SceneRelation("plate.1", "left of", "cup.1")),
+        image_size=(644, 476),
+    )
+    mapped, problems = map_scene(scene, (640, 480))
+    assert mapped.image_size == (640, 480)
+    assert [o.id for o in mapped.objects] == ["cup.1", "table.1"]
+    assert corners(mapped.objects[0].box) == pytest.approx((320, 240, 640, 480))
+    assert mapped.objects[0].label == "cup"
+    assert [(r.subject, r.object) for r in mapped.relations] == [("cup.1", "table.1")]
+    assert problems == ["objects dropped because their boxes are empty or outside the 644x476 image: plate.1 "
+                        "(1 relation removed with them)"]
+    assert map_scene(SceneGraph(objects=scene.objects[:1], image_size=(644, 476)), (640, 480))[1] == []
+
+
+# ---- intrinsics -----------------------------------------------------------------------------------------
+
+def test_intrinsics_from_k_and_scaled():
+    k = CameraIntrinsics.from_k([500.0, 0.0, 319.5, 0.0, 520.0, 239.5, 0.0, 0.0, 1.0], 640, 480)
+    assert k == K640
+    double = k.scaled(1280, 960)
+    assert (double.fx, double.fy, double.cx, double.cy) == (1000.0, 1040.0, 639.5, 479.5)
+    assert (double.width, double.height) == (1280, 960)
+    assert k.scaled(640, 480) == k
+
+
+@pytest.mark.parametrize("values", [(0.0, 500.0), (500.0, -1.0), (math.nan, 500.0), (500.0, math.inf)])
+def test_intrinsics_reject_bad_focal_lengths(values):
+    with pytest.raises(ValueError):
+        CameraIntrinsics(fx=values[0], fy=values[1], cx=319.5, cy=239.5, width=640, height=480)
+
+
+def test_intrinsics_reject_bad_k_and_size():
+    with pytest.raises(ValueError):
+        CameraIntrinsics.from_k([500.0, 0.0, 319.5], 640, 480)
+    with pytest.raises(ValueError):
+        CameraIntrinsics.from_k([0.0] * 9, 640, 480)
+    with pytest.raises(ValueError):
+        CameraIntrinsics(fx=1.0, fy=1.0, cx=0.0, cy=0.0, width=0, height=480)
+
+
+# ---- depth ----------------------------------------------------------------------------------------------
+
+def test_depth_16uc1_is_millimetres():
+    raw = np.array([[1000, 0], [65535, 2500]], dtype=np.uint16)
+    for encoding in ("16UC1", "mono16"):
+        metres = depth_to_metres(raw, encoding)
+        assert metres.dtype == np.float32
+        np.testing.assert_allclose(metres, [[1.0, np.nan], [65.535, 2.5]], rtol=1e-6)
+    np.testing.assert_allclose(depth_to_metres(raw, "16UC1", depth_scale=0.0001), [[0.1, np.nan], [6.5535, 0.25]],
+                               rtol=1e-6)
+
+
+def test_depth_32fc1_invalid_values_become_nan_and_input_is_untouched():
+    raw = np.array([[1.25, 0.0, -1.0], [np.nan, np.inf, -np.inf]], dtype=np.float32)
+    before = raw.copy()
+    metres = depth_to_metres(raw[:, :, None], "32FC1")
+    np.testing.assert_array_equal(metres, [[1.25, np.nan, np.nan], [np.nan, np.nan, np.nan]])
+    np.testing.assert_array_equal(raw, before)
+    # depth_scale is the unit of integer depth only: 32FC1 stays metres, so one node setting serves both.
+    np.testing.assert_array_equal(depth_to_metres(raw, "32FC1", depth_scale=0.001), metres)
+
+
+def test_depth_rejects_unknown_encoding_shape_and_scale():
+    with pytest.raises(ValueError, match="unsupported depth encoding"):
+        depth_to_metres(np.zeros((2, 2), np.uint8), "mono8")
+    with pytest.raises(ValueError):
+        depth_to_metres(np.zeros((2, 2, 3), np.uint16), "16UC1")
+    with pytest.raises(ValueError):
+        depth_to_metres(np.zeros((2, 2), np.uint16), "16UC1", depth_scale=0.0)
+
+
+# ---- lifting --------------------------------------------------------------------------------------------
+
+def test_lift_flat_object_gives_the_pinhole_point():
+    position = lift_box(OBJECT, scene_depth(), K640, (640, 480))
+    x, y, z = expected_position(OBJECT, 1.5)
+    assert (position.x, position.y, position.z) == pytest.approx((x, y, z))
+    assert (position.x, position.y) == pytest.approx((-0.21, 90 * -1.5 / 520))
+    assert position.size_x == pytest.approx(100 * 1.5 / 500)
+    assert position.size_y == pytest.approx(100 * 1.5 / 520)
+    assert position.size_z == 0.0
+
+
+def test_lift_loose_box_ignores_background_for_depth_and_caps_extent():
+    loose = Box(180, 80, 320, 220)   # 20 px of wall (3 m) around the object (1.5 m) on every side
+    position = lift_box(loose, scene_depth(), K640, (640, 480))
+    size_x, size_y = 140 * 1.5 / 500, 140 * 1.5 / 520
+    assert position.size_x == pytest.approx(size_x)
+    assert position.size_z == pytest.approx(size_y)        # 1.5 m wall-to-object spread, capped
+    x, y, z = expected_position(loose, 1.5 + size_y / 2)   # centre half the extent behind the surface
+    assert (position.x, position.y, position.z) == pytest.approx((x, y, z))
+
+
+def test_16uc1_and_32fc1_give_the_same_position():
+    millimetres = (scene_depth() * 1000).astype(np.uint16)
+    from_mm = lift_box(OBJECT, depth_to_metres(millimetres, "16UC1"), K640, (640, 480))
+    from_m = lift_box(OBJECT, depth_to_metres(scene_depth(), "32FC1"), K640, (640, 480))
+    for name in ("x", "y", "z", "size_x", "size_y", "size_z"):
+        assert getattr(from_mm, name) == pytest.approx(getattr(from_m, name), abs=1e-6)
+    assert from_m.z == pytest.approx(1.5)
+
+
+def test_depth_at_another_resolution_than_colour():
+    """Colour 1280x960, depth 640x480 with its own CameraInfo: same answer as asking in depth pixels."""
+    colour_box = Box(400, 200, 600, 400)
+    position = lift_box(colour_box, scene_depth(), K640, (1280, 960))
+    direct = lift_box(OBJECT, scene_depth(), K640, (640, 480))
+    assert position == direct
+    # Intrinsics given at colour resolution are scaled to the depth image.
+    k1280 = CameraIntrinsics(fx=1000.0, fy=1040.0, cx=639.5, cy=479.5, width=1280, height=960)
+    scaled = lift_box(colour_box, scene_depth(), k1280, (1280, 960))
+    for name in ("x", "y", "z", "size_x", "size_y", "size_z"):
+        assert getattr(scaled, name) == pytest.approx(getattr(direct, name))
+    # And a depth image larger than the colour image.
+    big = lift_box(Box(100, 50, 150, 100), scene_depth(size=(1280, 960), scale=2), k1280, (320, 240))
+    assert (big.x, big.y, big.z) == pytest.approx(expected_position(Box(400, 200, 600, 400), 1.5, k1280))
+
+
+def test_invalid_pixels_are_ignored():
+    depth = scene_depth()
+    depth[100:200:2, 200:300] = np.nan       # every other row of the object has no reading
+    depth[101:200:4, 200:300] = 0.0
+    depth[103:200:4, 200:250] = 50.0          # beyond max_depth
+    position = lift_box(OBJECT, depth, K640, (640, 480))
+    assert position.z == pytest.approx(1.5)
+    assert position.x == pytest.approx(expected_position(OBJECT, 1.5)[0])
+
+
+def test_too_few_valid_pixels_give_none():
+    depth = scene_depth()
+    depth[100:200, 200:300] = np.nan
+    assert lift_box(OBJECT, depth, K640, (640, 480)) is None
+    depth[150, 250] = 1.5     # 1 valid pixel of the 2500 in the inner region
+    assert lift_box(OBJECT, depth, K640, (640, 480)) is None
+    assert lift_box(OBJECT, depth, K640, (640, 480), min_valid_fraction=0.0001).z == pytest.approx(1.5)
+
+
+def test_box_outside_the_image_gives_none_and_bad_inputs_raise():
+    assert lift_box(Box(700, 10, 800, 50), scene_depth(), K640, (640, 480)) is None
+    with pytest.raises(ValueError):
+        lift_box(OBJECT, scene_depth(), K640, (640, 480), shrink=0.0)
+    with pytest.raises(ValueError):
+        lift_box(OBJECT, scene_depth()[:, :, None], K640, (640, 480))
+
+
+def test_full_hd_box_is_fast():
+    depth = np.random.default_rng(0).uniform(0.5, 5.0, (1080, 1920)).astype(np.float32)
+    k = CameraIntrinsics(fx=1400.0, fy=1400.0, cx=959.5, cy=539.5, width=1920, height=1080)
+    start = time.perf_counter()
+    for _ in range(10):
+        position = lift_box(Box(0, 0, 1920, 1080), depth, k, (1920, 1080))
+    assert (time.perf_counter() - start) / 10 < 0.05
+    # Uniform 0.5-5 m: median 2.75 m; the 0.95-4.55 m spread is capped at the metric box height.
+    assert position.size_z == pytest.approx(position.size_y)
+    assert position.z == pytest.approx(2.75 + position.size_y / 2, abs=0.03)
+    assert abs(position.x) < 0.01 and abs(position.y) < 0.01
