@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Protocol, Sequence, Union
+from typing import Callable, Optional, Protocol, Sequence, Union
 
 from spatialthinker_ros.core.types import BackendError, InferenceRequest, InferenceResult
 
 SCENE_END_TAG = "</scene>"
+
+
+def cut_after_scene_end(text: str) -> str:
+    """End a scene-only answer exactly at its first "</scene>", however far past it the backend stopped."""
+    end = text.find(SCENE_END_TAG)
+    return text if end < 0 else text[: end + len(SCENE_END_TAG)]
+
+
+class TextSink:
+    """Streams to a request's on_text, whose bug must not cost the answer: after one raise (logged) it gets no more."""
+
+    def __init__(self, on_text: Optional[Callable[[str, int], None]]):
+        self._on_text = on_text
+
+    def __call__(self, text: str, tokens: int) -> None:
+        if self._on_text is None:
+            return
+        try:
+            self._on_text(text, tokens)
+        except Exception:
+            logging.getLogger(__name__).exception("on_text callback failed; it gets no more text for this request")
+            self._on_text = None
 
 
 @dataclass(frozen=True)

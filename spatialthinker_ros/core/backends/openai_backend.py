@@ -1,0 +1,230 @@
+"""SpatialThinker behind an OpenAI-compatible server (vLLM, SGLang, `transformers serve`): one GPU, many robots.
+
+Requests of one generate() call go out concurrently, so the server's continuous batching sees them together.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+from urllib.parse import urlsplit
+
+import cv2
+import httpx
+import numpy as np
+
+from spatialthinker_ros.core.backends.base import SCENE_END_TAG, GenerationConfig, TextSink, cut_after_scene_end
+from spatialthinker_ros.core.types import BackendError, BackendErrorKind, InferenceRequest, InferenceResult
+
+_IMAGE_FORMATS = ("jpeg", "png")
+_BODY_EXCERPT = 300
+
+
+@dataclass(frozen=True)
+class OpenAIConfig:
+    """Where the server is and how to talk to it. The API key itself lives only in the environment."""
+
+    server_url: str = "http://127.0.0.1:8000/v1"
+    model: str = "OX-PIXL/SpatialThinker-7B"     # the name the server serves the model under
+    api_key_env: str = "SPATIALTHINKER_API_KEY"  # name of the environment variable holding the key
+    timeout_s: float = 120.0                     # longest wait for a whole answer
+    connect_timeout_s: float = 5.0
+    max_concurrency: int = 8                     # requests in flight at once = max_batch_size
+    image_format: str = "jpeg"                   # jpeg | png
+    jpeg_quality: int = 90
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+    def __post_init__(self) -> None:
+        _check_server_url(self.server_url)
+        if not self.model:
+            raise ValueError("model must name the model the server serves")
+        if self.timeout_s <= 0 or self.connect_timeout_s <= 0:
+            raise ValueError("timeout_s and connect_timeout_s must be > 0")
+        if self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, not {self.max_concurrency}")
+        if self.image_format not in _IMAGE_FORMATS:
+            raise ValueError(f"image_format must be one of {_IMAGE_FORMATS}, not {self.image_format!r}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in 1..100, not {self.jpeg_quality}")
+
+
+class OpenAIBackend:
+    """POSTs each request to {server_url}/chat/completions; streams (SSE) when the request wants partial text."""
+
+    name = "openai"
+
+    def __init__(self, config: OpenAIConfig):
+        self.config = config
+        self.model_name = config.model
+        self.max_batch_size = config.max_concurrency
+        self._endpoint = config.server_url.rstrip("/") + "/chat/completions"
+        self._api_key = os.environ.get(config.api_key_env) or None
+        self._client = httpx.Client(
+            timeout=httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s),
+            limits=httpx.Limits(max_connections=config.max_concurrency),
+            headers={"Authorization": f"Bearer {self._api_key}"} if self._api_key else None,
+        )
+        self._pool = ThreadPoolExecutor(config.max_concurrency, thread_name_prefix="spatialthinker-openai")
+        self._closed = False
+
+    def generate(self, requests: Sequence[InferenceRequest]) -> list[Union[InferenceResult, BackendError]]:
+        if len(requests) > self.max_batch_size:
+            raise ValueError(f"{len(requests)} requests exceed max_batch_size {self.max_batch_size}")
+        if self._closed:
+            return [BackendError(BackendErrorKind.UNAVAILABLE, "the openai backend is closed") for _ in requests]
+        return list(self._pool.map(self._answer, requests))
+
+    def close(self) -> None:
+        self._closed = True
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._client.close()
+
+    def _answer(self, request: InferenceRequest) -> Union[InferenceResult, BackendError]:
+        """One request, on a pool thread; every failure becomes a BackendError whose text never holds the key."""
+        started = time.perf_counter()
+        sink = TextSink(request.on_text)
+        try:
+            body = self._body(request)
+            if request.on_text:
+                text, finish_reason, usage = self._stream(body, sink, started + self.config.timeout_s)
+            else:
+                text, finish_reason, usage = self._complete(body)
+        except BackendError as error:
+            return BackendError(error.kind, self._scrub(str(error)))
+        except Exception as exc:
+            kind, message = self._classify(exc)
+            return BackendError(kind, self._scrub(message))
+        if request.scene_only:
+            # The OpenAI API leaves the stop string out of the text; a server that ignored `stop` went on past it.
+            if finish_reason == "stop" and text.rfind("<scene>") > text.rfind(SCENE_END_TAG):
+                text += SCENE_END_TAG
+            text = cut_after_scene_end(text)
+        completion_tokens = int(usage.get("completion_tokens", 0))
+        sink(text, completion_tokens)
+        return InferenceResult(
+            text=text,
+            prompt_tokens=int(usage.get("prompt_tokens", 0)),
+            completion_tokens=completion_tokens,
+            model=self.model_name,
+            seconds=time.perf_counter() - started,
+        )
+
+    def _body(self, request: InferenceRequest) -> dict[str, Any]:
+        generation = self.config.generation
+        image_url = encode_image(request.image, self.config.image_format, self.config.jpeg_quality)
+        body: dict[str, Any] = {
+            "model": self.config.model,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": image_url}},
+                        {"type": "text", "text": request.prompt},
+                    ],
+                }
+            ],
+            "max_tokens": generation.max_new_tokens,
+            "temperature": generation.temperature if generation.do_sample else 0.0,
+        }
+        if generation.do_sample:
+            body["top_p"] = generation.top_p
+        if generation.min_new_tokens:
+            body["min_tokens"] = generation.min_new_tokens   # vLLM and SGLang extension
+        if request.scene_only:
+            body["stop"] = [SCENE_END_TAG]
+        if request.on_text:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+    def _complete(self, body: dict[str, Any]) -> tuple[str, Optional[str], dict[str, Any]]:
+        response = self._client.post(self._endpoint, json=body).raise_for_status()
+        data = response.json()
+        choice = data["choices"][0]
+        return choice["message"]["content"] or "", choice.get("finish_reason"), data.get("usage") or {}
+
+    def _stream(
+        self, body: dict[str, Any], sink: TextSink, deadline: float
+    ) -> tuple[str, Optional[str], dict[str, Any]]:
+        """Reads server-sent events; the sink gets the text after every delta (one delta is about one token)."""
+        text, finish_reason, usage, deltas = "", None, {}, 0
+        with self._client.stream("POST", self._endpoint, json=body) as response:
+            if not response.is_success:
+                response.read()   # the error body goes into the message
+                response.raise_for_status()
+            for line in response.iter_lines():
+                if time.perf_counter() > deadline:
+                    raise httpx.ReadTimeout("the streamed answer took too long", request=response.request)
+                if not line.startswith("data:"):
+                    continue
+                payload = line[len("data:"):].strip()
+                if payload == "[DONE]":
+                    break
+                chunk = json.loads(payload)
+                if "error" in chunk:
+                    raise BackendError(BackendErrorKind.FAILED, f"inference server reported: {_excerpt(chunk['error'])}")
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices") or ():
+                    finish_reason = choice.get("finish_reason") or finish_reason
+                    delta = (choice.get("delta") or {}).get("content")
+                    if delta:
+                        text += delta
+                        deltas += 1
+                        sink(text, deltas)
+        return text, finish_reason, usage or {"completion_tokens": deltas}
+
+    def _classify(self, exc: Exception) -> tuple[BackendErrorKind, str]:
+        url = self.config.server_url
+        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+            return BackendErrorKind.UNAVAILABLE, f"inference server at {url} is not reachable: {_excerpt(exc)}"
+        if isinstance(exc, httpx.TimeoutException):
+            return BackendErrorKind.TIMEOUT, f"inference server at {url} did not answer within {self.config.timeout_s} s"
+        if isinstance(exc, httpx.HTTPStatusError):
+            return (
+                BackendErrorKind.FAILED,
+                f"inference server answered HTTP {exc.response.status_code}: {_excerpt(exc.response.text)}",
+            )
+        if isinstance(exc, httpx.HTTPError):
+            return BackendErrorKind.FAILED, f"request to inference server at {url} failed: {_excerpt(exc)}"
+        if isinstance(exc, (ValueError, KeyError, IndexError, TypeError)):
+            return BackendErrorKind.FAILED, f"malformed answer from inference server at {url}: {_excerpt(exc)}"
+        return BackendErrorKind.FAILED, f"request failed: {type(exc).__name__}: {_excerpt(exc)}"
+
+    def _scrub(self, message: str) -> str:
+        return message.replace(self._api_key, "***") if self._api_key else message
+
+
+def encode_image(image: np.ndarray, image_format: str = "jpeg", jpeg_quality: int = 90) -> str:
+    """RGB uint8 HxWx3 -> data: URL. OpenCV encodes a 640x480 JPEG in a few milliseconds."""
+    bgr = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR)
+    if image_format == "jpeg":
+        ok, encoded = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
+    else:
+        ok, encoded = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise ValueError(f"OpenCV could not encode a {image.shape} image as {image_format}")
+    return f"data:image/{image_format};base64,{base64.b64encode(encoded.tobytes()).decode('ascii')}"
+
+
+def _check_server_url(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.username or parts.password:   # said without echoing the URL, which holds a secret
+        raise ValueError("server_url must not carry credentials; put the key in the variable named by api_key_env")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError(f"server_url has an invalid port: {url!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"server_url must be an http:// or https:// URL with a host, not {url!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"server_url must not have a query or fragment: {url!r}")
+
+
+def _excerpt(value: Any) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= _BODY_EXCERPT else text[: _BODY_EXCERPT - 3] + "..."

@@ -1,0 +1,387 @@
+"""SpatialThinker (any Qwen2.5-VL checkpoint) in this process with transformers: one batched generate per call.
+
+Importing this module imports torch and transformers; `create_backend` imports it only when asked for this backend.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+import transformers
+from packaging.version import Version
+from transformers import (
+    AutoConfig,
+    AutoProcessor,
+    Qwen2_5_VLForConditionalGeneration,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+from transformers.generation import BaseStreamer
+from transformers.utils import is_flash_attn_2_available
+
+from spatialthinker_ros.core.backends.base import SCENE_END_TAG, GenerationConfig, TextSink, cut_after_scene_end
+from spatialthinker_ros.core.types import BackendError, BackendErrorKind, InferenceRequest, InferenceResult
+
+log = logging.getLogger(__name__)
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_QUANTIZATIONS = ("none", "4bit", "8bit")
+# transformers renamed from_pretrained's torch_dtype to dtype in 4.56; an unknown name would be silently ignored.
+_DTYPE_ARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+# Streaming decodes a row's whole text; doing it every few tokens (or when a tag may have closed) bounds the cost.
+_STREAM_EVERY_TOKENS = 8
+# "</scene>" is 8 characters and every token holds at least one byte, so a newly completed tag lies in the last 8.
+_SCENE_TAIL_TOKENS = 10
+
+
+@dataclass(frozen=True)
+class TransformersConfig:
+    """How to load and run the model in-process. Defaults suit one GPU serving one robot."""
+
+    model: str = "OX-PIXL/SpatialThinker-7B"   # hub id or local checkpoint directory
+    device: str = "auto"                         # auto | cpu | cuda | cuda:N (auto = cuda when available)
+    dtype: str = "auto"                          # auto (bf16 on cuda, fp32 on cpu) | bfloat16 | float16 | float32
+    attn_implementation: str = "auto"            # auto = flash_attention_2 when installed and on cuda, else sdpa
+    min_pixels: Optional[int] = None             # None keeps the checkpoint's preprocessor setting
+    max_pixels: Optional[int] = 1003520          # 1280x720 stays whole (1196 tokens); 1920x1080 -> 1222 tokens
+    quantization: str = "none"                   # none | 4bit | 8bit (bitsandbytes, cuda only)
+    max_batch_size: int = 8
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    local_files_only: bool = False
+    compile: bool = False                        # static KV cache; transformers then compiles decoding on cuda
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model must name a hub id or a checkpoint directory")
+        if not _DEVICE.fullmatch(self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, not {self.dtype!r}")
+        if not self.attn_implementation:
+            raise ValueError("attn_implementation must be auto or a transformers attention implementation")
+        for name in ("min_pixels", "max_pixels"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 28 * 28):
+                raise ValueError(f"{name} must be None or an int >= 784 (one 28x28 cell), not {value!r}")
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) exceeds max_pixels ({self.max_pixels})")
+        if self.quantization not in _QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {_QUANTIZATIONS}, not {self.quantization!r}")
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, not {self.max_batch_size}")
+
+
+class TransformersBackend:
+    """Qwen2_5_VLForConditionalGeneration + AutoProcessor, greedy by default, every call one batched generate."""
+
+    name = "transformers"
+
+    def __init__(self, config: TransformersConfig):
+        self.config = config
+        self.model_name = config.model
+        self.max_batch_size = config.max_batch_size
+        self._device = _resolve_device(config.device)
+        dtype = _resolve_dtype(config.dtype, self._device)
+        self.attn_implementation = _resolve_attention(config.attn_implementation, self._device, dtype)
+        self.device = str(self._device)
+        self.dtype = str(dtype).removeprefix("torch.")
+        started = time.perf_counter()
+        self._model, self._processor = _load(config, self._device, dtype, self.attn_implementation)
+        self._tokenizer = self._processor.tokenizer
+        self._tokenizer.padding_side = "left"   # generation continues every row from its last column
+        self._image_kwargs = _image_size_kwargs(self._processor.image_processor, config)
+        self._generate_kwargs = _generate_kwargs(config.generation, config.compile)
+        self._eos_ids = _token_ids(self._model.generation_config.eos_token_id)
+        self._end_ids = self._eos_ids | _token_ids(self._model.generation_config.pad_token_id)
+        log.info(
+            "loaded %s on %s (%s, %s) in %.1f s",
+            config.model, self.device, self.dtype, self.attn_implementation, time.perf_counter() - started,
+        )
+
+    def generate(self, requests: Sequence[InferenceRequest]) -> list[Union[InferenceResult, BackendError]]:
+        if len(requests) > self.max_batch_size:
+            raise ValueError(f"{len(requests)} requests exceed max_batch_size {self.max_batch_size}")
+        if not requests:
+            return []
+        if self._model is None:
+            return [BackendError(BackendErrorKind.UNAVAILABLE, "the transformers backend is closed") for _ in requests]
+        started = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                return self._generate(requests, started)
+        except Exception as exc:  # the whole batch shares one forward pass, so it shares the failure
+            kind, message = self._classify(exc)
+        if kind is BackendErrorKind.OUT_OF_MEMORY and torch.cuda.is_available():
+            gc.collect()   # here, not in the except block, whose traceback still held the failed step's tensors
+            torch.cuda.empty_cache()
+        return [BackendError(kind, message) for _ in requests]
+
+    def close(self) -> None:
+        if self._model is None:
+            return
+        self._model = self._processor = self._tokenizer = None
+        gc.collect()
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _generate(self, requests: Sequence[InferenceRequest], started: float) -> list[InferenceResult]:
+        texts = [
+            self._processor.apply_chat_template(_messages(r.prompt), tokenize=False, add_generation_prompt=True)
+            for r in requests
+        ]
+        inputs = self._processor(
+            text=texts, images=[r.image for r in requests], padding=True, return_tensors="pt", **self._image_kwargs
+        ).to(self._model.device)
+        prompt_length = inputs["input_ids"].shape[1]
+        scene_rows = [row for row, r in enumerate(requests) if r.scene_only]
+        scene_stop = _SceneStop(self._tokenizer, scene_rows, prompt_length) if scene_rows else None
+        streamer = (
+            _RowStreamer(self._tokenizer, [r.on_text for r in requests], self._end_ids)
+            if any(r.on_text for r in requests)
+            else None
+        )
+        output = self._model.generate(
+            **inputs,
+            **self._generate_kwargs,
+            stopping_criteria=StoppingCriteriaList([scene_stop]) if scene_stop else None,
+            streamer=streamer,
+        )
+        seconds = time.perf_counter() - started
+        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        stopped_at = scene_stop.stopped_at if scene_stop else {}
+        results = []
+        for row, ids in enumerate(output[:, prompt_length:].tolist()):
+            count = stopped_at.get(row) or _count_through_eos(ids, self._eos_ids)
+            text = self._tokenizer.decode(ids[:count], skip_special_tokens=True)
+            if requests[row].scene_only:
+                text = cut_after_scene_end(text)
+            if streamer:
+                streamer.finish(row, text, count)
+            results.append(
+                InferenceResult(
+                    text=text,
+                    prompt_tokens=int(prompt_tokens[row]),
+                    completion_tokens=count,
+                    model=self.model_name,
+                    seconds=seconds,
+                )
+            )
+        return results
+
+    def _classify(self, exc: Exception) -> tuple[BackendErrorKind, str]:
+        if isinstance(exc, torch.cuda.OutOfMemoryError) or (
+            isinstance(exc, RuntimeError) and "out of memory" in str(exc)
+        ):
+            log.warning("out of memory in generate: %s", exc)
+            return BackendErrorKind.OUT_OF_MEMORY, f"out of memory on {self.device}: {_describe(exc)}"
+        log.exception("generate failed")
+        return BackendErrorKind.FAILED, f"generation failed: {_describe(exc)}"
+
+
+def _messages(prompt: str) -> list[dict[str, Any]]:
+    """The model card's single user turn (image, then text); the chat template adds Qwen's default system turn."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+
+
+class _SceneStop(StoppingCriteria):
+    """Stops each scene-only row once its decoded text holds "</scene>"; the other rows of the batch go on.
+
+    transformers ANDs the returned per-row flags into its unfinished-rows mask, so a stopped row only gets padding.
+    The tag is found in decoded text because tokenizers split it differently in different contexts.
+    """
+
+    def __init__(self, tokenizer: Any, rows: list[int], prompt_length: int):
+        self._tokenizer = tokenizer
+        self._rows = rows
+        self._prompt_length = prompt_length
+        self.stopped_at: dict[int, int] = {}   # row -> generated tokens, the one completing the tag included
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        generated = input_ids.shape[1] - self._prompt_length
+        # only generated tokens: the prompt itself names the "<scene> </scene>" tags
+        tails = input_ids[self._rows, input_ids.shape[1] - min(generated, _SCENE_TAIL_TOKENS):].tolist()
+        for row, tail in zip(self._rows, tails):
+            if row not in self.stopped_at and SCENE_END_TAG in self._tokenizer.decode(tail):
+                self.stopped_at[row] = generated
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        done[list(self.stopped_at)] = True
+        return done
+
+
+class _RowStreamer(BaseStreamer):
+    """Hands each streaming row its growing text; `generate` pushes one token per row per step.
+
+    A row ends at its first end/pad token: transformers pads rows that hit EOS or were stopped by `_SceneStop`.
+    """
+
+    def __init__(self, tokenizer: Any, callbacks: list[Optional[Callable[[str, int], None]]], end_ids: set[int]):
+        self._tokenizer = tokenizer
+        self._sinks = [TextSink(callback) for callback in callbacks]
+        self._ids: list[list[int]] = [[] for _ in callbacks]
+        self._ended = [callback is None for callback in callbacks]
+        self._end_ids = end_ids
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.dim() > 1:   # the prompt, pushed once before the first step
+            return
+        for row, token in enumerate(value.tolist()):
+            if self._ended[row]:
+                continue
+            if token in self._end_ids:
+                self._ended[row] = True
+                continue
+            ids = self._ids[row]
+            ids.append(token)
+            if len(ids) % _STREAM_EVERY_TOKENS == 0 or ">" in self._tokenizer.convert_ids_to_tokens(token):
+                text = self._tokenizer.decode(ids, skip_special_tokens=True)
+                self._sinks[row](text.rstrip("\ufffd"), len(ids))   # drop a half-decoded multi-byte character
+
+    def end(self) -> None:
+        """Nothing to flush: `finish` sends each row its exact final text once it is known."""
+
+    def finish(self, row: int, text: str, tokens: int) -> None:
+        self._sinks[row](text, tokens)
+
+
+def _count_through_eos(ids: list[int], eos_ids: set[int]) -> int:
+    return next((index + 1 for index, token in enumerate(ids) if token in eos_ids), len(ids))
+
+
+def _token_ids(value: Union[int, list[int], None]) -> set[int]:
+    if value is None:
+        return set()
+    return {value} if isinstance(value, int) else set(value)
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BackendError(BackendErrorKind.UNAVAILABLE, f"device {device!r} was asked for but CUDA is not available")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise BackendError(
+                BackendErrorKind.UNAVAILABLE,
+                f"device {device!r} was asked for but only {torch.cuda.device_count()} CUDA device(s) exist",
+            )
+    return resolved
+
+
+def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _resolve_attention(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    if name != "auto":
+        return name
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and is_flash_attn_2_available():
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def _load(config: TransformersConfig, device: torch.device, dtype: torch.dtype, attention: str) -> tuple[Any, Any]:
+    source = _model_source(config.model)
+    quantization = _quantization_config(config.quantization, device, dtype)
+    try:
+        model_config = AutoConfig.from_pretrained(source, local_files_only=config.local_files_only)
+    except Exception as exc:
+        raise BackendError(
+            BackendErrorKind.UNAVAILABLE,
+            f"cannot load model {config.model!r} (not a checkpoint directory, and not a hub id that is cached or "
+            f"downloadable here): {_describe(exc)}",
+        ) from exc
+    if model_config.model_type != "qwen2_5_vl":
+        raise BackendError(
+            BackendErrorKind.UNAVAILABLE,
+            f"model {config.model!r} is not a Qwen2.5-VL checkpoint (model_type {model_config.model_type!r})",
+        )
+    try:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            source,
+            config=model_config,
+            attn_implementation=attention,
+            device_map={"": str(device)},
+            quantization_config=quantization,
+            local_files_only=config.local_files_only,
+            **{_DTYPE_ARG: dtype},
+        )
+        processor = AutoProcessor.from_pretrained(source, local_files_only=config.local_files_only)
+    except Exception as exc:
+        raise BackendError(BackendErrorKind.UNAVAILABLE, f"cannot load model {config.model!r}: {_describe(exc)}") from exc
+    return model.eval(), processor
+
+
+def _model_source(model: str) -> str:
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists() or model.startswith(("/", ".", "~")):
+        raise BackendError(BackendErrorKind.UNAVAILABLE, f"model directory {model!r} does not exist")
+    return model
+
+
+def _quantization_config(name: str, device: torch.device, dtype: torch.dtype) -> Any:
+    if name == "none":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise BackendError(
+            BackendErrorKind.UNAVAILABLE, f"quantization {name!r} needs the bitsandbytes package (pip install bitsandbytes)"
+        )
+    if device.type != "cuda":
+        raise BackendError(BackendErrorKind.UNAVAILABLE, f"quantization {name!r} needs a CUDA device, not {device}")
+    from transformers import BitsAndBytesConfig
+
+    if name == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _image_size_kwargs(image_processor: Any, config: TransformersConfig) -> dict[str, Any]:
+    """Pixel limits as a per-call `size`, the one form transformers 4.5x and 5.x both honour.
+
+    (5.x ignores a `size` given to from_pretrained when the checkpoint's preprocessor_config names min/max_pixels.)
+    """
+    if config.min_pixels is None and config.max_pixels is None:
+        return {}
+    loaded = image_processor.size
+    return {
+        "size": {
+            "shortest_edge": config.min_pixels or loaded["shortest_edge"],
+            "longest_edge": config.max_pixels or loaded["longest_edge"],
+        }
+    }
+
+
+def _generate_kwargs(generation: GenerationConfig, compile: bool) -> dict[str, Any]:
+    """Our GenerationConfig is the whole sampling spec: unset the checkpoint's own temperature/top_p/top_k."""
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": generation.max_new_tokens,
+        "do_sample": generation.do_sample,
+        "temperature": generation.temperature if generation.do_sample else None,
+        "top_p": generation.top_p if generation.do_sample else None,
+        "top_k": None,
+    }
+    if generation.min_new_tokens:
+        kwargs["min_new_tokens"] = generation.min_new_tokens
+    if compile:
+        kwargs["cache_implementation"] = "static"
+    return kwargs
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 400 else text[:397] + "..."

@@ -1,0 +1,395 @@
+"""OpenAIBackend against a real `transformers serve` of the tiny checkpoint, and a scripted local HTTP server for
+the behaviours a healthy server does not show (stop strings, errors, slowness, keys)."""
+
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+
+from spatialthinker_ros.core.backends.base import GenerationConfig
+from spatialthinker_ros.core.backends.openai_backend import OpenAIBackend, OpenAIConfig, encode_image
+from spatialthinker_ros.core.types import BackendError, BackendErrorKind, InferenceRequest, InferenceResult
+
+pytestmark = pytest.mark.timeout(120)
+
+SECRET = "sk-test-SECRET-0123456789"
+SCENE_OPEN = '<observe> a cup on a table </observe> <scene> {"objects": [{"id": "cup.1", "bbox": [1, 2, 3, 4]}]} '
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _request(width: int = 640, height: int = 480, **kwargs) -> InferenceRequest:
+    image = np.random.default_rng(7).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return InferenceRequest(image=image, prompt=f"Image size: {width} x {height}\n\nWhere is the cup?", question="q", **kwargs)
+
+
+# --- a real OpenAI-compatible server: `transformers serve` with the tiny checkpoint ---------------------------
+
+
+@pytest.fixture(scope="module")
+def served(tiny_checkpoint: Path, tmp_path_factory) -> str:
+    """`transformers serve DIR` on a free local port; yields its /v1 URL and stops the process it started."""
+    pytest.importorskip("fastapi", reason="transformers serve needs transformers[serving]")
+    pytest.importorskip("uvicorn", reason="transformers serve needs transformers[serving]")
+    cli = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")
+    assert cli, "the transformers command line is not installed"
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    command = [cli, "serve", str(tiny_checkpoint), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert process.poll() is None, f"transformers serve exited:\n{log_path.read_text(errors='replace')}"
+            assert time.monotonic() < deadline, f"transformers serve not healthy in 90 s:\n{log_path.read_text()}"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def in_process_answer(tiny_checkpoint: Path) -> InferenceResult:
+    """What the same checkpoint answers in this process, to compare the server's answer with."""
+    from spatialthinker_ros.core.backends.transformers_backend import TransformersBackend, TransformersConfig
+
+    backend = TransformersBackend(
+        TransformersConfig(
+            model=str(tiny_checkpoint), device="cpu", max_pixels=None, generation=GenerationConfig(max_new_tokens=12)
+        )
+    )
+    try:
+        [result] = backend.generate([_request()])
+    finally:
+        backend.close()
+    assert isinstance(result, InferenceResult) and result.text   # so comparing texts is not vacuous
+    return result
+
+
+def _served_backend(url: str, checkpoint: Path, **settings) -> OpenAIBackend:
+    # transformers serve only accepts the model name it was started with
+    return OpenAIBackend(
+        OpenAIConfig(server_url=url, model=str(checkpoint), generation=GenerationConfig(max_new_tokens=12), **settings)
+    )
+
+
+def test_real_server_answers_like_the_model_in_process(served, tiny_checkpoint, in_process_answer):
+    backend = _served_backend(served, tiny_checkpoint, image_format="png")   # lossless: the very same pixels
+    try:
+        [result] = backend.generate([_request()])
+    finally:
+        backend.close()
+    assert isinstance(result, InferenceResult), result
+    assert result.text == in_process_answer.text
+    assert result.prompt_tokens == in_process_answer.prompt_tokens
+    assert result.completion_tokens == in_process_answer.completion_tokens
+    assert result.model == str(tiny_checkpoint)
+    assert result.seconds > 0
+
+
+def test_real_server_streams_growing_text_ending_with_the_result(served, tiny_checkpoint, in_process_answer):
+    seen: list[tuple[str, int]] = []
+    backend = _served_backend(served, tiny_checkpoint)   # JPEG: same size, so the same prompt length
+    try:
+        [result] = backend.generate([_request(on_text=lambda text, tokens: seen.append((text, tokens)))])
+    finally:
+        backend.close()
+    assert isinstance(result, InferenceResult), result
+    assert result.prompt_tokens == in_process_answer.prompt_tokens
+    assert 1 <= result.completion_tokens <= 12
+    assert len(seen) >= 2
+    assert seen[-1] == (result.text, result.completion_tokens)
+    for (text, _), (later, _) in zip(seen, seen[1:]):
+        assert later.startswith(text)
+
+
+# --- a scripted local server ----------------------------------------------------------------------------------
+
+
+class _Script(BaseHTTPRequestHandler):
+    """The first path segment picks the behaviour: /{mode}/v1/chat/completions."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.seen.append({"path": self.path, "authorization": self.headers.get("Authorization"), "body": body})
+        mode = self.path.split("/")[1]
+        try:
+            getattr(self, f"_{mode}")(body)
+        except (BrokenPipeError, ConnectionResetError):   # the client gave up first, as some tests intend
+            pass
+
+    def _send(self, status: int, payload: bytes, content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def _events(self, events: list, pause_s: float = 0.0) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for event in events:
+            data = event if isinstance(event, str) else json.dumps(event)
+            self.wfile.write(f"data: {data}\n\n".encode())
+            self.wfile.flush()
+            time.sleep(pause_s)
+
+    def _scene(self, body: dict) -> None:
+        """A server that honours stop=["</scene>"] and, as the OpenAI API does, leaves the stop string out."""
+        usage = {"prompt_tokens": 100, "completion_tokens": 21, "total_tokens": 121}
+        if not body.get("stream"):
+            choice = {"index": 0, "message": {"role": "assistant", "content": SCENE_OPEN}, "finish_reason": "stop"}
+            self._send(200, json.dumps({"choices": [choice], "usage": usage}).encode())
+            return
+        pieces = [SCENE_OPEN[:10], SCENE_OPEN[10:40], SCENE_OPEN[40:]]
+        events = [{"choices": [{"index": 0, "delta": {"role": "assistant"}}]}]
+        events += [{"choices": [{"index": 0, "delta": {"content": piece}}]} for piece in pieces]
+        events += [{"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}, {"choices": [], "usage": usage}]
+        self._events(events + ["[DONE]"])
+
+    def _pause(self, body: dict) -> None:
+        time.sleep(0.5)
+        self._scene(body)
+
+    def _slow(self, body: dict) -> None:
+        time.sleep(3)
+        self._scene(body)
+
+    def _trickle(self, body: dict) -> None:
+        self._events([{"choices": [{"index": 0, "delta": {"content": "x"}}]}] * 30, pause_s=0.1)
+
+    def _fail(self, body: dict) -> None:
+        self._send(500, f"internal error for {self.headers.get('Authorization')}: {'x' * 1000}".encode(), "text/plain")
+
+    def _garbage(self, body: dict) -> None:
+        self._send(200, b"this is not json")
+
+    def _streamerror(self, body: dict) -> None:
+        self._events([{"error": "'Qwen2_5_VLProcessor' object has no attribute 'get_vocab'"}])
+
+
+@pytest.fixture(scope="module")
+def script_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Script)
+    server.daemon_threads = True
+    server.seen = []
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def script(script_server):
+    """backend(mode, **settings) -> an OpenAIBackend talking to the scripted server in that mode."""
+    script_server.seen.clear()
+    backends = []
+
+    def backend(mode: str, **settings) -> OpenAIBackend:
+        url = f"http://127.0.0.1:{script_server.server_address[1]}/{mode}/v1"
+        backends.append(OpenAIBackend(OpenAIConfig(server_url=url, model="spatialthinker", **settings)))
+        return backends[-1]
+
+    backend.seen = script_server.seen
+    yield backend
+    for created in backends:
+        created.close()
+
+
+def test_request_carries_the_image_prompt_and_greedy_settings(script):
+    image = np.zeros((480, 640, 3), np.uint8)
+    image[:, :320] = (255, 0, 0)   # red on the left, in RGB
+    request = InferenceRequest(image=image, prompt="Image size: 640 x 480\n\nWhat is red?", question="What is red?")
+    [result] = script("scene", generation=GenerationConfig(max_new_tokens=300)).generate([request])
+
+    assert result.text == SCENE_OPEN   # a full request gets no tag appended
+    assert (result.prompt_tokens, result.completion_tokens, result.model) == (100, 21, "spatialthinker")
+    [sent] = script.seen
+    assert sent["path"] == "/scene/v1/chat/completions"
+    assert sent["authorization"] is None
+    body = sent["body"]
+    assert (body["model"], body["max_tokens"], body["temperature"]) == ("spatialthinker", 300, 0.0)
+    assert "stop" not in body and "stream" not in body
+    [message] = body["messages"]
+    image_part, text_part = message["content"]
+    assert message["role"] == "user" and text_part == {"type": "text", "text": request.prompt}
+    url = image_part["image_url"]["url"]
+    assert url.startswith("data:image/jpeg;base64,")
+    decoded = cv2.imdecode(np.frombuffer(base64.b64decode(url.split(",", 1)[1]), np.uint8), cv2.IMREAD_COLOR)
+    assert decoded.shape == (480, 640, 3)
+    assert np.abs(decoded[240, 100].astype(int) - (0, 0, 255)).max() <= 8   # BGR: red stayed red
+    assert np.abs(decoded[240, 500].astype(int)).max() <= 8
+
+
+def test_scene_only_asks_the_server_to_stop_and_restores_the_tag(script):
+    [result] = script("scene").generate([_request(scene_only=True)])
+    assert result.text == SCENE_OPEN + "</scene>"
+    assert script.seen[0]["body"]["stop"] == ["</scene>"]
+
+
+def test_scene_only_streaming_restores_the_tag_in_the_last_text(script):
+    seen: list[tuple[str, int]] = []
+    [result] = script("scene").generate([_request(scene_only=True, on_text=lambda t, n: seen.append((t, n)))])
+    body = script.seen[0]["body"]
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert result.text == SCENE_OPEN + "</scene>"
+    assert (result.prompt_tokens, result.completion_tokens) == (100, 21)
+    assert [text for text, _ in seen] == [SCENE_OPEN[:10], SCENE_OPEN[:40], SCENE_OPEN, result.text]
+    assert [tokens for _, tokens in seen] == [1, 2, 3, 21]
+
+
+def test_a_failing_stream_consumer_does_not_cost_the_answer(script):
+    calls = []
+
+    def broken(text: str, tokens: int) -> None:
+        calls.append(text)
+        raise RuntimeError("consumer bug")
+
+    [result] = script("scene").generate([_request(scene_only=True, on_text=broken)])
+    assert result.text == SCENE_OPEN + "</scene>"
+    assert calls == [SCENE_OPEN[:10]]
+
+
+def test_requests_of_one_call_are_sent_concurrently(script):
+    backend = script("pause", max_concurrency=3)
+    started = time.perf_counter()
+    results = backend.generate([_request(), _request(), _request()])
+    assert time.perf_counter() - started < 1.2   # three 0.5 s answers, overlapped
+    assert [r.text for r in results] == [SCENE_OPEN] * 3
+    with pytest.raises(ValueError, match="exceed max_batch_size 3"):
+        backend.generate([_request()] * 4)
+
+
+def test_a_slow_server_times_out_within_the_bound(script):
+    started = time.perf_counter()
+    [result] = script("slow", timeout_s=0.5).generate([_request()])
+    assert time.perf_counter() - started < 2.0
+    assert isinstance(result, BackendError) and result.kind is BackendErrorKind.TIMEOUT
+    assert "did not answer within 0.5 s" in str(result)
+
+
+def test_a_stream_that_never_ends_times_out_within_the_bound(script):
+    started = time.perf_counter()
+    [result] = script("trickle", timeout_s=0.5).generate([_request(on_text=lambda t, n: None)])
+    assert time.perf_counter() - started < 1.5
+    assert isinstance(result, BackendError) and result.kind is BackendErrorKind.TIMEOUT
+
+
+def test_nothing_listening_is_unavailable_quickly():
+    url = f"http://127.0.0.1:{_free_port()}/v1"
+    backend = OpenAIBackend(OpenAIConfig(server_url=url))
+    try:
+        started = time.perf_counter()
+        [result] = backend.generate([_request()])
+    finally:
+        backend.close()
+    assert time.perf_counter() - started < 2.0
+    assert isinstance(result, BackendError) and result.kind is BackendErrorKind.UNAVAILABLE
+    assert f"inference server at {url} is not reachable" in str(result)
+
+
+def test_http_500_fails_with_status_and_a_short_body_without_the_key(script, monkeypatch):
+    monkeypatch.setenv("TEST_SPATIALTHINKER_KEY", SECRET)
+    backend = script("fail", api_key_env="TEST_SPATIALTHINKER_KEY")
+    [result] = backend.generate([_request()])
+    assert script.seen[0]["authorization"] == f"Bearer {SECRET}"   # the server echoed it into its error body
+    assert isinstance(result, BackendError) and result.kind is BackendErrorKind.FAILED
+    message = str(result)
+    assert message.startswith("inference server answered HTTP 500: internal error for Bearer ***: xxx")
+    assert SECRET not in message and len(message) < 400
+    for text in (repr(backend), repr(backend.config), str(vars(backend.config))):
+        assert SECRET not in text
+
+
+def test_the_key_goes_only_into_the_authorization_header(script, monkeypatch):
+    monkeypatch.setenv("TEST_SPATIALTHINKER_KEY", SECRET)
+    [result] = script("scene", api_key_env="TEST_SPATIALTHINKER_KEY").generate([_request()])
+    assert result.text == SCENE_OPEN
+    assert script.seen[0]["authorization"] == f"Bearer {SECRET}"
+    assert SECRET not in json.dumps(script.seen[0]["body"])
+
+
+def test_malformed_json_fails(script):
+    [result] = script("garbage").generate([_request()])
+    assert isinstance(result, BackendError) and result.kind is BackendErrorKind.FAILED
+    assert "malformed answer" in str(result)
+
+
+def test_an_error_event_in_the_stream_fails_with_its_text(script):
+    [result] = script("streamerror").generate([_request(on_text=lambda t, n: None)])
+    assert isinstance(result, BackendError) and result.kind is BackendErrorKind.FAILED
+    assert "get_vocab" in str(result)
+
+
+def test_closed_backend_answers_unavailable(script):
+    backend = script("scene")
+    backend.close()
+    [result] = backend.generate([_request()])
+    assert isinstance(result, BackendError) and result.kind is BackendErrorKind.UNAVAILABLE
+
+
+def test_png_encoding_is_lossless_and_rgb():
+    image = np.random.default_rng(3).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    url = encode_image(image, "png")
+    assert url.startswith("data:image/png;base64,")
+    decoded = cv2.imdecode(np.frombuffer(base64.b64decode(url.split(",", 1)[1]), np.uint8), cv2.IMREAD_COLOR)
+    assert np.array_equal(decoded[:, :, ::-1], image)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["ftp://example.com/v1", "127.0.0.1:8000/v1", "http://", "file:///tmp/socket", "http://host:99999/v1",
+     "http://host/v1?x=1"],
+)
+def test_server_url_must_be_http_with_a_host(url):
+    with pytest.raises(ValueError):
+        OpenAIConfig(server_url=url)
+
+
+def test_credentials_in_the_url_are_refused_without_repeating_them():
+    with pytest.raises(ValueError) as raised:
+        OpenAIConfig(server_url=f"https://robot:{SECRET}@gpu.example.com/v1")
+    assert SECRET not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"timeout_s": 0}, {"connect_timeout_s": -1}, {"max_concurrency": 0}, {"image_format": "webp"},
+     {"jpeg_quality": 0}, {"model": ""}],
+)
+def test_invalid_settings_are_rejected(settings):
+    with pytest.raises(ValueError):
+        OpenAIConfig(**settings)

@@ -1,0 +1,136 @@
+"""ReplayBackend: recorded answers, matched on the question exactly, streamed in pieces."""
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spatialthinker_ros.core.backends.replay_backend import ReplayBackend, ReplayConfig
+from spatialthinker_ros.core.types import BackendError, BackendErrorKind, InferenceRequest, InferenceResult
+
+pytestmark = pytest.mark.timeout(30)
+
+QUESTION = "Where is the cat relative to the couch? (A) on top of (B) in front of (C) behind (D) beside"
+RESPONSE = (
+    "<observe> A living room with a couch and a cat. </observe>\n"
+    '<scene> {"objects": [{"id": "couch.1", "bbox": [50, 100, 400, 350]}, {"id": "cat.1", "bbox": [200, 300, 280, 400]}],'
+    ' "relationships": [{"subject": "cat.1", "predicate": "in front of", "object": "couch.1"}]} </scene>\n'
+    "<think> The cat is lower in the image than the couch. </think>\n"
+    "<answer> (B) in front of </answer>"
+)
+
+
+@pytest.fixture
+def replay_file(tmp_path: Path) -> Path:
+    path = tmp_path / "answers.jsonl"
+    lines = [
+        json.dumps({"question": QUESTION, "response": RESPONSE, "source": "model card"}),
+        "",
+        json.dumps({"question": "How many cups?", "response": "<answer> 2 </answer>"}),
+        json.dumps({"question": "How many cups?", "response": "<answer> 3 </answer>"}),
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _request(question: str, **kwargs) -> InferenceRequest:
+    return InferenceRequest(
+        image=np.zeros((480, 640, 3), np.uint8), prompt=f"Image size: 640 x 480\n\n{question}", question=question, **kwargs
+    )
+
+
+def test_recorded_response_is_returned_for_the_exact_question(replay_file: Path):
+    backend = ReplayBackend(ReplayConfig(str(replay_file), model="SpatialThinker-7B (recorded)"))
+    [result] = backend.generate([_request(QUESTION)])
+    assert isinstance(result, InferenceResult)
+    assert result.text == RESPONSE
+    assert result.completion_tokens == len(RESPONSE.split())
+    assert result.prompt_tokens == len(f"Image size: 640 x 480\n\n{QUESTION}".split())
+    assert result.model == backend.model_name == "SpatialThinker-7B (recorded)"
+    assert backend.name == "replay"
+
+
+def test_first_line_for_a_question_wins(replay_file: Path):
+    [result] = ReplayBackend(ReplayConfig(str(replay_file))).generate([_request("How many cups?")])
+    assert result.text == "<answer> 2 </answer>"
+
+
+def test_unknown_question_is_no_match_naming_it(replay_file: Path):
+    backend = ReplayBackend(ReplayConfig(str(replay_file)))
+    known, unknown = backend.generate([_request(QUESTION), _request("Where is the cat?")])
+    assert known.text == RESPONSE
+    assert isinstance(unknown, BackendError) and unknown.kind is BackendErrorKind.NO_MATCH
+    assert str(unknown) == 'no recorded response for question "Where is the cat?"'
+
+
+def test_scene_only_ends_at_the_scene(replay_file: Path):
+    [result] = ReplayBackend(ReplayConfig(str(replay_file))).generate([_request(QUESTION, scene_only=True)])
+    assert result.text == RESPONSE[: RESPONSE.index("</scene>") + len("</scene>")]
+    assert result.text.endswith('"object": "couch.1"}]} </scene>')
+
+
+def test_streaming_sends_growing_pieces_ending_with_the_result(replay_file: Path):
+    seen: list[tuple[str, int]] = []
+    [result] = ReplayBackend(ReplayConfig(str(replay_file))).generate(
+        [_request(QUESTION, on_text=lambda text, tokens: seen.append((text, tokens)))]
+    )
+    assert len(seen) == 4
+    assert seen[-1] == (result.text, result.completion_tokens)
+    lengths = [len(text) for text, _ in seen]
+    assert lengths == sorted(set(lengths)) and lengths[0] > 0
+    assert all(RESPONSE.startswith(text) for text, _ in seen)
+
+
+def test_a_failing_stream_consumer_does_not_cost_the_answer(replay_file: Path):
+    calls = []
+
+    def broken(text: str, tokens: int) -> None:
+        calls.append(text)
+        raise RuntimeError("consumer bug")
+
+    [result] = ReplayBackend(ReplayConfig(str(replay_file))).generate([_request(QUESTION, on_text=broken)])
+    assert result.text == RESPONSE
+    assert len(calls) == 1
+
+
+def test_latency_is_spent_once_per_batch(replay_file: Path):
+    backend = ReplayBackend(ReplayConfig(str(replay_file), latency_s=0.2))
+    started = time.perf_counter()
+    results = backend.generate([_request(QUESTION)] * 3)
+    elapsed = time.perf_counter() - started
+    assert 0.2 <= elapsed < 0.5
+    assert all(result.seconds >= 0.2 for result in results)
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ('{"question": "q", "response": ', "not valid JSON"),
+        ('["q", "r"]', 'string "question" and "response"'),
+        ('{"question": "q"}', 'string "question" and "response"'),
+        ('{"question": "q", "response": 3}', 'string "question" and "response"'),
+    ],
+)
+def test_malformed_line_is_rejected_at_load_naming_its_number(tmp_path: Path, line: str, problem: str):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"question": "a", "response": "b"}) + "\n\n" + line + "\n", encoding="utf-8")
+    with pytest.raises(ValueError) as raised:
+        ReplayBackend(ReplayConfig(str(path)))
+    assert f"{path}:3:" in str(raised.value) and problem in str(raised.value)
+
+
+def test_missing_replay_file_is_rejected_naming_it(tmp_path: Path):
+    with pytest.raises(ValueError, match="replay file .*missing.jsonl does not exist"):
+        ReplayBackend(ReplayConfig(str(tmp_path / "missing.jsonl")))
+
+
+def test_batch_limit_and_settings_are_checked(replay_file: Path):
+    backend = ReplayBackend(ReplayConfig(str(replay_file), max_batch_size=2))
+    with pytest.raises(ValueError, match="exceed max_batch_size 2"):
+        backend.generate([_request(QUESTION)] * 3)
+    with pytest.raises(ValueError):
+        ReplayConfig(str(replay_file), latency_s=-1)
+    with pytest.raises(ValueError):
+        ReplayConfig(str(replay_file), max_batch_size=0)

@@ -1,0 +1,293 @@
+"""TransformersBackend on the tiny random Qwen2.5-VL checkpoint, on the CPU: the real loading and generation path."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from spatialthinker_ros.core.backends.base import GenerationConfig
+from spatialthinker_ros.core.backends.transformers_backend import TransformersBackend, TransformersConfig
+from spatialthinker_ros.core.types import BackendError, BackendErrorKind, InferenceRequest, InferenceResult
+
+pytestmark = pytest.mark.timeout(120)
+
+FORCED = '<observe> a cup </observe> <scene> {"objects": []} </scene> <think> x </think> <answer> (A) </answer>'
+SCENE_PART = '<observe> a cup </observe> <scene> {"objects": []} </scene>'
+
+
+def _backend(checkpoint: Path, **overrides) -> TransformersBackend:
+    settings = {"model": str(checkpoint), "device": "cpu", "max_pixels": None} | overrides
+    return TransformersBackend(TransformersConfig(**settings))
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_checkpoint: Path):
+    """Exactly 16 new tokens per answer: a random model may otherwise end at once."""
+    backend = _backend(tiny_checkpoint, generation=GenerationConfig(max_new_tokens=16, min_new_tokens=16))
+    yield backend
+    backend.close()
+
+
+def _request(width: int, height: int, seed: int = 0, **kwargs) -> InferenceRequest:
+    image = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    prompt = (  # names the scene tags, as the real prompt does: the stop must look at generated text only
+        "Visualise the relevant scene graph in <scene> </scene> tags."
+        f"\n\nImage size: {width} x {height}\n\nWhere is the cup relative to the plate?"
+    )
+    return InferenceRequest(image=image, prompt=prompt, question="Where is the cup relative to the plate?", **kwargs)
+
+
+def _image_tokens(width: int, height: int, min_pixels: int, max_pixels: int) -> int:
+    """Qwen2.5-VL's smart_resize (factor 28), written out independently of transformers."""
+    h, w = round(height / 28) * 28, round(width / 28) * 28
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = math.floor(height / beta / 28) * 28, math.floor(width / beta / 28) * 28
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / 28) * 28, math.ceil(width * beta / 28) * 28
+    return h * w // (28 * 28)
+
+
+def _text_tokens(backend: TransformersBackend, request: InferenceRequest) -> int:
+    """Prompt tokens other than the image's: the chat template with one <|image_pad|> placeholder, minus it."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": request.prompt}]}]
+    text = backend._processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return len(backend._tokenizer.encode(text, add_special_tokens=False)) - 1
+
+
+class _ForceText(LogitsProcessor):
+    """Makes every row generate FORCED and then <|im_end|>, so stopping can be checked on known text."""
+
+    def __init__(self, token_ids: list[int], eos_id: int):
+        self._sequence = token_ids + [eos_id]
+        self._start = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self._start = self._start or input_ids.shape[1]
+        step = min(input_ids.shape[1] - self._start, len(self._sequence) - 1)
+        forced = torch.full_like(scores, -math.inf)
+        forced[:, self._sequence[step]] = 0.0
+        return forced
+
+
+@pytest.fixture
+def forced_backend(tiny_checkpoint: Path, monkeypatch):
+    """A backend whose model writes FORCED; `calls` counts model.generate calls."""
+    backend = _backend(tiny_checkpoint, generation=GenerationConfig(max_new_tokens=64))
+    tokenizer = backend._tokenizer
+    force = _ForceText(tokenizer.encode(FORCED, add_special_tokens=False), tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    original = backend._model.generate
+    backend.calls = 0
+
+    def generate(*args, **kwargs):
+        backend.calls += 1
+        return original(*args, logits_processor=LogitsProcessorList([force]), **kwargs)
+
+    monkeypatch.setattr(backend._model, "generate", generate)
+    yield backend
+    backend.close()
+
+
+def test_defaults_on_cpu_are_float32_and_sdpa(backend: TransformersBackend, tiny_checkpoint: Path):
+    assert (backend.device, backend.dtype, backend.attn_implementation) == ("cpu", "float32", "sdpa")
+    assert backend.name == "transformers"
+    assert backend.model_name == str(tiny_checkpoint)
+    assert backend.max_batch_size == 8
+
+
+def test_single_request_returns_text_and_exact_token_counts(backend: TransformersBackend, tiny_checkpoint: Path):
+    request = _request(640, 480)
+    [result] = backend.generate([request])
+    assert isinstance(result, InferenceResult)
+    assert result.completion_tokens == 16
+    assert isinstance(result.text, str) and result.text.strip()
+    # 640x480 under the tiny checkpoint's own max_pixels (50176): 168x252 pixels -> 54 image tokens
+    assert _image_tokens(640, 480, 3136, 50176) == 54
+    assert result.prompt_tokens == _text_tokens(backend, request) + 54
+    assert result.model == str(tiny_checkpoint)
+    assert 0 < result.seconds < 60
+
+
+def test_max_pixels_bounds_the_image_tokens(backend: TransformersBackend, tiny_checkpoint: Path):
+    limited = _backend(tiny_checkpoint, max_pixels=12544, generation=GenerationConfig(max_new_tokens=2))
+    request = _request(640, 480)
+    try:
+        [result] = limited.generate([request])
+    finally:
+        limited.close()
+    assert _image_tokens(640, 480, 3136, 12544) == 12    # 84x112 pixels
+    assert result.prompt_tokens == _text_tokens(backend, request) + 12
+
+
+def test_batch_of_three_sizes_in_one_generate_call_matches_each_alone(backend: TransformersBackend, monkeypatch):
+    requests = [_request(640, 480, seed=1), _request(40, 30, seed=2), _request(300, 500, seed=3)]
+    alone = [backend.generate([request])[0] for request in requests]
+    calls = []
+    original = backend._model.generate
+    monkeypatch.setattr(backend._model, "generate", lambda *a, **k: calls.append(1) or original(*a, **k))
+
+    batched = backend.generate(requests)
+
+    assert len(calls) == 1
+    assert len(batched) == 3
+    expected_image_tokens = [_image_tokens(w, h, 3136, 50176) for w, h in ((640, 480), (40, 30), (300, 500))]
+    assert expected_image_tokens == [54, 6, 60]   # 40x30 is scaled up to min_pixels, 300x500 down
+    for request, one, result, image_tokens in zip(requests, alone, batched, expected_image_tokens):
+        assert result.prompt_tokens == one.prompt_tokens == _text_tokens(backend, request) + image_tokens
+        assert result.completion_tokens == 16
+        assert result.text == one.text      # left padding leaves greedy answers unchanged
+
+
+def test_scene_only_row_stops_right_after_the_scene_while_full_row_goes_on(forced_backend: TransformersBackend):
+    tokenizer = forced_backend._tokenizer
+    forced_ids = tokenizer.encode(FORCED, add_special_tokens=False)
+    scene_tokens = next(n for n in range(1, len(forced_ids)) if "</scene>" in tokenizer.decode(forced_ids[:n]))
+
+    scene, full = forced_backend.generate([_request(640, 480, scene_only=True), _request(320, 240)])
+
+    assert forced_backend.calls == 1
+    assert scene.text == SCENE_PART
+    assert scene.completion_tokens == scene_tokens == 19
+    assert full.text == FORCED
+    assert full.completion_tokens == len(forced_ids) + 1   # the answer and its <|im_end|>
+
+
+def test_streaming_sends_growing_text_and_ends_with_the_result(forced_backend: TransformersBackend):
+    seen: list[tuple[str, int]] = []
+    quiet, streamed = forced_backend.generate(
+        [_request(640, 480), _request(640, 480, on_text=lambda text, tokens: seen.append((text, tokens)))]
+    )
+    assert streamed.text == quiet.text == FORCED
+    assert len(seen) >= 4
+    assert seen[-1] == (streamed.text, streamed.completion_tokens)
+    for (text, tokens), (later_text, later_tokens) in zip(seen, seen[1:]):
+        assert later_text.startswith(text) and later_tokens >= tokens
+    assert any(text.endswith("</scene>") for text, _ in seen[:-1])   # sent as the tag closed, not only at the end
+
+
+def test_scene_only_streaming_ends_at_the_scene(forced_backend: TransformersBackend):
+    seen: list[str] = []
+    [result] = forced_backend.generate([_request(640, 480, scene_only=True, on_text=lambda t, n: seen.append(t))])
+    assert result.text == SCENE_PART
+    assert seen[-1] == SCENE_PART
+    assert all("<think>" not in text for text in seen)
+
+
+def test_a_failing_stream_consumer_does_not_cost_the_answer(forced_backend: TransformersBackend):
+    calls = []
+
+    def broken(text: str, tokens: int) -> None:
+        calls.append(text)
+        raise RuntimeError("consumer bug")
+
+    [result] = forced_backend.generate([_request(640, 480, on_text=broken)])
+    assert result.text == FORCED
+    assert len(calls) == 1
+
+
+def test_static_cache_option_gives_the_same_answer(backend: TransformersBackend, tiny_checkpoint: Path):
+    compiled = _backend(
+        tiny_checkpoint, compile=True, generation=GenerationConfig(max_new_tokens=16, min_new_tokens=16)
+    )
+    try:
+        request = _request(640, 480, seed=5)
+        assert compiled.generate([request])[0].text == backend.generate([request])[0].text
+    finally:
+        compiled.close()
+
+
+@pytest.mark.parametrize(
+    ("error", "kind", "phrase"),
+    [
+        (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "OUT_OF_MEMORY", "2.00 GiB"),
+        (RuntimeError("CUDA error: out of memory"), "OUT_OF_MEMORY", "out of memory"),
+        (RuntimeError("shape mismatch in rotary embedding"), "FAILED", "shape mismatch"),
+    ],
+)
+def test_generate_errors_become_one_backend_error_per_request(backend, monkeypatch, error, kind, phrase):
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(backend._model, "generate", fail)
+    results = backend.generate([_request(64, 64), _request(64, 64, scene_only=True)])
+    assert len(results) == 2
+    for result in results:
+        assert isinstance(result, BackendError)
+        assert result.kind is BackendErrorKind[kind]
+        assert phrase in str(result)
+
+
+def test_missing_model_directory_is_unavailable(tmp_path: Path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(BackendError) as raised:
+        _backend(missing)
+    assert raised.value.kind is BackendErrorKind.UNAVAILABLE
+    assert str(missing) in str(raised.value)
+
+
+def test_a_checkpoint_of_another_architecture_is_unavailable(tmp_path: Path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(BackendError) as raised:
+        _backend(tmp_path)
+    assert raised.value.kind is BackendErrorKind.UNAVAILABLE
+    assert "not a Qwen2.5-VL checkpoint" in str(raised.value) and "'bert'" in str(raised.value)
+
+
+def test_an_unreachable_hub_model_is_unavailable_and_named():
+    with pytest.raises(BackendError) as raised:
+        TransformersBackend(TransformersConfig(model="OX-PIXL/no-such-model-here", device="cpu", local_files_only=True))
+    assert raised.value.kind is BackendErrorKind.UNAVAILABLE
+    assert "OX-PIXL/no-such-model-here" in str(raised.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_unavailable(tiny_checkpoint: Path):
+    with pytest.raises(BackendError) as raised:
+        _backend(tiny_checkpoint, device="cuda")
+    assert raised.value.kind is BackendErrorKind.UNAVAILABLE
+    assert "CUDA is not available" in str(raised.value)
+
+
+def test_quantization_without_its_requirements_is_unavailable(tiny_checkpoint: Path):
+    with pytest.raises(BackendError) as raised:
+        _backend(tiny_checkpoint, quantization="4bit")
+    assert raised.value.kind is BackendErrorKind.UNAVAILABLE
+    assert "quantization '4bit' needs" in str(raised.value)
+
+
+def test_closed_backend_answers_unavailable(tiny_checkpoint: Path):
+    backend = _backend(tiny_checkpoint)
+    backend.close()
+    backend.close()
+    [result] = backend.generate([_request(64, 64)])
+    assert isinstance(result, BackendError) and result.kind is BackendErrorKind.UNAVAILABLE
+
+
+def test_more_requests_than_the_batch_size_is_a_caller_bug(backend: TransformersBackend):
+    with pytest.raises(ValueError, match="exceed max_batch_size 8"):
+        backend.generate([_request(64, 64)] * 9)
+    assert backend.generate([]) == []
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"device": "gpu"},
+        {"device": "cuda:x"},
+        {"dtype": "fp8"},
+        {"quantization": "2bit"},
+        {"max_pixels": 100},
+        {"min_pixels": 1_000_000, "max_pixels": 500_000},
+        {"max_batch_size": 0},
+        {"model": ""},
+        {"attn_implementation": ""},
+    ],
+)
+def test_invalid_settings_are_rejected(settings):
+    with pytest.raises(ValueError):
+        TransformersConfig(**settings)
