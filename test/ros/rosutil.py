@@ -31,7 +31,8 @@ class Process:
         return self.popen.pid
 
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def alive(self) -> bool:
@@ -81,3 +82,96 @@ def new_context():
     context = rclpy.Context()
     rclpy.init(context=context)
     return context
+
+
+# ----------------------------------------------------------------------------- node under test
+import threading  # noqa: E402
+
+import numpy as np  # noqa: E402
+from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.node import Node  # noqa: E402
+from rclpy.qos import qos_profile_sensor_data  # noqa: E402
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image  # noqa: E402
+
+NODE_EXECUTABLE = str(VENV_BIN / "spatialthinker_node")
+
+
+def node_args(**params) -> list[str]:
+    """spatialthinker_node command line with -p name:=value for each parameter (lists as YAML)."""
+    args = [NODE_EXECUTABLE, "--ros-args"]
+    for name, value in params.items():
+        if isinstance(value, bool):
+            value = str(value).lower()
+        elif isinstance(value, (list, tuple)):
+            value = "[" + ",".join(str(v) for v in value) + "]"
+        args += ["-p", f"{name}:={value}"]
+    return args
+
+
+def pattern_image(width: int, height: int) -> np.ndarray:
+    """A deterministic RGB image with structure (so JPEG and resizing have something to keep)."""
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([(x * 255 // max(1, width - 1)), (y * 255 // max(1, height - 1)),
+                     ((x // 32 + y // 32) % 2) * 255], axis=-1).astype(np.uint8)
+
+
+class CameraStreamer:
+    """Publishes colour (+ depth + CameraInfo) at a fixed rate from its own executor thread, like a driver."""
+
+    def __init__(self, context, prefix: str = "", width: int = 640, height: int = 480, rate_hz: float = 20.0,
+                 frame_id: str = "camera_color_optical_frame", compressed: bool = False,
+                 depth_m: Optional[np.ndarray] = None, depth_encoding: str = "32FC1", k=None,
+                 stamp_offset_s: float = 0.0):
+        self.node = Node(f"camera_streamer_{abs(hash(prefix)) % 10000}", context=context)
+        self.rgb = pattern_image(width, height)
+        self.frame_id, self.compressed, self.stamp_offset_s = frame_id, compressed, stamp_offset_s
+        self.depth_m, self.depth_encoding = depth_m, depth_encoding
+        self.k = k or [500.0, 0.0, width / 2, 0.0, 500.0, height / 2, 0.0, 0.0, 1.0]
+        self.published_stamps: list = []
+        qos = qos_profile_sensor_data
+        if compressed:
+            import cv2
+            ok, jpeg = cv2.imencode(".jpg", self.rgb[:, :, ::-1])
+            self.jpeg = jpeg.tobytes()
+            self.colour_pub = self.node.create_publisher(CompressedImage, f"{prefix}image/compressed", qos)
+        else:
+            self.colour_pub = self.node.create_publisher(Image, f"{prefix}image", qos)
+        self.depth_pub = self.node.create_publisher(Image, f"{prefix}depth", qos)
+        self.info_pub = self.node.create_publisher(CameraInfo, f"{prefix}camera_info", qos)
+        self.node.create_timer(1.0 / rate_hz, self.publish)
+        self.executor = MultiThreadedExecutor(num_threads=1, context=context)
+        self.executor.add_node(self.node)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+
+    def header(self):
+        from std_msgs.msg import Header
+        stamp = self.node.get_clock().now()
+        if self.stamp_offset_s:
+            from rclpy.duration import Duration
+            stamp = stamp - Duration(nanoseconds=int(self.stamp_offset_s * 1e9))
+        return Header(stamp=stamp.to_msg(), frame_id=self.frame_id)
+
+    def publish(self) -> None:
+        header = self.header()
+        h, w = self.rgb.shape[:2]
+        if self.compressed:
+            self.colour_pub.publish(CompressedImage(header=header, format="jpeg", data=self.jpeg))
+        else:
+            self.colour_pub.publish(Image(header=header, height=h, width=w, encoding="rgb8", step=w * 3,
+                                          data=self.rgb.tobytes()))
+        if self.depth_m is not None:
+            dh, dw = self.depth_m.shape
+            if self.depth_encoding == "16UC1":
+                data, step = (self.depth_m * 1000).astype(np.uint16).tobytes(), dw * 2
+            else:
+                data, step = self.depth_m.astype(np.float32).tobytes(), dw * 4
+            self.depth_pub.publish(Image(header=header, height=dh, width=dw, encoding=self.depth_encoding,
+                                         step=step, data=data))
+            self.info_pub.publish(CameraInfo(header=header, width=dw, height=dh, k=self.k))
+        self.published_stamps.append((header.stamp.sec, header.stamp.nanosec))
+
+    def close(self) -> None:
+        self.executor.shutdown(timeout_sec=2.0)
+        self.thread.join(timeout=5.0)
+        self.node.destroy_node()

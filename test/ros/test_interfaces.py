@@ -40,7 +40,7 @@ def test_every_interface_imports_with_documented_fields():
     response_fields = AskSpatial.Response.get_fields_and_field_types()
     assert AskSpatialAction.Result.get_fields_and_field_types() == response_fields
     codes = ["NONE", "INVALID_REQUEST", "NO_IMAGE", "STALE_IMAGE", "UNKNOWN_CAMERA", "BUSY", "BACKEND", "TIMEOUT",
-             "NOT_ACTIVE"]
+             "NOT_ACTIVE", "CANCELLED"]
     for value, code in enumerate(codes):
         assert getattr(AskSpatial.Response, f"ERROR_{code}") == value
         assert getattr(AskSpatialAction.Result, f"ERROR_{code}") == value

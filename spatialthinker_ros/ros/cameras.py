@@ -1,0 +1,96 @@
+"""Per-camera input state: the latest colour frame, recent depth frames and the latest CameraInfo.
+
+Callbacks only keep references (and run O(1) layout checks); frames are converted when a request uses them,
+so an idle node costs little more than the transport itself.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+
+from spatialthinker_ros.ros.conversions import COLOUR_ENCODINGS, DEPTH_ENCODINGS, ImageError, check_image_layout
+
+DEPTH_FRAMES_KEPT = 8   # enough to pair a colour frame with depth arriving up to ~0.25 s later at 30 Hz
+
+
+def stamp_seconds(header) -> float:
+    return header.stamp.sec + header.stamp.nanosec * 1e-9
+
+
+def topic_prefix(camera: str) -> str:
+    return "" if camera == "default" else f"{camera}/"
+
+
+@dataclass
+class Frame:
+    msg: Union[Image, CompressedImage]
+    stamp: float          # header stamp, seconds (ROS time)
+    received: float       # node clock at receipt, seconds (used when the driver leaves stamps at zero)
+
+    @property
+    def time(self) -> float:
+        return self.stamp if self.stamp > 0 else self.received
+
+
+class CameraInput:
+    """State of one camera. Accessed from the executor thread only."""
+
+    def __init__(self, name: str, max_pixels: int):
+        self.name = name
+        self.max_pixels = max_pixels
+        self.colour: Optional[Frame] = None
+        self.depth: collections.deque[Frame] = collections.deque(maxlen=DEPTH_FRAMES_KEPT)
+        self.info: Optional[CameraInfo] = None
+        self.frames_received = 0
+        self.frames_dropped = 0
+
+    def offer_colour(self, msg, now: float, max_age: float) -> Optional[str]:
+        """Keep msg as the latest frame. Returns why it was dropped instead, or None."""
+        self.frames_received += 1
+        reason = self._check_colour(msg)
+        frame = Frame(msg, stamp_seconds(msg.header), now)
+        if reason is None and self.colour is not None and frame.stamp > 0 and frame.stamp < self.colour.stamp:
+            kept_is_fresh = max_age <= 0 or now - self.colour.time <= max_age
+            if kept_is_fresh:   # a stale kept frame is replaced: the source clock was reset (e.g. a bag loop)
+                reason = (f"stamp {frame.stamp:.3f} is older than the kept frame's {self.colour.stamp:.3f} "
+                          "(stamps going backwards)")
+        if reason is not None:
+            self.frames_dropped += 1
+            return reason
+        self.colour = frame
+        return None
+
+    def _check_colour(self, msg) -> Optional[str]:
+        if isinstance(msg, CompressedImage):
+            return None if msg.data else "compressed image has no data"
+        try:
+            check_image_layout(msg, COLOUR_ENCODINGS, self.max_pixels)
+        except ImageError as exc:
+            return str(exc)
+        return None
+
+    def offer_depth(self, msg: Image, now: float) -> Optional[str]:
+        try:
+            check_image_layout(msg, DEPTH_ENCODINGS, self.max_pixels)
+        except ImageError as exc:
+            return f"depth {exc}"
+        self.depth.append(Frame(msg, stamp_seconds(msg.header), now))
+        return None
+
+    def offer_info(self, msg: CameraInfo) -> Optional[str]:
+        k = msg.k
+        if msg.width == 0 or msg.height == 0 or not (k[0] > 0 and k[4] > 0):
+            return f"CameraInfo with zero size or focal length (fx={k[0]}, fy={k[4]}, {msg.width}x{msg.height})"
+        self.info = msg
+        return None
+
+    def depth_for(self, colour: Frame, tolerance: float) -> Optional[Frame]:
+        """The kept depth frame closest in time to the colour frame, if within tolerance."""
+        best = min(self.depth, key=lambda d: abs(d.time - colour.time), default=None)
+        if best is None or abs(best.time - colour.time) > tolerance:
+            return None
+        return best

@@ -1,0 +1,148 @@
+"""Every node parameter: default, description, validation, and whether it applies live or at configure.
+
+config/spatialthinker.yaml and the README list the same parameters; test_parameters.py keeps them in step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
+
+from spatialthinker_ros.core.validation import validate_model_reference, validate_server_url
+
+Check = Callable[[Any], Optional[str]]   # returns the reason a value is invalid, or None
+
+
+def one_of(*choices: str) -> Check:
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
+
+
+def at_least(low: float, finite: bool = True) -> Check:
+    return lambda v: None if v >= low and (not finite or math.isfinite(v)) else f"must be a finite number >= {low}"
+
+
+def device_check(v: str) -> Optional[str]:
+    if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+        return None
+    return "must be auto, cpu, cuda or cuda:N"
+
+
+def cameras_check(names: list[str]) -> Optional[str]:
+    if not names:
+        return "needs at least one camera"
+    if len(set(names)) != len(names):
+        return "camera names must be unique"
+    for name in names:
+        if not name or not all(c.isalnum() or c == "_" for c in name) or name[0].isdigit():
+            return f"camera name {name!r} is not a valid ROS name (letters, digits, underscores)"
+    return None
+
+
+def url_check(v: str) -> Optional[str]:
+    try:
+        validate_server_url(v)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def model_check(v: str) -> Optional[str]:
+    try:
+        validate_model_reference(v)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    default: Any
+    description: str
+    check: Optional[Check] = None
+    live: bool = False           # True: a change applies to the next request; False: at the next configure
+    int_range: Optional[tuple[int, int]] = None
+    float_range: Optional[tuple[float, float]] = None
+
+
+PARAMETERS: tuple[ParamSpec, ...] = (
+    ParamSpec("backend", "transformers", "transformers (in-process GPU) | openai (OpenAI-compatible server) | replay",
+              one_of("transformers", "openai", "replay")),
+    ParamSpec("model", "OX-PIXL/SpatialThinker-7B", "hub id or local checkpoint directory; model name for openai",
+              model_check),
+    ParamSpec("device", "auto", "auto | cpu | cuda | cuda:N (transformers)", device_check),
+    ParamSpec("dtype", "auto", "auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float16 | float32",
+              one_of("auto", "bfloat16", "float16", "float32")),
+    ParamSpec("attn_implementation", "auto", "auto | sdpa | eager | flash_attention_2",
+              one_of("auto", "sdpa", "eager", "flash_attention_2")),
+    ParamSpec("quantization", "none", "none | 4bit | 8bit (bitsandbytes)", one_of("none", "4bit", "8bit")),
+    ParamSpec("max_pixels", 1003520, "processor max_pixels: image tokens = pixels / 784",
+              int_range=(3136, 16777216)),
+    ParamSpec("min_pixels", 3136, "processor min_pixels", int_range=(784, 16777216)),
+    ParamSpec("max_new_tokens", 2048, "generation limit per answer", int_range=(16, 8192)),
+    ParamSpec("max_batch_size", 8, "requests generated together (transformers) or in flight (openai)",
+              int_range=(1, 64)),
+    ParamSpec("server_url", "http://127.0.0.1:8000/v1", "openai: base URL of the server (http or https)", url_check),
+    ParamSpec("api_key_env", "SPATIALTHINKER_API_KEY",
+              "openai: NAME of the environment variable with the API key (the key is never a parameter)",
+              lambda v: None if v.replace("_", "").isalnum() else "must be an environment variable name"),
+    ParamSpec("server_timeout", 120.0, "openai: seconds per HTTP request", float_range=(0.1, 3600.0)),
+    ParamSpec("replay_file", "", "replay: JSON Lines file of {question, response}"),
+    ParamSpec("replay_latency", 0.0, "replay: seconds each answer takes, to rehearse timeouts and load",
+              float_range=(0.0, 3600.0)),
+    ParamSpec("prompt_style", "model_card", "model_card | training", one_of("model_card", "training")),
+    ParamSpec("max_question_chars", 2000, "longer questions get ERROR_INVALID_REQUEST", int_range=(1, 20000)),
+    ParamSpec("max_input_pixels", 1920 * 1080, "frames with more pixels are downscaled before the model sees them",
+              int_range=(3136, 16777216)),
+    ParamSpec("max_request_image_pixels", 4096 * 4096, "larger request or camera images are refused",
+              int_range=(1, 67108864)),
+    ParamSpec("queue_size", 8, "requests waiting for the model; more get ERROR_BUSY at once", int_range=(1, 10000)),
+    ParamSpec("request_timeout", 300.0, "seconds from acceptance to answer, then ERROR_TIMEOUT",
+              float_range=(0.1, 86400.0), live=True),
+    ParamSpec("max_image_age", 1.0, "seconds; older camera frames get ERROR_STALE_IMAGE; 0 = no limit",
+              float_range=(0.0, 86400.0), live=True),
+    ParamSpec("cameras", ["default"],
+              "camera names; 'default' reads image, depth, camera_info; X reads X/image, X/depth, X/camera_info",
+              cameras_check),
+    ParamSpec("image_transport", "raw", "raw (<cam>/image) | compressed (<cam>/image/compressed)",
+              one_of("raw", "compressed")),
+    ParamSpec("image_reliability", "best_effort", "QoS of camera subscriptions: best_effort (sensor data) | reliable",
+              one_of("best_effort", "reliable")),
+    ParamSpec("use_depth", True, "subscribe to <cam>/depth and <cam>/camera_info and add 3D positions"),
+    ParamSpec("depth_scale", 0.001, "metres per unit of 16UC1 depth (0.001 = millimetres)",
+              float_range=(1e-6, 10.0)),
+    ParamSpec("depth_sync_tolerance", 0.05, "seconds between colour and paired depth stamps",
+              float_range=(0.0, 10.0), live=True),
+    ParamSpec("publish_debug_image", True, "publish ~/debug_image when someone subscribes", live=True),
+    ParamSpec("publish_markers", True, "publish ~/markers", live=True),
+    ParamSpec("marker_lifetime", 5.0, "seconds markers stay in RViz; 0 = forever", float_range=(0.0, 3600.0),
+              live=True),
+    ParamSpec("autostart", True, "configure and activate on start; false = wait for a lifecycle manager"),
+)
+BY_NAME = {spec.name: spec for spec in PARAMETERS}
+
+
+def descriptor(spec: ParamSpec) -> ParameterDescriptor:
+    when = "applies to the next request" if spec.live else "applies at the next configure"
+    d = ParameterDescriptor(name=spec.name, description=f"{spec.description} ({when})")
+    if spec.int_range:
+        d.integer_range = [IntegerRange(from_value=spec.int_range[0], to_value=spec.int_range[1], step=0)]
+    if spec.float_range:
+        d.floating_point_range = [FloatingPointRange(from_value=spec.float_range[0], to_value=spec.float_range[1],
+                                                     step=0.0)]
+    return d
+
+
+def check_parameters(parameters) -> SetParametersResult:
+    """on-set callback: rejects the whole set if any value is invalid, with the reason."""
+    for parameter in parameters:
+        spec = BY_NAME.get(parameter.name)
+        if spec is None or spec.check is None:
+            continue
+        reason = spec.check(parameter.value)
+        if reason:
+            return SetParametersResult(successful=False, reason=f"{parameter.name}={parameter.value!r}: {reason}")
+    return SetParametersResult(successful=True)

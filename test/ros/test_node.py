@@ -1,0 +1,340 @@
+"""spatialthinker_node as a real process on an isolated graph: service, action, outputs, cameras, errors."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+from lifecycle_msgs.msg import Transition
+from lifecycle_msgs.srv import ChangeState, GetState
+from rclpy.action import ActionClient
+from rclpy.node import Node
+from rclpy.qos import QoSProfile
+from rosutil import CameraStreamer, node_args, spin_future, spin_until
+from sensor_msgs.msg import Image
+from visualization_msgs.msg import MarkerArray
+
+from spatialthinker_ros.action import AskSpatial as AskSpatialAction
+from spatialthinker_ros.msg import SceneGraph, SpatialAnswer
+from spatialthinker_ros.srv import AskSpatial
+
+E = AskSpatial.Response
+STARTUP = 60.0
+CALL = 30.0
+QUESTION = "Is the cup left or right of the plate?"
+OPTIONS = ["left of", "right of"]
+# Boxes in the pixels of the image the model is given: 320x240 (640x480 frames, max_input_pixels 76800).
+RESPONSE = (
+    "<observe>A cup and a plate on a table.</observe>\n"
+    '<scene>{"objects": [{"id": "cup.1", "bbox": [50, 50, 100, 100]}, {"id": "plate.1", "bbox": [150, 100, 250, 200]}],'
+    ' "relationships": [{"subject": "cup.1", "predicate": "left of", "object": "plate.1"}]}</scene>\n'
+    "<think>The cup's box is left of the plate's box.</think>\n<answer>(A) left of</answer>")
+K = [500.0, 0.0, 320.0, 0.0, 500.0, 240.0, 0.0, 0.0, 1.0]
+
+
+@pytest.fixture
+def replay_file(tmp_path):
+    path = tmp_path / "replay.jsonl"
+    path.write_text(json.dumps({"question": QUESTION, "response": RESPONSE}) + "\n"
+                    + json.dumps({"question": "broken?", "response": "<observe>a cup</observe><scene>{'objects': "
+                                "[{'id': 'cup.1', 'bbox': [10, 20, 30, 40]}, {'id': 'pl"}) + "\n")
+    return path
+
+
+def replay_params(replay_file, **extra):
+    params = dict(backend="replay", replay_file=str(replay_file), max_input_pixels=320 * 240)
+    params.update(extra)
+    return params
+
+
+class Client:
+    """A test-side node with a service client, an action client and output subscriptions."""
+
+    def __init__(self, context, namespace="/spatialthinker"):
+        self.node = Node("test_client", context=context)
+        self.service = self.node.create_client(AskSpatial, f"{namespace}/ask", qos_profile=QoSProfile(depth=100))
+        self.action = ActionClient(self.node, AskSpatialAction, f"{namespace}/ask_action")
+        self.answers, self.graphs, self.markers, self.debug = [], [], [], []
+        self.node.create_subscription(SpatialAnswer, f"{namespace}/answer", self.answers.append, 10)
+        self.node.create_subscription(SceneGraph, f"{namespace}/scene_graph", self.graphs.append, 10)
+        self.node.create_subscription(MarkerArray, f"{namespace}/markers", self.markers.append, 10)
+        self.node.create_subscription(Image, f"{namespace}/debug_image", self.debug.append, 2)
+
+    def wait_for_service(self, proc, timeout=STARTUP):
+        assert spin_until(self.node, self.service.service_is_ready, timeout), proc.output()
+
+    def ask(self, timeout=CALL, **fields) -> AskSpatial.Response:
+        request = AskSpatial.Request(**fields)
+        return spin_future(self.node, self.service.call_async(request), timeout)
+
+    def ask_until_ready(self, proc, timeout=STARTUP, **fields) -> AskSpatial.Response:
+        """Best-effort frames may take seconds to start flowing: retry while the node has no frame yet."""
+        self.wait_for_service(proc)
+        deadline = time.monotonic() + timeout
+        while True:
+            response = self.ask(**fields)
+            if response.error_code != E.ERROR_NO_IMAGE or time.monotonic() > deadline:
+                return response
+            spin_until(self.node, lambda: False, 0.2)
+
+
+@pytest.fixture
+def client(ros_context):
+    c = Client(ros_context)
+    yield c
+    c.action.destroy()
+    c.node.destroy_node()
+
+
+@pytest.fixture
+def camera(ros_context):
+    streamers = []
+
+    def _camera(**kwargs):
+        streamers.append(CameraStreamer(ros_context, **kwargs))
+        return streamers[-1]
+
+    yield _camera
+    for s in streamers:
+        s.close()
+
+
+def test_replay_answer_field_by_field_with_3d_markers_and_debug_image(spawn, client, camera, replay_file):
+    cam = camera(depth_m=np.full((480, 640), 2.0, np.float32), k=K)
+    proc = spawn(node_args(**replay_params(replay_file)), name="node")
+    response = client.ask_until_ready(proc, question=QUESTION, options=OPTIONS)
+    assert response.success, response.message
+    answer = response.answer
+    assert (answer.answer, answer.choice, answer.status) == ("(A) left of", "A", SpatialAnswer.STATUS_COMPLETE)
+    assert answer.observation == "A cup and a plate on a table." and "left of the plate" in answer.reasoning
+    assert answer.question == QUESTION and list(answer.options) == OPTIONS and answer.camera == "default"
+    assert answer.raw_response == RESPONSE and answer.model == "replay"
+    # the answer's header is the source frame's header
+    assert answer.header.frame_id == "camera_color_optical_frame"
+    assert (answer.header.stamp.sec, answer.header.stamp.nanosec) in cam.published_stamps
+    assert answer.scene_graph.header == answer.header
+    graph = answer.scene_graph
+    assert (graph.image_width, graph.image_height) == (640, 480)
+    cup, plate = graph.objects
+    # boxes mapped from the model's 320x240 image back to the 640x480 camera image
+    assert (cup.id, cup.label) == ("cup.1", "cup")
+    assert (cup.x_min, cup.y_min, cup.x_max, cup.y_max) == pytest.approx((100, 100, 200, 200))
+    assert (plate.x_min, plate.y_min, plate.x_max, plate.y_max) == pytest.approx((300, 200, 500, 400))
+    # 3D from a flat 2 m depth image: centre (150, 150) px -> x = (150-320)*2/500, y = (150-240)*2/500
+    assert cup.has_position
+    assert (cup.position.x, cup.position.y, cup.position.z) == pytest.approx((-0.68, -0.36, 2.0), abs=0.01)
+    assert cup.size.x == pytest.approx(0.4, abs=0.05) and cup.size.y == pytest.approx(0.4, abs=0.05)
+    assert (plate.position.x, plate.position.y, plate.position.z) == pytest.approx((0.32, 0.24, 2.0), abs=0.01)
+    relation = graph.relations[0]
+    assert (relation.subject, relation.predicate, relation.object) == ("cup.1", "left of", "plate.1")
+    # published outputs
+    assert spin_until(client.node, lambda: client.answers and client.graphs and client.markers, CALL)
+    assert client.answers[-1].request_id == answer.request_id
+    assert client.graphs[-1] == graph
+    cubes = [m for m in client.markers[-1].markers if m.ns == "objects"]
+    assert len(cubes) == 2 and cubes[0].header.frame_id == "camera_color_optical_frame"
+    assert cubes[0].pose.position.z == pytest.approx(2.0, abs=0.01)
+    assert any(m.ns == "relations" for m in client.markers[-1].markers)
+    # the debug image is only drawn while someone subscribes: we do, so ask again and receive it
+    assert spin_until(client.node, lambda: client.node.count_publishers("/spatialthinker/debug_image") > 0, CALL)
+    response = client.ask(question=QUESTION, options=OPTIONS)
+    assert spin_until(client.node, lambda: client.debug, CALL)
+    debug = client.debug[-1]
+    assert (debug.width, debug.height, debug.encoding) == (640, 480, "rgb8")
+    drawn = np.frombuffer(debug.data, np.uint8).reshape(480, 640, 3)
+    assert not np.array_equal(drawn, cam.rgb), "boxes were drawn"
+    assert np.array_equal(drawn[470:, 600:], cam.rgb[470:, 600:]), "away from boxes and caption, pixels unchanged"
+    assert proc.alive()
+
+
+def test_depth_in_millimetres_at_half_resolution(spawn, client, camera, replay_file):
+    k_half = [250.0, 0.0, 160.0, 0.0, 250.0, 120.0, 0.0, 0.0, 1.0]
+    camera(depth_m=np.full((240, 320), 1.5, np.float32), depth_encoding="16UC1", k=k_half)
+    proc = spawn(node_args(**replay_params(replay_file)), name="node")
+    response = client.ask_until_ready(proc, question=QUESTION, options=OPTIONS)
+    assert response.success, response.message
+    cup = response.answer.scene_graph.objects[0]
+    assert cup.has_position
+    assert (cup.position.x, cup.position.y, cup.position.z) == pytest.approx((-0.51, -0.27, 1.5), abs=0.01)
+
+
+def test_action_feedback_stages_and_early_scene_graph(spawn, client, camera, replay_file):
+    camera()
+    proc = spawn(node_args(**replay_params(replay_file)), name="node")
+    assert client.ask_until_ready(proc, question=QUESTION, options=OPTIONS).success
+    assert spin_until(client.node, client.action.server_is_ready, CALL), proc.output()
+    feedback = []
+    goal = AskSpatialAction.Goal(question=QUESTION, options=OPTIONS)
+    handle = spin_future(client.node, client.action.send_goal_async(
+        goal, feedback_callback=lambda m: feedback.append(m.feedback)), CALL)
+    assert handle.accepted
+    result = spin_future(client.node, handle.get_result_async(), CALL).result
+    assert result.success and result.answer.choice == "A"
+    assert result.answer.request_id == bytes(handle.goal_id.uuid).hex()
+    stages = [f.stage for f in feedback]
+    F = AskSpatialAction.Feedback
+    assert stages[0] == F.STAGE_QUEUED and F.STAGE_GENERATING in stages and F.STAGE_SCENE_READY in stages
+    assert stages == sorted(stages), stages
+    ready = next(f for f in feedback if f.stage == F.STAGE_SCENE_READY)
+    assert [o.id for o in ready.scene_graph.objects] == ["cup.1", "plate.1"]
+    assert ready.scene_graph.objects[0].x_max == pytest.approx(200)
+    assert ready.scene_graph.header == result.answer.header
+
+
+def test_transformers_backend_tiny_checkpoint_service_and_action(spawn, client, camera, tiny_checkpoint):
+    camera(width=320, height=240)
+    proc = spawn(node_args(backend="transformers", model=str(tiny_checkpoint), device="cpu", max_new_tokens=24,
+                           max_image_age=0.0), name="node")
+    response = client.ask_until_ready(proc, timeout=120.0, question="Where is the cup?", options=["left", "right"])
+    assert response.success, response.message + proc.output()
+    answer = response.answer
+    assert answer.model == str(tiny_checkpoint)
+    assert answer.prompt_tokens > 50 and 0 < answer.completion_tokens <= 24
+    assert answer.raw_response and answer.inference_time.sec + answer.inference_time.nanosec > 0
+    assert answer.status == SpatialAnswer.STATUS_NO_ANSWER, "a random model's noise has no <answer>"
+    assert answer.status_message
+    assert spin_until(client.node, client.action.server_is_ready, CALL)
+    feedback = []
+    handle = spin_future(client.node, client.action.send_goal_async(
+        AskSpatialAction.Goal(question="What is on the table?"),
+        feedback_callback=lambda m: feedback.append(m.feedback)), CALL)
+    result = spin_future(client.node, handle.get_result_async(), 120.0).result
+    assert result.success, result.message
+    assert feedback[0].stage == AskSpatialAction.Feedback.STAGE_QUEUED
+    assert any(f.stage == AskSpatialAction.Feedback.STAGE_GENERATING for f in feedback)
+
+
+def test_compressed_input(spawn, client, camera, replay_file):
+    camera(compressed=True)
+    proc = spawn(node_args(**replay_params(replay_file, image_transport="compressed")), name="node")
+    response = client.ask_until_ready(proc, question=QUESTION, options=OPTIONS)
+    assert response.success, response.message
+    assert (response.answer.scene_graph.image_width, response.answer.scene_graph.image_height) == (640, 480)
+    assert response.answer.scene_graph.objects[1].x_max == pytest.approx(500)
+
+
+def test_two_cameras_selected_per_request(spawn, client, camera, replay_file):
+    camera(prefix="left/", width=640, height=480, frame_id="left_optical")
+    camera(prefix="right/", width=1280, height=960, frame_id="right_optical")
+    proc = spawn(node_args(**replay_params(replay_file, cameras=["left", "right"],
+                                           max_input_pixels=320 * 240)), name="node")
+    left = client.ask_until_ready(proc, question=QUESTION, options=OPTIONS, camera="left")
+    right = client.ask_until_ready(proc, question=QUESTION, options=OPTIONS, camera="right")
+    default = client.ask_until_ready(proc, question=QUESTION, options=OPTIONS)
+    assert left.success and right.success and default.success, (left.message, right.message)
+    assert (left.answer.header.frame_id, left.answer.camera) == ("left_optical", "left")
+    assert (right.answer.header.frame_id, right.answer.camera) == ("right_optical", "right")
+    assert default.answer.camera == "left", "the first configured camera is the default"
+    assert right.answer.scene_graph.image_width == 1280
+    assert right.answer.scene_graph.objects[0].x_max == pytest.approx(400), "boxes scaled x4 to 1280x960"
+    assert left.answer.scene_graph.objects[0].x_max == pytest.approx(200)
+
+
+def test_error_codes(spawn, client, camera, replay_file):
+    proc = spawn(node_args(**replay_params(replay_file, max_question_chars=100)), name="node")
+    client.wait_for_service(proc)
+    # no frame yet
+    response = client.ask(question=QUESTION)
+    assert (response.success, response.error_code) == (False, E.ERROR_NO_IMAGE), response.message
+    assert "has not delivered a frame" in response.message
+    camera()
+    assert client.ask_until_ready(proc, question=QUESTION, options=OPTIONS).success
+    cases = [
+        (dict(question=""), E.ERROR_INVALID_REQUEST, "empty"),
+        (dict(question="   \n"), E.ERROR_INVALID_REQUEST, "empty"),
+        (dict(question="x" * 101), E.ERROR_INVALID_REQUEST, "100"),
+        (dict(question=QUESTION, options=[""]), E.ERROR_INVALID_REQUEST, "option"),
+        (dict(question=QUESTION, options=[str(i) for i in range(27)]), E.ERROR_INVALID_REQUEST, "26"),
+        (dict(question=QUESTION, camera="rear"), E.ERROR_UNKNOWN_CAMERA, "rear"),
+        (dict(question=QUESTION, max_image_age=-1.0), E.ERROR_INVALID_REQUEST, "max_image_age"),
+        (dict(question="not recorded"), E.ERROR_BACKEND, "no recorded response"),
+        (dict(question=QUESTION, image=Image(width=4, height=4, encoding="rgb8", step=12, data=bytes(10))),
+         E.ERROR_INVALID_REQUEST, "data"),
+        (dict(question=QUESTION, image=Image(width=4, height=4, encoding="yuv422", step=8, data=bytes(32))),
+         E.ERROR_INVALID_REQUEST, "unsupported encoding"),
+    ]
+    for fields, code, text in cases:
+        response = client.ask(**fields)
+        assert (response.success, response.error_code) == (False, code), (fields, response.message)
+        assert text in response.message, (text, response.message)
+    # a request image is used instead of the camera, with its own header
+    image = Image(width=64, height=48, encoding="bgr8", step=64 * 3, data=bytes(64 * 48 * 3))
+    image.header.frame_id = "given"
+    response = client.ask(question=QUESTION, options=OPTIONS, image=image)
+    assert response.success and response.answer.header.frame_id == "given" and response.answer.camera == ""
+    assert response.answer.scene_graph.image_width == 64
+    # malformed model output is an answer with status, not an error
+    response = client.ask(question="broken?")
+    assert response.success and response.answer.status == SpatialAnswer.STATUS_PARTIAL
+    assert "truncated" in response.answer.status_message or "not closed" in response.answer.status_message
+    assert proc.alive()
+
+
+def test_stale_frames_refused(spawn, client, camera, replay_file):
+    camera(stamp_offset_s=5.0)
+    proc = spawn(node_args(**replay_params(replay_file, max_image_age=1.0)), name="node")
+    response = client.ask_until_ready(proc, question=QUESTION, options=OPTIONS)
+    assert response.error_code == E.ERROR_STALE_IMAGE, response.message
+    assert "old" in response.message
+    response = client.ask(question=QUESTION, options=OPTIONS, max_image_age=10.0)
+    assert response.success, "a per-request max_image_age overrides the parameter"
+
+
+def test_busy_and_timeout(spawn, client, camera, replay_file, ros_context):
+    camera()
+    proc = spawn(node_args(**replay_params(replay_file, replay_latency=1.0, queue_size=1, max_batch_size=1,
+                                           request_timeout=1.5)), name="node")
+    assert client.ask_until_ready(proc, question=QUESTION, options=OPTIONS).success
+    futures = [client.service.call_async(AskSpatial.Request(question=QUESTION)) for _ in range(6)]
+    assert spin_until(client.node, lambda: all(f.done() for f in futures), CALL)
+    codes = sorted(f.result().error_code for f in futures)
+    assert codes.count(E.ERROR_BUSY) >= 3, codes
+    assert E.ERROR_NONE in codes
+    assert E.ERROR_TIMEOUT in codes or codes.count(E.ERROR_NONE) == 2, codes
+    # one that waits behind another beyond request_timeout times out; first let the worker finish the
+    # generation whose caller already timed out (a running generation cannot be interrupted)
+    spin_until(client.node, lambda: False, 1.5)
+    slow = [client.service.call_async(AskSpatial.Request(question=QUESTION)) for _ in range(2)]
+    assert spin_until(client.node, lambda: all(f.done() for f in slow), CALL)
+    assert sorted(f.result().error_code for f in slow) == [E.ERROR_NONE, E.ERROR_TIMEOUT]
+
+
+def change_state(node, proc, transition_id):
+    client = node.create_client(ChangeState, "/spatialthinker/change_state")
+    assert spin_until(node, client.service_is_ready, STARTUP), proc.output()
+    result = spin_future(node, client.call_async(ChangeState.Request(transition=Transition(id=transition_id))), CALL)
+    node.destroy_client(client)
+    return result.success
+
+
+def get_state(node):
+    client = node.create_client(GetState, "/spatialthinker/get_state")
+    spin_until(node, client.service_is_ready, STARTUP)
+    state = spin_future(node, client.call_async(GetState.Request()), CALL).current_state.label
+    node.destroy_client(client)
+    return state
+
+
+def test_lifecycle_transitions_free_the_model(spawn, client, camera, tiny_checkpoint):
+    camera(width=320, height=240)
+    proc = spawn(node_args(backend="transformers", model=str(tiny_checkpoint), device="cpu", max_new_tokens=16,
+                           autostart=False, max_image_age=0.0), name="node")
+    client.wait_for_service(proc)
+    assert get_state(client.node) == "unconfigured"
+    response = client.ask(question=QUESTION)
+    assert response.error_code == E.ERROR_NOT_ACTIVE and "unconfigured" in response.message
+    assert change_state(client.node, proc, Transition.TRANSITION_CONFIGURE)
+    assert client.ask(question=QUESTION).error_code == E.ERROR_NOT_ACTIVE
+    assert change_state(client.node, proc, Transition.TRANSITION_ACTIVATE)
+    assert get_state(client.node) == "active"
+    assert client.ask_until_ready(proc, question=QUESTION).success
+    assert change_state(client.node, proc, Transition.TRANSITION_DEACTIVATE)
+    assert client.ask(question=QUESTION).error_code == E.ERROR_NOT_ACTIVE
+    assert change_state(client.node, proc, Transition.TRANSITION_CLEANUP)
+    assert get_state(client.node) == "unconfigured"
+    assert spin_until(client.node, lambda: "model and its memory released" in proc.output(), CALL), proc.output()
+    # and it comes back
+    assert change_state(client.node, proc, Transition.TRANSITION_CONFIGURE)
+    assert change_state(client.node, proc, Transition.TRANSITION_ACTIVATE)
+    assert client.ask_until_ready(proc, question=QUESTION).success
+    assert proc.alive()
