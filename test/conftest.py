@@ -7,6 +7,7 @@ process, which inherits os.environ) is isolated.
 import os
 import random
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,7 @@ os.environ["ROS_DOMAIN_ID"] = str(random.SystemRandom().randint(1, 100))
 _LOG_DIR = tempfile.mkdtemp(prefix="spatialthinker-test-roslog-")
 os.environ["ROS_LOG_DIR"] = _LOG_DIR
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("AMENT_PREFIX_PATH", sys.prefix)   # the venv is the ROS prefix (make test exports it too)
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
