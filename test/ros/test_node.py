@@ -67,13 +67,16 @@ class Client:
         request = AskSpatial.Request(**fields)
         return spin_future(self.node, self.service.call_async(request), timeout)
 
-    def ask_until_ready(self, proc, timeout=STARTUP, **fields) -> AskSpatial.Response:
-        """Best-effort frames may take seconds to start flowing: retry while the node has no frame yet."""
+    def ask_until_ready(self, proc, timeout=STARTUP, with_depth=False, **fields) -> AskSpatial.Response:
+        """Best-effort frames may take seconds to start flowing: retry while the node has no frame yet (and,
+        with_depth, until depth and CameraInfo have arrived too, which can lag the first colour frame)."""
         self.wait_for_service(proc)
         deadline = time.monotonic() + timeout
         while True:
             response = self.ask(**fields)
-            if response.error_code != E.ERROR_NO_IMAGE or time.monotonic() > deadline:
+            waiting = response.error_code == E.ERROR_NO_IMAGE or (
+                with_depth and response.success and not any(o.has_position for o in response.answer.scene_graph.objects))
+            if not waiting or time.monotonic() > deadline:
                 return response
             spin_until(self.node, lambda: False, 0.2)
 
@@ -102,7 +105,7 @@ def camera(ros_context):
 def test_replay_answer_field_by_field_with_3d_markers_and_debug_image(spawn, client, camera, replay_file):
     cam = camera(depth_m=np.full((480, 640), 2.0, np.float32), k=K)
     proc = spawn(node_args(**replay_params(replay_file)), name="node")
-    response = client.ask_until_ready(proc, question=QUESTION, options=OPTIONS)
+    response = client.ask_until_ready(proc, with_depth=True, question=QUESTION, options=OPTIONS)
     assert response.success, response.message
     answer = response.answer
     assert (answer.answer, answer.choice, answer.status) == ("(A) left of", "A", SpatialAnswer.STATUS_COMPLETE)
@@ -151,7 +154,7 @@ def test_depth_in_millimetres_at_half_resolution(spawn, client, camera, replay_f
     k_half = [250.0, 0.0, 160.0, 0.0, 250.0, 120.0, 0.0, 0.0, 1.0]
     camera(depth_m=np.full((240, 320), 1.5, np.float32), depth_encoding="16UC1", k=k_half)
     proc = spawn(node_args(**replay_params(replay_file)), name="node")
-    response = client.ask_until_ready(proc, question=QUESTION, options=OPTIONS)
+    response = client.ask_until_ready(proc, with_depth=True, question=QUESTION, options=OPTIONS)
     assert response.success, response.message
     cup = response.answer.scene_graph.objects[0]
     assert cup.has_position
