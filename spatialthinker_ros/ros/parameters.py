@@ -41,20 +41,15 @@ def cameras_check(names: list[str]) -> Optional[str]:
     return None
 
 
-def url_check(v: str) -> Optional[str]:
-    try:
-        validate_server_url(v)
-    except ValueError as exc:
-        return str(exc)
-    return None
-
-
-def model_check(v: str) -> Optional[str]:
-    try:
-        validate_model_reference(v)
-    except ValueError as exc:
-        return str(exc)
-    return None
+def from_validator(validate: Callable[[Any], Any]) -> Check:
+    """A Check from a core validator that raises ValueError with the reason."""
+    def check(value: Any) -> Optional[str]:
+        try:
+            validate(value)
+        except ValueError as exc:
+            return str(exc)
+        return None
+    return check
 
 
 @dataclass(frozen=True)
@@ -72,7 +67,7 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("backend", "transformers", "transformers (in-process GPU) | openai (OpenAI-compatible server) | replay",
               one_of("transformers", "openai", "replay")),
     ParamSpec("model", "OX-PIXL/SpatialThinker-7B", "hub id or local checkpoint directory; model name for openai",
-              model_check),
+              from_validator(validate_model_reference)),
     ParamSpec("device", "auto", "auto | cpu | cuda | cuda:N (transformers)", device_check),
     ParamSpec("dtype", "auto", "auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float16 | float32",
               one_of("auto", "bfloat16", "float16", "float32")),
@@ -85,7 +80,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("max_new_tokens", 2048, "generation limit per answer", int_range=(16, 8192)),
     ParamSpec("max_batch_size", 8, "requests generated together (transformers) or in flight (openai)",
               int_range=(1, 64)),
-    ParamSpec("server_url", "http://127.0.0.1:8000/v1", "openai: base URL of the server (http or https)", url_check),
+    ParamSpec("server_url", "http://127.0.0.1:8000/v1", "openai: base URL of the server (http or https)",
+              from_validator(validate_server_url)),
     ParamSpec("api_key_env", "SPATIALTHINKER_API_KEY",
               "openai: NAME of the environment variable with the API key (the key is never a parameter)",
               lambda v: None if v.replace("_", "").isalnum() else "must be an environment variable name"),
