@@ -81,16 +81,17 @@ _CORPUS_LINES = (
 )
 
 
-def build_tiny_checkpoint(directory: Path) -> Path:
+def build_tiny_checkpoint(directory: Path, mlp_width: int = 128) -> Path:
     """Build the checkpoint in `directory` (or reuse a complete one there) and return `directory`.
 
     The marker, written last, records the transformers version: a checkpoint is only reused by the version that
-    wrote it, since config and tokenizer files change format between versions.
+    wrote it, since config and tokenizer files change format between versions. `mlp_width` makes the weights
+    heavier without changing behaviour (65536 -> ~100 MB), for tests that must see memory come and go.
     """
     directory = Path(directory)
     marker = directory / _MARKER
-    version = importlib.metadata.version("transformers")
-    if marker.is_file() and marker.read_text().strip() == version:
+    stamp = f"{importlib.metadata.version('transformers')} mlp_width={mlp_width}"
+    if marker.is_file() and marker.read_text().strip() == stamp:
         return directory
     directory.mkdir(parents=True, exist_ok=True)
     marker.unlink(missing_ok=True)   # a build cut short must not pass for a finished one
@@ -104,7 +105,7 @@ def build_tiny_checkpoint(directory: Path) -> Path:
     config = Qwen2_5_VLConfig(
         vocab_size=-(-len(tokenizer) // 64) * 64,
         hidden_size=64,
-        intermediate_size=128,
+        intermediate_size=mlp_width,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -162,7 +163,7 @@ def build_tiny_checkpoint(directory: Path) -> Path:
         )
     )
     (directory / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2))
-    marker.write_text(version + "\n")
+    marker.write_text(stamp + "\n")
     return directory
 
 

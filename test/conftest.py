@@ -32,3 +32,11 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     from spatialthinker_ros.tiny_checkpoint import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen25vl"))
+
+
+@pytest.fixture(scope="session")
+def heavy_tiny_checkpoint(tmp_path_factory) -> Path:
+    """The tiny checkpoint with ~100 MB of MLP weights: big enough to see in a process's memory."""
+    from spatialthinker_ros.tiny_checkpoint import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("heavy-tiny-qwen25vl"), mlp_width=65536)

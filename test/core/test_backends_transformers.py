@@ -2,6 +2,7 @@
 
 import json
 import math
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -262,7 +263,10 @@ def test_quantization_without_its_requirements_is_unavailable(tiny_checkpoint: P
 
 def test_closed_backend_answers_unavailable(tiny_checkpoint: Path):
     backend = _backend(tiny_checkpoint)
+    backend.generate([_request(64, 64)])
+    model = weakref.ref(backend._model)
     backend.close()
+    assert model() is None, "after close nothing holds the model, so its memory (GPU included) can be freed"
     backend.close()
     [result] = backend.generate([_request(64, 64)])
     assert isinstance(result, BackendError) and result.kind is BackendErrorKind.UNAVAILABLE

@@ -67,17 +67,20 @@ def test_build_is_deterministic_and_reuses_a_complete_directory(tmp_path: Path):
     assert weights.stat().st_mtime_ns == stamp     # reused, not rebuilt
 
 
-@pytest.mark.parametrize("marker", [None, "4.51.0\n"], ids=["interrupted", "other-transformers"])
+@pytest.mark.parametrize("marker", [None, "4.51.0 mlp_width=128\n", "VERSION mlp_width=64\n"],
+                         ids=["interrupted", "other-transformers", "other-size"])
 def test_an_incomplete_or_foreign_build_is_redone(tmp_path: Path, marker):
     directory = build_tiny_checkpoint(tmp_path / "ckpt")
     if marker is None:
         (directory / "tiny-checkpoint-complete").unlink()
     else:
-        (directory / "tiny-checkpoint-complete").write_text(marker)
+        (directory / "tiny-checkpoint-complete").write_text(
+            marker.replace("VERSION", importlib.metadata.version("transformers")))
     (directory / "model.safetensors").write_bytes(b"truncated")
     build_tiny_checkpoint(directory)
     assert (directory / "model.safetensors").stat().st_size > 500_000
-    assert (directory / "tiny-checkpoint-complete").read_text().strip() == importlib.metadata.version("transformers")
+    expected = f"{importlib.metadata.version('transformers')} mlp_width=128"
+    assert (directory / "tiny-checkpoint-complete").read_text().strip() == expected
 
 
 def test_cli_builds_and_prints_the_directory(tmp_path: Path, capsys):

@@ -4,6 +4,7 @@ import json
 import time
 
 import numpy as np
+import psutil
 import pytest
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState, GetState
@@ -318,10 +319,16 @@ def get_state(node):
     return state
 
 
-def test_lifecycle_transitions_free_the_model(spawn, client, camera, tiny_checkpoint):
+def rss_mb(proc) -> float:
+    return psutil.Process(proc.pid).memory_info().rss / 2**20
+
+
+def test_lifecycle_transitions_free_the_model(spawn, client, camera, heavy_tiny_checkpoint):
+    weights_mb = sum(f.stat().st_size for f in heavy_tiny_checkpoint.glob("*.safetensors")) / 2**20
+    assert weights_mb > 80
     camera(width=320, height=240)
-    proc = spawn(node_args(backend="transformers", model=str(tiny_checkpoint), device="cpu", max_new_tokens=16,
-                           autostart=False, max_image_age=0.0), name="node")
+    proc = spawn(node_args(backend="transformers", model=str(heavy_tiny_checkpoint), device="cpu",
+                           max_new_tokens=16, autostart=False, max_image_age=0.0), name="node")
     client.wait_for_service(proc)
     assert get_state(client.node) == "unconfigured"
     response = client.ask(question=QUESTION)
@@ -331,11 +338,14 @@ def test_lifecycle_transitions_free_the_model(spawn, client, camera, tiny_checkp
     assert change_state(client.node, proc, Transition.TRANSITION_ACTIVATE)
     assert get_state(client.node) == "active"
     assert client.ask_until_ready(proc, question=QUESTION).success
+    loaded = rss_mb(proc)
     assert change_state(client.node, proc, Transition.TRANSITION_DEACTIVATE)
     assert client.ask(question=QUESTION).error_code == E.ERROR_NOT_ACTIVE
     assert change_state(client.node, proc, Transition.TRANSITION_CLEANUP)
     assert get_state(client.node) == "unconfigured"
     assert spin_until(client.node, lambda: "model and its memory released" in proc.output(), CALL), proc.output()
+    freed = loaded - rss_mb(proc)
+    assert freed > 0.7 * weights_mb, f"cleanup freed {freed:.0f} MB of a {weights_mb:.0f} MB model"
     # and it comes back
     assert change_state(client.node, proc, Transition.TRANSITION_CONFIGURE)
     assert change_state(client.node, proc, Transition.TRANSITION_ACTIVATE)
