@@ -351,3 +351,19 @@ def test_lifecycle_transitions_free_the_model(spawn, client, camera, heavy_tiny_
     assert change_state(client.node, proc, Transition.TRANSITION_ACTIVATE)
     assert client.ask_until_ready(proc, question=QUESTION).success
     assert proc.alive()
+
+
+def test_concurrent_requests_share_one_generate(spawn, client, camera, tiny_checkpoint):
+    camera(width=320, height=240)
+    proc = spawn(node_args(backend="transformers", model=str(tiny_checkpoint), device="cpu", max_new_tokens=32,
+                           max_batch_size=8, max_image_age=0.0), name="node")
+    assert client.ask_until_ready(proc, timeout=120.0, question="warm up").success
+    futures = [client.service.call_async(AskSpatial.Request(question=f"Where is object {i}?")) for i in range(6)]
+    assert spin_until(client.node, lambda: all(f.done() for f in futures), 120.0)
+    responses = [f.result() for f in futures]
+    assert all(r.success for r in responses), [r.message for r in responses]
+    # members of one batch report the batch's wall time: equal times mean one generate served them
+    times = [(r.answer.inference_time.sec, r.answer.inference_time.nanosec) for r in responses]
+    largest_batch = max(times.count(t) for t in times)
+    assert largest_batch >= 3, times
+    assert len({r.answer.request_id for r in responses}) == 6
