@@ -20,6 +20,9 @@ os.environ["ROS_LOG_DIR"] = _LOG_DIR
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("AMENT_PREFIX_PATH", sys.prefix)   # the venv is the ROS prefix (make test exports it too)
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Camera frames over 512 KB are lost or stall for seconds with stock Fast DDS transports (config file explains).
+os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(Path(__file__).resolve().parents[1] / "config" /
+                                                  "fastdds_large_images.xml")
 
 
 def pytest_sessionfinish(session, exitstatus):
