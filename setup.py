@@ -14,6 +14,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["spatialthinker_ros", "spatialthinker_ros.*"],
                            exclude=["spatialthinker_ros.ros", "spatialthinker_ros.ros.*"]),
+    package_data={"spatialthinker_ros": ["data/*"]},   # the CLI's and demo's sample scene
     install_requires=[
         "numpy>=1.24",
         "opencv-python-headless>=4.8",

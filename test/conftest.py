@@ -43,3 +43,16 @@ def heavy_tiny_checkpoint(tmp_path_factory) -> Path:
     from spatialthinker_ros.tiny_checkpoint import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("heavy-tiny-qwen25vl"), mlp_width=65536)
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_checkpoint: Path, tmp_path_factory) -> str:
+    """A real `transformers serve` of the tiny checkpoint on 127.0.0.1, once per session; yields its /v1 URL.
+    Requests must name the model as str(tiny_checkpoint)."""
+    from transformers_serve import TransformersServe
+
+    server = TransformersServe(tiny_checkpoint, tmp_path_factory.mktemp("tiny-serve"))
+    try:
+        yield server.start()
+    finally:
+        server.stop()

@@ -3,20 +3,15 @@ the behaviours a healthy server does not show (stop strings, errors, slowness, k
 
 import base64
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import cv2
-import httpx
 import numpy as np
 import pytest
+from transformers_serve import free_port
 
 from spatialthinker_ros.core.backends.base import GenerationConfig
 from spatialthinker_ros.core.backends.openai_backend import OpenAIBackend, OpenAIConfig, encode_image
@@ -28,51 +23,12 @@ SECRET = "sk-test-SECRET-0123456789"
 SCENE_OPEN = '<observe> a cup on a table </observe> <scene> {"objects": [{"id": "cup.1", "bbox": [1, 2, 3, 4]}]} '
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _request(width: int = 640, height: int = 480, **kwargs) -> InferenceRequest:
     image = np.random.default_rng(7).integers(0, 256, (height, width, 3), dtype=np.uint8)
     return InferenceRequest(image=image, prompt=f"Image size: {width} x {height}\n\nWhere is the cup?", question="q", **kwargs)
 
 
 # --- a real OpenAI-compatible server: `transformers serve` with the tiny checkpoint ---------------------------
-
-
-@pytest.fixture(scope="module")
-def served(tiny_checkpoint: Path, tmp_path_factory) -> str:
-    """`transformers serve DIR` on a free local port; yields its /v1 URL and stops the process it started."""
-    pytest.importorskip("fastapi", reason="transformers serve needs transformers[serving]")
-    pytest.importorskip("uvicorn", reason="transformers serve needs transformers[serving]")
-    cli = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")
-    assert cli, "the transformers command line is not installed"
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    command = [cli, "serve", str(tiny_checkpoint), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"HF_HUB_OFFLINE": "1"})
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, f"transformers serve exited:\n{log_path.read_text(errors='replace')}"
-            assert time.monotonic() < deadline, f"transformers serve not healthy in 90 s:\n{log_path.read_text()}"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +56,8 @@ def _served_backend(url: str, checkpoint: Path, **settings) -> OpenAIBackend:
     )
 
 
-def test_real_server_answers_like_the_model_in_process(served, tiny_checkpoint, in_process_answer):
-    backend = _served_backend(served, tiny_checkpoint, image_format="png")   # lossless: the very same pixels
+def test_real_server_answers_like_the_model_in_process(tiny_server, tiny_checkpoint, in_process_answer):
+    backend = _served_backend(tiny_server, tiny_checkpoint, image_format="png")   # lossless: the very same pixels
     try:
         [result] = backend.generate([_request()])
     finally:
@@ -114,9 +70,9 @@ def test_real_server_answers_like_the_model_in_process(served, tiny_checkpoint, 
     assert result.seconds > 0
 
 
-def test_real_server_streams_growing_text_ending_with_the_result(served, tiny_checkpoint, in_process_answer):
+def test_real_server_streams_growing_text_ending_with_the_result(tiny_server, tiny_checkpoint, in_process_answer):
     seen: list[tuple[str, int]] = []
-    backend = _served_backend(served, tiny_checkpoint)   # JPEG: same size, so the same prompt length
+    backend = _served_backend(tiny_server, tiny_checkpoint)   # JPEG: same size, so the same prompt length
     try:
         [result] = backend.generate([_request(on_text=lambda text, tokens: seen.append((text, tokens)))])
     finally:
@@ -309,7 +265,7 @@ def test_a_stream_that_never_ends_times_out_within_the_bound(script):
 
 
 def test_nothing_listening_is_unavailable_quickly():
-    url = f"http://127.0.0.1:{_free_port()}/v1"
+    url = f"http://127.0.0.1:{free_port()}/v1"
     backend = OpenAIBackend(OpenAIConfig(server_url=url))
     try:
         started = time.perf_counter()

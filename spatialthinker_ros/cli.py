@@ -1,0 +1,430 @@
+"""spatialthinker-ask: one spatial question about one image file, answered as JSON on stdout, without ROS.
+
+It runs the node's own pipeline (prepare_request -> backend -> finish_result), so what it prints is what the
+node would answer for the same frame: try a model, a server, a prompt style or a depth setup here first.
+
+Exit codes: 0 answered (whatever the answer's status), 2 bad usage or input, 3 the backend failed,
+130 interrupted. Expected errors print one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import cv2
+import numpy as np
+
+from spatialthinker_ros.core.backends import BACKEND_NAMES, create_backend
+from spatialthinker_ros.core.backends.base import Backend, GenerationConfig
+from spatialthinker_ros.core.geometry import CameraIntrinsics, depth_to_metres
+from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, prepare_request
+from spatialthinker_ros.core.prompt import STYLES, PromptConfig
+from spatialthinker_ros.core.types import (BackendError, BackendErrorKind, InferenceRequest, InferenceResult,
+                                           InvalidRequest, SpatialResult)
+from spatialthinker_ros.core.validation import validate_model_reference, validate_server_url
+
+PROG = "spatialthinker-ask"
+EXIT_OK, EXIT_USAGE, EXIT_BACKEND, EXIT_INTERRUPTED = 0, 2, 3, 130
+DEFAULT_MODEL = "OX-PIXL/SpatialThinker-7B"
+_FLAT = re.compile(r"([\[{])\n\s+([^\[\]{}]*?)\n\s*([\]}])")   # a list or object holding no other
+ASPECT_TOLERANCE = 0.02   # as the node: depth and colour must show the same field of view
+
+
+class UsageError(Exception):
+    """Bad command line or input file: exit 2 with this message."""
+
+
+class _Abandoned(BackendError):
+    """The timeout passed while the backend was still generating on its thread."""
+
+
+EPILOG = """\
+examples:
+  # the real model on a GPU (downloads ~15 GB from the hub on first use)
+  spatialthinker-ask --image kitchen.jpg --question "Where is the mug relative to the laptop?" \\
+      --options "left of" "right of" "in front of" "behind" --device cuda
+
+  # one GPU server (vLLM, SGLang, transformers serve) answering many robots; key in $SPATIALTHINKER_API_KEY
+  spatialthinker-ask --backend openai --server-url http://gpu-box:8000/v1 --image kitchen.jpg --question "..."
+
+  # no GPU: the bundled sample scene and its recorded answer, with 3D from its depth image
+  spatialthinker-ask --backend replay --replay-file $DATA/sample_replay.jsonl --image $DATA/sample_scene.png \\
+      --question "Where is the mug relative to the plate?" --options "left of" "right of" "behind" "in front of" \\
+      --depth $DATA/sample_scene_depth.png --fx 525 --fy 525 --cx 319.5 --cy 239.5 --annotate out.png
+  (DATA is the installed package's data folder: python -c "import spatialthinker_ros, os; \\
+   print(os.path.join(os.path.dirname(spatialthinker_ros.__file__), 'data'))")
+
+exit codes: 0 answered (see "status" in the JSON), 2 bad usage or input file, 3 backend error, 130 interrupted
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Ask SpatialThinker one spatial question about an image. Prints the answer, scene graph "
+                    "(boxes in the image's pixels, 3D positions when depth is given) and timings as JSON.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ask = parser.add_argument_group("question")
+    ask.add_argument("--image", required=True, type=Path, metavar="FILE",
+                     help="colour image (PNG, JPEG, BMP, TIFF, WebP, ... anything OpenCV reads)")
+    ask.add_argument("--question", required=True, help='the question, e.g. "Is the mug left of the plate?"')
+    ask.add_argument("--options", nargs="+", default=[], metavar="OPTION",
+                     help="multiple-choice options; the prompt labels them (A), (B), ... and the JSON's "
+                          '"choice" is the letter the answer names')
+    ask.add_argument("--scene-only", action="store_true",
+                     help="stop once the scene graph is complete (no reasoning or answer): faster")
+    ask.add_argument("--prompt-style", choices=STYLES, default="model_card",
+                     help="model_card: the model card's template (default); training: the training prompt")
+    ask.add_argument("--max-pixels", type=int, default=PipelineConfig().max_input_pixels, metavar="N",
+                     help="larger images are downscaled (aspect kept) before the model sees them; the prompt "
+                          "states that size and boxes are mapped back to the image's pixels "
+                          "(default %(default)d, the node's max_input_pixels)")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--backend", choices=BACKEND_NAMES, default="transformers",
+                       help="transformers: load the model in this process; openai: an OpenAI-compatible server; "
+                            "replay: recorded answers from --replay-file (default %(default)s)")
+    model.add_argument("--model", metavar="M",
+                       help=f"transformers: hub id or checkpoint directory; openai: the name the server serves "
+                            f"the model under (default {DEFAULT_MODEL}); replay: the name to report")
+    model.add_argument("--device", metavar="D",
+                       help="transformers: auto (default; cuda when available), cpu, cuda or cuda:N")
+    model.add_argument("--server-url", metavar="URL",
+                       help="openai: base URL of the server (default http://127.0.0.1:8000/v1); the API key, if "
+                            "any, goes in $SPATIALTHINKER_API_KEY, never in the URL")
+    model.add_argument("--replay-file", type=Path, metavar="F",
+                       help='replay: JSON Lines of {"question": ..., "response": ...}; the question must match exactly')
+    model.add_argument("--max-new-tokens", type=int, default=GenerationConfig().max_new_tokens, metavar="N",
+                       help="generation limit (default %(default)d, as the authors' evaluation)")
+    model.add_argument("--timeout", type=float, metavar="S",
+                       help="give up when no answer arrives within S seconds once the model is loaded "
+                            "(default: no limit; openai: 120 s per request)")
+
+    depth = parser.add_argument_group("3D positions (optional)")
+    depth.add_argument("--depth", type=Path, metavar="FILE",
+                       help="depth image registered to --image (same viewpoint and field of view, any resolution): "
+                            "16-bit PNG/TIFF (units of --depth-scale), or .npy (float: metres, integer: units of "
+                            "--depth-scale); needs --fx --fy --cx --cy")
+    depth.add_argument("--depth-scale", type=float, default=0.001, metavar="M",
+                       help="metres per unit of integer depth (default %(default)s: millimetres)")
+    for name, what in (("fx", "focal length x"), ("fy", "focal length y"), ("cx", "principal point x"),
+                       ("cy", "principal point y")):
+        depth.add_argument(f"--{name}", type=float, metavar="PX", help=f"{what}, in pixels of --image")
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--annotate", type=Path, metavar="OUT.png",
+                     help="also save the image with boxes, ids, depths and relations drawn on it")
+    out.add_argument("-v", "--verbose", action="store_true", help="log model loading and library warnings")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:        # argparse has printed usage and the error (or the help)
+        return int(exit_.code or 0)
+    _quiet_libraries(args.verbose)
+    try:
+        print(to_json(run(args)))
+        return EXIT_OK
+    except (UsageError, InvalidRequest) as exc:
+        return _fail(f"error: {exc}", EXIT_USAGE)
+    except BackendError as exc:
+        return _fail(f"backend error ({exc.kind.value}): {exc}", EXIT_BACKEND)
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_INTERRUPTED)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Validate everything cheap first, so a typo fails in milliseconds rather than after loading 15 GB."""
+    started = time.perf_counter()
+    settings = backend_settings(args)
+    rgb = read_image(args.image)
+    height, width = rgb.shape[:2]
+    depth_m, intrinsics = read_depth_and_intrinsics(args, (width, height))
+    if args.annotate is not None:
+        check_writable_image(args.annotate)
+    try:
+        config = PipelineConfig(prompt=PromptConfig(style=args.prompt_style), max_input_pixels=args.max_pixels)
+    except ValueError as exc:
+        raise UsageError(exc) from None
+    request = prepare_request(rgb, args.question, args.options, config, scene_only=args.scene_only)
+
+    loading = time.perf_counter()
+    backend = load_backend(args.backend, settings)
+    load_seconds = time.perf_counter() - loading
+    try:
+        inference = generate(backend, request, args.timeout)
+    except _Abandoned:
+        raise                          # the overrunning generation still uses the model: process exit frees it
+    except BaseException:
+        backend.close()
+        raise
+    backend.close()
+    result = finish_result(request, inference, args.options, camera_size=(width, height), depth_m=depth_m,
+                           intrinsics=intrinsics, config=config)
+    if args.annotate is not None:
+        write_annotated(args.annotate, rgb, result)
+    return result_json(result, args, backend.name, load_seconds, time.perf_counter() - started)
+
+
+def backend_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """create_backend settings for the chosen backend; options meant for another backend are refused."""
+    only = {"device": "transformers", "server_url": "openai", "replay_file": "replay"}
+    for option, backend in only.items():
+        if getattr(args, option) is not None and args.backend != backend:
+            raise UsageError(f"--{option.replace('_', '-')} only applies to --backend {backend}")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
+    if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise UsageError(f"--timeout must be a positive number of seconds, not {args.timeout}")
+    generation = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    try:
+        if args.backend == "replay":
+            if args.replay_file is None:
+                raise UsageError("--backend replay needs --replay-file")
+            return dict(replay_file=str(args.replay_file), model=args.model or "replay")
+        model = validate_model_reference(args.model or DEFAULT_MODEL)
+        if args.backend == "openai":
+            settings = dict(model=model, generation=generation,
+                            server_url=validate_server_url(args.server_url or "http://127.0.0.1:8000/v1"))
+            if args.timeout is not None:
+                settings["timeout_s"] = args.timeout
+            return settings
+        if model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
+            raise UsageError(f"--model {model}: no such checkpoint directory")
+        return dict(model=model, device=args.device or "auto", generation=generation)
+    except ValueError as exc:
+        raise UsageError(exc) from None
+
+
+def load_backend(name: str, settings: dict[str, Any]) -> Backend:
+    """The backend, or a UsageError for settings it refuses (a BackendError, e.g. no such model, passes)."""
+    try:
+        return create_backend(name, **settings)
+    except ValueError as exc:          # config validation, a missing or malformed replay file
+        raise UsageError(exc) from None
+    except OSError as exc:
+        raise UsageError(f"cannot load the {name} backend: {exc}") from None
+
+
+def generate(backend: Backend, request: InferenceRequest, timeout: Optional[float]) -> InferenceResult:
+    """One answer; with a timeout the generation runs on a daemon thread that is abandoned if it overruns."""
+    outcome: list[Any] = []
+
+    def work() -> None:
+        try:
+            outcome.extend(backend.generate([request]))
+        except BaseException as exc:   # a backend bug: re-raised on the caller's thread below
+            outcome.append(exc)
+
+    if timeout is None:
+        work()
+    else:
+        worker = threading.Thread(target=work, name="spatialthinker-ask-generate", daemon=True)
+        worker.start()
+        worker.join(timeout)
+        if worker.is_alive():
+            raise _Abandoned(BackendErrorKind.TIMEOUT, f"no answer within {timeout:g} s")
+    [answer] = outcome
+    if isinstance(answer, BaseException):
+        raise answer
+    return answer
+
+
+# ------------------------------------------------------------------------------------------------ input files
+def _read_bytes(path: Path, what: str) -> bytes:
+    if not path.exists():
+        raise UsageError(f"{what} file {path} does not exist")
+    if not path.is_file():
+        raise UsageError(f"{what} file {path} is not a regular file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} file {path}: {exc.strerror or exc}") from None
+    if not data:
+        raise UsageError(f"{what} file {path} is empty")
+    return data
+
+
+def _decode(data: bytes, flags: int) -> Optional[np.ndarray]:
+    """cv2.imdecode without OpenCV's own warnings on stderr: our error message says it all."""
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    try:
+        return cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    except cv2.error:
+        return None
+    finally:
+        cv2.utils.logging.setLogLevel(level)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """RGB uint8 HxWx3 (OpenCV reads BGR; grey and 16-bit images are converted)."""
+    bgr = _decode(_read_bytes(path, "image"), cv2.IMREAD_COLOR)
+    if bgr is None or bgr.size == 0:
+        raise UsageError(f"cannot decode image file {path}: corrupt, or not a format OpenCV reads "
+                         "(PNG, JPEG, BMP, TIFF, WebP, ...)")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def read_depth(path: Path, depth_scale: float) -> np.ndarray:
+    """Depth in metres (float32, NaN where invalid) from a 16-bit image or a .npy array."""
+    if path.suffix.lower() == ".npy":
+        _read_bytes(path, "depth")
+        try:
+            depth = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise UsageError(f"cannot load depth file {path} as a numpy array: {exc}") from None
+    else:
+        depth = _decode(_read_bytes(path, "depth"), cv2.IMREAD_UNCHANGED)
+        if depth is None:
+            raise UsageError(f"cannot decode depth file {path}: corrupt, or not a 16-bit PNG/TIFF or .npy")
+    if depth.ndim == 3 and depth.shape[2] == 1:
+        depth = depth[:, :, 0]
+    if depth.ndim != 2 or depth.size == 0:
+        raise UsageError(f"depth file {path} must hold one channel (H x W), not shape {depth.shape}")
+    if np.issubdtype(depth.dtype, np.floating):
+        encoding = "32FC1"                                   # metres, as ROS 32FC1
+    elif depth.dtype == np.uint8:
+        raise UsageError(f"depth file {path} is 8-bit, which cannot hold depth: use a 16-bit PNG (millimetres "
+                         "by default) or a float .npy in metres")
+    elif np.issubdtype(depth.dtype, np.integer):
+        encoding = "16UC1"                                   # units of depth_scale
+    else:
+        raise UsageError(f"depth file {path} has unsupported type {depth.dtype}")
+    try:
+        return depth_to_metres(depth, encoding, depth_scale=depth_scale)
+    except ValueError as exc:
+        raise UsageError(f"--depth-scale: {exc}") from None
+
+
+def read_depth_and_intrinsics(
+    args: argparse.Namespace, image_size: tuple[int, int]
+) -> tuple[Optional[np.ndarray], Optional[CameraIntrinsics]]:
+    given = {name: getattr(args, name) for name in ("fx", "fy", "cx", "cy") if getattr(args, name) is not None}
+    if args.depth is None:
+        if given:
+            raise UsageError(f"--{', --'.join(given)} given without --depth; intrinsics are only used with depth")
+        return None, None
+    missing = [name for name in ("fx", "fy", "cx", "cy") if name not in given]
+    if missing:
+        raise UsageError(f"--depth needs the camera intrinsics: --{' --'.join(missing)} missing")
+    depth_m = read_depth(args.depth, args.depth_scale)
+    width, height = image_size
+    depth_h, depth_w = depth_m.shape
+    if abs(width / height - depth_w / depth_h) > ASPECT_TOLERANCE * width / height:
+        raise UsageError(f"depth {depth_w}x{depth_h} does not have the aspect of image {width}x{height}: it must "
+                         "be registered to the colour image (same field of view)")
+    try:
+        intrinsics = CameraIntrinsics(fx=given["fx"], fy=given["fy"], cx=given["cx"], cy=given["cy"],
+                                      width=width, height=height)
+    except ValueError as exc:
+        raise UsageError(exc) from None
+    return depth_m, intrinsics
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+def check_writable_image(path: Path) -> None:
+    if not cv2.haveImageWriter(str(path)):
+        raise UsageError(f"--annotate {path}: OpenCV cannot write images of type {path.suffix or '(none)'!r}; "
+                         "use .png or .jpg")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise UsageError(f"--annotate {path}: folder {folder} does not exist")
+
+
+def write_annotated(path: Path, rgb: np.ndarray, result: SpatialResult) -> None:
+    from spatialthinker_ros.core.annotate import draw_scene
+
+    caption = result.parsed.answer or result.parsed.status.name.lower()
+    canvas = draw_scene(rgb, result.scene, caption)
+    try:
+        written = cv2.imwrite(str(path), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
+    except cv2.error as exc:
+        raise UsageError(f"cannot write annotated image {path}: {' '.join(str(exc).split())}") from None
+    if not written:
+        raise UsageError(f"cannot write annotated image {path}")
+
+
+def result_json(result: SpatialResult, args: argparse.Namespace, backend: str, load_seconds: float,
+                total_seconds: float) -> dict[str, Any]:
+    parsed, inference = result.parsed, result.inference
+    objects = []
+    for obj in parsed.scene.objects:
+        box = obj.box
+        entry: dict[str, Any] = {
+            "id": obj.id,
+            "label": obj.label,
+            "box": [round(v, 2) for v in (box.x_min, box.y_min, box.x_max, box.y_max)],
+            "position_m": None,
+            "size_m": None,
+        }
+        if obj.position is not None:
+            p = obj.position
+            entry["position_m"] = {"x": round(p.x, 4), "y": round(p.y, 4), "z": round(p.z, 4)}
+            entry["size_m"] = {"x": round(p.size_x, 4), "y": round(p.size_y, 4), "z": round(p.size_z, 4)}
+        objects.append(entry)
+    return {
+        "question": args.question,
+        "options": list(args.options),
+        "answer": parsed.answer,
+        "choice": parsed.choice,
+        "status": parsed.status.name.lower(),
+        "status_message": parsed.status_message,
+        "observation": parsed.observation,
+        "reasoning": parsed.reasoning,
+        "objects": objects,
+        "relations": [{"subject": r.subject, "predicate": r.predicate, "object": r.object}
+                      for r in parsed.scene.relations],
+        "image_size": list(parsed.scene.image_size),
+        "model_image_size": list(result.model_image_size),
+        "backend": backend,
+        "model": inference.model,
+        "prompt_tokens": inference.prompt_tokens,
+        "completion_tokens": inference.completion_tokens,
+        "seconds": round(inference.seconds, 3),
+        "load_seconds": round(load_seconds, 3),
+        "total_seconds": round(total_seconds, 3),
+        "annotated": str(args.annotate) if args.annotate is not None else None,
+        "raw_response": inference.text,
+    }
+
+
+def to_json(result: dict[str, Any]) -> str:
+    """Indented JSON with flat lists and objects on one line, so a box reads [x1, y1, x2, y2]."""
+    text = json.dumps(result, indent=2, ensure_ascii=False)
+    # JSON strings hold no raw newlines, so inside a flat list or object ",\n  " only separates items
+    return _FLAT.sub(lambda m: m.group(1) + re.sub(r",\n\s+", ", ", m.group(2)) + m.group(3), text)
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """Without -v, stderr carries only our one-line errors: no progress bars or advisory warnings."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format=f"{PROG}: %(levelname)s: %(name)s: %(message)s")
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"{PROG}: {' '.join(message.split())}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
