@@ -31,7 +31,7 @@ test: build ## the whole suite
 	scripts/run_tests.sh $(VENV)
 
 demo: build ## ask the node a question about bundled images, offline
-	$(PY) -m spatialthinker_ros.demo $(if $(MODEL),--model $(MODEL)) --device $(DEVICE)
+	$(PY) -P -m spatialthinker_ros.demo $(if $(MODEL),--model $(MODEL)) --device $(DEVICE)
 
 clean:
 	rm -rf $(BUILD) $(BUILD).log
