@@ -1,4 +1,4 @@
-"""Per-camera input state: the latest colour frame, recent depth frames and the latest CameraInfo.
+"""Per-camera input state: the latest colour frames, recent depth frames and the latest CameraInfo.
 
 Callbacks only keep references (and run O(1) layout checks); frames are converted when a request uses them,
 so an idle node costs little more than the transport itself.
@@ -12,9 +12,13 @@ from typing import Optional, Union
 
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
-from spatialthinker_ros.ros.conversions import COLOUR_ENCODINGS, DEPTH_ENCODINGS, ImageError, check_image_layout
+from spatialthinker_ros.ros.conversions import (COLOUR_ENCODINGS, DEPTH_ENCODINGS, ImageError, check_compressed,
+                                                check_image_layout)
 
 DEPTH_FRAMES_KEPT = 8   # enough to pair a colour frame with depth arriving up to ~0.25 s later at 30 Hz
+# Drivers publish colour and depth separately, so a request can arrive between a colour frame and its depth. The
+# frames just before the newest let it be answered with 3D on the previous frame instead (one period older).
+COLOUR_FRAMES_KEPT = 3
 
 
 def stamp_seconds(header) -> float:
@@ -42,11 +46,21 @@ class CameraInput:
     def __init__(self, name: str, max_pixels: int):
         self.name = name
         self.max_pixels = max_pixels
-        self.colour: Optional[Frame] = None
+        self.colours: collections.deque[Frame] = collections.deque(maxlen=COLOUR_FRAMES_KEPT)
         self.depth: collections.deque[Frame] = collections.deque(maxlen=DEPTH_FRAMES_KEPT)
         self.info: Optional[CameraInfo] = None
         self.frames_received = 0
         self.frames_dropped = 0
+
+    @property
+    def colour(self) -> Optional[Frame]:
+        """The newest colour frame."""
+        return self.colours[-1] if self.colours else None
+
+    def discard(self, frame: Frame) -> None:
+        """Never offer an unusable frame twice."""
+        if frame in self.colours:
+            self.colours.remove(frame)
 
     def offer_colour(self, msg, now: float, max_age: float) -> Optional[str]:
         """Keep msg as the latest frame. Returns why it was dropped instead, or None."""
@@ -61,14 +75,15 @@ class CameraInput:
         if reason is not None:
             self.frames_dropped += 1
             return reason
-        self.colour = frame
+        self.colours.append(frame)
         return None
 
     def _check_colour(self, msg) -> Optional[str]:
-        if isinstance(msg, CompressedImage):
-            return None if msg.data else "compressed image has no data"
         try:
-            check_image_layout(msg, COLOUR_ENCODINGS, self.max_pixels)
+            if isinstance(msg, CompressedImage):
+                check_compressed(msg)
+            else:
+                check_image_layout(msg, COLOUR_ENCODINGS, self.max_pixels)
         except ImageError as exc:
             return str(exc)
         return None
@@ -87,6 +102,15 @@ class CameraInput:
             return f"CameraInfo with zero size or focal length (fx={k[0]}, fy={k[4]}, {msg.width}x{msg.height})"
         self.info = msg
         return None
+
+    def newest_paired(self, tolerance: float) -> tuple[Optional[Frame], Optional[Frame]]:
+        """The newest colour frame that has a depth frame within tolerance, and that depth frame; when none has,
+        the newest colour frame and None."""
+        for colour in reversed(self.colours):
+            depth = self.depth_for(colour, tolerance)
+            if depth is not None:
+                return colour, depth
+        return self.colour, None
 
     def depth_for(self, colour: Frame, tolerance: float) -> Optional[Frame]:
         """The kept depth frame closest in time to the colour frame, if within tolerance."""

@@ -32,15 +32,24 @@ COLOUR_ENCODINGS = {
 DEPTH_ENCODINGS = {"16uc1": np.uint16, "mono16": np.uint16, "32fc1": np.float32}
 
 
+JPEG_SIGNATURE = b"\xff\xd8\xff"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 class ImageError(ValueError):
     """An image message that cannot be used; the message says exactly why."""
+
+
+def clip(text: str, limit: int = 64) -> str:
+    """A caller's string, shortened for a log line or an error message (callers control their length)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def check_image_layout(msg: Image, supported: dict, max_pixels: int) -> tuple[int, np.dtype]:
     """O(1) checks that make a later zero-copy view safe. Returns (channels or 0, dtype)."""
     encoding = msg.encoding.lower()
     if encoding not in supported:
-        raise ImageError(f"unsupported encoding {msg.encoding!r} (supported: {', '.join(sorted(supported))})")
+        raise ImageError(f"unsupported encoding {clip(msg.encoding)!r} (supported: {', '.join(sorted(supported))})")
     spec = supported[encoding]
     channels, dtype = (spec[0], spec[1]) if isinstance(spec, tuple) else (1, spec)
     if msg.width == 0 or msg.height == 0:
@@ -50,8 +59,8 @@ def check_image_layout(msg: Image, supported: dict, max_pixels: int) -> tuple[in
     row_bytes = msg.width * channels * np.dtype(dtype).itemsize
     if msg.step < row_bytes:
         raise ImageError(f"step {msg.step} is smaller than width x pixel size ({row_bytes} bytes)")
-    if len(msg.data) < msg.step * msg.height:
-        raise ImageError(f"data holds {len(msg.data)} bytes, step x height needs {msg.step * msg.height}")
+    if len(msg.data) != msg.step * msg.height:   # more is as wrong as less: e.g. rgb8 data sent as mono8
+        raise ImageError(f"data holds {len(msg.data)} bytes, step x height is {msg.step * msg.height}")
     return channels, np.dtype(dtype)
 
 
@@ -76,14 +85,30 @@ def image_to_rgb(msg: Image, max_pixels: int) -> np.ndarray:
     return cv2.cvtColor(np.ascontiguousarray(array), conversion)
 
 
-def compressed_to_rgb(msg: CompressedImage, max_pixels: int) -> np.ndarray:
-    """JPEG/PNG CompressedImage -> RGB uint8 HxWx3 (decoded by OpenCV)."""
+def check_compressed(msg: CompressedImage) -> None:
+    """O(1) check that the data starts and ends as a JPEG or PNG does: garbage and truncated frames are refused
+    on arrival (decoding waits for a request), so they never replace the last good frame."""
     if not msg.data:
         raise ImageError("compressed image has no data")
+    head, tail = bytes(msg.data[:8]), bytes(msg.data[-32:])   # the end marker, allowing a little padding
+    what = f"compressed image ({clip(msg.format)!r}, {len(msg.data)} bytes)"
+    if head.startswith(JPEG_SIGNATURE):
+        if b"\xff\xd9" not in tail:
+            raise ImageError(f"{what} is a truncated JPEG (no end marker)")
+    elif head == PNG_SIGNATURE:
+        if b"IEND" not in tail:
+            raise ImageError(f"{what} is a truncated PNG (no IEND chunk)")
+    else:
+        raise ImageError(f"{what} is neither JPEG nor PNG")
+
+
+def compressed_to_rgb(msg: CompressedImage, max_pixels: int) -> np.ndarray:
+    """JPEG/PNG CompressedImage -> RGB uint8 HxWx3 (decoded by OpenCV)."""
+    check_compressed(msg)
     data = np.frombuffer(msg.data, dtype=np.uint8)
     decoded = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if decoded is None:
-        raise ImageError(f"compressed image ({msg.format or 'unknown format'}, {len(msg.data)} bytes) could not be decoded")
+        raise ImageError(f"compressed image ({clip(msg.format) or 'unknown format'}, {len(msg.data)} bytes) could not be decoded")
     if decoded.shape[0] * decoded.shape[1] > max_pixels:
         raise ImageError(f"decoded image of {decoded.shape[1]}x{decoded.shape[0]} exceeds the {max_pixels}-pixel limit")
     return cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)

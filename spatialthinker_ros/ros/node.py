@@ -14,17 +14,21 @@ import concurrent.futures
 import dataclasses
 import gc
 import math
+import signal
 import threading
 import time
 import uuid
 from typing import Callable, Optional
 
 import rclpy
+import rclpy.logging
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.signals import SignalHandlerOptions
 from rclpy.task import Future
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header
@@ -36,16 +40,16 @@ from spatialthinker_ros.core.backends import create_backend
 from spatialthinker_ros.core.backends.base import GenerationConfig
 from spatialthinker_ros.core.parsing import scene_text_complete
 from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, prepare_request
-from spatialthinker_ros.core.prompt import PromptConfig, build_prompt
+from spatialthinker_ros.core.prompt import PromptConfig, build_prompt, option_letter
 from spatialthinker_ros.core.scheduling import (QueueFull, RequestCancelled, RequestScheduler, RequestTimeout,
                                                 SchedulerStopped, Ticket)
 from spatialthinker_ros.core.types import (BackendError, BackendErrorKind, InferenceRequest, InferenceResult,
                                            InvalidRequest, SpatialResult)
 from spatialthinker_ros.msg import SceneGraph, SpatialAnswer
 from spatialthinker_ros.ros.cameras import CameraInput, Frame, topic_prefix
-from spatialthinker_ros.ros.conversions import (ImageError, compressed_to_rgb, depth_to_metres_array, image_to_rgb,
-                                                intrinsics_from_camera_info, rgb_to_image_msg, scene_graph_msg,
-                                                spatial_answer_msg)
+from spatialthinker_ros.ros.conversions import (ImageError, clip, compressed_to_rgb, depth_to_metres_array,
+                                                image_to_rgb, intrinsics_from_camera_info, rgb_to_image_msg,
+                                                scene_graph_msg, spatial_answer_msg)
 from spatialthinker_ros.ros.parameters import PARAMETERS, check_parameters, descriptor
 from spatialthinker_ros.ros.visualization import scene_markers
 from spatialthinker_ros.srv import AskSpatial
@@ -57,6 +61,12 @@ OOM_RETRY_SCALE = 0.5          # per side, for the one retry after the backend r
 OOM_RETRY_MIN_PIXELS = 200_000
 ASPECT_TOLERANCE = 0.02        # depth and colour must show the same field of view to be paired
 BACKEND_IDLE_WAIT_S = 600.0    # a generation that is already running cannot be interrupted; wait for it
+SHUTDOWN_WAIT_S = 5.0          # ...but not when the process exits: its memory goes with it (launch escalates at 5 s)
+SHUTDOWN_DRAIN_S = 2.0         # on SIGINT/SIGTERM, time for the answers to pending callers to go out
+SPIN_PERIOD_S = 0.1            # the executor wakes at least this often, so a signal is seen promptly
+MAX_ASPECT_RATIO = 200         # Qwen2.5-VL's image processor refuses longer images, failing the whole batch
+REQUEST_QUEUE_DEPTH = 1000     # requests (all callers together) that may arrive faster than they are taken
+MAX_FRAME_ID_CHARS = 256       # a request image's frame_id is copied into every output message
 
 
 class RequestFailed(Exception):
@@ -90,7 +100,8 @@ class SpatialThinkerNode(LifecycleNode):
         self._group = ReentrantCallbackGroup()
         self._posted: collections.deque[Callable[[], None]] = collections.deque()
         self._wake = self.create_guard_condition(self._run_posted, callback_group=self._group)
-        self._last_warning: dict[str, float] = {}
+        self._last_warning: dict[str, tuple[float, int]] = {}   # key -> (last logged, suppressed since)
+        self.requests_in_progress = 0                             # accepted and not yet answered
         self._backend = None
         self._scheduler: Optional[RequestScheduler] = None
         self._draining: Optional[RequestScheduler] = None   # stopped, but its worker may still be generating
@@ -100,7 +111,11 @@ class SpatialThinkerNode(LifecycleNode):
         self._outputs: dict[str, object] = {}
         self._pipeline = PipelineConfig()
         self._active = False
-        requests_qos = QoSProfile(depth=100)   # default depth 10 silently drops bursts of concurrent calls
+        # Requests wait in this history until the executor takes them: the default depth of 10 silently drops
+        # bursts of concurrent calls (their callers wait forever). KEEP_ALL would drop none, but a caller that
+        # never reads its responses then fills the response writer's history until send_response raises, which
+        # stops the node; KEEP_LAST never blocks. Callers need a depth of at least their own concurrent calls.
+        requests_qos = QoSProfile(depth=REQUEST_QUEUE_DEPTH)
         self.create_service(AskSpatial, "~/ask", self._on_ask_service, qos_profile=requests_qos,
                             callback_group=self._group)
         self._action_server = ActionServer(
@@ -108,6 +123,7 @@ class SpatialThinkerNode(LifecycleNode):
             goal_callback=lambda goal: GoalResponse.ACCEPT,
             cancel_callback=self._on_cancel,
             goal_service_qos_profile=requests_qos, result_service_qos_profile=requests_qos,
+            cancel_service_qos_profile=requests_qos,
             result_timeout=60, callback_group=self._group)
 
     # ---------------------------------------------------------------- thread hand-off
@@ -121,10 +137,15 @@ class SpatialThinkerNode(LifecycleNode):
             self._posted.popleft()()
 
     def _warn_throttled(self, key: str, message: str) -> None:
+        """At most one warning per key every WARN_THROTTLE_S, saying how many like it were left out."""
         now = time.monotonic()
-        if now - self._last_warning.get(key, -math.inf) >= WARN_THROTTLE_S:
-            self._last_warning[key] = now
-            self.get_logger().warning(message)
+        last, suppressed = self._last_warning.get(key, (-math.inf, 0))
+        if now - last >= WARN_THROTTLE_S:
+            self._last_warning[key] = (now, 0)
+            more = f" (and {suppressed} more like it since the last report)" if suppressed else ""
+            self.get_logger().warning(message + more)
+        else:
+            self._last_warning[key] = (last, suppressed + 1)
 
     def _param(self, name: str):
         return self.get_parameter(name).value
@@ -220,7 +241,7 @@ class SpatialThinkerNode(LifecycleNode):
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._stop_scheduler("node deactivated")
+        self.stop_answering("node deactivated")
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -232,25 +253,35 @@ class SpatialThinkerNode(LifecycleNode):
         self.close()
         return super().on_shutdown(state)
 
-    def close(self) -> None:
-        """Answer pending callers and free the model. Safe to call more than once, and after rclpy shutdown."""
-        self._stop_scheduler("node shutting down")
-        self._close_backend()
+    def close(self, wait_s: float = SHUTDOWN_WAIT_S) -> None:
+        """Answer pending callers and free the model. Safe to call more than once.
 
-    def _stop_scheduler(self, reason: str) -> None:
+        A generation still running after `wait_s` is left to finish on its own (it cannot be interrupted) and
+        the model is then not closed: this is for exiting, when the process's memory goes with it."""
+        self.stop_answering("node shutting down")
+        self._close_backend(wait_s)
+
+    def stop_answering(self, reason: str) -> None:
+        """Refuse new requests and answer every pending one (ERROR_NOT_ACTIVE) now; never blocks for long."""
         self._active = False
         if self._scheduler is not None:
-            if not self._scheduler.stop(reason):    # every caller is answered at once; the worker may lag
+            # Every caller is answered at once; only an idle worker is waited for (briefly): the answers go out
+            # from this thread, so waiting here for a running generation would hold them back.
+            if not self._scheduler.stop(reason, timeout_s=0.1):
                 self._draining = self._scheduler
+            self.get_logger().info(f"stopped answering ({reason}): {self._scheduler.stats()}")
             self._scheduler = None
 
-    def _wait_backend_idle(self) -> None:
-        """Before the backend is closed or reused: let a generation that was already running finish."""
+    def _wait_backend_idle(self, timeout_s: float = BACKEND_IDLE_WAIT_S) -> bool:
+        """Before the backend is closed or reused: let a generation that was already running finish.
+        Returns whether the backend is idle."""
         if self._draining is not None:
             self.get_logger().info("waiting for the running generation to finish")
-            if not self._draining.stop("node deactivated", timeout_s=BACKEND_IDLE_WAIT_S):
-                self.get_logger().error(f"generation still running after {BACKEND_IDLE_WAIT_S:.0f} s")
+            if not self._draining.stop("node deactivated", timeout_s=timeout_s):
+                self.get_logger().error(f"generation still running after {timeout_s:.0f} s")
+                return False
             self._draining = None
+        return True
 
     def _release_inputs_outputs(self) -> None:
         for subscription in self._camera_subscriptions:
@@ -261,9 +292,11 @@ class SpatialThinkerNode(LifecycleNode):
             self.destroy_lifecycle_publisher(publisher)
         self._outputs.clear()
 
-    def _close_backend(self) -> None:
+    def _close_backend(self, wait_s: float = BACKEND_IDLE_WAIT_S) -> None:
         """Free the model, GPU memory included (TransformersBackend.close empties the CUDA cache)."""
-        self._wait_backend_idle()
+        if not self._wait_backend_idle(wait_s):
+            self.get_logger().warning("backend left open: a generation is still running")
+            return
         if self._backend is not None:
             self._backend.close()
             self._backend = None
@@ -314,12 +347,14 @@ class SpatialThinkerNode(LifecycleNode):
 
     async def _answer(self, request, request_id: str, feedback) -> SpatialAnswer | RequestFailed:
         """Validate, pick the frame, run the model, and publish. Every path returns an answer or an error."""
+        self.requests_in_progress += 1
         try:
             if not self._active or self._scheduler is None:
                 raise RequestFailed(Error.ERROR_NOT_ACTIVE, f"node is not active (state: {self.lifecycle_state()})")
             question, options = request.question, list(request.options)
             try:
                 build_prompt(question, options, (1, 1), self._pipeline.prompt)   # question checks, before frames
+                check_raw_sizes(question, options, self._pipeline.prompt)
             except InvalidRequest as exc:
                 raise RequestFailed(Error.ERROR_INVALID_REQUEST, str(exc)) from None
             source = self._source(request)
@@ -345,6 +380,11 @@ class SpatialThinkerNode(LifecycleNode):
                                                     on_text=on_text if feedback else None, request_id=request_id)
             except InvalidRequest as exc:
                 raise RequestFailed(Error.ERROR_INVALID_REQUEST, str(exc)) from None
+            height, width = inference_request.image.shape[:2]
+            if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+                raise RequestFailed(Error.ERROR_INVALID_REQUEST,
+                                    f"image of {width}x{height} pixels is longer than {MAX_ASPECT_RATIO}:1, "
+                                    "which the model cannot take")
             if feedback:
                 feedback(AskSpatialAction.Feedback.STAGE_QUEUED, 0, None)
             outcome = await self._run(inference_request, feedback)
@@ -364,12 +404,14 @@ class SpatialThinkerNode(LifecycleNode):
             self._publish(answer, result, source)
             return answer
         except RequestFailed as failure:
-            if failure.code not in (Error.ERROR_BUSY, Error.ERROR_NOT_ACTIVE):
-                self.get_logger().warning(f"request {request_id} failed: {failure}")
+            if failure.code not in (Error.ERROR_BUSY, Error.ERROR_NOT_ACTIVE):   # throttled: callers control the rate
+                self._warn_throttled(f"request/{failure.code}", f"request {request_id} failed: {failure}")
             return failure
         except Exception as exc:   # a bug must still answer the caller, and never stop the node
             self.get_logger().error(f"request {request_id}: unexpected {type(exc).__name__}: {exc}")
             return RequestFailed(Error.ERROR_BACKEND, f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            self.requests_in_progress -= 1
 
     def _backend_name(self) -> str:
         return self._param("backend")
@@ -426,7 +468,13 @@ class SpatialThinkerNode(LifecycleNode):
     # ---------------------------------------------------------------- frames
     def _source(self, request) -> Source:
         limit = self._param("max_request_image_pixels")
-        if len(request.image.data) > 0:
+        image = request.image
+        # Any field set means the caller meant to send an image: never answer about the camera instead.
+        if len(image.data) > 0 or image.width or image.height or image.step or image.encoding:
+            if len(image.header.frame_id) > MAX_FRAME_ID_CHARS:
+                raise RequestFailed(Error.ERROR_INVALID_REQUEST,
+                                    f"request image frame_id is {len(image.header.frame_id)} characters long; "
+                                    f"at most {MAX_FRAME_ID_CHARS} are allowed")
             try:
                 return Source(image_to_rgb(request.image, limit), request.image.header, camera="")
             except ImageError as exc:
@@ -435,8 +483,13 @@ class SpatialThinkerNode(LifecycleNode):
         name = request.camera or names[0]
         camera = self._cameras.get(name)
         if camera is None:
-            raise RequestFailed(Error.ERROR_UNKNOWN_CAMERA, f"unknown camera {name!r}; configured: {', '.join(names)}")
-        frame = camera.colour
+            raise RequestFailed(Error.ERROR_UNKNOWN_CAMERA,
+                                f"unknown camera {clip(name)!r}; configured: {', '.join(names)}")
+        depth = None
+        if self._param("use_depth"):
+            frame, depth = camera.newest_paired(self._param("depth_sync_tolerance"))
+        else:
+            frame = camera.colour
         if frame is None:
             transport = "image/compressed" if self._param("image_transport") == "compressed" else "image"
             topic = self.resolve_topic_name(f"{topic_prefix(name)}{transport}")
@@ -455,18 +508,17 @@ class SpatialThinkerNode(LifecycleNode):
             else:
                 rgb = image_to_rgb(frame.msg, limit)
         except ImageError as exc:
-            camera.colour = None     # never offer the same unusable frame twice
+            camera.discard(frame)
             self._warn_throttled(f"decode/{name}", f"camera {name!r}: frame dropped: {exc}")
             raise RequestFailed(Error.ERROR_NO_IMAGE, f"latest frame of camera {name!r} is unusable: {exc}") from None
         source = Source(rgb, frame.msg.header, camera=name)
-        if self._param("use_depth"):
-            self._attach_depth(source, camera, frame)
+        if depth is not None:
+            self._attach_depth(source, camera, depth)
         return source
 
-    def _attach_depth(self, source: Source, camera: CameraInput, frame: Frame) -> None:
-        """Pair depth + CameraInfo with the frame when both fit; otherwise answer without 3D, with a warning."""
-        depth = camera.depth_for(frame, self._param("depth_sync_tolerance"))
-        if depth is None or camera.info is None:
+    def _attach_depth(self, source: Source, camera: CameraInput, depth: Frame) -> None:
+        """Depth + CameraInfo with the frame when both fit; otherwise answer without 3D, with a warning."""
+        if camera.info is None:
             return
         colour_aspect = source.rgb.shape[1] / source.rgb.shape[0]
         depth_aspect = depth.msg.width / depth.msg.height
@@ -499,24 +551,69 @@ class SpatialThinkerNode(LifecycleNode):
             debug.publish(rgb_to_image_msg(draw_scene(source.rgb, result.parsed.scene, caption), source.header))
 
 
+def check_raw_sizes(question: str, options: list[str], prompt: PromptConfig) -> None:
+    """The prompt's length limits, counted before whitespace is trimmed: answers and logs echo the text as sent."""
+    if len(question) > prompt.max_question_chars:
+        raise InvalidRequest(f"the question is {len(question)} characters long (with its whitespace); "
+                             f"at most {prompt.max_question_chars} are allowed")
+    for i, option in enumerate(options):
+        if len(option) > prompt.max_option_chars:
+            raise InvalidRequest(f"option {option_letter(i)} is {len(option)} characters long (with its whitespace); "
+                                 f"at most {prompt.max_option_chars} are allowed")
+
+
 def main(args=None) -> int:
-    rclpy.init(args=args)
-    node = SpatialThinkerNode()
+    """Runs the node until SIGINT or SIGTERM; exits 0 then (1 when the parameters or configure fail).
+
+    rclpy's own signal handlers would shut the ROS context down at once, leaving every caller whose request is
+    in flight waiting forever. Here a signal stops the node answering instead: pending callers get
+    ERROR_NOT_ACTIVE, their answers go out, and only then does the node leave the graph.
+    """
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    stopping = threading.Event()
+    starting = True
+
+    def on_signal(signum, frame) -> None:
+        nonlocal starting
+        if starting:                 # e.g. loading the model: stop that at once
+            starting = False
+            raise KeyboardInterrupt
+        stopping.set()               # later signals change nothing: shutting down is bounded anyway
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+    node = None
     executor = SingleThreadedExecutor()
-    executor.add_node(node)
     try:
+        try:
+            node = SpatialThinkerNode()
+        except ParameterException as exc:   # the reason, without a traceback
+            rclpy.logging.get_logger("spatialthinker").fatal(f"invalid parameter: {exc}")
+            return 1
+        executor.add_node(node)
         if node.get_parameter("autostart").value:
             if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
                 node.get_logger().fatal("configure failed; see the error above")
                 return 1
             node.trigger_activate()
-        executor.spin()
+        starting = False
+        while not stopping.is_set():
+            executor.spin_once(timeout_sec=SPIN_PERIOD_S)
+        node.get_logger().info("signal received: answering pending requests, then shutting down")
+        node.stop_answering("node shutting down")
+        drain_until = time.monotonic() + SHUTDOWN_DRAIN_S
+        while time.monotonic() < drain_until:
+            if not node.requests_in_progress:   # action results still take a few callbacks to reach callers
+                drain_until = min(drain_until, time.monotonic() + 0.2)
+            executor.spin_once(timeout_sec=0.05)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        node.close()
-        executor.shutdown(timeout_sec=5.0)
-        node.destroy_node()
+        starting = False
+        if node is not None:
+            node.close()
+            executor.shutdown(timeout_sec=5.0)
+            node.destroy_node()
         rclpy.try_shutdown()
     return 0
 

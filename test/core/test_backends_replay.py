@@ -134,3 +134,92 @@ def test_batch_limit_and_settings_are_checked(replay_file: Path):
         ReplayConfig(str(replay_file), latency_s=-1)
     with pytest.raises(ValueError):
         ReplayConfig(str(replay_file), max_batch_size=0)
+
+
+# --- rehearsing failures: "error" and "times" -------------------------------------------------------------------
+
+
+def _failures_file(tmp_path: Path, *records: dict) -> Path:
+    path = tmp_path / "failures.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    return path
+
+
+def test_error_line_fails_every_match_with_its_kind(tmp_path: Path):
+    path = _failures_file(tmp_path, {"question": "down?", "error": "unavailable"}, {"question": QUESTION, "response": RESPONSE})
+    backend = ReplayBackend(ReplayConfig(str(path)))
+    for _ in range(3):
+        failed, answered = backend.generate([_request("down?"), _request(QUESTION)])
+        assert isinstance(failed, BackendError) and failed.kind is BackendErrorKind.UNAVAILABLE
+        assert str(failed) == "replayed unavailable error"
+        assert isinstance(answered, InferenceResult) and answered.text == RESPONSE, "other requests are unaffected"
+
+
+@pytest.mark.parametrize("kind", [k for k in BackendErrorKind])
+def test_times_fails_the_first_n_matches_then_answers(tmp_path: Path, kind: BackendErrorKind):
+    path = _failures_file(tmp_path, {"question": QUESTION, "error": kind.value, "times": 2, "response": RESPONSE})
+    backend = ReplayBackend(ReplayConfig(str(path)))
+    first, second = backend.generate([_request(QUESTION), _request(QUESTION)])
+    assert isinstance(first, BackendError) and first.kind is kind and str(first) == f"replayed {kind.value} error (1 of 2)"
+    assert isinstance(second, BackendError) and str(second) == f"replayed {kind.value} error (2 of 2)"
+    for _ in range(2):
+        [result] = backend.generate([_request(QUESTION)])
+        assert isinstance(result, InferenceResult) and result.text == RESPONSE
+    # a new backend (the node's next configure) starts counting again
+    [again] = ReplayBackend(ReplayConfig(str(path))).generate([_request(QUESTION)])
+    assert isinstance(again, BackendError)
+
+
+def test_a_failing_request_streams_nothing(tmp_path: Path):
+    path = _failures_file(tmp_path, {"question": QUESTION, "error": "out_of_memory", "times": 1, "response": RESPONSE})
+    seen: list[str] = []
+    backend = ReplayBackend(ReplayConfig(str(path)))
+    [failed] = backend.generate([_request(QUESTION, on_text=lambda text, tokens: seen.append(text))])
+    assert isinstance(failed, BackendError) and failed.kind is BackendErrorKind.OUT_OF_MEMORY and seen == []
+    [answered] = backend.generate([_request(QUESTION, on_text=lambda text, tokens: seen.append(text))])
+    assert answered.text == RESPONSE and seen[-1] == RESPONSE
+
+
+def test_raise_makes_generate_raise_for_the_whole_batch(tmp_path: Path):
+    from spatialthinker_ros.core.backends.replay_backend import ReplayedCrash
+
+    path = _failures_file(tmp_path, {"question": "crash", "error": "raise", "times": 1, "response": "ok"},
+                          {"question": QUESTION, "response": RESPONSE})
+    backend = ReplayBackend(ReplayConfig(str(path)))
+    with pytest.raises(ReplayedCrash):
+        backend.generate([_request(QUESTION), _request("crash")])
+    assert [r.text for r in backend.generate([_request(QUESTION), _request("crash")])] == [RESPONSE, "ok"]
+
+
+def test_failures_go_through_the_scheduler_to_their_callers(tmp_path: Path):
+    """The node's path: a raising backend fails the batch as FAILED, and the next request is answered."""
+    from spatialthinker_ros.core.scheduling import RequestScheduler
+
+    path = _failures_file(tmp_path, {"question": "crash", "error": "raise", "times": 1, "response": "ok"})
+    scheduler = RequestScheduler(ReplayBackend(ReplayConfig(str(path), max_batch_size=1)))
+    try:
+        with pytest.raises(BackendError) as raised:
+            scheduler.submit(_request("crash")).future.result(timeout=5)
+        assert raised.value.kind is BackendErrorKind.FAILED and "ReplayedCrash" in str(raised.value)
+        assert scheduler.submit(_request("crash")).future.result(timeout=5).text == "ok"
+    finally:
+        assert scheduler.stop()
+
+
+@pytest.mark.parametrize(
+    ("record", "problem"),
+    [
+        ({"question": "q", "error": "melted"}, '"error" must be one of unavailable, timeout, out_of_memory'),
+        ({"question": "q", "error": "failed", "times": 0, "response": "r"}, '"times" must be an integer >= 1'),
+        ({"question": "q", "error": "failed", "times": True, "response": "r"}, '"times" must be an integer >= 1'),
+        ({"question": "q", "error": "failed", "times": 1.5, "response": "r"}, '"times" must be an integer >= 1'),
+        ({"question": "q", "error": "failed", "times": 2}, '"times" needs a "response"'),
+        ({"question": "q", "response": "r", "times": 2}, '"times" needs an "error"'),
+        ({"question": "q", "error": "failed", "response": 3}, '"response" must be a string'),
+    ],
+)
+def test_malformed_failure_lines_are_rejected_at_load(tmp_path: Path, record: dict, problem: str):
+    path = _failures_file(tmp_path, {"question": "a", "response": "b"}, record)
+    with pytest.raises(ValueError) as raised:
+        ReplayBackend(ReplayConfig(str(path)))
+    assert f"{path}:2:" in str(raised.value) and problem in str(raised.value)

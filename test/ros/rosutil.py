@@ -88,7 +88,6 @@ def new_context():
 import threading  # noqa: E402
 
 import numpy as np  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.node import Node  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image  # noqa: E402
@@ -121,11 +120,14 @@ class CameraStreamer:
     def __init__(self, context, prefix: str = "", width: int = 640, height: int = 480, rate_hz: float = 20.0,
                  frame_id: str = "camera_color_optical_frame", compressed: bool = False,
                  depth_m: Optional[np.ndarray] = None, depth_encoding: str = "32FC1", k=None,
-                 stamp_offset_s: float = 0.0):
+                 stamp_offset_s: float = 0.0, depth_lags: bool = False):
         self.node = Node(f"camera_streamer_{abs(hash(prefix)) % 10000}", context=context)
         self.rgb = pattern_image(width, height)
         self.frame_id, self.compressed, self.stamp_offset_s = frame_id, compressed, stamp_offset_s
         self.depth_m, self.depth_encoding = depth_m, depth_encoding
+        # depth_lags: each depth frame (and CameraInfo) goes out with the previous colour frame's stamp, as from a
+        # driver whose depth arrives one frame late
+        self.depth_lags, self._previous_header = depth_lags, None
         self.k = k or [500.0, 0.0, width / 2, 0.0, 500.0, height / 2, 0.0, 0.0, 1.0]
         self.published_stamps: list = []
         qos = qos_profile_sensor_data
@@ -139,7 +141,7 @@ class CameraStreamer:
         self.depth_pub = self.node.create_publisher(Image, f"{prefix}depth", qos)
         self.info_pub = self.node.create_publisher(CameraInfo, f"{prefix}camera_info", qos)
         self.node.create_timer(1.0 / rate_hz, self.publish)
-        self.executor = MultiThreadedExecutor(num_threads=1, context=context)
+        self.executor = SingleThreadedExecutor(context=context)
         self.executor.add_node(self.node)
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)
         self.thread.start()
@@ -160,15 +162,16 @@ class CameraStreamer:
         else:
             self.colour_pub.publish(Image(header=header, height=h, width=w, encoding="rgb8", step=w * 3,
                                           data=self.rgb.tobytes()))
-        if self.depth_m is not None:
+        depth_header, self._previous_header = (self._previous_header, header) if self.depth_lags else (header, None)
+        if self.depth_m is not None and depth_header is not None:
             dh, dw = self.depth_m.shape
             if self.depth_encoding == "16UC1":
                 data, step = (self.depth_m * 1000).astype(np.uint16).tobytes(), dw * 2
             else:
                 data, step = self.depth_m.astype(np.float32).tobytes(), dw * 4
-            self.depth_pub.publish(Image(header=header, height=dh, width=dw, encoding=self.depth_encoding,
+            self.depth_pub.publish(Image(header=depth_header, height=dh, width=dw, encoding=self.depth_encoding,
                                          step=step, data=data))
-            self.info_pub.publish(CameraInfo(header=header, width=dw, height=dh, k=self.k))
+            self.info_pub.publish(CameraInfo(header=depth_header, width=dw, height=dh, k=self.k))
         self.published_stamps.append((header.stamp.sec, header.stamp.nanosec))
 
     def close(self) -> None:

@@ -1,4 +1,22 @@
-"""Answers from recorded model outputs: deterministic runs of the whole pipeline without a GPU or a server."""
+"""Answers from recorded model outputs: deterministic runs of the whole pipeline without a GPU or a server.
+
+Replay file format: JSON Lines, one object per line (blank lines are skipped).
+
+    {"question": "<the question exactly as asked>", "response": "<raw model output>"}
+
+The first line whose "question" equals the request's question is used; no such line answers NO_MATCH.
+Other keys are ignored (e.g. "source"), except two that rehearse failures deterministically:
+
+    {"question": "...", "error": "out_of_memory"}                                  every match fails
+    {"question": "...", "error": "out_of_memory", "times": 1, "response": "..."}   the first match fails,
+                                                                                    later ones answer "response"
+
+"error" is a BackendErrorKind value (the kind a real backend would report): "unavailable" (server down),
+"timeout", "out_of_memory" (the ROS node then retries once on a smaller image), "no_match" or "failed"; or
+"raise", which makes generate() raise for the whole batch, as a backend bug would (the scheduler then fails
+that batch with "failed"). "times" (an integer >= 1) fails only the first N requests that match the line,
+counted per backend (so a node's `configure` starts the count again); it needs a "response" for afterwards.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +24,24 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 from spatialthinker_ros.core.backends.base import TextSink, cut_after_scene_end
 from spatialthinker_ros.core.types import BackendError, BackendErrorKind, InferenceRequest, InferenceResult
 
 # Streaming consumers get the text in this many growing pieces, the last one being the whole answer.
 _STREAM_CHUNKS = 4
+RAISE = "raise"   # "error" value that makes generate() raise instead of answering with a BackendError
+ERROR_NAMES = tuple(kind.value for kind in BackendErrorKind) + (RAISE,)
+
+
+class ReplayedCrash(RuntimeError):
+    """What generate() raises for a line with "error": "raise"."""
 
 
 @dataclass(frozen=True)
 class ReplayConfig:
-    """`replay_file` is JSON Lines: {"question": "<as asked>", "response": "<raw model output>"} per line."""
+    """`replay_file` is JSON Lines of {"question", "response"} (optionally "error", "times"): see the module doc."""
 
     replay_file: str
     model: str = "replay"
@@ -31,6 +55,15 @@ class ReplayConfig:
             raise ValueError(f"max_batch_size must be >= 1, not {self.max_batch_size}")
 
 
+@dataclass(frozen=True)
+class ReplayRecord:
+    """One line of a replay file: the response, or the error to fail with (the first `times` matches, or always)."""
+
+    response: Optional[str]
+    error: Optional[str] = None
+    times: Optional[int] = None
+
+
 class ReplayBackend:
     """Returns the first recorded response whose question equals the request's question exactly."""
 
@@ -40,7 +73,8 @@ class ReplayBackend:
         self.config = config
         self.model_name = config.model
         self.max_batch_size = config.max_batch_size
-        self._responses = load_replay_file(Path(config.replay_file))
+        self._records = load_replay_file(Path(config.replay_file))
+        self._matches: dict[str, int] = {}   # question -> requests matched so far (generate runs on one thread)
 
     def generate(self, requests: Sequence[InferenceRequest]) -> list[Union[InferenceResult, BackendError]]:
         if len(requests) > self.max_batch_size:
@@ -48,15 +82,29 @@ class ReplayBackend:
         started = time.perf_counter()
         if requests and self.config.latency_s:
             time.sleep(self.config.latency_s)
-        return [self._answer(request, started) for request in requests]
+        failures = [self._failure(request.question) for request in requests]
+        if RAISE in failures:
+            raise ReplayedCrash("replayed backend crash")
+        return [failure or self._answer(request, started) for request, failure in zip(requests, failures)]
 
     def close(self) -> None:
         """Nothing to free."""
 
-    def _answer(self, request: InferenceRequest, started: float) -> Union[InferenceResult, BackendError]:
-        text = self._responses.get(request.question)
-        if text is None:
-            return BackendError(BackendErrorKind.NO_MATCH, f'no recorded response for question "{request.question}"')
+    def _failure(self, question: str) -> Union[BackendError, str, None]:
+        """Counts the match; returns the error this request fails with (RAISE for a crash), or None."""
+        record = self._records.get(question)
+        if record is None:
+            return BackendError(BackendErrorKind.NO_MATCH, f'no recorded response for question "{question}"')
+        count = self._matches[question] = self._matches.get(question, 0) + 1
+        if record.error is None or (record.times is not None and count > record.times):
+            return None
+        if record.error == RAISE:
+            return RAISE
+        of = f" ({count} of {record.times})" if record.times is not None else ""
+        return BackendError(BackendErrorKind(record.error), f"replayed {record.error} error{of}")
+
+    def _answer(self, request: InferenceRequest, started: float) -> InferenceResult:
+        text = self._records[request.question].response
         if request.scene_only:
             text = cut_after_scene_end(text)
         tokens = len(text.split())
@@ -73,11 +121,11 @@ class ReplayBackend:
         )
 
 
-def load_replay_file(path: Path) -> dict[str, str]:
-    """question -> response; the first line for a question wins. A missing file or malformed line is a ValueError."""
+def load_replay_file(path: Path) -> dict[str, ReplayRecord]:
+    """question -> record; the first line for a question wins. A missing file or malformed line is a ValueError."""
     if not path.is_file():
         raise ValueError(f"replay file {path} does not exist")
-    responses: dict[str, str] = {}
+    records: dict[str, ReplayRecord] = {}
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -86,11 +134,30 @@ def load_replay_file(path: Path) -> dict[str, str]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not (
-                isinstance(record, dict)
-                and isinstance(record.get("question"), str)
-                and isinstance(record.get("response"), str)
-            ):
-                raise ValueError(f'{path}:{number}: expected an object with string "question" and "response"')
-            responses.setdefault(record["question"], record["response"])
-    return responses
+            parsed = _record(record)
+            if isinstance(parsed, str):
+                raise ValueError(f"{path}:{number}: {parsed}")
+            records.setdefault(record["question"], parsed)
+    return records
+
+
+def _record(record: object) -> Union[ReplayRecord, str]:
+    """The line as a record, or why it is malformed."""
+    if not isinstance(record, dict) or not isinstance(record.get("question"), str):
+        return 'expected an object with string "question" and "response"'
+    response, error, times = record.get("response"), record.get("error"), record.get("times")
+    if error is None:
+        if not isinstance(response, str):
+            return 'expected an object with string "question" and "response"'
+        if times is not None:
+            return '"times" needs an "error"'
+        return ReplayRecord(response)
+    if error not in ERROR_NAMES:
+        return f'"error" must be one of {", ".join(ERROR_NAMES)}, not {error!r}'
+    if times is not None and (isinstance(times, bool) or not isinstance(times, int) or times < 1):
+        return f'"times" must be an integer >= 1, not {times!r}'
+    if response is not None and not isinstance(response, str):
+        return '"response" must be a string'
+    if times is not None and response is None:
+        return '"times" needs a "response" to answer with after the failures'
+    return ReplayRecord(response, error, times)
