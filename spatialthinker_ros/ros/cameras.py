@@ -7,6 +7,7 @@ so an idle node costs little more than the transport itself.
 from __future__ import annotations
 
 import collections
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -103,10 +104,12 @@ class CameraInput:
         self.info = msg
         return None
 
-    def newest_paired(self, tolerance: float) -> tuple[Optional[Frame], Optional[Frame]]:
-        """The newest colour frame that has a depth frame within tolerance, and that depth frame; when none has,
-        the newest colour frame and None."""
+    def newest_paired(self, tolerance: float, oldest: float = -math.inf) -> tuple[Optional[Frame], Optional[Frame]]:
+        """The newest colour frame not older than `oldest` that has a depth frame within tolerance, and that depth
+        frame; when none has, the newest colour frame and None."""
         for colour in reversed(self.colours):
+            if colour.time < oldest:
+                break
             depth = self.depth_for(colour, tolerance)
             if depth is not None:
                 return colour, depth

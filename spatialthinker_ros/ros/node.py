@@ -485,20 +485,22 @@ class SpatialThinkerNode(LifecycleNode):
         if camera is None:
             raise RequestFailed(Error.ERROR_UNKNOWN_CAMERA,
                                 f"unknown camera {clip(name)!r}; configured: {', '.join(names)}")
+        max_age = request.max_image_age
+        if not math.isfinite(max_age) or max_age < 0:
+            raise RequestFailed(Error.ERROR_INVALID_REQUEST, f"max_image_age must be >= 0, not {max_age}")
+        max_age = max_age or self._param("max_image_age")
+        now = self._now()
         depth = None
-        if self._param("use_depth"):
-            frame, depth = camera.newest_paired(self._param("depth_sync_tolerance"))
+        if self._param("use_depth"):   # an older frame with depth only while it is fresh enough itself
+            oldest = now - max_age if max_age > 0 else -math.inf
+            frame, depth = camera.newest_paired(self._param("depth_sync_tolerance"), oldest)
         else:
             frame = camera.colour
         if frame is None:
             transport = "image/compressed" if self._param("image_transport") == "compressed" else "image"
             topic = self.resolve_topic_name(f"{topic_prefix(name)}{transport}")
             raise RequestFailed(Error.ERROR_NO_IMAGE, f"camera {name!r} has not delivered a frame yet on {topic}")
-        max_age = request.max_image_age
-        if not math.isfinite(max_age) or max_age < 0:
-            raise RequestFailed(Error.ERROR_INVALID_REQUEST, f"max_image_age must be >= 0, not {max_age}")
-        max_age = max_age or self._param("max_image_age")
-        age = self._now() - frame.time
+        age = now - frame.time
         if max_age > 0 and age > max_age:
             raise RequestFailed(Error.ERROR_STALE_IMAGE,
                                 f"latest frame of camera {name!r} is {age:.2f} s old (limit {max_age:.2f} s)")

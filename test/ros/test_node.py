@@ -178,6 +178,20 @@ def test_depth_one_frame_late_still_pairs_with_the_frame_before(spawn, client, c
         spin_until(client.node, lambda: False, 0.05)
 
 
+def test_a_fresh_frame_without_depth_is_preferred_to_a_stale_one_with_depth(spawn, client, camera, replay_file):
+    """Slow camera (2 Hz), depth one frame late, max_image_age 0.7 s: the frame before the newest is often too old,
+    so the answer uses the newest frame without 3D rather than failing as stale."""
+    camera(rate_hz=2.0, depth_m=np.full((480, 640), 2.0, np.float32), k=K, depth_lags=True)
+    proc = spawn(node_args(**replay_params(replay_file, max_image_age=0.7)), name="node")
+    assert client.ask_until_ready(proc, question=QUESTION, options=OPTIONS).success
+    responses = []
+    for _ in range(8):
+        responses.append(client.ask(question=QUESTION, options=OPTIONS))
+        spin_until(client.node, lambda: False, 0.15)
+    assert all(r.success for r in responses), [r.message for r in responses if not r.success]
+    assert not all(r.answer.scene_graph.objects[0].has_position for r in responses), "some on the newest frame"
+
+
 def test_action_feedback_stages_and_early_scene_graph(spawn, client, camera, replay_file):
     camera()
     proc = spawn(node_args(**replay_params(replay_file)), name="node")
