@@ -38,6 +38,8 @@ from typing import Any, Callable, Optional, Sequence
 import cv2
 import numpy as np
 
+from spatialthinker_ros.launch_config import parameter_arguments
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
 REAL_MODEL_COMMAND = "make demo MODEL=OX-PIXL/SpatialThinker-7B DEVICE=cuda"
 CAMERA_RATE_HZ = 10.0
@@ -142,12 +144,7 @@ def node_command(node_name: str, params: dict[str, Any]) -> list[str]:
         command = [shutil.which("spatialthinker_node")]
     else:
         command = [sys.executable, "-m", "spatialthinker_ros.ros.node"]
-    command += ["--ros-args", "-r", f"__node:={node_name}"]
-    for name, value in params.items():
-        if isinstance(value, bool):
-            value = str(value).lower()
-        command += ["-p", f"{name}:={value}"]
-    return command
+    return command + ["--ros-args", "-r", f"__node:={node_name}", *parameter_arguments(params)]
 
 
 class NodeProcess:

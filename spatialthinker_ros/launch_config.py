@@ -64,6 +64,18 @@ def node_launch(values: dict[str, str], share_dir: Path) -> NodeLaunch:
     )
 
 
+def parameter_arguments(params: dict[str, object]) -> list[str]:
+    """`-p name:=value` for each parameter, the value written as ROS parameter YAML (true/false, [a,b])."""
+    args = []
+    for name, value in params.items():
+        if isinstance(value, bool):
+            value = str(value).lower()
+        elif isinstance(value, (list, tuple)):
+            value = "[" + ",".join(str(v) for v in value) + "]"
+        args += ["-p", f"{name}:={value}"]
+    return args
+
+
 def ros_arguments(launch: NodeLaunch) -> list[str]:
     """The same node started without `launch`: the --ros-args a launch_ros Node would pass."""
     args = ["--ros-args", "-r", f"__node:={launch.name}"]

@@ -5,7 +5,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from rosutil import Process, new_context  # noqa: E402
+from rosutil import FramePublisher, Process, new_context  # noqa: E402
 
 
 @pytest.fixture
@@ -28,3 +28,10 @@ def spawn(tmp_path):
     yield _spawn
     for proc in reversed(started):
         proc.stop()
+
+
+@pytest.fixture
+def frames(ros_context):
+    publisher = FramePublisher(ros_context)
+    yield publisher
+    publisher.close()

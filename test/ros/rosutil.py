@@ -91,20 +91,16 @@ import numpy as np  # noqa: E402
 from rclpy.node import Node  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image  # noqa: E402
+from std_msgs.msg import Header  # noqa: E402
+
+from spatialthinker_ros.launch_config import parameter_arguments  # noqa: E402
 
 NODE_EXECUTABLE = str(VENV_BIN / "spatialthinker_node")
 
 
 def node_args(**params) -> list[str]:
     """spatialthinker_node command line with -p name:=value for each parameter (lists as YAML)."""
-    args = [NODE_EXECUTABLE, "--ros-args"]
-    for name, value in params.items():
-        if isinstance(value, bool):
-            value = str(value).lower()
-        elif isinstance(value, (list, tuple)):
-            value = "[" + ",".join(str(v) for v in value) + "]"
-        args += ["-p", f"{name}:={value}"]
-    return args
+    return [NODE_EXECUTABLE, "--ros-args", *parameter_arguments(params)]
 
 
 def pattern_image(width: int, height: int) -> np.ndarray:
@@ -177,4 +173,42 @@ class CameraStreamer:
     def close(self) -> None:
         self.executor.shutdown(timeout_sec=2.0)
         self.thread.join(timeout=5.0)
+        self.node.destroy_node()
+
+
+class FramePublisher:
+    """Publishes, at `rate_hz` from its own thread, whatever each topic's maker returns (None: nothing)."""
+
+    def __init__(self, context, rate_hz: float = 30.0):
+        self.node = Node(f"bad_camera_{id(self)}", context=context)
+        self._lock = threading.Lock()
+        self._makers: dict[str, Callable[[Header], Optional[object]]] = {}
+        self._publishers: dict[str, object] = {}
+        self.published: dict[str, int] = {}
+        self.node.create_timer(1.0 / rate_hz, self._tick)
+        self._executor = SingleThreadedExecutor(context=context)
+        self._executor.add_node(self.node)
+        self._thread = threading.Thread(target=self._executor.spin, daemon=True)
+        self._thread.start()
+
+    def set(self, topic: str, msg_type, maker: Callable[[Header], Optional[object]]) -> None:
+        with self._lock:
+            if topic not in self._publishers:
+                self._publishers[topic] = self.node.create_publisher(msg_type, topic, qos_profile_sensor_data)
+            self._makers[topic] = maker
+            self.published[topic] = 0
+
+    def _tick(self) -> None:
+        stamp = self.node.get_clock().now().to_msg()
+        with self._lock:
+            makers = list(self._makers.items())
+        for topic, maker in makers:
+            msg = maker(Header(stamp=stamp, frame_id="camera_optical"))
+            if msg is not None:
+                self._publishers[topic].publish(msg)
+                self.published[topic] += 1
+
+    def close(self) -> None:
+        self._executor.shutdown(timeout_sec=2.0)
+        self._thread.join(timeout=5.0)
         self.node.destroy_node()

@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import itertools
 import json
-import threading
 import time
-from typing import Callable, Optional
 
 import cv2
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from rclpy.executors import SingleThreadedExecutor
-from rclpy.node import Node
-from rclpy.qos import QoSProfile, qos_profile_sensor_data
+from rclpy.qos import QoSProfile
 from rosutil import CameraStreamer, Process, new_context, node_args, pattern_image, spin_until
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header
@@ -229,51 +225,6 @@ def test_the_fuzzed_node_still_answers_and_logged_no_internal_error(fuzz):
 
 
 # ----------------------------------------------------------------------------- bad camera data
-
-
-class FramePublisher:
-    """Publishes, at `rate_hz` from its own thread, whatever each topic's maker returns (None: nothing)."""
-
-    def __init__(self, context, rate_hz: float = 30.0):
-        self.node = Node(f"bad_camera_{id(self)}", context=context)
-        self._lock = threading.Lock()
-        self._makers: dict[str, Callable[[Header], Optional[object]]] = {}
-        self._publishers: dict[str, object] = {}
-        self.published: dict[str, int] = {}
-        self.node.create_timer(1.0 / rate_hz, self._tick)
-        self._executor = SingleThreadedExecutor(context=context)
-        self._executor.add_node(self.node)
-        self._thread = threading.Thread(target=self._executor.spin, daemon=True)
-        self._thread.start()
-
-    def set(self, topic: str, msg_type, maker: Callable[[Header], Optional[object]]) -> None:
-        with self._lock:
-            if topic not in self._publishers:
-                self._publishers[topic] = self.node.create_publisher(msg_type, topic, qos_profile_sensor_data)
-            self._makers[topic] = maker
-            self.published[topic] = 0
-
-    def _tick(self) -> None:
-        stamp = self.node.get_clock().now().to_msg()
-        with self._lock:
-            makers = list(self._makers.items())
-        for topic, maker in makers:
-            msg = maker(Header(stamp=stamp, frame_id="camera_optical"))
-            if msg is not None:
-                self._publishers[topic].publish(msg)
-                self.published[topic] += 1
-
-    def close(self) -> None:
-        self._executor.shutdown(timeout_sec=2.0)
-        self._thread.join(timeout=5.0)
-        self.node.destroy_node()
-
-
-@pytest.fixture
-def frames(ros_context):
-    publisher = FramePublisher(ros_context)
-    yield publisher
-    publisher.close()
 
 
 def colour(width=320, height=240):
