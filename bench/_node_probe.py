@@ -1,0 +1,57 @@
+"""spatialthinker_node's own main(), plus a read-only probe: the colour frames each camera has received.
+
+    python bench/_node_probe.py STATUS_FILE --ros-args -p ...
+
+Runs `spatialthinker_ros.ros.node.main` unchanged (with --events-executor first: rclpy's experimental
+EventsExecutor instead of the SingleThreadedExecutor, to measure that change without making it). On SIGUSR1 (sent by the benchmark at window boundaries, a few
+times per run) it writes CameraInput.frames_received to STATUS_FILE; nothing runs periodically in the node, so
+its CPU figure is its own. Without it the benchmark could not tell whether the node received as many frames as
+the bare subscriber it is compared with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from spatialthinker_ros.ros import node as node_module
+
+
+def main() -> int:
+    status = Path(sys.argv[1])
+    ros_args = sys.argv[2:]
+    events = bool(ros_args) and ros_args[0] == "--events-executor"
+    if events:   # an experiment, not the product: what rclpy's C++ EventsExecutor would cost instead
+        from rclpy.experimental import EventsExecutor
+
+        ros_args = ros_args[1:]
+        node_module.SingleThreadedExecutor = lambda: EventsExecutor()
+    created = []
+
+    class ProbedNode(node_module.SpatialThinkerNode):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            created.append(self)
+
+    seq = [0]
+
+    def write_status(*_) -> None:      # a signal handler: runs on the main (executor) thread, between callbacks
+        seq[0] += 1
+        cameras = dict(getattr(created[0], "_cameras", {})) if created else {}
+        counts = {f"{name}_colour": camera.frames_received for name, camera in cameras.items()}
+        counts.update({f"{name}_dropped": camera.frames_dropped for name, camera in cameras.items()})
+        tmp = status.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "time": time.time(), "seq": seq[0], **counts}))
+        tmp.replace(status)
+
+    node_module.SpatialThinkerNode = ProbedNode
+    signal.signal(signal.SIGUSR1, write_status)
+    return node_module.main(args=[sys.argv[0], *ros_args])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Helper processes for the ROS benchmarks, each started by a bench script as its own process.
+
+    publisher   a camera driver: colour (rgb8 or JPEG) + 16UC1 depth + CameraInfo at a fixed rate, sensor data QoS
+    subscriber  the bare-rclpy reference: subscribes to the same topics with the node's QoS and keeps the latest
+    floor       a bare AskSpatial server that answers at once, plus an Image echo (ping -> pong) for round trips
+
+Each writes a small JSON status file about once a second (counts), so the parent can see it is working without
+joining the ROS graph. The parent sets the isolation environment (bench/_common.isolate_ros) before starting it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import rclpy
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+from std_msgs.msg import Header
+
+# What spatialthinker_node subscribes with (node.py, _create_camera_inputs): keep last 1, best effort.
+CAMERA_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT, history=HistoryPolicy.KEEP_LAST)
+# What camera drivers publish with (sensor data QoS: best effort, keep last 5).
+DRIVER_QOS = QoSProfile(depth=5, reliability=ReliabilityPolicy.BEST_EFFORT, history=HistoryPolicy.KEEP_LAST)
+
+
+def camera_image(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A frame with structure and mild sensor noise, so JPEG sizes resemble a real camera's (not a flat image)."""
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x * 255 // max(1, width - 1), y * 255 // max(1, height - 1),
+                    ((x // 48 + y // 48) % 2) * 200 + 20], axis=-1).astype(np.int16)
+    rgb += np.random.default_rng(seed).integers(-6, 7, rgb.shape, dtype=np.int16)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def jpeg_bytes(rgb: np.ndarray, quality: int = 90) -> bytes:
+    import cv2
+
+    ok, data = cv2.imencode(".jpg", rgb[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok
+    return data.tobytes()
+
+
+def parse_cameras(spec: str) -> list[tuple[str, int, int]]:
+    """"default:1920x1080,small:640x480" -> [(name, width, height), ...]."""
+    cameras = []
+    for item in spec.split(","):
+        name, size = item.split(":")
+        width, height = (int(v) for v in size.split("x"))
+        cameras.append((name, width, height))
+    return cameras
+
+
+def prefix(camera: str) -> str:
+    return "" if camera == "default" else f"{camera}/"
+
+
+class Status:
+    def __init__(self, path: str):
+        self.path = Path(path)
+        self.counts: dict[str, int] = {}
+        self._last = 0.0
+
+    def bump(self, key: str) -> None:
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def write(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last >= 0.5:
+            self._last = now
+            write_status(self.path, self.counts)
+
+    def write_on_signal(self) -> None:
+        """Write only when the parent sends SIGUSR1 (no periodic file writes inside a measured process)."""
+        self.seq = 0
+
+        def handler(*_):
+            self.seq += 1
+            write_status(self.path, {**self.counts, "seq": self.seq})
+        signal.signal(signal.SIGUSR1, handler)
+
+
+def write_status(path: Path, counts: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "time": time.time(), **counts}))
+    tmp.replace(path)
+
+
+def run_publisher(args) -> None:
+    node = Node("bench_camera")
+    status = Status(args.status)
+    streams = []
+    for name, width, height in parse_cameras(args.cameras):
+        rgb = camera_image(width, height)
+        if args.compressed:
+            colour = CompressedImage(format="jpeg", data=jpeg_bytes(rgb))
+            colour_pub = node.create_publisher(CompressedImage, f"{prefix(name)}image/compressed", DRIVER_QOS)
+            status.counts[f"{name}_jpeg_bytes"] = len(colour.data)
+        else:
+            colour = Image(height=height, width=width, encoding="rgb8", step=width * 3)
+            colour.data = rgb.tobytes()   # bytes, not an ndarray: the ndarray path is ~100x slower in rclpy
+            colour_pub = node.create_publisher(Image, f"{prefix(name)}image", DRIVER_QOS)
+        depth = info = depth_pub = info_pub = None
+        if args.depth:
+            # depth registered to the colour image, at the colour size or a smaller one of the same aspect
+            dw, dh = (int(v) for v in args.depth_size.split("x")) if args.depth_size else (width, height)
+            depth = Image(height=dh, width=dw, encoding="16UC1", step=dw * 2)
+            depth.data = np.full((dh, dw), 2000, np.uint16).tobytes()     # 2 m everywhere, millimetres
+            f = 600.0 * dw / width
+            info = CameraInfo(width=dw, height=dh, k=[f, 0.0, dw / 2, 0.0, f, dh / 2, 0.0, 0.0, 1.0])
+            depth_pub = node.create_publisher(Image, f"{prefix(name)}depth", DRIVER_QOS)
+            info_pub = node.create_publisher(CameraInfo, f"{prefix(name)}camera_info", DRIVER_QOS)
+        streams.append((name, colour, colour_pub, depth, depth_pub, info, info_pub))
+
+    def tick() -> None:
+        header = Header(stamp=node.get_clock().now().to_msg(), frame_id="camera_color_optical_frame")
+        for name, colour, colour_pub, depth, depth_pub, info, info_pub in streams:
+            colour.header = header
+            colour_pub.publish(colour)
+            if depth is not None:
+                depth.header = header
+                info.header = header
+                depth_pub.publish(depth)
+                info_pub.publish(info)
+            status.bump(f"{name}_published")
+        status.write()
+
+    node.create_timer(1.0 / args.rate, tick)
+    spin(node, status)
+
+
+def run_subscriber(args) -> None:
+    """The reference: what receiving the stream costs a bare rclpy process with the node's subscriptions."""
+    node = Node("bench_bare_subscriber")
+    status = Status(args.status)
+    status.write_on_signal()
+    latest = {}
+
+    def keep(key: str):
+        def callback(msg) -> None:
+            latest[key] = msg          # keep a reference, as the node's cameras do
+            status.counts[key] = status.counts.get(key, 0) + 1
+        return callback
+
+    for name, _, _ in parse_cameras(args.cameras):
+        if args.compressed:
+            node.create_subscription(CompressedImage, f"{prefix(name)}image/compressed", keep(f"{name}_colour"),
+                                     CAMERA_QOS)
+        else:
+            node.create_subscription(Image, f"{prefix(name)}image", keep(f"{name}_colour"), CAMERA_QOS)
+        if args.depth:
+            node.create_subscription(Image, f"{prefix(name)}depth", keep(f"{name}_depth"), CAMERA_QOS)
+            node.create_subscription(CameraInfo, f"{prefix(name)}camera_info", keep(f"{name}_info"), CAMERA_QOS)
+    spin(node, status)
+
+
+def run_floor(args) -> None:
+    """A bare AskSpatial server (the same service type and request bytes as the node, answered empty at once)
+    and an Image echo over topics (ping -> pong, reliable)."""
+    from spatialthinker_ros.srv import AskSpatial
+
+    node = Node("bench_floor")
+    status = Status(args.status)
+
+    def answer(request, response):
+        status.bump("asked")
+        return response
+
+    node.create_service(AskSpatial, "/bench_floor/ask", answer, qos_profile=QoSProfile(depth=100))
+    reliable = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
+    pong = node.create_publisher(Image, "/bench_echo/pong", reliable)
+
+    def echo(msg: Image) -> None:
+        status.bump("echoed")
+        pong.publish(msg)
+
+    node.create_subscription(Image, "/bench_echo/ping", echo, reliable)
+    status.write(force=True)
+    spin(node, status)
+
+
+def spin(node: Node, status: Status) -> None:
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    status.write(force=True)
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        status.write(force=True)
+        executor.shutdown(timeout_sec=2.0)
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("role", choices=("publisher", "subscriber", "floor"))
+    parser.add_argument("--status", required=True, help="JSON status file written about once a second")
+    parser.add_argument("--cameras", default="default:1920x1080", help="name:WIDTHxHEIGHT[,name:WxH...]")
+    parser.add_argument("--rate", type=float, default=30.0)
+    parser.add_argument("--compressed", action="store_true", help="JPEG colour on <cam>/image/compressed")
+    parser.add_argument("--depth-size", help="WIDTHxHEIGHT of depth + CameraInfo (default: the colour size)")
+    parser.add_argument("--no-depth", dest="depth", action="store_false", help="no depth or CameraInfo")
+    args = parser.parse_args(argv)
+    if os.environ.get("ROS_AUTOMATIC_DISCOVERY_RANGE") != "LOCALHOST":
+        sys.exit("refusing to run without ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST (start it from a bench script)")
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    rclpy.init()
+    {"publisher": run_publisher, "subscriber": run_subscriber, "floor": run_floor}[args.role](args)
+
+
+if __name__ == "__main__":
+    main()

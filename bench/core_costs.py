@@ -1,0 +1,129 @@
+"""Per-answer CPU cost of what the product adds around the model: parsing, geometry, conversions, messages.
+
+    .venv/bin/python bench/core_costs.py
+    .venv/bin/python bench/core_costs.py --quick        # a few iterations (the smoke test uses it)
+    PYTHONPATH=. python bench/core_costs.py             # on a machine without ROS: the message rows are skipped
+
+Microbenchmarks (timeit, best of --repeat runs of an auto-sized loop) on the model card's example answer with
+boxes in a 1920x1080 image, a 1920x1080 16UC1 depth frame and its intrinsics. The reference is json.loads of
+the same scene JSON, timed in the same run: the ratio says what parsing costs beyond reading the JSON itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import timeit
+
+import numpy as np
+
+from _common import machine, table, write_results
+
+from spatialthinker_ros.core.geometry import CameraIntrinsics, depth_to_metres, map_scene  # noqa: E402
+from spatialthinker_ros.core.parsing import parse_response, scene_text_complete  # noqa: E402
+from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, prepare_request  # noqa: E402
+from spatialthinker_ros.core.types import InferenceRequest, InferenceResult  # noqa: E402
+
+WIDTH, HEIGHT = 1920, 1080
+OPTIONS = ["on top of", "in front of", "behind", "beside"]
+QUESTION = "Where is the cat relative to the couch?"
+# The model card's example answer, boxes scaled to a 1920x1080 prompt image.
+RESPONSE = (
+    "<observe>\nThe image shows a living room with a couch, a coffee table, and a cat sitting on the floor.\n"
+    "</observe>\n<scene>\n{\n  \"objects\": [\n    {\"id\": \"couch.1\", \"bbox\": [150, 225, 1200, 788]},\n"
+    "    {\"id\": \"cat.1\", \"bbox\": [600, 675, 840, 900]},\n    {\"id\": \"table.1\", \"bbox\": [450, 563, 1050, 720]}\n"
+    "  ],\n  \"relationships\": [\n    {\"subject\": \"cat.1\", \"predicate\": \"in front of\", \"object\": \"couch.1\"},\n"
+    "    {\"subject\": \"cat.1\", \"predicate\": \"beside\", \"object\": \"table.1\"}\n  ]\n}\n</scene>\n<think>\n"
+    "Looking at the scene graph, the cat is positioned in front of the couch and beside the coffee table. The "
+    "bounding box coordinates show the cat is at y=675-900 while the couch extends to y=788, confirming the cat "
+    "is on the floor in front of the couch.\n</think>\n<answer> (B) in front of the couch </answer>"
+)
+SCENE_JSON = re.search(r"<scene>(.*?)</scene>", RESPONSE, re.DOTALL).group(1)
+# The same answer as a model might break it: single quotes and a trailing comma (json_repair's path).
+BROKEN = RESPONSE.replace('"', "'").replace("]\n}", "],\n}")
+
+
+def per_call_us(fn, repeat: int, min_time: float) -> float:
+    timer = timeit.Timer(fn)
+    number = 1
+    while True:   # auto-size the loop to about min_time seconds
+        if timer.timeit(number) >= min_time:
+            break
+        number *= 4
+    return min(timer.repeat(repeat=repeat, number=number)) / number * 1e6
+
+
+def cases() -> dict:
+    rgb = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
+    depth_mm = np.full((HEIGHT, WIDTH), 2000, np.uint16)
+    depth_mm[::7, ::5] = 0                                           # some invalid readings
+    depth_m = depth_to_metres(depth_mm, "16UC1")
+    k = CameraIntrinsics(fx=1000.0, fy=1000.0, cx=959.5, cy=539.5, width=WIDTH, height=HEIGHT)
+    request = InferenceRequest(image=rgb, prompt="", question=QUESTION)
+    inference = InferenceResult(text=RESPONSE)
+    parsed = parse_response(RESPONSE, OPTIONS, image_size=(WIDTH, HEIGHT))
+    assert parsed.status.name == "COMPLETE" and len(parsed.scene.objects) == 3, parsed
+    small = prepare_request(rgb, QUESTION, OPTIONS, PipelineConfig(max_input_pixels=1003520))
+    c = {
+        "json.loads(scene JSON) [reference]": lambda: json.loads(SCENE_JSON),
+        "parse_response (full answer)": lambda: parse_response(RESPONSE, OPTIONS, image_size=(WIDTH, HEIGHT)),
+        "parse_response (scene only)": lambda: parse_response(RESPONSE, OPTIONS, image_size=(WIDTH, HEIGHT),
+                                                              scene_only=True),
+        "parse_response (repaired JSON)": lambda: parse_response(BROKEN, OPTIONS, image_size=(WIDTH, HEIGHT)),
+        "scene_text_complete (per streamed chunk)": lambda: scene_text_complete(RESPONSE),
+        "map_scene (3 boxes, 1332x749 -> 1080p)": lambda: map_scene(
+            parsed.scene.__class__(objects=parsed.scene.objects, relations=parsed.scene.relations,
+                                   image_size=small.image.shape[1::-1]), (WIDTH, HEIGHT)),
+        "depth 16UC1 1080p -> metres": lambda: depth_to_metres(depth_mm, "16UC1"),
+        "finish_result, no depth": lambda: finish_result(request, inference, OPTIONS, camera_size=(WIDTH, HEIGHT)),
+        "finish_result + 3D lift (1080p depth)": lambda: finish_result(request, inference, OPTIONS,
+                                                                       camera_size=(WIDTH, HEIGHT), depth_m=depth_m,
+                                                                       intrinsics=k),
+        "prepare_request 1080p (prompt, no resize)": lambda: prepare_request(rgb, QUESTION, OPTIONS, PipelineConfig()),
+        "prepare_request 1080p -> 1 MP (resize)": lambda: prepare_request(rgb, QUESTION, OPTIONS,
+                                                                         PipelineConfig(max_input_pixels=1003520)),
+    }
+    try:   # message building needs the ROS message types (absent on a GPU server without ROS)
+        from std_msgs.msg import Header
+
+        from spatialthinker_ros.ros.conversions import spatial_answer_msg
+        from spatialthinker_ros.ros.visualization import scene_markers
+
+        result = finish_result(request, inference, OPTIONS, camera_size=(WIDTH, HEIGHT), depth_m=depth_m,
+                               intrinsics=k)
+        header = Header(frame_id="camera_color_optical_frame")
+        c["SpatialAnswer message"] = lambda: spatial_answer_msg(result, header, "id", "cam", QUESTION, OPTIONS)
+        c["MarkerArray (3 objects, 2 relations)"] = lambda: scene_markers(result.parsed.scene, header, 5.0)
+    except ImportError as exc:
+        print(f"[core_costs] no ROS message types here ({exc}); message rows skipped", file=sys.stderr)
+    return c
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--min-time", type=float, default=0.2, help="seconds per timed loop")
+    parser.add_argument("--quick", action="store_true", help="--repeat 1 --min-time 0.01")
+    parser.add_argument("--json", help="result file (default bench/results/core_costs.json)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeat, args.min_time = 1, 0.01
+    timings = {name: per_call_us(fn, args.repeat, args.min_time) for name, fn in cases().items()}
+    reference = timings["json.loads(scene JSON) [reference]"]
+    rows = [[name, f"{us:.1f}", f"{us / reference:.1f}x"] for name, us in timings.items()]
+    print(f"\ncore costs per call, {machine()} (best of {args.repeat}; ratio to json.loads of the same scene JSON)")
+    print(table(rows, ["step", "us", "vs json.loads"]))
+    per_answer = (timings["finish_result + 3D lift (1080p depth)"] + timings["depth 16UC1 1080p -> metres"]
+                  + timings.get("SpatialAnswer message", 0.0) + timings.get("MarkerArray (3 objects, 2 relations)", 0.0))
+    print(f"\nper answer at 1080p with depth (depth conversion + parse + boxes + 3D + messages): {per_answer / 1000:.2f} ms")
+    path = write_results("core_costs", {"args": vars(args), "us_per_call": timings,
+                                        "ratio_to_json_loads": {n: us / reference for n, us in timings.items()},
+                                        "per_answer_ms": per_answer / 1000}, args.json)
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The benchmark scripts run end to end and report sane figures (bench/; not timed tests: no speed is asserted)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def _run(script: str, *args: str, timeout: float) -> None:
+    result = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                            timeout=timeout, env=os.environ.copy())
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+
+
+@pytest.mark.timeout(60)
+def test_core_costs_reports_a_finite_cost_for_every_step(tmp_path: Path):
+    out = tmp_path / "core_costs.json"
+    _run("core_costs.py", "--quick", "--json", str(out), timeout=50)
+    report = json.loads(out.read_text())
+    timings = report["us_per_call"]
+    assert {"json.loads(scene JSON) [reference]", "parse_response (full answer)", "depth 16UC1 1080p -> metres",
+            "finish_result + 3D lift (1080p depth)", "SpatialAnswer message"} <= set(timings)
+    assert all(math.isfinite(us) and us > 0 for us in timings.values())
+    assert report["ratio_to_json_loads"]["json.loads(scene JSON) [reference]"] == 1.0
+    assert 0 < report["per_answer_ms"] < 1000
+
+
+@pytest.mark.timeout(120)
+def test_gpu_latency_tiny_runs_both_paths_on_the_same_prompt_with_forced_lengths(tmp_path: Path):
+    out = tmp_path / "gpu_latency.json"
+    _run("gpu_latency.py", "--tiny", "--new-tokens", "8", "--repeats", "1", "--warmup", "0", "--batch", "2",
+         "--short-answer", "--large-size", "", "--json", str(out), timeout=110)
+    report = json.loads(out.read_text())
+    assert report["plumbing_check_only"] is True and report["device"] == "cpu"
+    size = report["sizes"]["640x480"]
+    assert size["same_prompt_text"] is True                     # the card's prompt and ours are the same text
+    assert size["card_tokens"] == size["ours_tokens"] == 8      # forced length honoured on both paths
+    assert size["card_prompt_tokens"] == size["ours_prompt_tokens"] > 391   # 391 image tokens + the text
+    assert all(math.isfinite(size[k]) and size[k] > 0 for k in ("card_s", "ours_s", "card_first_token_s"))
+    scene = report["scene_only"]
+    assert scene["forced_text_came_back"] and scene["scene_complete_in_scene_only_text"]
+    assert 0 < scene["scene_only_tokens"] < scene["full_tokens"]
+    assert report["batch"]["n"] == 2 and report["batch"]["batch_tokens_per_s"] > 0
+    assert report["decode_bytes_per_token"] < report["weight_bytes"]
