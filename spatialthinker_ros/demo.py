@@ -467,7 +467,7 @@ def disclaimer(model_label: str, tiny: bool, parts: Sequence[Part]) -> list[str]
         lines += ["Part 'replay' answers from a RECORDED, well-formed SpatialThinker response for the bundled image",
                   "(not computed live): the node still parses it, maps the boxes and lifts them to 3D from depth."]
     if tiny or "tiny_model" in names or not any(p.params.get("backend") == "transformers" for p in parts):
-        lines += [f"Real model (GPU with ~16 GB, weights from the hub): {REAL_MODEL_COMMAND}"]
+        lines += [f"Real model (GPU with ~17 GB, weights from the hub): {REAL_MODEL_COMMAND}"]
     return lines
 
 
