@@ -1,7 +1,9 @@
-"""A real OpenAI-compatible server for tests: `transformers serve` of a checkpoint on 127.0.0.1, stopped by pid."""
+"""OpenAI-compatible servers for tests: a real `transformers serve` of a checkpoint on 127.0.0.1, stopped by pid,
+and the response writing shared by the scripted servers that play the failures a healthy server never shows."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -9,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Optional
 
@@ -68,3 +71,28 @@ class TransformersServe:
             self.process.kill()
         if self.process is not None:
             self.process.wait(timeout=10)
+
+
+class ScriptedHandler(BaseHTTPRequestHandler):
+    """Base of a scripted HTTP server: JSON replies and server-sent events, no request logging."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _send(self, status: int, payload: bytes, content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def _events(self, events: list, pause_s: float = 0.0) -> None:
+        """Each event (a str as is, else JSON) as one `data:` line; `pause_s` between them."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for event in events:
+            data = event if isinstance(event, str) else json.dumps(event)
+            self.wfile.write(f"data: {data}\n\n".encode())
+            self.wfile.flush()
+            time.sleep(pause_s)

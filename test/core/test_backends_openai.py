@@ -5,13 +5,13 @@ import base64
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from transformers_serve import free_port
+from transformers_serve import ScriptedHandler, free_port
 
 from spatialthinker_ros.core.backends.base import GenerationConfig
 from spatialthinker_ros.core.backends.openai_backend import OpenAIBackend, OpenAIConfig, encode_image
@@ -89,11 +89,8 @@ def test_real_server_streams_growing_text_ending_with_the_result(tiny_server, ti
 # --- a scripted local server ----------------------------------------------------------------------------------
 
 
-class _Script(BaseHTTPRequestHandler):
+class _Script(ScriptedHandler):
     """The first path segment picks the behaviour: /{mode}/v1/chat/completions."""
-
-    def log_message(self, *args) -> None:
-        pass
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -103,23 +100,6 @@ class _Script(BaseHTTPRequestHandler):
             getattr(self, f"_{mode}")(body)
         except (BrokenPipeError, ConnectionResetError):   # the client gave up first, as some tests intend
             pass
-
-    def _send(self, status: int, payload: bytes, content_type: str = "application/json") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def _events(self, events: list, pause_s: float = 0.0) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.end_headers()
-        for event in events:
-            data = event if isinstance(event, str) else json.dumps(event)
-            self.wfile.write(f"data: {data}\n\n".encode())
-            self.wfile.flush()
-            time.sleep(pause_s)
 
     def _scene(self, body: dict) -> None:
         """A server that honours stop=["</scene>"] and, as the OpenAI API does, leaves the stop string out."""

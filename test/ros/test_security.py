@@ -15,13 +15,14 @@ import shutil
 import sys
 import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from rcl_interfaces.msg import Log, Parameter, ParameterEvent, ParameterType, ParameterValue
 from rcl_interfaces.srv import GetParameters, ListParameters, SetParameters
 from rclpy.qos import QoSProfile
+from transformers_serve import ScriptedHandler
 from rosutil import node_args, pattern_image, spin_future, spin_until
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header
@@ -90,11 +91,8 @@ def test_a_checkpoint_carrying_its_own_code_loads_without_running_it(spawn, clie
 # ----------------------------------------------------------------------------- the API key
 
 
-class _Server(BaseHTTPRequestHandler):
+class _Server(ScriptedHandler):
     """OpenAI-compatible enough: answers, or fails in ways that echo the Authorization header back."""
-
-    def log_message(self, *args) -> None:
-        pass
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -109,22 +107,10 @@ class _Server(BaseHTTPRequestHandler):
         if not body.get("stream"):
             choice = {"index": 0, "message": {"role": "assistant", "content": RESPONSE}, "finish_reason": "stop"}
             return self._send(200, json.dumps({"choices": [choice], "usage": usage}).encode())
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.end_headers()
         events = [{"choices": [{"index": 0, "delta": {"content": RESPONSE[i:i + 80]}}]}
                   for i in range(0, len(RESPONSE), 80)]
         events += [{"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}, {"choices": [], "usage": usage}]
-        for event in events:
-            self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
-        self.wfile.write(b"data: [DONE]\n\n")
-
-    def _send(self, status: int, payload: bytes, content_type: str = "application/json") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        self._events(events + ["[DONE]"])
 
 
 @pytest.fixture
