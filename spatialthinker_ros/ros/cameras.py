@@ -30,7 +30,7 @@ def topic_prefix(camera: str) -> str:
     return "" if camera == "default" else f"{camera}/"
 
 
-@dataclass
+@dataclass(eq=False)   # a frame is itself: comparing by value would compare whole images
 class Frame:
     msg: Union[Image, CompressedImage]
     stamp: float          # header stamp, seconds (ROS time)
