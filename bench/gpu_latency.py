@@ -93,7 +93,11 @@ Image size: {width} x {height}"""  # noqa: E501
 
 # ----------------------------------------------------------------------------------------------- our product
 def ours_answer(backend, rgb: np.ndarray, question: str = QUESTION, options=OPTIONS, scene_only: bool = False,
-                on_text=None):
+                on_text=None, keep_encodings: bool = False):
+    """One request. The backend forgets the images it encoded first (unless `keep_encodings`): the card's code
+    encodes every image, and a robot's camera sends a new frame for each question."""
+    if not keep_encodings:
+        backend._encoder.clear()
     request = prepare_request(rgb, question, options, PipelineConfig(), scene_only=scene_only, on_text=on_text)
     [result] = backend.generate([request])
     if isinstance(result, BackendError):
@@ -102,10 +106,12 @@ def ours_answer(backend, rgb: np.ndarray, question: str = QUESTION, options=OPTI
     return result, request
 
 
-def ours_batch(backend, rgb: np.ndarray, n: int):
-    requests = [prepare_request(rgb, q, [], PipelineConfig()) for q in (BATCH_QUESTIONS * 8)[:n]]
+def ours_batch(backend, frames: list[np.ndarray]):
+    """One question per frame, all in one generate; nothing encoded before counts."""
+    backend._encoder.clear()
+    requests = [prepare_request(rgb, q, [], PipelineConfig()) for rgb, q in zip(frames, BATCH_QUESTIONS * 8)]
     results = backend.generate(requests)
-    for request, result in zip(requests, results):
+    for rgb, request, result in zip(frames, requests, results):
         if isinstance(result, BackendError):
             raise RuntimeError(f"backend error: {result}")
         finish_result(request, result, [], camera_size=(rgb.shape[1], rgb.shape[0]))
@@ -177,6 +183,16 @@ class Clock:
         value = fn(*args, **kwargs)
         self.sync()
         return time.perf_counter() - started, value
+
+
+def frames_one_pixel_apart(rgb: np.ndarray, n: int) -> list[np.ndarray]:
+    """n frames that cost what `rgb` costs but cannot share an encoding: n cameras, or one camera over time."""
+    if not 1 <= n <= 255:
+        raise ValueError(f"1..255 frames, not {n}")
+    frames = [rgb.copy() for _ in range(n)]
+    for index, frame in enumerate(frames):
+        frame[0, 0, 0] ^= index + 1
+    return frames
 
 
 def camera_frame(width: int, height: int) -> np.ndarray:
@@ -417,7 +433,7 @@ def main(argv=None) -> int:
         if i >= args.warmup:
             single.append(seconds)
         set_attention(ours_model, ours_attention)
-        seconds, batch_results = clock.time(ours_batch, backend, rgb, args.batch)
+        seconds, batch_results = clock.time(ours_batch, backend, frames_one_pixel_apart(rgb, args.batch))
         if i >= args.warmup:
             batched.append(seconds)
     batch_tokens = sum(r.completion_tokens for r in batch_results)
@@ -426,6 +442,36 @@ def main(argv=None) -> int:
         "single_tokens_per_s": args.new_tokens / median(single), "batch_tokens_per_s": batch_tokens / median(batched),
         "throughput_ratio": (batch_tokens / median(batched)) / (args.new_tokens / median(single)),
         "latency_ratio": median(batched) / median(single), "peak_gib": peak_memory(device),
+    }
+
+    # ---- several questions about one frame: its encoding shared, against the same batch about distinct frames
+    log(f"{args.batch} questions about one frame vs about {args.batch} frames; a follow-up question ...")
+    one_frame, distinct = [rgb] * args.batch, frames_one_pixel_apart(rgb, args.batch)
+    shared_s, separate_s, encoded = [], [], []
+    for i in range(args.warmup + max(1, args.repeats // 2)):
+        for frames, samples in ((one_frame, shared_s), (distinct, separate_s)):
+            set_attention(ours_model, ours_attention)
+            before = backend._encoder.images_encoded
+            seconds, _ = clock.time(ours_batch, backend, frames)
+            if i >= args.warmup:
+                samples.append(seconds)
+                encoded.append(backend._encoder.images_encoded - before)
+    follow_up_s, new_frame_s = [], []
+    with Kwargs(backend, max_new_tokens=1, min_new_tokens=1):
+        for i in range(args.warmup + args.repeats):
+            run_ours(rgb)                                                   # the first question about the frame
+            seconds, _ = run_ours(rgb, question=BATCH_QUESTIONS[1], options=[], keep_encodings=True)
+            if i >= args.warmup:
+                follow_up_s.append(seconds)
+            seconds, _ = run_ours(distinct[1], question=BATCH_QUESTIONS[1], options=[], keep_encodings=True)
+            if i >= args.warmup:
+                new_frame_s.append(seconds)
+    results["one_frame"] = {
+        "n": args.batch, "shared_s": median(shared_s), "separate_s": median(separate_s),
+        "speedup": median(separate_s) / median(shared_s),
+        "images_encoded_shared": encoded[0], "images_encoded_separate": encoded[1],
+        "follow_up_first_token_s": median(follow_up_s), "new_frame_first_token_s": median(new_frame_s),
+        "follow_up_speedup": median(new_frame_s) / median(follow_up_s),
     }
 
     # ---- scene-only vs full answers, and time to scene (the action's early feedback), on a forced answer
@@ -469,7 +515,7 @@ def main(argv=None) -> int:
         else:
             compiled = TransformersBackend(TransformersConfig(model=str(Path.cwd()), device=device, attn_implementation=args.attn,
                                                               generation=generation, compile=True))
-        first, _ = clock.time(ours_answer, compiled, rgb)
+        first, _ = clock.time(ours_answer, compiled, rgb)   # each call forgets the frame: only decoding differs
         plain, static = [], []
         for _ in range(args.repeats):
             set_attention(ours_model, ours_attention)
@@ -527,6 +573,11 @@ def report(r: dict, args) -> None:
     print(f"batch of {b['n']} in one generate: {b['batch_s']:.3f} s vs one request {b['single_s']:.3f} s; "
           f"throughput {b['batch_tokens_per_s']:.1f} vs {b['single_tokens_per_s']:.1f} tok/s = {b['throughput_ratio']:.2f}x; "
           f"peak {b['peak_gib']:.2f} GiB")
+    o = r["one_frame"]
+    print(f"{o['n']} questions about one frame: {o['shared_s']:.3f} s ({o['images_encoded_shared']} image encoded) vs "
+          f"about {o['n']} frames {o['separate_s']:.3f} s ({o['images_encoded_separate']} encoded) = {o['speedup']:.2f}x; "
+          f"follow-up question's first token {1000 * o['follow_up_first_token_s']:.1f} ms vs a new frame's "
+          f"{1000 * o['new_frame_first_token_s']:.1f} ms ({o['follow_up_speedup']:.2f}x)")
     s = r["scene_only"]
     print(f"scene-only: {s['scene_only_tokens']} of {s['full_tokens']} tokens ({100 * s['tokens_saved_fraction']:.0f}% saved), "
           f"{s['scene_only_s']:.3f} s vs {s['full_s']:.3f} s ({s['time_saved_ratio']:.2f}x); streamed scene after "

@@ -3,6 +3,7 @@ the behaviours a healthy server does not show (stop strings, errors, slowness, k
 
 import base64
 import json
+import os
 import threading
 import time
 from http.server import ThreadingHTTPServer
@@ -227,6 +228,21 @@ def test_requests_of_one_call_are_sent_concurrently(script):
     assert [r.text for r in results] == [SCENE_OPEN] * 3
     with pytest.raises(ValueError, match="exceed max_batch_size 3"):
         backend.generate([_request()] * 4)
+
+
+def test_questions_about_one_frame_share_the_leading_bytes_a_prefix_cache_reuses(script):
+    """vLLM and SGLang cache the longest shared prefix (the image included): the frame must come first, sent as
+    the same bytes each time, with nothing that varies per request ahead of it."""
+    first, follow_up = _request(), _request()   # equal pixels, two arrays
+    follow_up.prompt = "Image size: 640 x 480\n\nIs the cup left of the plate?"
+    backend = script("scene")
+    backend.generate([first])
+    backend.generate([follow_up])
+    bodies = [json.dumps(seen["body"]["messages"]) for seen in script.seen]
+    shared = len(os.path.commonprefix(bodies))
+    image_url = script.seen[0]["body"]["messages"][0]["content"][0]["image_url"]["url"]
+    assert bodies[0].index(image_url) + len(image_url) < shared   # the whole image lies in the shared prefix
+    assert bodies[0][shared:].startswith("Where is the cup?")       # they differ only where the questions do
 
 
 def test_a_slow_server_times_out_within_the_bound(script):

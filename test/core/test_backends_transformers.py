@@ -144,6 +144,76 @@ def test_batch_of_three_sizes_in_one_generate_call_matches_each_alone(backend: T
         assert result.text == one.text      # left padding leaves greedy answers unchanged
 
 
+class _PatchCounter:
+    """Counts the patches the vision tower embeds: what encoding the images of a generate call cost."""
+
+    def __init__(self, backend: TransformersBackend):
+        self.patches = 0
+        self._handle = backend._model.model.visual.patch_embed.register_forward_hook(self._count)
+
+    def _count(self, module, args, output) -> None:
+        self.patches += args[0].shape[0]
+
+    def take(self) -> int:
+        patches, self.patches = self.patches, 0
+        return patches
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+@pytest.fixture
+def sharing_backend(tiny_checkpoint: Path):
+    """A backend of its own: what it has encoded before a test is part of what the test checks."""
+    backend = _backend(tiny_checkpoint, generation=GenerationConfig(max_new_tokens=16, min_new_tokens=16))
+    counter = _PatchCounter(backend)
+    yield backend, counter
+    counter.remove()
+    backend.close()
+
+
+def test_questions_about_one_frame_in_a_batch_encode_it_once(sharing_backend, monkeypatch):
+    backend, counter = sharing_backend
+    frame, other = _request(640, 480, seed=11).image, _request(640, 480, seed=12).image
+    requests = [
+        _request(640, 480, seed=11),
+        InferenceRequest(image=frame.copy(), prompt="Image size: 640 x 480\n\nIs the cup on the table?", question="q"),
+        InferenceRequest(image=other, prompt="Image size: 640 x 480\n\nHow many cups are there?", question="q"),
+    ]
+    patches_per_frame = 54 * 4   # 54 image tokens, each merged from 2x2 patches
+    # Before: every image told apart from every other, as if sharing did not exist
+    from spatialthinker_ros.core.backends import transformers_backend
+
+    unique = iter(range(10**6))
+    monkeypatch.setattr(transformers_backend, "_image_key", lambda image: str(next(unique)).encode())
+    separate = backend.generate(requests)
+    assert counter.take() == 3 * patches_per_frame
+    monkeypatch.undo()
+    backend._encoder.clear()
+
+    shared = backend.generate(requests)
+
+    assert counter.take() == 2 * patches_per_frame   # the frame and its copy share one encoding
+    assert [r.text for r in shared] == [r.text for r in separate]
+    assert [r.prompt_tokens for r in shared] == [r.prompt_tokens for r in separate]
+
+
+def test_a_follow_up_question_about_a_recent_frame_reuses_its_encoding(sharing_backend):
+    backend, counter = sharing_backend
+    request = _request(640, 480, seed=21)
+    [first] = backend.generate([request])
+    assert counter.take() == 54 * 4
+
+    [again] = backend.generate([_request(640, 480, seed=21)])     # equal pixels, another array
+    assert counter.take() == 0
+    assert again.text == first.text
+
+    backend.generate([_request(320, 240, seed=seed) for seed in range(30, 34)])   # four newer frames
+    counter.take()
+    backend.generate([_request(640, 480, seed=21)])
+    assert counter.take() == 54 * 4      # only the last four frames are kept
+
+
 def test_scene_only_row_stops_right_after_the_scene_while_full_row_goes_on(forced_backend: TransformersBackend):
     tokenizer = forced_backend._tokenizer
     forced_ids = tokenizer.encode(FORCED, add_special_tokens=False)

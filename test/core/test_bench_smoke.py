@@ -47,4 +47,6 @@ def test_gpu_latency_tiny_runs_both_paths_on_the_same_prompt_with_forced_lengths
     assert scene["forced_text_came_back"] and scene["scene_complete_in_scene_only_text"]
     assert 0 < scene["scene_only_tokens"] < scene["full_tokens"]
     assert report["batch"]["n"] == 2 and report["batch"]["batch_tokens_per_s"] > 0
+    one_frame = report["one_frame"]   # two questions about one frame encode it once; about two frames, twice
+    assert (one_frame["images_encoded_shared"], one_frame["images_encoded_separate"]) == (1, 2)
     assert report["decode_bytes_per_token"] < report["weight_bytes"]
