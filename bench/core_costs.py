@@ -21,7 +21,7 @@ import numpy as np
 
 from _common import machine, table, write_results
 
-from spatialthinker_ros.core.geometry import CameraIntrinsics, depth_to_metres, map_scene  # noqa: E402
+from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage, map_scene  # noqa: E402
 from spatialthinker_ros.core.parsing import parse_response, scene_text_complete  # noqa: E402
 from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, prepare_request  # noqa: E402
 from spatialthinker_ros.core.types import InferenceRequest, InferenceResult  # noqa: E402
@@ -59,7 +59,8 @@ def cases() -> dict:
     rgb = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
     depth_mm = np.full((HEIGHT, WIDTH), 2000, np.uint16)
     depth_mm[::7, ::5] = 0                                           # some invalid readings
-    depth_m = depth_to_metres(depth_mm, "16UC1")
+    depth = DepthImage.from_sensor(depth_mm, "16UC1")                 # what the node holds: a view, unconverted
+    converted = DepthImage.from_metres(depth.metres())                 # before: the whole frame converted first
     k = CameraIntrinsics(fx=1000.0, fy=1000.0, cx=959.5, cy=539.5, width=WIDTH, height=HEIGHT)
     request = InferenceRequest(image=rgb, prompt="", question=QUESTION)
     inference = InferenceResult(text=RESPONSE)
@@ -76,11 +77,13 @@ def cases() -> dict:
         "map_scene (3 boxes, 1332x749 -> 1080p)": lambda: map_scene(
             parsed.scene.__class__(objects=parsed.scene.objects, relations=parsed.scene.relations,
                                    image_size=small.image.shape[1::-1]), (WIDTH, HEIGHT)),
-        "depth 16UC1 1080p -> metres": lambda: depth_to_metres(depth_mm, "16UC1"),
+        "depth 16UC1 1080p -> metres, whole frame [before]": lambda: depth.metres(),
         "finish_result, no depth": lambda: finish_result(request, inference, OPTIONS, camera_size=(WIDTH, HEIGHT)),
         "finish_result + 3D lift (1080p depth)": lambda: finish_result(request, inference, OPTIONS,
-                                                                       camera_size=(WIDTH, HEIGHT), depth_m=depth_m,
+                                                                       camera_size=(WIDTH, HEIGHT), depth=depth,
                                                                        intrinsics=k),
+        "finish_result + 3D lift, depth already in metres [before]": lambda: finish_result(
+            request, inference, OPTIONS, camera_size=(WIDTH, HEIGHT), depth=converted, intrinsics=k),
         "prepare_request 1080p (prompt, no resize)": lambda: prepare_request(rgb, QUESTION, OPTIONS, PipelineConfig()),
         "prepare_request 1080p -> 1 MP (resize)": lambda: prepare_request(rgb, QUESTION, OPTIONS,
                                                                          PipelineConfig(max_input_pixels=1003520)),
@@ -91,7 +94,7 @@ def cases() -> dict:
         from spatialthinker_ros.ros.conversions import spatial_answer_msg
         from spatialthinker_ros.ros.visualization import scene_markers
 
-        result = finish_result(request, inference, OPTIONS, camera_size=(WIDTH, HEIGHT), depth_m=depth_m,
+        result = finish_result(request, inference, OPTIONS, camera_size=(WIDTH, HEIGHT), depth=depth,
                                intrinsics=k)
         header = Header(frame_id="camera_color_optical_frame")
         c["SpatialAnswer message"] = lambda: spatial_answer_msg(result, header, "id", "cam", QUESTION, OPTIONS)
@@ -115,12 +118,18 @@ def main(argv=None) -> int:
     rows = [[name, f"{us:.1f}", f"{us / reference:.1f}x"] for name, us in timings.items()]
     print(f"\ncore costs per call, {machine()} (best of {args.repeat}; ratio to json.loads of the same scene JSON)")
     print(table(rows, ["step", "us", "vs json.loads"]))
-    per_answer = (timings["finish_result + 3D lift (1080p depth)"] + timings["depth 16UC1 1080p -> metres"]
+    per_answer = (timings["finish_result + 3D lift (1080p depth)"]
                   + timings.get("SpatialAnswer message", 0.0) + timings.get("MarkerArray (3 objects, 2 relations)", 0.0))
-    print(f"\nper answer at 1080p with depth (depth conversion + parse + boxes + 3D + messages): {per_answer / 1000:.2f} ms")
+    print(f"\nper answer at 1080p with depth (parse + boxes + 3D + messages): {per_answer / 1000:.2f} ms")
+    lift = timings["finish_result + 3D lift (1080p depth)"]
+    before = (timings["depth 16UC1 1080p -> metres, whole frame [before]"]
+              + timings["finish_result + 3D lift, depth already in metres [before]"])
+    print(f"depth read in metres only inside the boxes: {lift / 1000:.2f} ms against {before / 1000:.2f} ms for "
+          f"converting the whole frame first ({before / lift:.1f}x)")
     path = write_results("core_costs", {"args": vars(args), "us_per_call": timings,
                                         "ratio_to_json_loads": {n: us / reference for n, us in timings.items()},
-                                        "per_answer_ms": per_answer / 1000}, args.json)
+                                        "per_answer_ms": per_answer / 1000,
+                                        "depth_in_boxes_ratio_to_whole_frame_first": before / lift}, args.json)
     print(f"results: {path}")
     return 0
 

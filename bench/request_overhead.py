@@ -127,7 +127,7 @@ def breakdown(width: int, height: int, repeats: int) -> dict:
 
     from spatialthinker_ros.core.backends.replay_backend import ReplayBackend, ReplayConfig
     from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, prepare_request
-    from spatialthinker_ros.ros.conversions import (depth_to_metres_array, image_to_rgb, intrinsics_from_camera_info,
+    from spatialthinker_ros.ros.conversions import (depth_image, image_to_rgb, intrinsics_from_camera_info,
                                                     spatial_answer_msg)
     from spatialthinker_ros.ros.visualization import scene_markers
 
@@ -147,7 +147,7 @@ def breakdown(width: int, height: int, repeats: int) -> dict:
         state["rgb"] = image_to_rgb(colour, limit)
 
     def convert_depth():
-        state["depth"] = depth_to_metres_array(depth, 0.001, limit)
+        state["depth"] = depth_image(depth, 0.001, limit)
         state["k"] = intrinsics_from_camera_info(info)
 
     def prepare():
@@ -158,7 +158,7 @@ def breakdown(width: int, height: int, repeats: int) -> dict:
 
     def finish():
         state["result"] = finish_result(state["request"], state["inference"], OPTIONS, camera_size=(width, height),
-                                        depth_m=state["depth"], intrinsics=state["k"], config=config)
+                                        depth=state["depth"], intrinsics=state["k"], config=config)
 
     def answer_msg():
         state["answer"] = spatial_answer_msg(state["result"], header, "x", "cam", QUESTION, OPTIONS)
@@ -172,7 +172,7 @@ def breakdown(width: int, height: int, repeats: int) -> dict:
     def request_from_bytes():
         deserialize_message(request_bytes, AskSpatial.Request)
 
-    steps = {"colour Image -> RGB": convert_colour, "depth + CameraInfo -> metres": convert_depth,
+    steps = {"colour Image -> RGB": convert_colour, "depth + CameraInfo (a view)": convert_depth,
              "prepare_request (prompt, resize)": prepare, "replay backend": generate,
              "finish_result (parse, boxes, 3D)": finish, "SpatialAnswer message": answer_msg,
              "MarkerArray": markers, "serialize the response": response_bytes,

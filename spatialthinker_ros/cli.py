@@ -26,7 +26,7 @@ import numpy as np
 
 from spatialthinker_ros.core.backends import BACKEND_NAMES, create_backend
 from spatialthinker_ros.core.backends.base import Backend, GenerationConfig
-from spatialthinker_ros.core.geometry import CameraIntrinsics, depth_to_metres
+from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage
 from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, prepare_request
 from spatialthinker_ros.core.prompt import STYLES, PromptConfig
 from spatialthinker_ros.core.types import (BackendError, BackendErrorKind, InferenceRequest, InferenceResult,
@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = backend_settings(args)
     rgb = read_image(args.image)
     height, width = rgb.shape[:2]
-    depth_m, intrinsics = read_depth_and_intrinsics(args, (width, height))
+    depth, intrinsics = read_depth_and_intrinsics(args, (width, height))
     if args.annotate is not None:
         check_writable_image(args.annotate)
     try:
@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         backend.close()
         raise
     backend.close()
-    result = finish_result(request, inference, args.options, camera_size=(width, height), depth_m=depth_m,
+    result = finish_result(request, inference, args.options, camera_size=(width, height), depth=depth,
                            intrinsics=intrinsics, config=config)
     if args.annotate is not None:
         write_annotated(args.annotate, rgb, result)
@@ -281,8 +281,8 @@ def read_image(path: Path) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def read_depth(path: Path, depth_scale: float) -> np.ndarray:
-    """Depth in metres (float32, NaN where invalid) from a 16-bit image or a .npy array."""
+def read_depth(path: Path, depth_scale: float) -> DepthImage:
+    """The depth of a 16-bit image (units of depth_scale metres) or a .npy array (float: metres)."""
     if path.suffix.lower() == ".npy":
         _read_bytes(path, "depth")
         try:
@@ -307,14 +307,14 @@ def read_depth(path: Path, depth_scale: float) -> np.ndarray:
     else:
         raise UsageError(f"depth file {path} has unsupported type {depth.dtype}")
     try:
-        return depth_to_metres(depth, encoding, depth_scale=depth_scale)
+        return DepthImage.from_sensor(depth, encoding, depth_scale=depth_scale)
     except ValueError as exc:
         raise UsageError(f"--depth-scale: {exc}") from None
 
 
 def read_depth_and_intrinsics(
     args: argparse.Namespace, image_size: tuple[int, int]
-) -> tuple[Optional[np.ndarray], Optional[CameraIntrinsics]]:
+) -> tuple[Optional[DepthImage], Optional[CameraIntrinsics]]:
     given = {name: getattr(args, name) for name in ("fx", "fy", "cx", "cy") if getattr(args, name) is not None}
     if args.depth is None:
         if given:
@@ -323,9 +323,9 @@ def read_depth_and_intrinsics(
     missing = [name for name in ("fx", "fy", "cx", "cy") if name not in given]
     if missing:
         raise UsageError(f"--depth needs the camera intrinsics: --{' --'.join(missing)} missing")
-    depth_m = read_depth(args.depth, args.depth_scale)
+    depth = read_depth(args.depth, args.depth_scale)
     width, height = image_size
-    depth_h, depth_w = depth_m.shape
+    depth_h, depth_w = depth.shape
     if abs(width / height - depth_w / depth_h) > ASPECT_TOLERANCE * width / height:
         raise UsageError(f"depth {depth_w}x{depth_h} does not have the aspect of image {width}x{height}: it must "
                          "be registered to the colour image (same field of view)")
@@ -334,7 +334,7 @@ def read_depth_and_intrinsics(
                                       width=width, height=height)
     except ValueError as exc:
         raise UsageError(exc) from None
-    return depth_m, intrinsics
+    return depth, intrinsics
 
 
 # ------------------------------------------------------------------------------------------------ outputs

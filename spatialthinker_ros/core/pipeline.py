@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence
 import cv2
 import numpy as np
 
-from spatialthinker_ros.core.geometry import CameraIntrinsics, lift_box, map_scene
+from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage, lift_box, map_scene
 from spatialthinker_ros.core.parsing import decide_status, parse_response
 from spatialthinker_ros.core.prompt import PromptConfig, build_prompt
 from spatialthinker_ros.core.types import (
@@ -92,13 +92,13 @@ def finish_result(
     result: InferenceResult,
     options: Sequence[str],
     camera_size: tuple[int, int],
-    depth_m: Optional[np.ndarray] = None,
+    depth: Optional[DepthImage] = None,
     intrinsics: Optional[CameraIntrinsics] = None,
     scene_only: Optional[bool] = None,
     config: PipelineConfig = PipelineConfig(),
 ) -> SpatialResult:
-    """The parsed answer with boxes in `camera_size` pixels and, given depth (metres, registered to the
-    camera image) and intrinsics, a 3D position per object. Geometry losses join the parse problems.
+    """The parsed answer with boxes in `camera_size` pixels and, given depth (registered to the camera
+    image) and intrinsics, a 3D position per object. Geometry losses join the parse problems.
 
     `scene_only` defaults to what the request asked; True also reads the scene from the streamed, partial
     text of a full request as soon as its scene is closed.
@@ -107,10 +107,10 @@ def finish_result(
     model_size = (request.image.shape[1], request.image.shape[0])
     parsed = parse_response(result.text, options, image_size=model_size, scene_only=scene_only)
     scene, problems = map_scene(parsed.scene, camera_size)
-    if depth_m is not None and intrinsics is None:
+    if depth is not None and intrinsics is None:
         problems.append("a depth image came without camera intrinsics: no 3D positions")
-    elif depth_m is not None:
-        scene, depth_problems = _lift_scene(scene, depth_m, intrinsics, config)
+    elif depth is not None:
+        scene, depth_problems = _lift_scene(scene, depth, intrinsics, config)
         problems.extend(depth_problems)
     lossy = parsed.status is not AnswerStatus.COMPLETE or bool(problems)
     parsed = replace(
@@ -132,12 +132,12 @@ def _check_image(image: np.ndarray) -> None:
 
 
 def _lift_scene(
-    scene: SceneGraph, depth_m: np.ndarray, intrinsics: CameraIntrinsics, config: PipelineConfig
+    scene: SceneGraph, depth: DepthImage, intrinsics: CameraIntrinsics, config: PipelineConfig
 ) -> tuple[SceneGraph, list[str]]:
     objects, no_depth = [], []
     for obj in scene.objects:
         position = lift_box(
-            obj.box, depth_m, intrinsics, scene.image_size,
+            obj.box, depth, intrinsics, scene.image_size,
             min_valid_fraction=config.min_valid_depth_fraction, max_depth=config.max_depth_m,
             shrink=config.depth_box_shrink,
         )

@@ -11,7 +11,7 @@ from builtin_interfaces.msg import Duration
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header
 
-from spatialthinker_ros.core.geometry import CameraIntrinsics, depth_to_metres
+from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage
 from spatialthinker_ros.core.types import SceneGraph, SpatialResult
 from spatialthinker_ros.msg import SceneGraph as SceneGraphMsg
 from spatialthinker_ros.msg import SceneObject as SceneObjectMsg
@@ -114,11 +114,11 @@ def compressed_to_rgb(msg: CompressedImage, max_pixels: int) -> np.ndarray:
     return cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
 
 
-def depth_to_metres_array(msg: Image, depth_scale: float, max_pixels: int) -> np.ndarray:
-    """16UC1 (depth_scale metres per unit) or 32FC1 (metres) -> float32 metres, NaN where invalid."""
+def depth_image(msg: Image, depth_scale: float, max_pixels: int) -> DepthImage:
+    """16UC1 (depth_scale metres per unit) or 32FC1 (metres), as a zero-copy view read in metres where used."""
     channels, dtype = check_image_layout(msg, DEPTH_ENCODINGS, max_pixels)
-    return depth_to_metres(_view(msg, channels, dtype)[:, :, 0], msg.encoding.upper().replace("MONO16", "16UC1"),
-                           depth_scale=depth_scale)
+    return DepthImage.from_sensor(_view(msg, channels, dtype)[:, :, 0],
+                                  msg.encoding.upper().replace("MONO16", "16UC1"), depth_scale=depth_scale)
 
 
 def intrinsics_from_camera_info(msg: CameraInfo) -> CameraIntrinsics:

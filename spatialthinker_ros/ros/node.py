@@ -38,6 +38,7 @@ from spatialthinker_ros.action import AskSpatial as AskSpatialAction
 from spatialthinker_ros.core.annotate import draw_scene
 from spatialthinker_ros.core.backends import create_backend
 from spatialthinker_ros.core.backends.base import GenerationConfig
+from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage
 from spatialthinker_ros.core.parsing import scene_text_complete
 from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, prepare_request
 from spatialthinker_ros.core.prompt import PromptConfig, build_prompt, option_letter
@@ -47,7 +48,7 @@ from spatialthinker_ros.core.types import (BackendError, BackendErrorKind, Infer
                                            InvalidRequest, SpatialResult)
 from spatialthinker_ros.msg import SceneGraph, SpatialAnswer
 from spatialthinker_ros.ros.cameras import CameraInput, Frame, topic_prefix
-from spatialthinker_ros.ros.conversions import (ImageError, clip, compressed_to_rgb, depth_to_metres_array,
+from spatialthinker_ros.ros.conversions import (ImageError, clip, compressed_to_rgb, depth_image,
                                                 image_to_rgb, intrinsics_from_camera_info, rgb_to_image_msg,
                                                 scene_graph_msg, spatial_answer_msg)
 from spatialthinker_ros.ros.parameters import PARAMETERS, check_parameters, descriptor
@@ -84,8 +85,8 @@ class Source:
     rgb: object
     header: Header
     camera: str
-    depth_m: object = None
-    intrinsics: object = None
+    depth: Optional[DepthImage] = None
+    intrinsics: Optional[CameraIntrinsics] = None
 
 
 class SpatialThinkerNode(LifecycleNode):
@@ -398,7 +399,7 @@ class SpatialThinkerNode(LifecycleNode):
                 raise RequestFailed(Error.ERROR_BACKEND, f"backend {self._backend_name()}: {outcome}")
             result = finish_result(inference_request, outcome, options,
                                    camera_size=(source.rgb.shape[1], source.rgb.shape[0]),
-                                   depth_m=source.depth_m, intrinsics=source.intrinsics,
+                                   depth=source.depth, intrinsics=source.intrinsics,
                                    scene_only=request.scene_only, config=self._pipeline)
             answer = spatial_answer_msg(result, source.header, request_id, source.camera, question, options)
             self._publish(answer, result, source)
@@ -461,7 +462,7 @@ class SpatialThinkerNode(LifecycleNode):
     def _partial_scene(self, inference_request, text: str, source: Source) -> SceneGraph:
         result = finish_result(inference_request, InferenceResult(text=text), [],
                                camera_size=(source.rgb.shape[1], source.rgb.shape[0]),
-                               depth_m=source.depth_m, intrinsics=source.intrinsics, scene_only=True,
+                               depth=source.depth, intrinsics=source.intrinsics, scene_only=True,
                                config=self._pipeline)
         return scene_graph_msg(result.parsed.scene, source.header)
 
@@ -530,11 +531,10 @@ class SpatialThinkerNode(LifecycleNode):
                                  f"colour {source.rgb.shape[1]}x{source.rgb.shape[0]}: no 3D positions")
             return
         try:
-            source.depth_m = depth_to_metres_array(depth.msg, self._param("depth_scale"),
-                                                   self._param("max_request_image_pixels"))
+            source.depth = depth_image(depth.msg, self._param("depth_scale"), self._param("max_request_image_pixels"))
             source.intrinsics = intrinsics_from_camera_info(camera.info)
         except ValueError as exc:
-            source.depth_m = source.intrinsics = None
+            source.depth = source.intrinsics = None
             self._warn_throttled(f"depth/{camera.name}", f"camera {camera.name!r}: depth unusable: {exc}")
 
     # ---------------------------------------------------------------- outputs

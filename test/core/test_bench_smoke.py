@@ -24,11 +24,12 @@ def test_core_costs_reports_a_finite_cost_for_every_step(tmp_path: Path):
     _run("core_costs.py", "--quick", "--json", str(out), timeout=50)
     report = json.loads(out.read_text())
     timings = report["us_per_call"]
-    assert {"json.loads(scene JSON) [reference]", "parse_response (full answer)", "depth 16UC1 1080p -> metres",
-            "finish_result + 3D lift (1080p depth)", "SpatialAnswer message"} <= set(timings)
+    assert {"json.loads(scene JSON) [reference]", "parse_response (full answer)", "finish_result + 3D lift (1080p depth)",
+            "depth 16UC1 1080p -> metres, whole frame [before]", "SpatialAnswer message"} <= set(timings)
     assert all(math.isfinite(us) and us > 0 for us in timings.values())
     assert report["ratio_to_json_loads"]["json.loads(scene JSON) [reference]"] == 1.0
     assert 0 < report["per_answer_ms"] < 1000
+    assert math.isfinite(report["depth_in_boxes_ratio_to_whole_frame_first"])
 
 
 @pytest.mark.timeout(120)

@@ -4,7 +4,7 @@ import time
 import numpy as np
 import pytest
 
-from spatialthinker_ros.core.geometry import CameraIntrinsics, depth_to_metres, lift_box, map_box, map_scene
+from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage, lift_box, map_box, map_scene
 from spatialthinker_ros.core.types import Box, SceneGraph, SceneObject, SceneRelation
 
 K640 = CameraIntrinsics(fx=500.0, fy=520.0, cx=319.5, cy=239.5, width=640, height=480)
@@ -105,36 +105,38 @@ def test_intrinsics_reject_bad_k_and_size():
 def test_depth_16uc1_is_millimetres():
     raw = np.array([[1000, 0], [65535, 2500]], dtype=np.uint16)
     for encoding in ("16UC1", "mono16"):
-        metres = depth_to_metres(raw, encoding)
+        metres = DepthImage.from_sensor(raw, encoding).metres()
         assert metres.dtype == np.float32
         np.testing.assert_allclose(metres, [[1.0, np.nan], [65.535, 2.5]], rtol=1e-6)
-    np.testing.assert_allclose(depth_to_metres(raw, "16UC1", depth_scale=0.0001), [[0.1, np.nan], [6.5535, 0.25]],
+    np.testing.assert_allclose(DepthImage.from_sensor(raw, "16UC1", depth_scale=0.0001).metres(), [[0.1, np.nan], [6.5535, 0.25]],
                                rtol=1e-6)
 
 
 def test_depth_32fc1_invalid_values_become_nan_and_input_is_untouched():
     raw = np.array([[1.25, 0.0, -1.0], [np.nan, np.inf, -np.inf]], dtype=np.float32)
     before = raw.copy()
-    metres = depth_to_metres(raw[:, :, None], "32FC1")
+    metres = DepthImage.from_sensor(raw[:, :, None], "32FC1").metres()
     np.testing.assert_array_equal(metres, [[1.25, np.nan, np.nan], [np.nan, np.nan, np.nan]])
     np.testing.assert_array_equal(raw, before)
     # depth_scale is the unit of integer depth only: 32FC1 stays metres, so one node setting serves both.
-    np.testing.assert_array_equal(depth_to_metres(raw, "32FC1", depth_scale=0.001), metres)
+    np.testing.assert_array_equal(DepthImage.from_sensor(raw, "32FC1", depth_scale=0.001).metres(), metres)
 
 
 def test_depth_rejects_unknown_encoding_shape_and_scale():
     with pytest.raises(ValueError, match="unsupported depth encoding"):
-        depth_to_metres(np.zeros((2, 2), np.uint8), "mono8")
+        DepthImage.from_sensor(np.zeros((2, 2), np.uint8), "mono8")
     with pytest.raises(ValueError):
-        depth_to_metres(np.zeros((2, 2, 3), np.uint16), "16UC1")
+        DepthImage.from_sensor(np.zeros((2, 2, 3), np.uint16), "16UC1")
     with pytest.raises(ValueError):
-        depth_to_metres(np.zeros((2, 2), np.uint16), "16UC1", depth_scale=0.0)
+        DepthImage.from_sensor(np.zeros((2, 2), np.uint16), "16UC1", depth_scale=0.0)
+    with pytest.raises(ValueError):
+        DepthImage.from_metres(np.zeros((2, 2, 3), np.float32))
 
 
 # ---- lifting --------------------------------------------------------------------------------------------
 
 def test_lift_flat_object_gives_the_pinhole_point():
-    position = lift_box(OBJECT, scene_depth(), K640, (640, 480))
+    position = lift_box(OBJECT, DepthImage.from_metres(scene_depth()), K640, (640, 480))
     x, y, z = expected_position(OBJECT, 1.5)
     assert (position.x, position.y, position.z) == pytest.approx((x, y, z))
     assert (position.x, position.y) == pytest.approx((-0.21, 90 * -1.5 / 520))
@@ -145,7 +147,7 @@ def test_lift_flat_object_gives_the_pinhole_point():
 
 def test_lift_loose_box_ignores_background_for_depth_and_caps_extent():
     loose = Box(180, 80, 320, 220)   # 20 px of wall (3 m) around the object (1.5 m) on every side
-    position = lift_box(loose, scene_depth(), K640, (640, 480))
+    position = lift_box(loose, DepthImage.from_metres(scene_depth()), K640, (640, 480))
     size_x, size_y = 140 * 1.5 / 500, 140 * 1.5 / 520
     assert position.size_x == pytest.approx(size_x)
     assert position.size_z == pytest.approx(size_y)        # 1.5 m wall-to-object spread, capped
@@ -155,8 +157,8 @@ def test_lift_loose_box_ignores_background_for_depth_and_caps_extent():
 
 def test_16uc1_and_32fc1_give_the_same_position():
     millimetres = (scene_depth() * 1000).astype(np.uint16)
-    from_mm = lift_box(OBJECT, depth_to_metres(millimetres, "16UC1"), K640, (640, 480))
-    from_m = lift_box(OBJECT, depth_to_metres(scene_depth(), "32FC1"), K640, (640, 480))
+    from_mm = lift_box(OBJECT, DepthImage.from_sensor(millimetres, "16UC1"), K640, (640, 480))
+    from_m = lift_box(OBJECT, DepthImage.from_sensor(scene_depth(), "32FC1"), K640, (640, 480))
     for name in ("x", "y", "z", "size_x", "size_y", "size_z"):
         assert getattr(from_mm, name) == pytest.approx(getattr(from_m, name), abs=1e-6)
     assert from_m.z == pytest.approx(1.5)
@@ -165,16 +167,17 @@ def test_16uc1_and_32fc1_give_the_same_position():
 def test_depth_at_another_resolution_than_colour():
     """Colour 1280x960, depth 640x480 with its own CameraInfo: same answer as asking in depth pixels."""
     colour_box = Box(400, 200, 600, 400)
-    position = lift_box(colour_box, scene_depth(), K640, (1280, 960))
-    direct = lift_box(OBJECT, scene_depth(), K640, (640, 480))
+    position = lift_box(colour_box, DepthImage.from_metres(scene_depth()), K640, (1280, 960))
+    direct = lift_box(OBJECT, DepthImage.from_metres(scene_depth()), K640, (640, 480))
     assert position == direct
     # Intrinsics given at colour resolution are scaled to the depth image.
     k1280 = CameraIntrinsics(fx=1000.0, fy=1040.0, cx=639.5, cy=479.5, width=1280, height=960)
-    scaled = lift_box(colour_box, scene_depth(), k1280, (1280, 960))
+    scaled = lift_box(colour_box, DepthImage.from_metres(scene_depth()), k1280, (1280, 960))
     for name in ("x", "y", "z", "size_x", "size_y", "size_z"):
         assert getattr(scaled, name) == pytest.approx(getattr(direct, name))
     # And a depth image larger than the colour image.
-    big = lift_box(Box(100, 50, 150, 100), scene_depth(size=(1280, 960), scale=2), k1280, (320, 240))
+    big = lift_box(Box(100, 50, 150, 100), DepthImage.from_metres(scene_depth(size=(1280, 960), scale=2)), k1280,
+                   (320, 240))
     assert (big.x, big.y, big.z) == pytest.approx(expected_position(Box(400, 200, 600, 400), 1.5, k1280))
 
 
@@ -183,7 +186,7 @@ def test_invalid_pixels_are_ignored():
     depth[100:200:2, 200:300] = np.nan       # every other row of the object has no reading
     depth[101:200:4, 200:300] = 0.0
     depth[103:200:4, 200:250] = 50.0          # beyond max_depth
-    position = lift_box(OBJECT, depth, K640, (640, 480))
+    position = lift_box(OBJECT, DepthImage.from_metres(depth), K640, (640, 480))
     assert position.z == pytest.approx(1.5)
     assert position.x == pytest.approx(expected_position(OBJECT, 1.5)[0])
 
@@ -191,18 +194,41 @@ def test_invalid_pixels_are_ignored():
 def test_too_few_valid_pixels_give_none():
     depth = scene_depth()
     depth[100:200, 200:300] = np.nan
-    assert lift_box(OBJECT, depth, K640, (640, 480)) is None
+    assert lift_box(OBJECT, DepthImage.from_metres(depth), K640, (640, 480)) is None
     depth[150, 250] = 1.5     # 1 valid pixel of the 2500 in the inner region
-    assert lift_box(OBJECT, depth, K640, (640, 480)) is None
-    assert lift_box(OBJECT, depth, K640, (640, 480), min_valid_fraction=0.0001).z == pytest.approx(1.5)
+    assert lift_box(OBJECT, DepthImage.from_metres(depth), K640, (640, 480)) is None
+    sparse = lift_box(OBJECT, DepthImage.from_metres(depth), K640, (640, 480), min_valid_fraction=0.0001)
+    assert sparse.z == pytest.approx(1.5)
 
 
 def test_box_outside_the_image_gives_none_and_bad_inputs_raise():
-    assert lift_box(Box(700, 10, 800, 50), scene_depth(), K640, (640, 480)) is None
+    assert lift_box(Box(700, 10, 800, 50), DepthImage.from_metres(scene_depth()), K640, (640, 480)) is None
     with pytest.raises(ValueError):
-        lift_box(OBJECT, scene_depth(), K640, (640, 480), shrink=0.0)
-    with pytest.raises(ValueError):
-        lift_box(OBJECT, scene_depth()[:, :, None], K640, (640, 480))
+        lift_box(OBJECT, DepthImage.from_metres(scene_depth()), K640, (640, 480), shrink=0.0)
+
+
+def test_the_lift_reads_depth_in_metres_only_inside_the_boxes(monkeypatch):
+    # A 1080p 16UC1 frame as the node holds it: a view of the message, never converted whole (~2 ms per request).
+    millimetres = np.full((1080, 1920), 3000, np.uint16)
+    millimetres[400:600, 800:1000] = 1500
+    depth = DepthImage.from_sensor(millimetres, "16UC1")
+    converted = []   # pixels per conversion
+    metres = DepthImage.metres
+
+    def counted(self, *region):
+        array = metres(self, *region)
+        converted.append(array.size)
+        return array
+
+    monkeypatch.setattr(DepthImage, "metres", counted)
+    k = CameraIntrinsics(fx=1400.0, fy=1400.0, cx=959.5, cy=539.5, width=1920, height=1080)
+    position = lift_box(Box(800, 400, 1000, 600), depth, k, (1920, 1080))
+    assert position.z == pytest.approx(1.5)
+    assert sum(converted) <= 200 * 200 + 100 * 100, "only the box and its centre are read"
+    converted.clear()
+    whole_frame = lift_box(Box(0, 0, 1920, 1080), depth, k, (1920, 1080))
+    assert whole_frame is not None and max(converted) <= 66000, "a large box is sampled before it is converted"
+    assert millimetres.min() == 1500, "the sensor's array is left alone"
 
 
 def test_full_hd_box_is_fast():
@@ -210,7 +236,7 @@ def test_full_hd_box_is_fast():
     k = CameraIntrinsics(fx=1400.0, fy=1400.0, cx=959.5, cy=539.5, width=1920, height=1080)
     start = time.perf_counter()
     for _ in range(10):
-        position = lift_box(Box(0, 0, 1920, 1080), depth, k, (1920, 1080))
+        position = lift_box(Box(0, 0, 1920, 1080), DepthImage.from_metres(depth), k, (1920, 1080))
     assert (time.perf_counter() - start) / 10 < 0.05
     # Uniform 0.5-5 m: median 2.75 m; the 0.95-4.55 m spread is capped at the metric box height.
     assert position.size_z == pytest.approx(position.size_y)

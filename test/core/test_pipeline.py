@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from spatialthinker_ros.core.geometry import CameraIntrinsics
+from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage
 from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, model_image_size, prepare_request
 from spatialthinker_ros.core.prompt import PromptConfig
 from spatialthinker_ros.core.types import AnswerStatus, InferenceResult, InvalidRequest
@@ -119,7 +119,7 @@ def test_boxes_come_back_in_camera_pixels_without_depth():
 def test_objects_are_lifted_with_depth_at_another_resolution():
     request = prepare_request(camera_image(), "Where is the laptop relative to the mug?", OPTIONS, HALF_SIZE)
     finished = finish_result(request, InferenceResult(text=response(MUG_LAPTOP, RIGHT_OF)), OPTIONS, (1280, 960),
-                             depth_m=depth_640(), intrinsics=K640)
+                             depth=DepthImage.from_metres(depth_640()), intrinsics=K640)
     assert finished.parsed.status is AnswerStatus.COMPLETE and finished.parsed.problems == ()
     mug, laptop = (o.position for o in finished.scene.objects)
     # Mug: depth box [100, 200, 150, 260] at 0.8 m; pixel centre (124.5, 229.5).
@@ -135,7 +135,7 @@ def test_geometry_losses_turn_complete_into_partial():
     depth[150:300, 300:500] = np.nan     # the laptop's screen reflects: no depth
     request = prepare_request(camera_image(), "Where is the laptop relative to the mug?", OPTIONS, HALF_SIZE)
     finished = finish_result(request, InferenceResult(text=response(objects, relations)), OPTIONS, (1280, 960),
-                             depth_m=depth, intrinsics=K640)
+                             depth=DepthImage.from_metres(depth), intrinsics=K640)
     parsed = finished.parsed
     assert parsed.status is AnswerStatus.PARTIAL and parsed.choice == "B"
     assert [o.id for o in finished.scene.objects] == ["mug.1", "laptop.1"]
@@ -152,7 +152,7 @@ def test_geometry_losses_turn_complete_into_partial():
 def test_depth_without_intrinsics_is_reported():
     request = prepare_request(camera_image(640, 480), "Where?", OPTIONS)
     finished = finish_result(request, InferenceResult(text=response(MUG_LAPTOP)), OPTIONS, (640, 480),
-                             depth_m=depth_640())
+                             depth=DepthImage.from_metres(depth_640()))
     assert finished.parsed.problems == ("a depth image came without camera intrinsics: no 3D positions",)
     assert finished.parsed.status is AnswerStatus.PARTIAL
 
@@ -169,7 +169,7 @@ def test_parse_problems_are_kept_and_all_dropped_objects_without_answer_is_no_an
 def test_scene_only_request_is_complete_without_think_and_answer():
     request = prepare_request(camera_image(), "Find the mug and the laptop.", [], HALF_SIZE, scene_only=True)
     finished = finish_result(request, InferenceResult(text=response(MUG_LAPTOP, RIGHT_OF, scene_only=True)), [],
-                             (1280, 960), depth_m=depth_640(), intrinsics=K640)
+                             (1280, 960), depth=DepthImage.from_metres(depth_640()), intrinsics=K640)
     assert finished.parsed.status is AnswerStatus.COMPLETE and finished.parsed.problems == ()
     assert finished.parsed.answer == "" and finished.parsed.choice == ""
     assert [o.position.z for o in finished.scene.objects] == pytest.approx([0.8, 1.2])
