@@ -47,7 +47,7 @@ from spatialthinker_ros.core.scheduling import (QueueFull, RequestCancelled, Req
 from spatialthinker_ros.core.types import (BackendError, BackendErrorKind, InferenceRequest, InferenceResult,
                                            InvalidRequest, SpatialResult)
 from spatialthinker_ros.msg import SceneGraph, SpatialAnswer
-from spatialthinker_ros.ros.cameras import CameraInput, Frame, topic_prefix
+from spatialthinker_ros.ros.cameras import CameraInput, Frame, keep_freed_frame_memory, topic_prefix
 from spatialthinker_ros.ros.conversions import (ImageError, clip, compressed_to_rgb, depth_image,
                                                 image_to_rgb, intrinsics_from_camera_info, rgb_to_image_msg,
                                                 scene_graph_msg, spatial_answer_msg)
@@ -592,6 +592,8 @@ def main(args=None) -> int:
         except ParameterException as exc:   # the reason, without a traceback
             rclpy.logging.get_logger("spatialthinker").fatal(f"invalid parameter: {exc}")
             return 1
+        if node.get_parameter("keep_frame_memory").value:   # before any frame arrives
+            node.get_logger().info(keep_freed_frame_memory())
         executor.add_node(node)
         if node.get_parameter("autostart").value:
             if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:

@@ -112,6 +112,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               float_range=(1e-6, 10.0)),
     ParamSpec("depth_sync_tolerance", 0.05, "seconds between colour and paired depth stamps",
               float_range=(0.0, 10.0), live=True),
+    ParamSpec("keep_frame_memory", True, "reuse freed camera-frame buffers instead of returning them to the OS "
+              "(glibc; read at start): fewer page faults and less CPU at raw 1080p, up to 128 MiB kept free"),
     ParamSpec("publish_debug_image", True, "publish ~/debug_image when someone subscribes", live=True),
     ParamSpec("publish_markers", True, "publish ~/markers", live=True),
     ParamSpec("marker_lifetime", 5.0, "seconds markers stay in RViz; 0 = forever", float_range=(0.0, 3600.0),
