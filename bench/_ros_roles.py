@@ -1,7 +1,9 @@
 """Helper processes for the ROS benchmarks, each started by a bench script as its own process.
 
     publisher   a camera driver: colour (rgb8 or JPEG) + 16UC1 depth + CameraInfo at a fixed rate, sensor data QoS
-    subscriber  the bare-rclpy reference: subscribes to the same topics with the node's QoS and keeps the latest
+    subscriber  the bare-rclpy reference: subscribes to the same topics with the node's QoS and keeps the latest;
+                --convert and --executor multi give the designs the node does not use (the "before" figures):
+                converting every frame on arrival, and a MultiThreadedExecutor
     floor       a bare AskSpatial server that answers at once, plus an Image echo (ping -> pong) for round trips
 
 Each writes a small JSON status file about once a second (counts), so the parent can see it is working without
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import rclpy
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
@@ -139,14 +141,15 @@ def run_publisher(args) -> None:
 
 def run_subscriber(args) -> None:
     """The reference: what receiving the stream costs a bare rclpy process with the node's subscriptions."""
-    node = Node("bench_bare_subscriber")
+    node = Node(f"bench_subscriber_{os.getpid()}")
     status = Status(args.status)
     status.write_on_signal()
     latest = {}
+    convert = eager_conversion() if args.convert else lambda msg: msg
 
     def keep(key: str):
         def callback(msg) -> None:
-            latest[key] = msg          # keep a reference, as the node's cameras do
+            latest[key] = convert(msg)  # keep a reference (or the converted frame), as the node's cameras do
             status.counts[key] = status.counts.get(key, 0) + 1
         return callback
 
@@ -159,7 +162,22 @@ def run_subscriber(args) -> None:
         if args.depth:
             node.create_subscription(Image, f"{prefix(name)}depth", keep(f"{name}_depth"), CAMERA_QOS)
             node.create_subscription(CameraInfo, f"{prefix(name)}camera_info", keep(f"{name}_info"), CAMERA_QOS)
-    spin(node, status)
+    spin(node, status, MultiThreadedExecutor() if args.executor == "multi" else SingleThreadedExecutor())
+
+
+def eager_conversion():
+    """What a node converting every frame on arrival would do, with the product's own conversions."""
+    from spatialthinker_ros.ros.conversions import compressed_to_rgb, depth_image, image_to_rgb
+
+    limit = 4096 * 4096
+
+    def convert(msg):
+        if isinstance(msg, CompressedImage):
+            return compressed_to_rgb(msg, limit)
+        if isinstance(msg, Image):
+            return depth_image(msg, 0.001, limit).metres() if msg.encoding == "16UC1" else image_to_rgb(msg, limit)
+        return msg
+    return convert
 
 
 def run_floor(args) -> None:
@@ -187,8 +205,8 @@ def run_floor(args) -> None:
     spin(node, status)
 
 
-def spin(node: Node, status: Status) -> None:
-    executor = SingleThreadedExecutor()
+def spin(node: Node, status: Status, executor=None) -> None:
+    executor = executor or SingleThreadedExecutor()
     executor.add_node(node)
     status.write(force=True)
     try:
@@ -211,6 +229,8 @@ def main(argv=None) -> None:
     parser.add_argument("--compressed", action="store_true", help="JPEG colour on <cam>/image/compressed")
     parser.add_argument("--depth-size", help="WIDTHxHEIGHT of depth + CameraInfo (default: the colour size)")
     parser.add_argument("--no-depth", dest="depth", action="store_false", help="no depth or CameraInfo")
+    parser.add_argument("--convert", action="store_true", help="subscriber: convert every frame on arrival")
+    parser.add_argument("--executor", choices=("single", "multi"), default="single", help="subscriber's executor")
     args = parser.parse_args(argv)
     if os.environ.get("ROS_AUTOMATIC_DISCOVERY_RANGE") != "LOCALHOST":
         sys.exit("refusing to run without ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST (start it from a bench script)")

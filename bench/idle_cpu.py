@@ -8,6 +8,12 @@ no model to load) and a bare rclpy subscriber with the node's subscriptions and 
 which keeps a reference to each message. Both subscribers receive the same stream at the same time, so the
 machine's noise hits both alike; CPU is each process's own user+system time (psutil) over consecutive windows,
 as a fraction of one core. The ratio node / bare is computed per window and its median reported.
+
+A second pass per mode adds two more subscribers, for the designs the node chose against (the "before" of its
+fast path): `eager` converts every frame on arrival with the product's conversions (JPEG decode, depth to metres),
+and `multithreaded` is the bare subscriber on a MultiThreadedExecutor. Their ratios are to the node and the bare
+subscriber of that pass; the node's own figures come from the first pass, which they cannot crowd (2 cores here).
+`--references ''` skips the second pass.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ SCRATCH = isolate_ros()
 
 from _rosbench import (OPTIONS, QUESTION, Asker, poke_status, probed_node_args, rclpy, read_status,  # noqa: E402
                        role_args, wait_poked, write_replay_file)
+
+# reference name -> subscriber role options
+REFERENCES = {"eager": {"convert": True}, "multithreaded": {"executor": "multi"}}
 
 MODES = {
     # name: (image_transport, depth streamed and subscribed, depth size divisor per side)
@@ -55,26 +64,32 @@ def wakeups(proc: psutil.Process) -> int:
     return switches.voluntary + switches.involuntary
 
 
-def measure_mode(mode: str, args, asker: Asker, replay) -> dict:
+def measure_mode(mode: str, args, asker: Asker, replay, references: list[str]) -> dict:
     transport, depth, divisor = MODES[mode]
     compressed = transport == "compressed"
     cameras = f"default:{args.width}x{args.height}"
     depth_size = f"{args.width // divisor}x{args.height // divisor}" if depth else ""
-    status = {name: SCRATCH / f"{mode}-{name}.json" for name in ("publisher", "bare", "node")}
+    run = f"{mode}-with-references" if references else mode     # each pass its own status files
+    status = {name: SCRATCH / f"{run}-{name}.json" for name in ("publisher", "bare", "node", *references)}
     with Children(SCRATCH) as kids:
         node = kids.start(probed_node_args(status["node"], events_executor=args.events_executor, backend="replay", replay_file=str(replay),
-                                           image_transport=transport, use_depth=depth), f"node-{mode}")
+                                           image_transport=transport, use_depth=depth,
+                                           keep_frame_memory=args.keep_frame_memory == "true"), f"node-{run}")
         bare = kids.start(role_args("subscriber", status["bare"], cameras=cameras, compressed=compressed,
-                                    no_depth=not depth), f"bare-{mode}")
+                                    no_depth=not depth), f"bare-{run}")
+        others = {name: kids.start(role_args("subscriber", status[name], cameras=cameras, compressed=compressed,
+                                             no_depth=not depth, **REFERENCES[name]), f"{name}-{run}")
+                  for name in references}
         publisher = kids.start(role_args("publisher", status["publisher"], cameras=cameras, rate=args.rate,
                                          compressed=compressed, no_depth=not depth,
-                                         depth_size=depth_size or False), f"publisher-{mode}")
+                                         depth_size=depth_size or False), f"publisher-{run}")
         asker.wait_ready(node, timeout=60.0, question=QUESTION, options=OPTIONS)
         wait_poked(status["bare"], "default_colour", bare, timeout=30.0)
+        for name, child in others.items():
+            wait_poked(status[name], "default_colour", child, timeout=30.0)
         time.sleep(args.warmup)
-        procs = {"node": psutil.Process(node.pid), "bare": psutil.Process(bare.pid),
-                 "publisher": psutil.Process(publisher.pid)}
-        children = {"node": node, "bare": bare, "publisher": publisher}
+        children = {"node": node, "bare": bare, "publisher": publisher, **others}
+        procs = {name: psutil.Process(child.pid) for name, child in children.items()}
 
         def snapshot() -> dict:
             # node and bare write their counts only when poked (nothing periodic inside the measured processes)
@@ -126,9 +141,16 @@ def measure_mode(mode: str, args, asker: Asker, replay) -> dict:
         "bare_faults_per_s": statistics.median(w["bare_faults_per_s"] for w in windows),
         "node_switches_per_s": statistics.median(w["node_switches_per_s"] for w in windows),
         "bare_switches_per_s": statistics.median(w["bare_switches_per_s"] for w in windows),
-        "load_average": os.getloadavg(), "malloc_tuning": args.malloc_tuning,
+        "load_average": os.getloadavg(), "keep_frame_memory": args.keep_frame_memory,
         "events_executor": args.events_executor,
         "published_hz": statistics.median(w["published_hz"] for w in windows),
+        "references": {name: {
+            "core_fraction": statistics.median(w[name] for w in windows),
+            "ratio_to_bare_median": statistics.median(w[name] / w["bare"] for w in windows if w["bare"] > 0),
+            "ratio_to_node_median": statistics.median(w[name] / w["node"] for w in windows if w["node"] > 0),
+            "node_core_fraction_same_pass": statistics.median(w["node"] for w in windows),
+            "bare_core_fraction_same_pass": statistics.median(w["bare"] for w in windows),
+        } for name in references},
         "node_answered_after": bool(response.success), "node_answer_message": response.message,
         "windows": windows,
     }
@@ -152,31 +174,38 @@ def main(argv=None) -> int:
     parser.add_argument("--dds-transport", default="shm_large", choices=DDS_TRANSPORTS,
                         help="shm_large (default): Fast DDS shared memory with 64 MB segments, which delivers 1080p30; "
                              "default: Fast DDS as installed (loses most best-effort 1080p frames here)")
-    parser.add_argument("--malloc-tuning", action="store_true",
-                        help="every process with MALLOC_MMAP_THRESHOLD_=64 MiB and MALLOC_TRIM_THRESHOLD_=256 MiB: glibc "
-                             "then keeps freed frame buffers instead of returning them to the OS (fewer page faults)")
+    parser.add_argument("--keep-frame-memory", choices=("true", "false"), default="true",
+                        help="the node's keep_frame_memory parameter; false measures it with glibc's malloc defaults "
+                             "(the node before that parameter)")
     parser.add_argument("--events-executor", action="store_true",
                         help="experiment: run the node's main() with rclpy.experimental.EventsExecutor (not the product)")
+    parser.add_argument("--references", default="eager,multithreaded",
+                        help=f"comma list of {', '.join(REFERENCES)}: subscribers of the designs the node does not use")
     parser.add_argument("--json", help="result file (default bench/results/idle_cpu.json)")
     args = parser.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     unknown = set(modes) - set(MODES)
     if unknown:
         parser.error(f"unknown modes {sorted(unknown)}")
+    unknown = {r for r in args.references.split(",") if r} - set(REFERENCES)
+    if unknown:
+        parser.error(f"unknown references {sorted(unknown)}")
 
     use_dds_transport(args.dds_transport)     # before rclpy.init; children inherit it
-    if args.malloc_tuning:
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(64 << 20)
-        os.environ["MALLOC_TRIM_THRESHOLD_"] = str(256 << 20)
     replay = write_replay_file(SCRATCH)
     rclpy.init()
     asker = Asker()
     results = []
+    references = [r for r in args.references.split(",") if r]
     try:
         for mode in modes:
             print(f"[idle_cpu] {mode}: publisher + node + bare subscriber, {args.seconds:.0f} s measured ...",
                   file=sys.stderr, flush=True)
-            results.append(measure_mode(mode, args, asker, replay))
+            results.append(measure_mode(mode, args, asker, replay, []))
+            if references:
+                print(f"[idle_cpu] {mode}: again with the {' and '.join(references)} subscribers ...",
+                      file=sys.stderr, flush=True)
+                results[-1]["references"] = measure_mode(mode, args, asker, replay, references)["references"]
     finally:
         asker.close()
         rclpy.try_shutdown()
@@ -195,6 +224,14 @@ def main(argv=None) -> int:
           "(fraction of one core; ratio = median of per-window node/bare)")
     print(table(rows, ["mode", "colour", "depth", "pub Hz", "rx Hz node/bare/bare depth", "node CPU", "bare CPU", "node/bare",
                        "publisher CPU", "node answered after", "page faults/s node/bare", "ctx switches/s node/bare"]))
+    references = [[r["mode"], name, f"{100 * ref['core_fraction']:.1f}%",
+                   f"{100 * ref['node_core_fraction_same_pass']:.1f}%", f"{100 * ref['bare_core_fraction_same_pass']:.1f}%",
+                   f"{ref['ratio_to_node_median']:.2f}x", f"{ref['ratio_to_bare_median']:.2f}x"]
+                  for r in results for name, ref in r["references"].items()]
+    if references:
+        print("\nthe designs the node does not use, same run (eager: every frame converted on arrival; "
+              "multithreaded: bare subscriber on a MultiThreadedExecutor)")
+        print(table(references, ["mode", "reference", "its CPU", "node CPU", "bare CPU", "it / node", "it / bare"]))
     path = write_results("idle_cpu", {"args": vars(args), "modes": results}, args.json)
     print(f"\nresults: {path}")
     return 0

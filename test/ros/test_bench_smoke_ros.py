@@ -1,0 +1,45 @@
+"""The ROS benchmark scripts run end to end on a short setting and report sane figures (bench/; no speed is
+asserted). Each script isolates its own ROS graph and stops what it started."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def run_bench(script: str, *args: str, timeout: float) -> dict:
+    out = Path(args[args.index("--json") + 1])
+    result = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                            timeout=timeout, env=os.environ.copy())
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return json.loads(out.read_text())
+
+
+@pytest.mark.timeout(150)
+def test_idle_cpu_measures_the_node_the_bare_subscriber_and_the_eager_reference(tmp_path: Path):
+    report = run_bench("idle_cpu.py", "--modes", "compressed_nodepth", "--width", "640", "--height", "480",
+                       "--seconds", "2", "--windows", "2", "--warmup", "0.5", "--references", "eager",
+                       "--json", str(tmp_path / "idle.json"), timeout=140)
+    (mode,) = report["modes"]
+    assert mode["node_answered_after"] is True
+    assert mode["node_colour_hz"] > 5 and mode["bare_colour_hz"] > 5          # both received the stream
+    assert 0 < mode["node_core_fraction"] < 2 and 0 < mode["bare_core_fraction"] < 2
+    eager = mode["references"]["eager"]
+    assert 0 < eager["core_fraction"] < 2 and math.isfinite(eager["ratio_to_bare_median"])
+
+
+@pytest.mark.timeout(150)
+def test_request_overhead_measures_the_node_against_the_bare_round_trips(tmp_path: Path):
+    report = run_bench("request_overhead.py", "--sizes", "640x480", "--requests", "5", "--warmup", "1",
+                       "--breakdown-repeats", "2", "--json", str(tmp_path / "overhead.json"), timeout=140)
+    size = report["sizes"]["640x480"]
+    assert size["failure_count"] == 0
+    for kind in ("node_camera", "node_image", "floor_image", "floor_noimage", "echo"):
+        assert size[kind]["n"] == 5 and 0 < size[kind]["p50_ms"] <= size[kind]["p95_ms"] < 10_000, kind
+    assert all(math.isfinite(ms) and ms >= 0 for ms in size["breakdown_ms"].values())
