@@ -2,8 +2,7 @@
 
     python bench/_node_probe.py STATUS_FILE --ros-args -p ...
 
-Runs `spatialthinker_ros.ros.node.main` unchanged (with --events-executor first: rclpy's experimental
-EventsExecutor instead of the SingleThreadedExecutor, to measure that change without making it). On SIGUSR1 (sent by the benchmark at window boundaries, a few
+Runs `spatialthinker_ros.ros.node.main` unchanged. On SIGUSR1 (sent by the benchmark at window boundaries, a few
 times per run) it writes CameraInput.frames_received to STATUS_FILE; nothing runs periodically in the node, so
 its CPU figure is its own. Without it the benchmark could not tell whether the node received as many frames as
 the bare subscriber it is compared with.
@@ -23,13 +22,6 @@ from spatialthinker_ros.ros import node as node_module
 
 def main() -> int:
     status = Path(sys.argv[1])
-    ros_args = sys.argv[2:]
-    events = bool(ros_args) and ros_args[0] == "--events-executor"
-    if events:   # an experiment, not the product: what rclpy's C++ EventsExecutor would cost instead
-        from rclpy.experimental import EventsExecutor
-
-        ros_args = ros_args[1:]
-        node_module.SingleThreadedExecutor = lambda: EventsExecutor()
     created = []
 
     class ProbedNode(node_module.SpatialThinkerNode):
@@ -50,7 +42,7 @@ def main() -> int:
 
     node_module.SpatialThinkerNode = ProbedNode
     signal.signal(signal.SIGUSR1, write_status)
-    return node_module.main(args=[sys.argv[0], *ros_args])
+    return node_module.main(args=[sys.argv[0], *sys.argv[2:]])
 
 
 if __name__ == "__main__":

@@ -50,10 +50,9 @@ def node_args(**params) -> list[str]:
     return [NODE_EXECUTABLE, "--ros-args", *parameter_arguments(params)]
 
 
-def probed_node_args(status: Path, events_executor: bool = False, **params) -> list[str]:
+def probed_node_args(status: Path, **params) -> list[str]:
     """The node's own main() with a frame-count probe (bench/_node_probe.py), same parameters."""
-    return ([PYTHON, str(BENCH_DIR / "_node_probe.py"), str(status)] + (["--events-executor"] if events_executor else [])
-            + node_args(**params)[1:])
+    return [PYTHON, str(BENCH_DIR / "_node_probe.py"), str(status)] + node_args(**params)[1:]
 
 
 def role_args(role: str, status: Path, **options) -> list[str]:

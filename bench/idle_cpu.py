@@ -72,7 +72,7 @@ def measure_mode(mode: str, args, asker: Asker, replay, references: list[str]) -
     run = f"{mode}-with-references" if references else mode     # each pass its own status files
     status = {name: SCRATCH / f"{run}-{name}.json" for name in ("publisher", "bare", "node", *references)}
     with Children(SCRATCH) as kids:
-        node = kids.start(probed_node_args(status["node"], events_executor=args.events_executor, backend="replay", replay_file=str(replay),
+        node = kids.start(probed_node_args(status["node"], backend="replay", replay_file=str(replay),
                                            image_transport=transport, use_depth=depth,
                                            keep_frame_memory=args.keep_frame_memory == "true"), f"node-{run}")
         bare = kids.start(role_args("subscriber", status["bare"], cameras=cameras, compressed=compressed,
@@ -142,7 +142,6 @@ def measure_mode(mode: str, args, asker: Asker, replay, references: list[str]) -
         "node_switches_per_s": statistics.median(w["node_switches_per_s"] for w in windows),
         "bare_switches_per_s": statistics.median(w["bare_switches_per_s"] for w in windows),
         "load_average": os.getloadavg(), "keep_frame_memory": args.keep_frame_memory,
-        "events_executor": args.events_executor,
         "published_hz": statistics.median(w["published_hz"] for w in windows),
         "references": {name: {
             "core_fraction": statistics.median(w[name] for w in windows),
@@ -177,8 +176,6 @@ def main(argv=None) -> int:
     parser.add_argument("--keep-frame-memory", choices=("true", "false"), default="true",
                         help="the node's keep_frame_memory parameter; false measures it with glibc's malloc defaults "
                              "(the node before that parameter)")
-    parser.add_argument("--events-executor", action="store_true",
-                        help="experiment: run the node's main() with rclpy.experimental.EventsExecutor (not the product)")
     parser.add_argument("--references", default="eager,multithreaded",
                         help=f"comma list of {', '.join(REFERENCES)}: subscribers of the designs the node does not use")
     parser.add_argument("--json", help="result file (default bench/results/idle_cpu.json)")
