@@ -93,11 +93,11 @@ Image size: {width} x {height}"""  # noqa: E501
 
 # ----------------------------------------------------------------------------------------------- our product
 def ours_answer(backend, rgb: np.ndarray, question: str = QUESTION, options=OPTIONS, scene_only: bool = False,
-                on_text=None, keep_encodings: bool = False):
-    """One request. The backend forgets the images it encoded first (unless `keep_encodings`): the card's code
-    encodes every image, and a robot's camera sends a new frame for each question."""
-    if not keep_encodings:
-        backend._encoder.clear()
+                on_text=None, keep: bool = False):
+    """One request. The backend forgets what it kept of earlier frames first (unless `keep`): their image encodings
+    and prompt KV. The card's code starts from nothing for every question, as a new camera frame would."""
+    if not keep:
+        forget_frames(backend)
     request = prepare_request(rgb, question, options, PipelineConfig(), scene_only=scene_only, on_text=on_text)
     [result] = backend.generate([request])
     if isinstance(result, BackendError):
@@ -106,9 +106,16 @@ def ours_answer(backend, rgb: np.ndarray, question: str = QUESTION, options=OPTI
     return result, request
 
 
+def forget_frames(backend, encodings: bool = True) -> None:
+    if encodings:
+        backend._encoder.clear()
+    if backend._prompts:   # None where prompt KV is not reused (compile=True, transformers < 5.23)
+        backend._prompts.clear()
+
+
 def ours_batch(backend, frames: list[np.ndarray]):
     """One question per frame, all in one generate; nothing encoded before counts."""
-    backend._encoder.clear()
+    forget_frames(backend)
     requests = [prepare_request(rgb, q, [], PipelineConfig()) for rgb, q in zip(frames, BATCH_QUESTIONS * 8)]
     results = backend.generate(requests)
     for rgb, request, result in zip(frames, requests, results):
@@ -456,22 +463,32 @@ def main(argv=None) -> int:
             if i >= args.warmup:
                 samples.append(seconds)
                 encoded.append(backend._encoder.images_encoded - before)
-    follow_up_s, new_frame_s = [], []
+    # a follow-up's first token: with the first question's prompt KV and encoding kept (the product), with only the
+    # encoding kept (before prompt KV reuse), and for a new frame (nothing kept)
+    follow_up_s, encoding_only_s, new_frame_s, reused = [], [], [], []
     with Kwargs(backend, max_new_tokens=1, min_new_tokens=1):
         for i in range(args.warmup + args.repeats):
             run_ours(rgb)                                                   # the first question about the frame
-            seconds, _ = run_ours(rgb, question=BATCH_QUESTIONS[1], options=[], keep_encodings=True)
+            before = backend._prompts.tokens_reused if backend._prompts else 0
+            follow_up, _ = run_ours(rgb, question=BATCH_QUESTIONS[1], options=[], keep=True)
+            after = backend._prompts.tokens_reused if backend._prompts else 0
+            forget_frames(backend, encodings=False)
+            encoding_only, _ = run_ours(rgb, question=BATCH_QUESTIONS[1], options=[], keep=True)
+            new_frame, _ = run_ours(distinct[1], question=BATCH_QUESTIONS[1], options=[], keep=True)
             if i >= args.warmup:
-                follow_up_s.append(seconds)
-            seconds, _ = run_ours(distinct[1], question=BATCH_QUESTIONS[1], options=[], keep_encodings=True)
-            if i >= args.warmup:
-                new_frame_s.append(seconds)
+                follow_up_s.append(follow_up)
+                encoding_only_s.append(encoding_only)
+                new_frame_s.append(new_frame)
+                reused.append(after - before)
     results["one_frame"] = {
         "n": args.batch, "shared_s": median(shared_s), "separate_s": median(separate_s),
         "speedup": median(separate_s) / median(shared_s),
         "images_encoded_shared": encoded[0], "images_encoded_separate": encoded[1],
         "follow_up_first_token_s": median(follow_up_s), "new_frame_first_token_s": median(new_frame_s),
+        "follow_up_encoding_only_first_token_s": median(encoding_only_s),
         "follow_up_speedup": median(new_frame_s) / median(follow_up_s),
+        "prompt_reuse_speedup": median(encoding_only_s) / median(follow_up_s),
+        "follow_up_prompt_tokens_reused": reused[0],
     }
 
     # ---- scene-only vs full answers, and time to scene (the action's early feedback), on a forced answer
@@ -576,8 +593,10 @@ def report(r: dict, args) -> None:
     o = r["one_frame"]
     print(f"{o['n']} questions about one frame: {o['shared_s']:.3f} s ({o['images_encoded_shared']} image encoded) vs "
           f"about {o['n']} frames {o['separate_s']:.3f} s ({o['images_encoded_separate']} encoded) = {o['speedup']:.2f}x; "
-          f"follow-up question's first token {1000 * o['follow_up_first_token_s']:.1f} ms vs a new frame's "
-          f"{1000 * o['new_frame_first_token_s']:.1f} ms ({o['follow_up_speedup']:.2f}x)")
+          f"follow-up question's first token {1000 * o['follow_up_first_token_s']:.1f} ms "
+          f"({o['follow_up_prompt_tokens_reused']} prompt tokens reused) vs {1000 * o['follow_up_encoding_only_first_token_s']:.1f} ms "
+          f"with only the image encoding kept ({o['prompt_reuse_speedup']:.2f}x) and "
+          f"{1000 * o['new_frame_first_token_s']:.1f} ms for a new frame ({o['follow_up_speedup']:.2f}x)")
     s = r["scene_only"]
     print(f"scene-only: {s['scene_only_tokens']} of {s['full_tokens']} tokens ({100 * s['tokens_saved_fraction']:.0f}% saved), "
           f"{s['scene_only_s']:.3f} s vs {s['full_s']:.3f} s ({s['time_saved_ratio']:.2f}x); streamed scene after "

@@ -200,6 +200,7 @@ def test_questions_about_one_frame_in_a_batch_encode_it_once(sharing_backend, mo
 
 def test_a_follow_up_question_about_a_recent_frame_reuses_its_encoding(sharing_backend):
     backend, counter = sharing_backend
+    backend._prompts = None   # prompt KV reuse off (compile=True, transformers < 5.23): the tower's cache still serves
     request = _request(640, 480, seed=21)
     [first] = backend.generate([request])
     assert counter.take() == 54 * 4
@@ -212,6 +213,52 @@ def test_a_follow_up_question_about_a_recent_frame_reuses_its_encoding(sharing_b
     counter.take()
     backend.generate([_request(640, 480, seed=21)])
     assert counter.take() == 54 * 4      # only the last four frames are kept
+
+
+class _FirstScores(LogitsProcessor):
+    """Keeps the scores of each generate call's first step: the model's output on the prompt itself."""
+
+    def __init__(self):
+        self.calls: list[torch.Tensor] = []
+        self._length = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] != self._length:   # a new call starts (each step adds one column)
+            self.calls.append(scores.clone())
+        self._length = input_ids.shape[1] + 1
+        return scores
+
+
+def test_a_follow_up_question_prefills_only_the_part_of_its_prompt_that_differs(sharing_backend, monkeypatch):
+    backend, counter = sharing_backend
+    first_scores = _FirstScores()
+    original = backend._model.generate
+    monkeypatch.setattr(backend._model, "generate",
+                        lambda *args, **kwargs: original(*args, logits_processor=LogitsProcessorList([first_scores]),
+                                                         **kwargs))
+    first = _request(640, 480, seed=41)
+    follow_up = InferenceRequest(image=first.image.copy(), question="q",
+                                 prompt=first.prompt.replace("the cup relative to the plate", "the plate"))
+    backend.generate([first])
+    backend.generate([_request(672, 224, seed=42)])   # another image shape in between: another rope offset
+    counter.take()
+    reused = backend._prompts.tokens_reused
+
+    [continued] = backend.generate([follow_up])
+
+    shared = backend._prompts.tokens_reused - reused
+    assert counter.take() == 0                          # the image is in the kept KV: the tower does not run
+    # Before: the same question with nothing kept, the whole prompt prefilled
+    backend._prompts.clear()
+    backend._encoder.clear()
+    [whole] = backend.generate([follow_up])
+    assert whole.prompt_tokens - 12 <= shared < whole.prompt_tokens   # all but "plate?" and the assistant turn
+    # The model saw the same prompt at the same positions: the same scores (misplaced tokens move them by ~1e-3)
+    continued_scores, whole_scores = first_scores.calls[-2], first_scores.calls[-1]
+    finite = torch.isfinite(whole_scores)
+    assert torch.equal(finite, torch.isfinite(continued_scores))
+    assert torch.allclose(continued_scores[finite], whole_scores[finite], rtol=0, atol=1e-5)
+    assert continued.text == whole.text and continued.prompt_tokens == whole.prompt_tokens
 
 
 def test_scene_only_row_stops_right_after_the_scene_while_full_row_goes_on(forced_backend: TransformersBackend):

@@ -50,4 +50,5 @@ def test_gpu_latency_tiny_runs_both_paths_on_the_same_prompt_with_forced_lengths
     assert report["batch"]["n"] == 2 and report["batch"]["batch_tokens_per_s"] > 0
     one_frame = report["one_frame"]   # two questions about one frame encode it once; about two frames, twice
     assert (one_frame["images_encoded_shared"], one_frame["images_encoded_separate"]) == (1, 2)
+    assert one_frame["follow_up_prompt_tokens_reused"] > 391   # the follow-up prefilled only its question
     assert report["decode_bytes_per_token"] < report["weight_bytes"]

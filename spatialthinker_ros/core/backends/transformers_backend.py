@@ -5,6 +5,7 @@ Importing this module imports torch and transformers; `create_backend` imports i
 
 from __future__ import annotations
 
+import copy
 import gc
 import hashlib
 import importlib.util
@@ -46,6 +47,11 @@ _STREAM_EVERY_TOKENS = 8
 _SCENE_TAIL_TOKENS = 10
 # Vision-tower outputs kept for follow-up questions about a recent image: ~9 MB each for a 1080p frame in bf16.
 _ENCODINGS_KEPT = 4
+# Prompt KV caches kept for follow-up questions: ~57 KB per token for the 7B in bf16, ~30 MB for a 640x480 prompt.
+_PROMPTS_KEPT = 4
+# Continuing generation from a prompt's KV cache relies on how transformers positions the uncached tokens of a
+# Qwen2.5-VL prompt (the image's stored rope offset); verified with this version, older ones prefill whole prompts.
+_PROMPT_REUSE = Version(transformers.__version__) >= Version("5.23")
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,8 @@ class TransformersBackend:
         self._image_kwargs = _image_size_kwargs(self._processor.image_processor, config)
         self._generate_kwargs = _generate_kwargs(config.generation, config.compile)
         self._encoder = _SharedImageEncoder(_vision_tower(self._model), _ENCODINGS_KEPT)
+        # a static cache (compile) cannot continue from another cache
+        self._prompts = _PromptCache(self._model.model, _PROMPTS_KEPT) if _PROMPT_REUSE and not config.compile else None
         self._eos_ids = _token_ids(self._model.generation_config.eos_token_id)
         self._end_ids = self._eos_ids | _token_ids(self._model.generation_config.pad_token_id)
         log.info(
@@ -128,6 +136,8 @@ class TransformersBackend:
             kind, message = self._classify(exc)
         if kind is BackendErrorKind.OUT_OF_MEMORY and torch.cuda.is_available():
             self._encoder.clear()
+            if self._prompts:
+                self._prompts.clear()
             gc.collect()   # here, not in the except block, whose traceback still held the failed step's tensors
             torch.cuda.empty_cache()
         return [BackendError(kind, message) for _ in requests]
@@ -136,7 +146,9 @@ class TransformersBackend:
         if self._model is None:
             return
         self._encoder.clear()
-        self._model = self._processor = self._tokenizer = self._encoder = None
+        if self._prompts:
+            self._prompts.clear()
+        self._model = self._processor = self._tokenizer = self._encoder = self._prompts = None
         gc.collect()
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
@@ -157,21 +169,33 @@ class TransformersBackend:
             if any(r.on_text for r in requests)
             else None
         )
-        self._encoder.keys = [_image_key(r.image) for r in requests]
+        keys = [_image_key(r.image) for r in requests]
+        # one question: continue from the KV of an earlier prompt about the same image where the two prompts agree
+        prompt_ids = inputs["input_ids"][0].tolist() if self._prompts and len(requests) == 1 else None
+        continued = self._prompts.continuation(keys[0], prompt_ids) if prompt_ids else None
+        model_inputs = (
+            {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "past_key_values": continued}
+            if continued is not None
+            else inputs
+        )
+        self._encoder.keys = keys
         try:
             output = self._model.generate(
-                **inputs,
+                **model_inputs,
                 **self._generate_kwargs,
                 stopping_criteria=StoppingCriteriaList([scene_stop]) if scene_stop else None,
                 streamer=streamer,
+                return_dict_in_generate=True,
             )
         finally:
             self._encoder.keys = None
+        if prompt_ids:
+            self._prompts.store(keys[0], prompt_ids, output.past_key_values)
         seconds = time.perf_counter() - started
         prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
         stopped_at = scene_stop.stopped_at if scene_stop else {}
         results = []
-        for row, ids in enumerate(output[:, prompt_length:].tolist()):
+        for row, ids in enumerate(output.sequences[:, prompt_length:].tolist()):
             count = stopped_at.get(row) or _count_through_eos(ids, self._eos_ids)
             text = self._tokenizer.decode(ids[:count], skip_special_tokens=True)
             if requests[row].scene_only:
@@ -259,6 +283,61 @@ class _SharedImageEncoder:
         self._output_type = type(output)
         self.images_encoded += len(grid_thw)
         return output
+
+
+@dataclass
+class _Prompt:
+    ids: list[int]
+    cache: Any                  # transformers DynamicCache holding exactly the prompt's tokens
+    rope_deltas: torch.Tensor   # Qwen2.5-VL's position offset for the tokens after the image
+
+
+class _PromptCache:
+    """KV caches of recent one-question prompts, by image: a follow-up question about the same frame prefills only
+    the part of its prompt that differs, its question (the system turn, the image and the instruction come first).
+
+    transformers continues generation from a cache whose tokens begin the new input_ids, placing the new tokens with
+    the rope offset that Qwen2.5-VL keeps from the last image it positioned (`rope_deltas` on the language model);
+    the offset stored with the prompt is put back first, since a call about another image may have changed it.
+    Only one-question calls are kept: in a left-padded batch the prompts do not start at the same position.
+    """
+
+    def __init__(self, owner: Any, kept: int):
+        self._owner = owner
+        self._kept = kept
+        self._prompts: OrderedDict[bytes, _Prompt] = OrderedDict()
+        self.tokens_reused = 0   # prompt tokens not prefilled again (benchmarks and tests read it)
+
+    def continuation(self, key: bytes, ids: list[int]) -> Optional[Any]:
+        """A cache of the longest prompt prefix shared with the last prompt about this image, or None."""
+        prompt = self._prompts.get(key)
+        if prompt is None:
+            return None
+        shared = next((i for i, (old, new) in enumerate(zip(prompt.ids, ids)) if old != new),
+                      min(len(prompt.ids), len(ids)))
+        shared = min(shared, len(ids) - 1)   # at least one token must be fed to get the first logits
+        if shared == 0:
+            return None
+        cache = copy.deepcopy(prompt.cache)
+        if shared < len(prompt.ids):
+            cache.crop(shared - len(prompt.ids))   # a negative count: drop that many tokens from the end
+        self._owner.rope_deltas = prompt.rope_deltas.clone()
+        self._prompts.move_to_end(key)
+        self.tokens_reused += shared
+        return cache
+
+    def store(self, key: bytes, ids: list[int], cache: Any) -> None:
+        """Keeps the prompt's part of a finished call's cache (copied out, so the answer's tokens are freed)."""
+        for layer in cache.layers:
+            layer.keys = layer.keys[..., : len(ids), :].clone()
+            layer.values = layer.values[..., : len(ids), :].clone()
+        self._prompts[key] = _Prompt(ids, cache, self._owner.rope_deltas.clone())
+        self._prompts.move_to_end(key)
+        while len(self._prompts) > self._kept:
+            self._prompts.popitem(last=False)
+
+    def clear(self) -> None:
+        self._prompts.clear()
 
 
 def _vision_tower(model: Any) -> torch.nn.Module:
