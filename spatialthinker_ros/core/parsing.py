@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence
 
 import json_repair
 
-from spatialthinker_ros.core.prompt import option_letter
+from spatialthinker_ros.core.prompt import option_letter, option_text
 from spatialthinker_ros.core.types import (
     AnswerStatus,
     Box,
@@ -298,7 +298,7 @@ def _short(value: Any, limit: int = 80) -> str:
 def _choose(answer: str, options: Sequence[str], problems: _Problems) -> str:
     """The option letter the answer names, or "" (never a default: guessing "A" would be a wrong answer)."""
     letters = [option_letter(i) for i in range(len(options))]
-    normalised = [_normalise(o) for o in options]
+    normalised = [_normalise(option_text(i, o)) for i, o in enumerate(options)]
     letter, rest = _leading_letter(answer)
     if letter in letters:
         text = _normalise(rest)

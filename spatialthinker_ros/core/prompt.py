@@ -7,6 +7,7 @@ this is the first place that sees the caller's question and options together.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -83,6 +84,13 @@ def option_letter(i: int) -> str:
     return _LETTERS[i]
 
 
+def option_text(i: int, option: str) -> str:
+    """The i-th option without a label of its own letter: callers often pass options already labelled ("(A) cat"),
+    and the prompt labels them itself, so "(A) (A) cat" would reach the model and its answer "cat" match nothing."""
+    match = re.match(rf"\s*\(\s*{option_letter(i)}\s*\)\s*", option, re.IGNORECASE)
+    return option[match.end():] if match else option
+
+
 def build_prompt(
     question: str,
     options: Sequence[str],
@@ -125,7 +133,7 @@ def _checked_options(options: Sequence[str], config: PromptConfig) -> list[str]:
     checked = []
     for i, option in enumerate(options):
         # One line per option keeps the inline "(A) ... (B) ..." list intact.
-        option = " ".join(option.split())
+        option = " ".join(option_text(i, option).split())
         if not option:
             raise InvalidRequest(f"option {option_letter(i)} is empty")
         if len(option) > config.max_option_chars:

@@ -181,6 +181,13 @@ def test_choice_forms(answer, choice):
     assert parsed.choice == choice
 
 
+@pytest.mark.parametrize("answer, choice", [("behind", "C"), ("(B) in front of", "B"), ("on top of", "A")])
+def test_options_passed_with_their_own_labels_match_answers_by_text(answer, choice):
+    parsed = parse_response(f"<answer>{answer}</answer>", ["(A) on top of", "(b)in front of", "( C ) behind"])
+    assert parsed.choice == choice
+    assert not [p for p in parsed.problems if "answer" in p], parsed.problems   # no mismatch, nothing unmatched
+
+
 @pytest.mark.parametrize("answer", ["D", "(D) beside", "I am not sure", "left of or right of", "e.g. something"])
 def test_no_default_choice_when_nothing_matches(answer):
     parsed = parse_response(f"<answer>{answer}</answer>", ["left of", "right of", "behind"])

@@ -82,6 +82,14 @@ def test_invalid_requests_are_rejected_with_a_reason(question, options, size, co
         build_prompt(question, options, size, config)
 
 
+def test_options_passed_with_their_own_labels_are_labelled_once():
+    prompt = build_prompt("Which is closer?", ["(A) the chair", "(b)lamp", "(A) table"], (640, 480))
+    # a label of another letter is part of the option's text
+    assert prompt.endswith("Which is closer? (A) the chair (B) lamp (C) (A) table")
+    with pytest.raises(InvalidRequest, match="option A is empty"):
+        build_prompt("Which is closer?", ["(A) ", "lamp"], (640, 480))
+
+
 def test_limits_are_inclusive():
     config = PromptConfig(max_question_chars=5, max_options=2, max_option_chars=3)
     assert build_prompt("12345", ["abc", "def"], (1, 1), config).endswith("12345 (A) abc (B) def")
