@@ -34,8 +34,9 @@ def keep_freed_frame_memory() -> str:
 
     With its defaults glibc keeps handing the 4-6 MB buffers of 1080p frames back and mapping them again, and the
     node, which holds several frames per camera, then takes ~8,000-10,000 page faults a second at 1080p30 and
-    1.27x the CPU of a bare subscriber, against 1.13x with this (bench/README.md). Returns what was done, for the log. It is left alone on other C
-    libraries and when the user set MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ (theirs then applies).
+    1.27x the CPU of a bare subscriber, against 1.13x with this (bench/README.md). Returns what was done, for the
+    log. It is left alone on other C libraries and when the user set MALLOC_MMAP_THRESHOLD_ or
+    MALLOC_TRIM_THRESHOLD_ (theirs then applies).
     """
     chosen = [name for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_") if name in os.environ]
     if chosen:

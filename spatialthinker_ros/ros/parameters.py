@@ -1,4 +1,4 @@
-"""Every node parameter: default, description, validation, and whether it applies live or at configure.
+"""Every node parameter: default, description, validation, and when a change applies.
 
 config/spatialthinker.yaml and the README list the same parameters; test_parameters.py keeps them in step.
 """
@@ -58,7 +58,7 @@ class ParamSpec:
     default: Any
     description: str
     check: Optional[Check] = None
-    live: bool = False           # True: a change applies to the next request; False: at the next configure
+    applies: str = "configure"   # when a change takes effect: "next request", "configure" or "start" (read once)
     int_range: Optional[tuple[int, int]] = None
     float_range: Optional[tuple[float, float]] = None
 
@@ -97,9 +97,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               int_range=(1, 67108864)),
     ParamSpec("queue_size", 8, "requests waiting for the model; more get ERROR_BUSY at once", int_range=(1, 10000)),
     ParamSpec("request_timeout", 300.0, "seconds from acceptance to answer, then ERROR_TIMEOUT",
-              float_range=(0.1, 86400.0), live=True),
+              float_range=(0.1, 86400.0), applies="next request"),
     ParamSpec("max_image_age", 1.0, "seconds; older camera frames get ERROR_STALE_IMAGE; 0 = no limit",
-              float_range=(0.0, 86400.0), live=True),
+              float_range=(0.0, 86400.0), applies="next request"),
     ParamSpec("cameras", ["default"],
               "camera names; 'default' reads image, depth, camera_info; X reads X/image, X/depth, X/camera_info",
               cameras_check),
@@ -111,21 +111,23 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("depth_scale", 0.001, "metres per unit of 16UC1 depth (0.001 = millimetres)",
               float_range=(1e-6, 10.0)),
     ParamSpec("depth_sync_tolerance", 0.05, "seconds between colour and paired depth stamps",
-              float_range=(0.0, 10.0), live=True),
+              float_range=(0.0, 10.0), applies="next request"),
     ParamSpec("keep_frame_memory", True, "reuse freed camera-frame buffers instead of returning them to the OS "
-              "(glibc; read at start): fewer page faults and less CPU at raw 1080p, up to 128 MiB kept free"),
-    ParamSpec("publish_debug_image", True, "publish ~/debug_image when someone subscribes", live=True),
-    ParamSpec("publish_markers", True, "publish ~/markers", live=True),
+              "(glibc): fewer page faults and less CPU at raw 1080p, up to 128 MiB kept free", applies="start"),
+    ParamSpec("publish_debug_image", True, "publish ~/debug_image when someone subscribes", applies="next request"),
+    ParamSpec("publish_markers", True, "publish ~/markers", applies="next request"),
     ParamSpec("marker_lifetime", 5.0, "seconds markers stay in RViz; 0 = forever", float_range=(0.0, 3600.0),
-              live=True),
-    ParamSpec("autostart", True, "configure and activate on start; false = wait for a lifecycle manager"),
+              applies="next request"),
+    ParamSpec("autostart", True, "configure and activate on start; false = wait for a lifecycle manager",
+              applies="start"),
 )
 BY_NAME = {spec.name: spec for spec in PARAMETERS}
+_WHEN = {"next request": "applies to the next request", "configure": "applies at the next configure",
+         "start": "read once when the node starts"}
 
 
 def descriptor(spec: ParamSpec) -> ParameterDescriptor:
-    when = "applies to the next request" if spec.live else "applies at the next configure"
-    d = ParameterDescriptor(name=spec.name, description=f"{spec.description} ({when})")
+    d = ParameterDescriptor(name=spec.name, description=f"{spec.description} ({_WHEN[spec.applies]})")
     if spec.int_range:
         d.integer_range = [IntegerRange(from_value=spec.int_range[0], to_value=spec.int_range[1], step=0)]
     if spec.float_range:

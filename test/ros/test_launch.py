@@ -7,6 +7,7 @@ launch_ros would pass, and a request through the remapped topics and namespace m
 
 import importlib.util
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -18,7 +19,7 @@ from rclpy.node import Node
 from rosutil import NODE_EXECUTABLE, CameraStreamer, spin_future, spin_until
 
 from spatialthinker_ros.launch_config import LAUNCH_ARGUMENTS, node_launch, ros_arguments
-from spatialthinker_ros.ros.parameters import PARAMETERS
+from spatialthinker_ros.ros.parameters import BY_NAME, PARAMETERS, descriptor
 from spatialthinker_ros.srv import AskSpatial
 
 REPO = Path(__file__).resolve().parents[2]
@@ -120,6 +121,11 @@ def test_shipped_params_file_matches_the_declared_parameters():
     readme = (REPO / "README.md").read_text()
     for spec in PARAMETERS:
         assert f"`{spec.name}`" in readme, f"README does not document parameter {spec.name}"
+        row = re.search(rf"^\| `{spec.name}` \| [^|]+ \| ([^|]+) \|", readme, re.MULTILINE)
+        assert row and row.group(1).strip() == spec.applies, f"README says {spec.name} applies {row and row.group(1)}"
+    # `ros2 param describe` tells the same: a parameter read once at start does not claim to apply at configure
+    assert descriptor(BY_NAME["keep_frame_memory"]).description.endswith("(read once when the node starts)")
+    assert descriptor(BY_NAME["max_image_age"]).description.endswith("(applies to the next request)")
 
 
 def test_launch_arguments_drive_the_real_node(spawn, ros_context, tmp_path):
