@@ -1,8 +1,6 @@
 """Relations checked against the 3D positions: vocabulary, margin rule, verdicts, and the pipeline's use of them."""
 
-import json
 from dataclasses import replace
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -10,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import spatialthinker_ros
+from sample_relations import DATA, EXPECTED, META, MODEL_BOXES, SAMPLE_ANSWER, answer_about
+
 from spatialthinker_ros.core.annotate import draw_scene
 from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage
 from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, prepare_request
@@ -20,8 +19,6 @@ from spatialthinker_ros.core.types import (AnswerStatus, Box, InferenceResult, P
                                            SceneGraph, SceneObject, SceneRelation)
 
 C = RelationCheck
-DATA = Path(spatialthinker_ros.__file__).parent / "data"
-META = json.loads((DATA / "sample_scene.json").read_text())
 CAM = META["camera"]
 SAMPLE_K = CameraIntrinsics(CAM["fx"], CAM["fy"], CAM["cx"], CAM["cy"], CAM["width"], CAM["height"])
 NO_NOISE = RelationCheckConfig(margin_m=0.02, extent_fraction=0.25, depth_noise_per_m=0.0)
@@ -196,13 +193,6 @@ def sample_inputs():
     return rgb, depth_mm
 
 
-def answer_about(boxes: dict, relations, answer="(A) left of") -> str:
-    scene = {"objects": [{"id": k, "bbox": v} for k, v in boxes.items()],
-             "relationships": [{"subject": s, "predicate": p, "object": o} for s, p, o in relations]}
-    return (f"<observe>A table.</observe><scene>{json.dumps(scene)}</scene><think>Look.</think>"
-            f"<answer>{answer}</answer>")
-
-
 def finish(rgb, depth_mm, text, config=PipelineConfig(), with_depth=True):
     request = prepare_request(rgb, "Where is the mug relative to the plate?", ["left of", "right of"], config)
     depth = DepthImage.from_sensor(depth_mm, "16UC1") if with_depth else None
@@ -230,22 +220,10 @@ def test_mirroring_the_image_and_depth_swaps_every_left_of_verdict(boxes):
 
 # ---- through the pipeline, on the bundled sample scene (known object positions) -----------------------------
 
-MODEL_BOXES = {name: META["objects"][name]["model_box"] for name in ("mug.1", "plate.1", "book.1", "table.1")}
-SAMPLE_RELATIONS = [
-    ("mug.1", "left of", "plate.1"),          # true: the mug stands 0.26 m left of the plate
-    ("book.1", "in front of", "plate.1"),     # false: the book lies 0.29 m further back
-    ("plate.1", "in front of", "mug.1"),      # borderline: 0.06 m, within the objects' depth extents
-    ("mug.1", "on top of", "table.1"),        # vertical: never checked
-    ("mug.1", "next to", "plate.1"),          # outside the vocabulary
-]
-
-
 def test_the_sample_scene_gives_each_relation_its_verdict_and_names_the_contradiction():
     rgb, depth_mm = sample_inputs()
-    result = finish(rgb, depth_mm, answer_about(MODEL_BOXES, SAMPLE_RELATIONS))
-    checks = [(r.subject, r.predicate, r.object, r.check) for r in result.scene.relations]
-    assert checks == [(*r, v) for r, v in zip(SAMPLE_RELATIONS, (C.CONSISTENT, C.CONTRADICTED, C.UNCERTAIN,
-                                                                 C.NOT_CHECKED, C.NOT_CHECKED))]
+    result = finish(rgb, depth_mm, SAMPLE_ANSWER)
+    assert [r.check.name for r in result.scene.relations] == EXPECTED
     contradicted = result.scene.relations[1]
     assert contradicted.check_note.startswith("book.1 z=1.06 m, plate.1 z=0.79 m (difference 0.27 m")
     # the answer is untouched; the status still says how complete the output was; the message names it
@@ -275,7 +253,7 @@ def test_the_same_relation_with_and_without_depth_and_with_a_box_without_valid_d
 def test_checks_off_in_the_pipeline_config():
     rgb, depth_mm = sample_inputs()
     config = PipelineConfig(relations=RelationCheckConfig(enabled=False))
-    result = finish(rgb, depth_mm, answer_about(MODEL_BOXES, SAMPLE_RELATIONS), config)
+    result = finish(rgb, depth_mm, SAMPLE_ANSWER, config)
     assert {r.check for r in result.scene.relations} == {C.NOT_CHECKED}
     assert result.parsed.status_message == ""
 
@@ -283,7 +261,7 @@ def test_checks_off_in_the_pipeline_config():
 def test_a_larger_base_margin_turns_the_contradiction_uncertain():
     rgb, depth_mm = sample_inputs()
     config = PipelineConfig(relations=RelationCheckConfig(margin_m=0.5))
-    relations = finish(rgb, depth_mm, answer_about(MODEL_BOXES, SAMPLE_RELATIONS), config).scene.relations
+    relations = finish(rgb, depth_mm, SAMPLE_ANSWER, config).scene.relations
     assert [r.check for r in relations[:3]] == [C.UNCERTAIN] * 3
 
 
