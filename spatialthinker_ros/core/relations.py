@@ -42,6 +42,7 @@ check_note, and the pipeline names contradicted relations in the status message.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, replace
@@ -108,6 +109,7 @@ VERDICT_COLOURS = {RelationCheck.NOT_CHECKED: (255, 255, 255), RelationCheck.CON
                    RelationCheck.CONTRADICTED: (235, 30, 30), RelationCheck.UNCERTAIN: (250, 190, 0)}
 
 
+@functools.lru_cache(maxsize=4096)   # a model repeats a handful of predicates; answers are checked often
 def normalise_predicate(predicate: str) -> str:
     """Lower case, underscores and hyphens as spaces, single spaces, no leading "is"/"located" or trailing dot."""
     text = _SEPARATORS.sub(" ", predicate.lower()).strip(" .,;:")
@@ -142,7 +144,7 @@ def check_relation(relation: SceneRelation, objects: Mapping[str, SceneObject],
                    config: RelationCheckConfig = RelationCheckConfig(), has_depth: bool = True) -> SceneRelation:
     """The relation with its verdict and the note behind it (see the module docstring for the rule)."""
     verdict, note = _verdict(relation, objects, config, has_depth)
-    return replace(relation, check=verdict, check_note=note)
+    return SceneRelation(relation.subject, relation.predicate, relation.object, verdict, note)
 
 
 def contradictions(scene: SceneGraph) -> list[str]:
