@@ -38,6 +38,8 @@ from typing import Any, Callable, Optional, Sequence
 import cv2
 import numpy as np
 
+from spatialthinker_ros.core.relations import VERDICT_WORDS
+from spatialthinker_ros.core.types import RelationCheck
 from spatialthinker_ros.launch_config import parameter_arguments
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -356,7 +358,8 @@ def scene_from_msg(graph: Any) -> Any:
             position = Position3D(o.position.x, o.position.y, o.position.z, o.size.x, o.size.y, o.size.z)
         objects.append(SceneObject(id=o.id, label=o.label, box=Box(o.x_min, o.y_min, o.x_max, o.y_max),
                                    position=position))
-    relations = tuple(SceneRelation(r.subject, r.predicate, r.object) for r in graph.relations)
+    relations = tuple(SceneRelation(r.subject, r.predicate, r.object, RelationCheck(r.check), r.check_note)
+                      for r in graph.relations)
     return SceneGraph(objects=tuple(objects), relations=relations, image_size=(graph.image_width, graph.image_height))
 
 
@@ -391,7 +394,8 @@ def answer_dict(answer: Any, how: str, round_trip: float) -> dict[str, Any]:
         "observation": answer.observation,
         "reasoning": answer.reasoning,
         "objects": objects,
-        "relations": [[r.subject, r.predicate, r.object] for r in answer.scene_graph.relations],
+        "relations": [[r.subject, r.predicate, r.object, VERDICT_WORDS[RelationCheck(r.check)], r.check_note]
+                      for r in answer.scene_graph.relations],
         "image_size": [answer.scene_graph.image_width, answer.scene_graph.image_height],
         "frame_id": answer.header.frame_id,
         "model": answer.model,
@@ -439,8 +443,8 @@ def print_answer(summary: dict[str, Any], image_path: Path, tiny: bool) -> None:
             print(line)
     else:
         print("    objects     (none)")
-    for subject, predicate, obj in summary["relations"]:
-        print(f"    relation    {subject} --{predicate}--> {obj}")
+    for subject, predicate, obj, check, note in summary["relations"]:
+        print(f"    relation    {subject} --{predicate}--> {obj}   depth check: {check} ({note})")
     print(f"    tokens      {summary['prompt_tokens']} prompt + {summary['completion_tokens']} generated;  "
           f"model time {summary['inference_s']:.2f} s, round trip {summary['round_trip_s']:.2f} s;  "
           f"model {summary['model']}")
