@@ -1,7 +1,9 @@
 """spatialthinker-ask: one spatial question about one image file, answered as JSON on stdout, without ROS.
 
-It runs the node's own pipeline (prepare_request -> backend -> finish_result), so what it prints is what the
-node would answer for the same frame: try a model, a server, a prompt style or a depth setup here first.
+It runs the node's own pipeline (prepare_request -> backend -> finish_result) under the node's own request rules
+(core/request.py: the same bad request gets the same error code and message), so what it prints is what the
+node would answer for the same frame: try a model, a server, a prompt style or a depth setup here first. Options
+that set one of the node's parameters have its name (--max-pixels is max_pixels, ...) and its default.
 
 Exit codes: 0 answered (whatever the answer's status), 2 bad usage or input, 3 the backend failed,
 130 interrupted. Expected errors print one line on stderr, never a traceback.
@@ -26,27 +28,25 @@ import numpy as np
 
 from spatialthinker_ros.core.backends import BACKEND_NAMES, create_backend
 from spatialthinker_ros.core.backends.base import Backend, GenerationConfig
+from spatialthinker_ros.core.backends.openai_backend import OpenAIConfig
+from spatialthinker_ros.core.backends.settings import DEFAULT_MODEL, TransformersConfig, applies_to, backend_settings
 from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage
-from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, prepare_request
+from spatialthinker_ros.core.pipeline import (PipelineConfig, answer_dict, check_image, finish_result, prepare_request,
+                                              smaller_request)
 from spatialthinker_ros.core.prompt import STYLES, PromptConfig
 from spatialthinker_ros.core.relations import RelationCheckConfig
-from spatialthinker_ros.core.types import (BackendError, BackendErrorKind, InferenceRequest, InferenceResult,
-                                           InvalidRequest, SpatialResult)
-from spatialthinker_ros.core.validation import validate_model_reference, validate_server_url
+from spatialthinker_ros.core.request import ErrorCode, RequestError, answered, check_question, depth_aspect_mismatch
+from spatialthinker_ros.core.types import BackendError, InferenceRequest, InferenceResult, SpatialResult
+from spatialthinker_ros.core.validation import validate_model_reference
 
 PROG = "spatialthinker-ask"
 EXIT_OK, EXIT_USAGE, EXIT_BACKEND, EXIT_INTERRUPTED = 0, 2, 3, 130
-DEFAULT_MODEL = "OX-PIXL/SpatialThinker-7B"
 _FLAT = re.compile(r"([\[{])\n\s+([^\[\]{}]*?)\n\s*([\]}])")   # a list or object holding no other
-ASPECT_TOLERANCE = 0.02   # as the node: depth and colour must show the same field of view
+_BACKEND_ONLY = ("model", "device", "server_url", "replay_file", "max_pixels")   # options some backends ignore
 
 
 class UsageError(Exception):
     """Bad command line or input file: exit 2 with this message."""
-
-
-class _Abandoned(BackendError):
-    """The timeout passed while the backend was still generating on its thread."""
 
 
 EPILOG = """\
@@ -88,10 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop once the scene graph is complete (no reasoning or answer): faster")
     ask.add_argument("--prompt-style", choices=STYLES, default="model_card",
                      help="model_card: the model card's template (default); training: the training prompt")
-    ask.add_argument("--max-pixels", type=int, default=PipelineConfig().max_input_pixels, metavar="N",
+    ask.add_argument("--max-input-pixels", type=int, default=PipelineConfig().max_input_pixels, metavar="N",
                      help="larger images are downscaled (aspect kept) before the model sees them; the prompt "
-                          "states that size and boxes are mapped back to the image's pixels "
-                          "(default %(default)d, the node's max_input_pixels)")
+                          "states that size and boxes are mapped back to the image's pixels (default %(default)d)")
+    ask.add_argument("--max-question-chars", type=int, default=PromptConfig().max_question_chars, metavar="N",
+                     help="longer questions are refused (default %(default)d)")
+    ask.add_argument("--max-request-image-pixels", type=int, default=PipelineConfig().max_request_image_pixels,
+                     metavar="N", help="larger images are refused (default %(default)d)")
 
     model = parser.add_argument_group("model")
     model.add_argument("--backend", choices=BACKEND_NAMES, default="transformers",
@@ -99,19 +102,23 @@ def build_parser() -> argparse.ArgumentParser:
                             "replay: recorded answers from --replay-file (default %(default)s)")
     model.add_argument("--model", metavar="M",
                        help=f"transformers: hub id or checkpoint directory; openai: the name the server serves "
-                            f"the model under (default {DEFAULT_MODEL}); replay: the name to report")
+                            f"the model under (default {DEFAULT_MODEL})")
     model.add_argument("--device", metavar="D",
                        help="transformers: auto (default; cuda when available), cpu, cuda or cuda:N")
     model.add_argument("--server-url", metavar="URL",
-                       help="openai: base URL of the server (default http://127.0.0.1:8000/v1); the API key, if "
-                            "any, goes in $SPATIALTHINKER_API_KEY, never in the URL")
+                       help=f"openai: base URL of the server (default {OpenAIConfig().server_url}); the API key, if "
+                            f"any, goes in ${OpenAIConfig().api_key_env}, never in the URL")
     model.add_argument("--replay-file", type=Path, metavar="F",
                        help='replay: JSON Lines of {"question": ..., "response": ...}; the question must match exactly')
     model.add_argument("--max-new-tokens", type=int, default=GenerationConfig().max_new_tokens, metavar="N",
                        help="generation limit (default %(default)d, as the authors' evaluation)")
+    model.add_argument("--max-pixels", type=int, metavar="N",
+                       help="the image processor's max_pixels (image tokens = pixels / 784): transformers applies "
+                            "it in-process; openai sends larger frames downscaled to it, and the prompt states "
+                            f"the size sent (default {TransformersConfig().max_pixels})")
     model.add_argument("--timeout", type=float, metavar="S",
                        help="give up when no answer arrives within S seconds once the model is loaded "
-                            "(default: no limit; openai: 120 s per request)")
+                            f"(default: no limit; openai: {OpenAIConfig().timeout_s:g} s per request)")
 
     depth = parser.add_argument_group("3D positions (optional)")
     depth.add_argument("--depth", type=Path, metavar="FILE",
@@ -149,10 +156,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         print(to_json(run(args)))
         return EXIT_OK
-    except (UsageError, InvalidRequest) as exc:
+    except UsageError as exc:
         return _fail(f"error: {exc}", EXIT_USAGE)
-    except BackendError as exc:
-        return _fail(f"backend error ({exc.kind.value}): {exc}", EXIT_BACKEND)
+    except RequestError as exc:        # the node answers these with the same code and message
+        return _fail(f"error ({exc.code.value}): {exc}",
+                     EXIT_USAGE if exc.code is ErrorCode.INVALID_REQUEST else EXIT_BACKEND)
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERRUPTED)
 
@@ -160,66 +168,75 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Validate everything cheap first, so a typo fails in milliseconds rather than after loading 15 GB."""
     started = time.perf_counter()
-    settings = backend_settings(args)
-    rgb = read_image(args.image)
-    height, width = rgb.shape[:2]
-    depth, intrinsics = read_depth_and_intrinsics(args, (width, height))
-    if args.annotate is not None:
-        check_writable_image(args.annotate)
+    settings = backend_settings(args.backend, _setting_values(args))
     try:
-        config = PipelineConfig(prompt=PromptConfig(style=args.prompt_style), max_input_pixels=args.max_pixels,
+        prompt = PromptConfig(style=args.prompt_style, max_question_chars=args.max_question_chars)
+        config = PipelineConfig(prompt=prompt, max_input_pixels=args.max_input_pixels,
+                                max_request_image_pixels=args.max_request_image_pixels,
                                 relations=RelationCheckConfig(enabled=args.check_relations,
                                                               margin_m=args.relation_margin))
     except ValueError as exc:
         raise UsageError(exc) from None
-    request = prepare_request(rgb, args.question, args.options, config, scene_only=args.scene_only)
+    asked = check_question(args.question, args.options, config.prompt)
+    rgb = read_image(args.image)
+    check_image(rgb, config)
+    height, width = rgb.shape[:2]
+    depth, intrinsics = read_depth_and_intrinsics(args, (width, height))
+    if args.annotate is not None:
+        check_writable_image(args.annotate)
 
     loading = time.perf_counter()
     backend = load_backend(args.backend, settings)
     load_seconds = time.perf_counter() - loading
+    config = config.for_backend(backend)
     try:
-        inference = generate(backend, request, args.timeout)
+        request = prepare_request(rgb, args.question, args.options, config, scene_only=args.scene_only, asked=asked)
+        outcome = generate(backend, request, args.timeout)
+        smaller = smaller_request(request, rgb, config, outcome)
+        if smaller is not None:
+            logging.getLogger(PROG).warning("out of memory: retrying with a smaller image")
+            request, outcome = smaller, generate(backend, smaller, args.timeout)
     except _Abandoned:
         raise                          # the overrunning generation still uses the model: process exit frees it
     except BaseException:
         backend.close()
         raise
     backend.close()
-    result = finish_result(request, inference, args.options, camera_size=(width, height), depth=depth,
-                           intrinsics=intrinsics, config=config)
+    result = finish_result(request, answered(outcome, backend.name), args.options, camera_size=(width, height),
+                           depth=depth, intrinsics=intrinsics, config=config)
     if args.annotate is not None:
         write_annotated(args.annotate, rgb, result)
-    return result_json(result, args, backend.name, load_seconds, time.perf_counter() - started)
+    return answer_dict(result.parsed, result.inference, args.question, args.options) | {
+        "model_image_size": list(result.model_image_size),
+        "backend": backend.name,
+        "load_seconds": round(load_seconds, 3),
+        "total_seconds": round(time.perf_counter() - started, 3),
+        "annotated": str(args.annotate) if args.annotate is not None else None,
+    }
 
 
-def backend_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """create_backend settings for the chosen backend; options meant for another backend are refused."""
-    only = {"device": "transformers", "server_url": "openai", "replay_file": "replay"}
-    for option, backend in only.items():
-        if getattr(args, option) is not None and args.backend != backend:
-            raise UsageError(f"--{option.replace('_', '-')} only applies to --backend {backend}")
+def _setting_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The options that set a backend, named as the node's parameters; an option the backend ignores is refused."""
+    for option in _BACKEND_ONLY:
+        backends = applies_to(option)
+        if getattr(args, option) is not None and args.backend not in backends:
+            raise UsageError(f"--{option.replace('_', '-')} only applies to --backend {' or '.join(backends)}")
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
     if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
         raise UsageError(f"--timeout must be a positive number of seconds, not {args.timeout}")
-    generation = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    if args.backend == "replay":
+        if args.replay_file is None:
+            raise UsageError("--backend replay needs --replay-file")
+        return dict(replay_file=str(args.replay_file))
     try:
-        if args.backend == "replay":
-            if args.replay_file is None:
-                raise UsageError("--backend replay needs --replay-file")
-            return dict(replay_file=str(args.replay_file), model=args.model or "replay")
         model = validate_model_reference(args.model or DEFAULT_MODEL)
-        if args.backend == "openai":
-            settings = dict(model=model, generation=generation,
-                            server_url=validate_server_url(args.server_url or "http://127.0.0.1:8000/v1"))
-            if args.timeout is not None:
-                settings["timeout_s"] = args.timeout
-            return settings
-        if model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
-            raise UsageError(f"--model {model}: no such checkpoint directory")
-        return dict(model=model, device=args.device or "auto", generation=generation)
     except ValueError as exc:
         raise UsageError(exc) from None
+    if args.backend == "transformers" and model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
+        raise UsageError(f"--model {model}: no such checkpoint directory")
+    return dict(model=model, device=args.device, server_url=args.server_url, max_new_tokens=args.max_new_tokens,
+                server_timeout=args.timeout, max_pixels=args.max_pixels)
 
 
 def load_backend(name: str, settings: dict[str, Any]) -> Backend:
@@ -232,8 +249,14 @@ def load_backend(name: str, settings: dict[str, Any]) -> Backend:
         raise UsageError(f"cannot load the {name} backend: {exc}") from None
 
 
-def generate(backend: Backend, request: InferenceRequest, timeout: Optional[float]) -> InferenceResult:
-    """One answer; with a timeout the generation runs on a daemon thread that is abandoned if it overruns."""
+class _Abandoned(RequestError):
+    """The timeout passed while the backend was still generating on its thread."""
+
+    code = ErrorCode.TIMEOUT
+
+
+def generate(backend: Backend, request: InferenceRequest, timeout: Optional[float]) -> InferenceResult | BackendError:
+    """One outcome; with a timeout the generation runs on a daemon thread that is abandoned if it overruns."""
     outcome: list[Any] = []
 
     def work() -> None:
@@ -249,9 +272,9 @@ def generate(backend: Backend, request: InferenceRequest, timeout: Optional[floa
         worker.start()
         worker.join(timeout)
         if worker.is_alive():
-            raise _Abandoned(BackendErrorKind.TIMEOUT, f"no answer within {timeout:g} s")
+            raise _Abandoned(f"no answer within {timeout:g} s")
     [answer] = outcome
-    if isinstance(answer, BaseException):
+    if isinstance(answer, BaseException) and not isinstance(answer, BackendError):
         raise answer
     return answer
 
@@ -336,10 +359,9 @@ def read_depth_and_intrinsics(
         raise UsageError(f"--depth needs the camera intrinsics: --{' --'.join(missing)} missing")
     depth = read_depth(args.depth, args.depth_scale)
     width, height = image_size
-    depth_h, depth_w = depth.shape
-    if abs(width / height - depth_w / depth_h) > ASPECT_TOLERANCE * width / height:
-        raise UsageError(f"depth {depth_w}x{depth_h} does not have the aspect of image {width}x{height}: it must "
-                         "be registered to the colour image (same field of view)")
+    mismatch = depth_aspect_mismatch(image_size, (depth.shape[1], depth.shape[0]))
+    if mismatch:
+        raise UsageError(f"{mismatch}: it must be registered to the colour image (same field of view)")
     try:
         intrinsics = CameraIntrinsics(fx=given["fx"], fy=given["fy"], cx=given["cx"], cy=given["cy"],
                                       width=width, height=height)
@@ -369,51 +391,6 @@ def write_annotated(path: Path, rgb: np.ndarray, result: SpatialResult) -> None:
         raise UsageError(f"cannot write annotated image {path}: {' '.join(str(exc).split())}") from None
     if not written:
         raise UsageError(f"cannot write annotated image {path}")
-
-
-def result_json(result: SpatialResult, args: argparse.Namespace, backend: str, load_seconds: float,
-                total_seconds: float) -> dict[str, Any]:
-    parsed, inference = result.parsed, result.inference
-    objects = []
-    for obj in parsed.scene.objects:
-        box = obj.box
-        entry: dict[str, Any] = {
-            "id": obj.id,
-            "label": obj.label,
-            "box": [round(v, 2) for v in (box.x_min, box.y_min, box.x_max, box.y_max)],
-            "position_m": None,
-            "size_m": None,
-        }
-        if obj.position is not None:
-            p = obj.position
-            entry["position_m"] = {"x": round(p.x, 4), "y": round(p.y, 4), "z": round(p.z, 4)}
-            entry["size_m"] = {"x": round(p.size_x, 4), "y": round(p.size_y, 4), "z": round(p.size_z, 4)}
-        objects.append(entry)
-    return {
-        "question": args.question,
-        "options": list(args.options),
-        "answer": parsed.answer,
-        "choice": parsed.choice,
-        "status": parsed.status.name.lower(),
-        "status_message": parsed.status_message,
-        "observation": parsed.observation,
-        "reasoning": parsed.reasoning,
-        "objects": objects,
-        "relations": [{"subject": r.subject, "predicate": r.predicate, "object": r.object,
-                       "check": r.check.name.lower(), "check_note": r.check_note}
-                      for r in parsed.scene.relations],
-        "image_size": list(parsed.scene.image_size),
-        "model_image_size": list(result.model_image_size),
-        "backend": backend,
-        "model": inference.model,
-        "prompt_tokens": inference.prompt_tokens,
-        "completion_tokens": inference.completion_tokens,
-        "seconds": round(inference.seconds, 3),
-        "load_seconds": round(load_seconds, 3),
-        "total_seconds": round(total_seconds, 3),
-        "annotated": str(args.annotate) if args.annotate is not None else None,
-        "raw_response": inference.text,
-    }
 
 
 def to_json(result: dict[str, Any]) -> str:

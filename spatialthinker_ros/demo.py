@@ -38,8 +38,6 @@ from typing import Any, Callable, Optional, Sequence
 import cv2
 import numpy as np
 
-from spatialthinker_ros.core.relations import VERDICT_WORDS
-from spatialthinker_ros.core.types import RelationCheck
 from spatialthinker_ros.launch_config import parameter_arguments
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -347,75 +345,43 @@ def stage_name(action: Any, stage: int) -> str:
     return names.get(stage, f"stage {stage}")
 
 
-def scene_from_msg(graph: Any) -> Any:
-    """The core SceneGraph of a SceneGraph message, to draw it with core.annotate (the node's own drawing)."""
-    from spatialthinker_ros.core.types import Box, Position3D, SceneGraph, SceneObject, SceneRelation
-
-    objects = []
-    for o in graph.objects:
-        position = None
-        if o.has_position:
-            position = Position3D(o.position.x, o.position.y, o.position.z, o.size.x, o.size.y, o.size.z)
-        objects.append(SceneObject(id=o.id, label=o.label, box=Box(o.x_min, o.y_min, o.x_max, o.y_max),
-                                   position=position))
-    relations = tuple(SceneRelation(r.subject, r.predicate, r.object, RelationCheck(r.check), r.check_note)
-                      for r in graph.relations)
-    return SceneGraph(objects=tuple(objects), relations=relations, image_size=(graph.image_width, graph.image_height))
-
-
 def save_annotated(path: Path, rgb: np.ndarray, answer: Any) -> None:
     from spatialthinker_ros.core.annotate import draw_scene
+    from spatialthinker_ros.ros.conversions import scene_graph_from_msg
 
-    caption = answer.answer or STATUS_NAMES.get(answer.status, "no answer").lower()
-    canvas = draw_scene(rgb, scene_from_msg(answer.scene_graph), caption)
+    caption = answer.answer or answer_status(answer)
+    canvas = draw_scene(rgb, scene_graph_from_msg(answer.scene_graph), caption)
     if not cv2.imwrite(str(path), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR)):
         raise DemoFailure(f"could not write {path}")
 
 
-STATUS_NAMES = {0: "COMPLETE", 1: "PARTIAL", 2: "NO_ANSWER"}
+def answer_status(answer: Any) -> str:
+    from spatialthinker_ros.core.types import AnswerStatus
+
+    return AnswerStatus(answer.status).name.lower()
 
 
-def answer_dict(answer: Any, how: str, round_trip: float) -> dict[str, Any]:
-    objects = []
-    for o in answer.scene_graph.objects:
-        entry = {"id": o.id, "label": o.label, "box": [round(v, 1) for v in (o.x_min, o.y_min, o.x_max, o.y_max)]}
-        if o.has_position:
-            entry["position_m"] = [round(v, 3) for v in (o.position.x, o.position.y, o.position.z)]
-            entry["size_m"] = [round(v, 3) for v in (o.size.x, o.size.y, o.size.z)]
-        objects.append(entry)
-    return {
-        "asked_by": how,
-        "question": answer.question,
-        "options": list(answer.options),
-        "answer": answer.answer,
-        "choice": answer.choice,
-        "status": STATUS_NAMES.get(answer.status, str(answer.status)),
-        "status_message": answer.status_message,
-        "observation": answer.observation,
-        "reasoning": answer.reasoning,
-        "objects": objects,
-        "relations": [[r.subject, r.predicate, r.object, VERDICT_WORDS[RelationCheck(r.check)], r.check_note]
-                      for r in answer.scene_graph.relations],
-        "image_size": [answer.scene_graph.image_width, answer.scene_graph.image_height],
-        "frame_id": answer.header.frame_id,
-        "model": answer.model,
-        "prompt_tokens": answer.prompt_tokens,
-        "completion_tokens": answer.completion_tokens,
-        "inference_s": round(answer.inference_time.sec + answer.inference_time.nanosec * 1e-9, 3),
-        "round_trip_s": round(round_trip, 3),
-        "raw_response": answer.raw_response,
-    }
+def summarize(answer: Any, how: str, round_trip: float) -> dict[str, Any]:
+    """The core's answer_dict (what spatialthinker-ask prints), with how it was asked and the round trip."""
+    from spatialthinker_ros.core.pipeline import answer_dict
+    from spatialthinker_ros.ros.conversions import answer_from_msg
+
+    parsed, inference = answer_from_msg(answer)
+    return {"asked_by": how, **answer_dict(parsed, inference, answer.question, answer.options),
+            "frame_id": answer.header.frame_id, "round_trip_s": round(round_trip, 3)}
 
 
 def _wrap(label: str, text: str, limit: int = 400) -> str:
-    text = " ".join(text.split())
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return textwrap.fill(text, width=100, initial_indent=f"    {label:<12}", subsequent_indent=" " * 16)
+    from spatialthinker_ros.core.text import excerpt
+
+    return textwrap.fill(excerpt(text, limit), width=100, initial_indent=f"    {label:<12}", subsequent_indent=" " * 16)
 
 
 def print_answer(summary: dict[str, Any], image_path: Path, tiny: bool) -> None:
-    options = " ".join(f"({chr(65 + i)}) {o}" for i, o in enumerate(summary["options"]))
+    from spatialthinker_ros.core.prompt import option_letter
+    from spatialthinker_ros.core.text import excerpt
+
+    options = " ".join(f"({option_letter(i)}) {o}" for i, o in enumerate(summary["options"]))
     print(f"  Q [{summary['asked_by']}]: {summary['question']}" + (f"  {options}" if options else ""))
     choice = f"   choice {summary['choice']}" if summary["choice"] else ""
     print(f"    answer      {summary['answer'] or '(none)'}{choice}   status {summary['status']}")
@@ -426,7 +392,7 @@ def print_answer(summary: dict[str, Any], image_path: Path, tiny: bool) -> None:
     if summary["reasoning"]:
         print(_wrap("reasoning", summary["reasoning"]))
     if tiny:
-        print(f"    raw output  {summary['raw_response'][:120]!r}{'...' if len(summary['raw_response']) > 120 else ''}")
+        print(f"    raw output  {excerpt(summary['raw_response'], 120)!r}")
     width, height = summary["image_size"]
     if summary["objects"]:
         print(f"    objects     boxes in {width}x{height} image pixels; 3D centre and size in metres, "
@@ -434,19 +400,20 @@ def print_answer(summary: dict[str, Any], image_path: Path, tiny: bool) -> None:
         for o in summary["objects"]:
             box = ", ".join(f"{v:.0f}" for v in o["box"])
             line = f"      {o['id']:<14} box [{box}]"
-            if "position_m" in o:
-                x, y, z = o["position_m"]
-                sx, sy, sz = o["size_m"]
+            if o["position_m"] is not None:
+                x, y, z = o["position_m"].values()
+                sx, sy, sz = o["size_m"].values()
                 line = f"{line:<48} centre ({x:+.2f}, {y:+.2f}, {z:.2f})  size {sx:.2f} x {sy:.2f} x {sz:.2f}"
             else:
                 line += "  (no 3D position)"
             print(line)
     else:
         print("    objects     (none)")
-    for subject, predicate, obj, check, note in summary["relations"]:
-        print(f"    relation    {subject} --{predicate}--> {obj}   depth check: {check} ({note})")
+    for r in summary["relations"]:
+        print(f"    relation    {r['subject']} --{r['predicate']}--> {r['object']}   depth check: "
+              f"{r['check'].replace('_', ' ')} ({r['check_note']})")
     print(f"    tokens      {summary['prompt_tokens']} prompt + {summary['completion_tokens']} generated;  "
-          f"model time {summary['inference_s']:.2f} s, round trip {summary['round_trip_s']:.2f} s;  "
+          f"model time {summary['seconds']:.2f} s, round trip {summary['round_trip_s']:.2f} s;  "
           f"model {summary['model']}")
     print(f"    image       {image_path}")
 
@@ -512,7 +479,7 @@ def run_part(part: Part, context: Any, camera: Camera, sample: Sample, output: P
             round_trip = time.monotonic() - asked
             if not outcome.success:
                 raise DemoFailure(f"the {how} request failed: error {outcome.error_code}: {outcome.message}")
-            summary = answer_dict(outcome.answer, how, round_trip)
+            summary = summarize(outcome.answer, how, round_trip)
             image_path = output / f"{part.name}_{how}.png"
             save_annotated(image_path, sample.rgb, outcome.answer)
             summary["annotated_image"] = str(image_path)
@@ -537,10 +504,10 @@ def run_part(part: Part, context: Any, camera: Camera, sample: Sample, output: P
 
 def check_meaningful(summary: dict[str, Any], question: dict[str, Any]) -> None:
     """The replay part must show what the node does with a good answer; anything less is a bug worth failing on."""
-    if summary["status"] != "COMPLETE" or summary["answer"] != question["answer"]:
+    if summary["status"] != "complete" or summary["answer"] != question["answer"]:
         raise DemoFailure(f"the recorded answer came back as {summary['status']} {summary['answer']!r} "
                           f"({summary['status_message']})")
-    if not summary["objects"] or any("position_m" not in o for o in summary["objects"]):
+    if not summary["objects"] or any(o["position_m"] is None for o in summary["objects"]):
         raise DemoFailure("the recorded answer's objects did not all get 3D positions from the depth image")
 
 

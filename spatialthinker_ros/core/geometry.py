@@ -93,9 +93,9 @@ class CameraIntrinsics:
 class DepthImage:
     """A depth image as the sensor sent it, read in metres only where it is used.
 
-    The 3D lift reads a strided sample of each box, so converting the whole frame first would be wasted work:
-    ~2 ms per request for a 1080p 16UC1 frame against ~0.1 ms for a few boxes (bench/README.md). `raw` is
-    never written to, so it may be a view of a ROS message's buffer.
+    The 3D lift reads a strided sample of each box, so converting the whole frame first would be wasted work
+    (measured in bench/README.md, "The fast path"). `raw` is never written to, so it may be a view of a ROS
+    message's buffer.
     """
 
     raw: np.ndarray   # H x W: integer units of `scale` metres, or float metres (scale 1)

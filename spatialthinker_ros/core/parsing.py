@@ -30,6 +30,7 @@ from typing import Any, Optional, Sequence
 import json_repair
 
 from spatialthinker_ros.core.prompt import option_letter, option_text
+from spatialthinker_ros.core.text import excerpt
 from spatialthinker_ros.core.types import (
     AnswerStatus,
     Box,
@@ -228,7 +229,7 @@ def _parse_objects(raw: list, problems: _Problems) -> tuple[SceneObject, ...]:
     for item in raw[:MAX_OBJECTS]:
         obj_id = item.get("id") if isinstance(item, dict) else None
         if not isinstance(obj_id, str) or not obj_id.strip():
-            problems.loss(f"object without an id dropped: {_short(item)}")
+            problems.loss(f"object without an id dropped: {excerpt(repr(item), 80)}")
             continue
         obj_id = obj_id.strip()
         if obj_id in objects:
@@ -248,7 +249,7 @@ def object_label(obj_id: str) -> str:
 def _parse_box(raw: Any, obj_id: str, problems: _Problems) -> Optional[Box]:
     values = [_number(v) for v in raw] if isinstance(raw, list) and len(raw) == 4 else None
     if values is None or any(v is None for v in values):
-        problems.loss(f"object {obj_id} dropped: bbox is not four numbers ({_short(raw)})")
+        problems.loss(f"object {obj_id} dropped: bbox is not four numbers ({excerpt(repr(raw), 80)})")
         return None
     x1, y1, x2, y2 = values
     if x2 < x1 or y2 < y1:
@@ -276,7 +277,7 @@ def _parse_relations(raw: list, known_ids: set[str], problems: _Problems) -> tup
         else:
             parts = list(item) if isinstance(item, list) and len(item) == 3 else []
         if len(parts) != 3 or not all(isinstance(p, str) and p.strip() for p in parts):
-            problems.loss(f"malformed relationship dropped: {_short(item)}")
+            problems.loss(f"malformed relationship dropped: {excerpt(repr(item), 80)}")
             continue
         subject, predicate, obj = (p.strip() for p in parts)
         unknown = [i for i in (subject, obj) if i not in known_ids]
@@ -285,11 +286,6 @@ def _parse_relations(raw: list, known_ids: set[str], problems: _Problems) -> tup
             continue
         relations.append(SceneRelation(subject=subject, predicate=predicate, object=obj))
     return tuple(relations)
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ---- answer ---------------------------------------------------------------------------------------------

@@ -1,27 +1,33 @@
 """The ROS-free flow shared by the CLI and the ROS node: frame + question -> request, raw text -> result.
 
 Between the two calls a backend turns the request into text; keeping both ends here means the CLI, the node
-and the tests agree on image sizes, prompt and status by construction.
+and the tests agree on image sizes, prompt and status by construction. The rules those calls apply (what a
+caller may ask, what size the model is given, the retry after out of memory) are in request.py.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import cv2
 import numpy as np
 
 from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage, lift_box, map_scene
 from spatialthinker_ros.core.parsing import decide_status, parse_response
-from spatialthinker_ros.core.prompt import PromptConfig, build_prompt
+from spatialthinker_ros.core.backends.base import Backend
+from spatialthinker_ros.core.prompt import PromptConfig, Question, build_prompt
 from spatialthinker_ros.core.relations import RelationCheckConfig, check_scene, contradictions
+from spatialthinker_ros.core.request import (MAX_REQUEST_IMAGE_PIXELS, PATCH, ImageError, check_aspect,
+                                             check_image_pixels, check_question, check_rgb, is_out_of_memory,
+                                             model_image_size, oom_retry_pixels, request_image_error)
 from spatialthinker_ros.core.types import (
     AnswerStatus,
+    BackendError,
     InferenceRequest,
     InferenceResult,
-    InvalidRequest,
+    ParsedResponse,
     SceneGraph,
     SpatialResult,
 )
@@ -29,27 +35,39 @@ from spatialthinker_ros.core.types import (
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """Prompt, input-size cap, depth-lifting settings (see geometry.lift_box for the depth ones) and the checks of
-    the model's relations against the 3D positions (core/relations.py)."""
+    """Request limits, the size the model is given, depth-lifting settings (see geometry.lift_box for those) and the
+    checks of the model's relations against the 3D positions (core/relations.py)."""
 
     prompt: PromptConfig = PromptConfig()
     # Larger frames are downscaled before the prompt states their size: the model's cost grows with pixels,
     # and Qwen2.5-VL would otherwise see up to 12.8 MP.
     max_input_pixels: int = 1920 * 1080
+    # Set by for_backend for a backend whose image processor is not ours (request.model_image_size).
+    processor_max_pixels: Optional[int] = None
+    max_request_image_pixels: int = MAX_REQUEST_IMAGE_PIXELS
     min_valid_depth_fraction: float = 0.05
     max_depth_m: float = 20.0
     depth_box_shrink: float = 0.5
     relations: RelationCheckConfig = RelationCheckConfig()
 
     def __post_init__(self) -> None:
-        if self.max_input_pixels < 1:
-            raise ValueError(f"max_input_pixels must be positive, not {self.max_input_pixels}")
+        for name in ("max_input_pixels", "max_request_image_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
+        if self.processor_max_pixels is not None and self.processor_max_pixels < PATCH * PATCH:
+            raise ValueError(f"processor_max_pixels must be None or >= {PATCH * PATCH}, "
+                             f"not {self.processor_max_pixels}")
         if not 0 < self.min_valid_depth_fraction <= 1:
             raise ValueError(f"min_valid_depth_fraction must be in (0, 1], not {self.min_valid_depth_fraction}")
         if not (math.isfinite(self.max_depth_m) and self.max_depth_m > 0):
             raise ValueError(f"max_depth_m must be positive and finite, not {self.max_depth_m}")
         if not 0 < self.depth_box_shrink <= 1:
             raise ValueError(f"depth_box_shrink must be in (0, 1], not {self.depth_box_shrink}")
+
+    def for_backend(self, backend: Backend) -> PipelineConfig:
+        """This config with the image cap the backend needs applied before the prompt is made (max_pixels for
+        an OpenAI-compatible server; none for backends that resize in-process or ignore the image)."""
+        return replace(self, processor_max_pixels=backend.max_image_pixels)
 
 
 def prepare_request(
@@ -60,34 +78,51 @@ def prepare_request(
     scene_only: bool = False,
     on_text: Optional[Callable[[str, int], None]] = None,
     request_id: str = "",
+    asked: Optional[Question] = None,
 ) -> InferenceRequest:
     """A validated request whose prompt states the size of the image the model will see.
 
-    The image is passed on as is (not copied) when it needs no downscaling: do not write to it afterwards.
+    `asked` is check_question(question, options) when the caller already checked them (before picking a frame);
+    the prompt is built once, here. The image is passed on as is (not copied) when it needs no downscaling: do
+    not write to it afterwards. Raises InvalidRequest (a RequestError) for anything request.py refuses.
     """
-    _check_image(image_rgb)
+    asked = asked or check_question(question, options, config.prompt)
+    model_width, model_height = check_image(image_rgb, config)
     height, width = image_rgb.shape[:2]
-    model_width, model_height = model_image_size((width, height), config.max_input_pixels)
-    prompt = build_prompt(question, options, (model_width, model_height), config.prompt)
     image = image_rgb
     if (model_width, model_height) != (width, height):
         image = cv2.resize(image_rgb, (model_width, model_height), interpolation=cv2.INTER_AREA)
     return InferenceRequest(
-        image=np.ascontiguousarray(image), prompt=prompt, question=question, scene_only=scene_only,
-        on_text=on_text, request_id=request_id,
+        image=np.ascontiguousarray(image), prompt=build_prompt(asked, (model_width, model_height), config.prompt),
+        question=question, scene_only=scene_only, on_text=on_text, request_id=request_id, asked=asked,
     )
 
 
-def model_image_size(size: tuple[int, int], max_pixels: int) -> tuple[int, int]:
-    """(width, height) of the image handed to the model: `size` scaled down, aspect kept, to max_pixels."""
-    width, height = size
-    if width * height <= max_pixels:
-        return width, height
-    scale = math.sqrt(max_pixels / (width * height))
-    new_width, new_height = max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
-    # A side held at 1 pixel must not push the other over the cap (extreme aspect ratios).
-    new_width = min(new_width, max_pixels // new_height)
-    return new_width, min(new_height, max_pixels // new_width)
+def check_image(image_rgb: np.ndarray, config: PipelineConfig = PipelineConfig()) -> tuple[int, int]:
+    """The request.py rules on the image a question is about; returns the (width, height) the model is given."""
+    check_rgb(image_rgb)
+    height, width = image_rgb.shape[:2]
+    try:
+        check_image_pixels(width, height, config.max_request_image_pixels)
+    except ImageError as exc:
+        raise request_image_error(exc) from None
+    size = model_image_size((width, height), config.max_input_pixels, config.processor_max_pixels)
+    check_aspect(size)
+    return size
+
+
+def smaller_request(request: InferenceRequest, image_rgb: np.ndarray, config: PipelineConfig,
+                    outcome: InferenceResult | BackendError) -> Optional[InferenceRequest]:
+    """The one retry after the backend ran out of memory on `request`: the same question about `image_rgb` (its
+    source) at half the size per side; None when the outcome needs no retry or the image is already small."""
+    if not is_out_of_memory(outcome):
+        return None
+    pixels = oom_retry_pixels((request.image.shape[1], request.image.shape[0]))
+    if pixels is None:
+        return None
+    return prepare_request(image_rgb, request.question, (), replace(config, max_input_pixels=pixels),
+                           scene_only=request.scene_only, on_text=request.on_text, request_id=request.request_id,
+                           asked=request.asked)
 
 
 def finish_result(
@@ -128,15 +163,6 @@ def finish_result(
     return SpatialResult(parsed=parsed, inference=result, prompt=request.prompt, model_image_size=model_size)
 
 
-def _check_image(image: np.ndarray) -> None:
-    if not isinstance(image, np.ndarray):
-        raise InvalidRequest(f"the image must be a numpy array, not {type(image).__name__}")
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise InvalidRequest(f"the image must be RGB uint8 H x W x 3, not {image.dtype} of shape {image.shape}")
-    if image.shape[0] == 0 or image.shape[1] == 0:
-        raise InvalidRequest(f"the image is empty (shape {image.shape})")
-
-
 def _lift_scene(
     scene: SceneGraph, depth: DepthImage, intrinsics: CameraIntrinsics, config: PipelineConfig
 ) -> tuple[SceneGraph, list[str]]:
@@ -153,3 +179,40 @@ def _lift_scene(
     boxes = "box" if len(no_depth) == 1 else "boxes"
     problems = [f"depth invalid inside the {boxes} of {', '.join(no_depth)}: no 3D position"] if no_depth else []
     return replace(scene, objects=tuple(objects)), problems
+
+
+def answer_dict(parsed: ParsedResponse, inference: InferenceResult, question: str,
+                options: Sequence[str]) -> dict[str, Any]:
+    """A finished answer as JSON-ready data (the CLI's output, the demo's answer files): boxes in camera pixels,
+    positions and sizes in metres (None without depth), status as its lower-case name."""
+    objects = []
+    for obj in parsed.scene.objects:
+        box, p = obj.box, obj.position
+        objects.append({
+            "id": obj.id,
+            "label": obj.label,
+            "box": [round(v, 2) for v in (box.x_min, box.y_min, box.x_max, box.y_max)],
+            "position_m": None if p is None else {"x": round(p.x, 4), "y": round(p.y, 4), "z": round(p.z, 4)},
+            "size_m": None if p is None else {"x": round(p.size_x, 4), "y": round(p.size_y, 4),
+                                              "z": round(p.size_z, 4)},
+        })
+    return {
+        "question": question,
+        "options": list(options),
+        "answer": parsed.answer,
+        "choice": parsed.choice,
+        "status": parsed.status.name.lower(),
+        "status_message": parsed.status_message,
+        "observation": parsed.observation,
+        "reasoning": parsed.reasoning,
+        "objects": objects,
+        "relations": [{"subject": r.subject, "predicate": r.predicate, "object": r.object,
+                       "check": r.check.name.lower(), "check_note": r.check_note}
+                      for r in parsed.scene.relations],
+        "image_size": list(parsed.scene.image_size),
+        "model": inference.model,
+        "prompt_tokens": inference.prompt_tokens,
+        "completion_tokens": inference.completion_tokens,
+        "seconds": round(inference.seconds, 3),
+        "raw_response": inference.text,
+    }

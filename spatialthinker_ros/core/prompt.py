@@ -1,17 +1,14 @@
 """The text SpatialThinker is asked: its instruction, the image size it must use for boxes, the question.
 
 The model answers boxes in pixels of the image size stated here, so the size must be that of the image the
-backend actually hands to the model (pipeline.prepare_request passes it). Requests are validated here because
-this is the first place that sees the caller's question and options together.
+backend actually hands to the model (pipeline.prepare_request passes it). The question and options arrive
+checked and cleaned (request.check_question): this module only words them.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Sequence
-
-from spatialthinker_ros.core.types import InvalidRequest
 
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 STYLES = ("model_card", "training")
@@ -59,7 +56,7 @@ Step-by-step reasoning from the observations and the scene graph.
 
 @dataclass(frozen=True)
 class PromptConfig:
-    """Which prompt variant to use and how large a request may be (questions come from untrusted callers)."""
+    """Which prompt variant to use, and how large a question may be (request.check_question enforces it)."""
 
     style: str = "model_card"
     max_question_chars: int = 2000
@@ -77,6 +74,15 @@ class PromptConfig:
             raise ValueError(f"max_option_chars must be at least 1, not {self.max_option_chars}")
 
 
+@dataclass(frozen=True)
+class Question:
+    """A question and its options as the prompt states them (made by request.check_question): trimmed, one line
+    each, their own "(A)" labels removed."""
+
+    text: str
+    options: tuple[str, ...] = ()
+
+
 def option_letter(i: int) -> str:
     """The letter the prompt gives the i-th option (0 -> "A")."""
     if not 0 <= i < len(_LETTERS):
@@ -91,55 +97,18 @@ def option_text(i: int, option: str) -> str:
     return option[match.end():] if match else option
 
 
-def build_prompt(
-    question: str,
-    options: Sequence[str],
-    image_size: tuple[int, int],
-    config: PromptConfig = PromptConfig(),
-) -> str:
-    """The user-turn text that follows the image. `image_size` is (width, height) of the image the model sees."""
-    question = _checked_question(question, config)
-    options = _checked_options(options, config)
+def build_prompt(question: Question, image_size: tuple[int, int], config: PromptConfig = PromptConfig()) -> str:
+    """The user-turn text that follows the image. `question` comes from request.check_question; `image_size` is
+    (width, height) of the image the model sees."""
     width, height = image_size
     if width <= 0 or height <= 0:
-        raise InvalidRequest(f"image size must be positive, not {width} x {height}")
-    labelled = " ".join(f"({option_letter(i)}) {option}" for i, option in enumerate(options))
+        raise ValueError(f"image size must be positive, not {width} x {height}")
+    labelled = " ".join(f"({option_letter(i)}) {option}" for i, option in enumerate(question.options))
     if config.style == "model_card":
-        asked = f"{question} {labelled}" if options else question
+        asked = f"{question.text} {labelled}" if question.options else question.text
         return f"{MODEL_CARD_INSTRUCTION}\n\nImage size: {width} x {height}\n\n{asked}"
-    asked = f"{question}\nOptions: {labelled}" if options else question
+    asked = f"{question.text}\nOptions: {labelled}" if question.options else question.text
     return (
         f"{TRAINING_INSTRUCTION}\n\nImage size: ({width} x {height})\n\n"
         f"Now answer the following question:\n\nQ. {asked}"
     )
-
-
-def _checked_question(question: str, config: PromptConfig) -> str:
-    question = question.strip()
-    if not question:
-        raise InvalidRequest("the question is empty")
-    if len(question) > config.max_question_chars:
-        raise InvalidRequest(
-            f"the question is {len(question)} characters long; at most {config.max_question_chars} are allowed"
-        )
-    return question
-
-
-def _checked_options(options: Sequence[str], config: PromptConfig) -> list[str]:
-    if isinstance(options, str):
-        raise InvalidRequest("options must be a list of strings, not one string")
-    if len(options) > config.max_options:
-        raise InvalidRequest(f"{len(options)} options given; at most {config.max_options} are allowed")
-    checked = []
-    for i, option in enumerate(options):
-        # One line per option keeps the inline "(A) ... (B) ..." list intact.
-        option = " ".join(option_text(i, option).split())
-        if not option:
-            raise InvalidRequest(f"option {option_letter(i)} is empty")
-        if len(option) > config.max_option_chars:
-            raise InvalidRequest(
-                f"option {option_letter(i)} is {len(option)} characters long; "
-                f"at most {config.max_option_chars} are allowed"
-            )
-        checked.append(option)
-    return checked

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Callable, Literal, Optional, Union
 
 from spatialthinker_ros.core.backends.base import Backend
+from spatialthinker_ros.core.request import ErrorCode, RequestError
 from spatialthinker_ros.core.types import BackendError, BackendErrorKind, InferenceRequest, InferenceResult
 
 _log = logging.getLogger(__name__)
@@ -31,24 +32,33 @@ TicketState = Literal["queued", "running", "done"]
 _Outcome = Union[InferenceResult, Exception]
 
 
-class SchedulerError(Exception):
-    """Base of the scheduler's own outcomes, so callers can tell them apart from a BackendError."""
+class SchedulerError(RequestError):
+    """Base of the scheduler's own outcomes, so callers can tell them apart from a BackendError; each carries the
+    error code its caller is answered with."""
 
 
 class QueueFull(SchedulerError):
     """Raised by submit when `queue_size` requests are already waiting: the caller should answer "busy"."""
 
+    code = ErrorCode.BUSY
+
 
 class SchedulerStopped(SchedulerError):
     """The scheduler was stopped (deactivate, cleanup, shutdown) before or while the request ran."""
+
+    code = ErrorCode.NOT_ACTIVE
 
 
 class RequestTimeout(SchedulerError):
     """The request's deadline passed while it waited or ran; a late backend result is discarded."""
 
+    code = ErrorCode.TIMEOUT
+
 
 class RequestCancelled(SchedulerError):
     """The caller cancelled the request."""
+
+    code = ErrorCode.CANCELLED
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Data flows one way: frame + question -> prompt (prompt.py) -> backend (backends/) -> raw text ->
 ParsedResponse (parsing.py) -> boxes mapped to the camera and lifted to 3D (geometry.py) -> SpatialResult.
-Every stage takes and returns these types, so the ROS layer only converts them to messages.
+Every stage takes and returns these types, so the ROS layer only converts them to messages. The errors that
+refuse a request (`RequestError` and its codes) are in request.py, with the rules that raise them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
+
+from spatialthinker_ros.core.prompt import Question
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,7 @@ class InferenceRequest:
     scene_only: bool = False     # stop once "</scene>" has been generated
     on_text: Optional[Callable[[str, int], None]] = None   # (text so far, tokens so far); called from the backend's thread
     request_id: str = ""
+    asked: Optional[Question] = None   # the checked question and options the prompt states (for a retry)
 
 
 @dataclass(frozen=True)
@@ -142,10 +146,6 @@ class BackendError(Exception):
     def __init__(self, kind: BackendErrorKind, message: str):
         super().__init__(message)
         self.kind = kind
-
-
-class InvalidRequest(ValueError):
-    """The caller's request cannot be answered as asked (empty question, too many options, bad image ...)."""
 
 
 @dataclass(frozen=True)

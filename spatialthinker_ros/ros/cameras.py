@@ -16,8 +16,10 @@ from typing import Optional, Union
 
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
-from spatialthinker_ros.ros.conversions import (COLOUR_ENCODINGS, DEPTH_ENCODINGS, ImageError, check_compressed,
-                                                check_image_layout)
+from spatialthinker_ros.core.geometry import CameraIntrinsics
+from spatialthinker_ros.core.request import ImageError
+from spatialthinker_ros.ros.conversions import (COLOUR_LAYOUTS, DEPTH_LAYOUTS, check_compressed, check_image_layout,
+                                                intrinsics_from_camera_info)
 
 DEPTH_FRAMES_KEPT = 8   # enough to pair a colour frame with depth arriving up to ~0.25 s later at 30 Hz
 # Drivers publish colour and depth separately, so a request can arrive between a colour frame and its depth. The
@@ -32,11 +34,11 @@ _FRAME_BUFFER_LIMIT, _KEPT_FREE_MEMORY = 32 << 20, 128 << 20
 def keep_freed_frame_memory() -> str:
     """Makes glibc reuse freed frame buffers for the next frames instead of returning them to the OS.
 
-    With its defaults glibc keeps handing the 4-6 MB buffers of 1080p frames back and mapping them again, and the
-    node, which holds several frames per camera, then takes ~8,000-10,000 page faults a second at 1080p30 and
-    1.27x the CPU of a bare subscriber, against 1.13x with this (bench/README.md). Returns what was done, for the
-    log. It is left alone on other C libraries and when the user set MALLOC_MMAP_THRESHOLD_ or
-    MALLOC_TRIM_THRESHOLD_ (theirs then applies).
+    With its defaults glibc keeps handing the multi-megabyte buffers of large frames back and mapping them again,
+    so the node, which holds several frames per camera, takes thousands of page faults a second at raw 1080p and
+    costs clearly more CPU than a bare subscriber (the figures, before and after: bench/README.md, "The fast
+    path"). Returns what was done, for the log. It is left alone on other C libraries and when the user set
+    MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ (theirs then applies).
     """
     chosen = [name for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_") if name in os.environ]
     if chosen:
@@ -77,7 +79,7 @@ class CameraInput:
         self.max_pixels = max_pixels
         self.colours: collections.deque[Frame] = collections.deque(maxlen=COLOUR_FRAMES_KEPT)
         self.depth: collections.deque[Frame] = collections.deque(maxlen=DEPTH_FRAMES_KEPT)
-        self.info: Optional[CameraInfo] = None
+        self.intrinsics: Optional[CameraIntrinsics] = None   # of the latest usable CameraInfo
         self.frames_received = 0
         self.frames_dropped = 0
 
@@ -112,24 +114,25 @@ class CameraInput:
             if isinstance(msg, CompressedImage):
                 check_compressed(msg)
             else:
-                check_image_layout(msg, COLOUR_ENCODINGS, self.max_pixels)
+                check_image_layout(msg, COLOUR_LAYOUTS, self.max_pixels)
         except ImageError as exc:
             return str(exc)
         return None
 
     def offer_depth(self, msg: Image, now: float) -> Optional[str]:
         try:
-            check_image_layout(msg, DEPTH_ENCODINGS, self.max_pixels)
+            check_image_layout(msg, DEPTH_LAYOUTS, self.max_pixels)
         except ImageError as exc:
             return f"depth {exc}"
         self.depth.append(Frame(msg, stamp_seconds(msg.header), now))
         return None
 
     def offer_info(self, msg: CameraInfo) -> Optional[str]:
-        k = msg.k
-        if msg.width == 0 or msg.height == 0 or not (k[0] > 0 and k[4] > 0):
-            return f"CameraInfo with zero size or focal length (fx={k[0]}, fy={k[4]}, {msg.width}x{msg.height})"
-        self.info = msg
+        """Keep the intrinsics of msg (9 numbers: converted at once). Returns why it cannot project instead, or None."""
+        try:
+            self.intrinsics = intrinsics_from_camera_info(msg)
+        except ValueError as exc:
+            return str(exc)
         return None
 
     def newest_paired(self, tolerance: float, oldest: float = -math.inf) -> tuple[Optional[Frame], Optional[Frame]]:

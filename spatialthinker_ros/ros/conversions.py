@@ -1,6 +1,8 @@
 """ROS messages <-> core types. Frames are converted only here, and only when a request uses them.
 
 No cv_bridge: the PyPI one is broken with numpy 2 (see README), and these few encodings need only numpy views.
+The rules an image must pass are the core's (core/request.py); this module only reads message fields. It is also
+the one place where the core's error codes become AskSpatial's.
 """
 
 from __future__ import annotations
@@ -12,11 +14,16 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header
 
 from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage
-from spatialthinker_ros.core.types import SceneGraph, SpatialResult
+from spatialthinker_ros.core.request import ErrorCode, ImageError, RequestError, check_image_pixels
+from spatialthinker_ros.core.request import check_image_layout as check_layout
+from spatialthinker_ros.core.text import excerpt
+from spatialthinker_ros.core.types import (AnswerStatus, Box, InferenceResult, ParsedResponse, Position3D,
+                                           RelationCheck, SceneGraph, SceneObject, SceneRelation, SpatialResult)
 from spatialthinker_ros.msg import SceneGraph as SceneGraphMsg
 from spatialthinker_ros.msg import SceneObject as SceneObjectMsg
 from spatialthinker_ros.msg import SceneRelation as SceneRelationMsg
 from spatialthinker_ros.msg import SpatialAnswer
+from spatialthinker_ros.srv import AskSpatial
 
 # encoding -> (channels, dtype, conversion of the HxWxC array to RGB, or None when already RGB)
 COLOUR_ENCODINGS = {
@@ -29,39 +36,39 @@ COLOUR_ENCODINGS = {
     "8uc3": (3, np.uint8, cv2.COLOR_BGR2RGB),   # OpenCV's convention for untyped 3-channel images
     "mono16": (1, np.uint16, cv2.COLOR_GRAY2RGB),
 }
-DEPTH_ENCODINGS = {"16uc1": np.uint16, "mono16": np.uint16, "32fc1": np.float32}
-
+COLOUR_LAYOUTS = {name: (channels, dtype) for name, (channels, dtype, _) in COLOUR_ENCODINGS.items()}
+DEPTH_LAYOUTS = {"16uc1": (1, np.uint16), "mono16": (1, np.uint16), "32fc1": (1, np.float32)}
 
 JPEG_SIGNATURE = b"\xff\xd8\xff"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
+# The one mapping of the core's error codes to the service's (the action's result uses the same constants).
+ERROR_CODES = {
+    ErrorCode.INVALID_REQUEST: AskSpatial.Response.ERROR_INVALID_REQUEST,
+    ErrorCode.NO_IMAGE: AskSpatial.Response.ERROR_NO_IMAGE,
+    ErrorCode.STALE_IMAGE: AskSpatial.Response.ERROR_STALE_IMAGE,
+    ErrorCode.UNKNOWN_CAMERA: AskSpatial.Response.ERROR_UNKNOWN_CAMERA,
+    ErrorCode.BUSY: AskSpatial.Response.ERROR_BUSY,
+    ErrorCode.BACKEND: AskSpatial.Response.ERROR_BACKEND,
+    ErrorCode.TIMEOUT: AskSpatial.Response.ERROR_TIMEOUT,
+    ErrorCode.NOT_ACTIVE: AskSpatial.Response.ERROR_NOT_ACTIVE,
+    ErrorCode.CANCELLED: AskSpatial.Response.ERROR_CANCELLED,
+}
 
-class ImageError(ValueError):
-    """An image message that cannot be used; the message says exactly why."""
+
+def fill_response(response, outcome: SpatialAnswer | RequestError):
+    """An AskSpatial service response or action result with the answer, or with the error's code and message."""
+    if isinstance(outcome, RequestError):
+        response.success, response.error_code, response.message = False, ERROR_CODES[outcome.code], str(outcome)
+    else:
+        response.success, response.error_code, response.message = True, AskSpatial.Response.ERROR_NONE, ""
+        response.answer = outcome
+    return response
 
 
-def clip(text: str, limit: int = 64) -> str:
-    """A caller's string, shortened for a log line or an error message (callers control their length)."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
-def check_image_layout(msg: Image, supported: dict, max_pixels: int) -> tuple[int, np.dtype]:
-    """O(1) checks that make a later zero-copy view safe. Returns (channels or 0, dtype)."""
-    encoding = msg.encoding.lower()
-    if encoding not in supported:
-        raise ImageError(f"unsupported encoding {clip(msg.encoding)!r} (supported: {', '.join(sorted(supported))})")
-    spec = supported[encoding]
-    channels, dtype = (spec[0], spec[1]) if isinstance(spec, tuple) else (1, spec)
-    if msg.width == 0 or msg.height == 0:
-        raise ImageError(f"image has zero size ({msg.width}x{msg.height})")
-    if msg.width * msg.height > max_pixels:
-        raise ImageError(f"image of {msg.width}x{msg.height} exceeds the {max_pixels}-pixel limit")
-    row_bytes = msg.width * channels * np.dtype(dtype).itemsize
-    if msg.step < row_bytes:
-        raise ImageError(f"step {msg.step} is smaller than width x pixel size ({row_bytes} bytes)")
-    if len(msg.data) != msg.step * msg.height:   # more is as wrong as less: e.g. rgb8 data sent as mono8
-        raise ImageError(f"data holds {len(msg.data)} bytes, step x height is {msg.step * msg.height}")
-    return channels, np.dtype(dtype)
+def check_image_layout(msg: Image, layouts: dict, max_pixels: int) -> tuple[int, np.dtype]:
+    """O(1) checks that make a later zero-copy view safe (request.check_image_layout). Returns (channels, dtype)."""
+    return check_layout(msg.width, msg.height, msg.step, len(msg.data), msg.encoding, layouts, max_pixels)
 
 
 def _view(msg: Image, channels: int, dtype: np.dtype) -> np.ndarray:
@@ -75,7 +82,7 @@ def _view(msg: Image, channels: int, dtype: np.dtype) -> np.ndarray:
 
 def image_to_rgb(msg: Image, max_pixels: int) -> np.ndarray:
     """Any supported colour/mono Image -> contiguous RGB uint8 HxWx3."""
-    channels, dtype = check_image_layout(msg, COLOUR_ENCODINGS, max_pixels)
+    channels, dtype = check_image_layout(msg, COLOUR_LAYOUTS, max_pixels)
     array = _view(msg, channels, dtype)
     if dtype == np.uint16:
         array = (array.astype(np.float32) * (255.0 / 65535.0)).astype(np.uint8)
@@ -91,7 +98,7 @@ def check_compressed(msg: CompressedImage) -> None:
     if not msg.data:
         raise ImageError("compressed image has no data")
     head, tail = bytes(msg.data[:8]), bytes(msg.data[-32:])   # the end marker, allowing a little padding
-    what = f"compressed image ({clip(msg.format)!r}, {len(msg.data)} bytes)"
+    what = f"compressed image ({excerpt(msg.format)!r}, {len(msg.data)} bytes)"
     if head.startswith(JPEG_SIGNATURE):
         if b"\xff\xd9" not in tail:
             raise ImageError(f"{what} is a truncated JPEG (no end marker)")
@@ -108,23 +115,22 @@ def compressed_to_rgb(msg: CompressedImage, max_pixels: int) -> np.ndarray:
     data = np.frombuffer(msg.data, dtype=np.uint8)
     decoded = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if decoded is None:
-        raise ImageError(f"compressed image ({clip(msg.format) or 'unknown format'}, {len(msg.data)} bytes) could not be decoded")
-    if decoded.shape[0] * decoded.shape[1] > max_pixels:
-        raise ImageError(f"decoded image of {decoded.shape[1]}x{decoded.shape[0]} exceeds the {max_pixels}-pixel limit")
+        raise ImageError(f"compressed image ({excerpt(msg.format) or 'unknown format'}, {len(msg.data)} bytes) "
+                         "could not be decoded")
+    check_image_pixels(decoded.shape[1], decoded.shape[0], max_pixels)
     return cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
 
 
 def depth_image(msg: Image, depth_scale: float, max_pixels: int) -> DepthImage:
     """16UC1 (depth_scale metres per unit) or 32FC1 (metres), as a zero-copy view read in metres where used."""
-    channels, dtype = check_image_layout(msg, DEPTH_ENCODINGS, max_pixels)
+    channels, dtype = check_image_layout(msg, DEPTH_LAYOUTS, max_pixels)
     return DepthImage.from_sensor(_view(msg, channels, dtype)[:, :, 0],
                                   msg.encoding.upper().replace("MONO16", "16UC1"), depth_scale=depth_scale)
 
 
 def intrinsics_from_camera_info(msg: CameraInfo) -> CameraIntrinsics:
-    """Raises ValueError for a CameraInfo that cannot project (zero focal length, zero size)."""
-    if msg.width == 0 or msg.height == 0:
-        raise ValueError(f"CameraInfo has zero image size ({msg.width}x{msg.height})")
+    """Raises ValueError for a CameraInfo that cannot project (CameraIntrinsics says why: zero focal length or
+    size, non-finite values)."""
     return CameraIntrinsics.from_k(list(msg.k), msg.width, msg.height)
 
 
@@ -172,3 +178,31 @@ def spatial_answer_msg(result: SpatialResult, header: Header, request_id: str, c
         prompt_tokens=max(0, int(result.inference.prompt_tokens)),
         completion_tokens=max(0, int(result.inference.completion_tokens)),
         inference_time=duration_msg(result.inference.seconds))
+
+
+def scene_graph_from_msg(msg: SceneGraphMsg) -> SceneGraph:
+    """The core SceneGraph of a SceneGraph message (the inverse of scene_graph_msg)."""
+    objects = []
+    for o in msg.objects:
+        position = None
+        if o.has_position:
+            position = Position3D(o.position.x, o.position.y, o.position.z, o.size.x, o.size.y, o.size.z)
+        objects.append(SceneObject(id=o.id, label=o.label, box=Box(o.x_min, o.y_min, o.x_max, o.y_max),
+                                   position=position))
+    relations = tuple(SceneRelation(r.subject, r.predicate, r.object, RelationCheck(r.check), r.check_note)
+                      for r in msg.relations)
+    return SceneGraph(objects=tuple(objects), relations=relations, image_size=(msg.image_width, msg.image_height))
+
+
+def answer_from_msg(msg: SpatialAnswer) -> tuple[ParsedResponse, InferenceResult]:
+    """The core form of a SpatialAnswer (the inverse of spatial_answer_msg), e.g. for core.pipeline.answer_dict.
+    The message does not say whether the scene section was closed: taken as closed when it holds objects."""
+    scene = scene_graph_from_msg(msg.scene_graph)
+    parsed = ParsedResponse(observation=msg.observation, scene=scene, scene_complete=bool(scene.objects),
+                            reasoning=msg.reasoning, answer=msg.answer, choice=msg.choice,
+                            status=AnswerStatus(msg.status),
+                            problems=(msg.status_message,) if msg.status_message else ())
+    inference = InferenceResult(text=msg.raw_response, prompt_tokens=msg.prompt_tokens,
+                                completion_tokens=msg.completion_tokens, model=msg.model,
+                                seconds=msg.inference_time.sec + msg.inference_time.nanosec * 1e-9)
+    return parsed, inference

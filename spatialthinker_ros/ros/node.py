@@ -37,45 +37,32 @@ from visualization_msgs.msg import MarkerArray
 from spatialthinker_ros.action import AskSpatial as AskSpatialAction
 from spatialthinker_ros.core.annotate import draw_scene
 from spatialthinker_ros.core.backends import create_backend
-from spatialthinker_ros.core.backends.base import GenerationConfig
+from spatialthinker_ros.core.backends.settings import backend_settings
 from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage
 from spatialthinker_ros.core.parsing import scene_text_complete
-from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, prepare_request
-from spatialthinker_ros.core.prompt import PromptConfig, build_prompt, option_letter
-from spatialthinker_ros.core.scheduling import (QueueFull, RequestCancelled, RequestScheduler, RequestTimeout,
-                                                SchedulerStopped, Ticket)
-from spatialthinker_ros.core.types import (BackendError, BackendErrorKind, InferenceRequest, InferenceResult,
-                                           InvalidRequest, SpatialResult)
+from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, prepare_request, smaller_request
+from spatialthinker_ros.core.prompt import PromptConfig
+from spatialthinker_ros.core.request import (ErrorCode, ImageError, RequestError, answered, check_frame_id,
+                                             check_image_age, check_question, depth_aspect_mismatch, max_image_age,
+                                             request_image_error)
+from spatialthinker_ros.core.scheduling import RequestScheduler, Ticket
+from spatialthinker_ros.core.text import excerpt
+from spatialthinker_ros.core.types import BackendError, InferenceRequest, InferenceResult, SpatialResult
 from spatialthinker_ros.msg import SceneGraph, SpatialAnswer
 from spatialthinker_ros.ros.cameras import CameraInput, Frame, keep_freed_frame_memory, topic_prefix
-from spatialthinker_ros.ros.conversions import (ImageError, clip, compressed_to_rgb, depth_image,
-                                                image_to_rgb, intrinsics_from_camera_info, rgb_to_image_msg,
-                                                scene_graph_msg, spatial_answer_msg)
+from spatialthinker_ros.ros.conversions import (compressed_to_rgb, depth_image, fill_response, image_to_rgb,
+                                                rgb_to_image_msg, scene_graph_msg, spatial_answer_msg)
 from spatialthinker_ros.ros.parameters import PARAMETERS, check_parameters, descriptor
 from spatialthinker_ros.ros.visualization import scene_markers
 from spatialthinker_ros.srv import AskSpatial
 
-Error = AskSpatial.Response
 FEEDBACK_EVERY_TOKENS = 16
 WARN_THROTTLE_S = 5.0
-OOM_RETRY_SCALE = 0.5          # per side, for the one retry after the backend ran out of memory
-OOM_RETRY_MIN_PIXELS = 200_000
-ASPECT_TOLERANCE = 0.02        # depth and colour must show the same field of view to be paired
 BACKEND_IDLE_WAIT_S = 600.0    # a generation that is already running cannot be interrupted; wait for it
 SHUTDOWN_WAIT_S = 5.0          # ...but not when the process exits: its memory goes with it (launch escalates at 5 s)
 SHUTDOWN_DRAIN_S = 2.0         # on SIGINT/SIGTERM, time for the answers to pending callers to go out
 SPIN_PERIOD_S = 0.1            # the executor wakes at least this often, so a signal is seen promptly
-MAX_ASPECT_RATIO = 200         # Qwen2.5-VL's image processor refuses longer images, failing the whole batch
 REQUEST_QUEUE_DEPTH = 1000     # requests (all callers together) that may arrive faster than they are taken
-MAX_FRAME_ID_CHARS = 256       # a request image's frame_id is copied into every output message
-
-
-class RequestFailed(Exception):
-    """A request that ends with an error code instead of an answer."""
-
-    def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 @dataclasses.dataclass
@@ -154,21 +141,8 @@ class SpatialThinkerNode(LifecycleNode):
     # ---------------------------------------------------------------- lifecycle
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         p = self._param
-        self._pipeline = PipelineConfig(
-            prompt=PromptConfig(style=p("prompt_style"), max_question_chars=p("max_question_chars")),
-            max_input_pixels=p("max_input_pixels"))
-        generation = GenerationConfig(max_new_tokens=p("max_new_tokens"))
         backend = p("backend")
-        settings = {
-            "transformers": dict(model=p("model"), device=p("device"), dtype=p("dtype"),
-                                 attn_implementation=p("attn_implementation"), quantization=p("quantization"),
-                                 min_pixels=p("min_pixels"), max_pixels=p("max_pixels"),
-                                 max_batch_size=p("max_batch_size"), generation=generation),
-            "openai": dict(server_url=p("server_url"), model=p("model"), api_key_env=p("api_key_env"),
-                           timeout_s=p("server_timeout"), max_concurrency=p("max_batch_size"),
-                           generation=generation),
-            "replay": dict(replay_file=p("replay_file"), latency_s=p("replay_latency")),
-        }[backend]
+        settings = backend_settings(backend, {spec.name: p(spec.name) for spec in PARAMETERS})
         self.get_logger().info(f"loading backend {backend} ({settings.get('model', settings.get('replay_file'))})")
         started = time.monotonic()
         try:
@@ -176,6 +150,10 @@ class SpatialThinkerNode(LifecycleNode):
         except (BackendError, ValueError, OSError) as exc:
             self.get_logger().error(f"cannot configure: {exc}")
             return TransitionCallbackReturn.FAILURE
+        self._pipeline = PipelineConfig(
+            prompt=PromptConfig(style=p("prompt_style"), max_question_chars=p("max_question_chars")),
+            max_input_pixels=p("max_input_pixels"),
+            max_request_image_pixels=p("max_request_image_pixels")).for_backend(self._backend)
         self.get_logger().info(f"backend ready in {time.monotonic() - started:.1f} s: model {self._backend.model_name}")
         self._create_camera_inputs()
         reliable = QoSProfile(depth=10)
@@ -195,7 +173,7 @@ class SpatialThinkerNode(LifecycleNode):
                        else ReliabilityPolicy.RELIABLE)
         qos = QoSProfile(depth=1, reliability=reliability, history=HistoryPolicy.KEEP_LAST)
         for name in p("cameras"):
-            camera = CameraInput(name, p("max_request_image_pixels"))
+            camera = CameraInput(name, self._pipeline.max_request_image_pixels)
             self._cameras[name] = camera
             prefix = topic_prefix(name)
             if p("image_transport") == "compressed":
@@ -309,8 +287,7 @@ class SpatialThinkerNode(LifecycleNode):
 
     # ---------------------------------------------------------------- requests
     async def _on_ask_service(self, request: AskSpatial.Request, response: AskSpatial.Response):
-        outcome = await self._answer(request, uuid.uuid4().hex[:16], feedback=None)
-        return self._fill(response, outcome)
+        return fill_response(response, await self._answer(request, uuid.uuid4().hex[:16], feedback=None))
 
     async def _on_ask_goal(self, goal_handle):
         request_id = bytes(goal_handle.goal_id.uuid).hex()
@@ -322,8 +299,7 @@ class SpatialThinkerNode(LifecycleNode):
                     message.scene_graph = graph
                 goal_handle.publish_feedback(message)
 
-        outcome = await self._answer(goal_handle.request, request_id, feedback=feedback)
-        result = self._fill(AskSpatialAction.Result(), outcome)
+        result = fill_response(AskSpatialAction.Result(), await self._answer(goal_handle.request, request_id, feedback))
         if goal_handle.is_cancel_requested:
             goal_handle.canceled()
         elif result.success:
@@ -338,126 +314,84 @@ class SpatialThinkerNode(LifecycleNode):
             ticket.cancel()      # frees the queue place; a running generation finishes but is discarded
         return CancelResponse.ACCEPT
 
-    @staticmethod
-    def _fill(response, outcome):
-        if isinstance(outcome, RequestFailed):
-            response.success, response.error_code, response.message = False, outcome.code, str(outcome)
-        else:
-            response.success, response.error_code, response.message, response.answer = True, Error.ERROR_NONE, "", outcome
-        return response
-
-    async def _answer(self, request, request_id: str, feedback) -> SpatialAnswer | RequestFailed:
-        """Validate, pick the frame, run the model, and publish. Every path returns an answer or an error."""
+    async def _answer(self, request, request_id: str, feedback) -> SpatialAnswer | RequestError:
+        """Translate the message, submit, publish; every rule applied on the way is core/request.py's. Every path
+        returns an answer or a RequestError."""
         self.requests_in_progress += 1
         try:
             if not self._active or self._scheduler is None:
-                raise RequestFailed(Error.ERROR_NOT_ACTIVE, f"node is not active (state: {self.lifecycle_state()})")
-            question, options = request.question, list(request.options)
-            try:
-                build_prompt(question, options, (1, 1), self._pipeline.prompt)   # question checks, before frames
-                check_raw_sizes(question, options, self._pipeline.prompt)
-            except InvalidRequest as exc:
-                raise RequestFailed(Error.ERROR_INVALID_REQUEST, str(exc)) from None
+                raise RequestError(f"node is not active (state: {self.lifecycle_state()})", ErrorCode.NOT_ACTIVE)
+            options = list(request.options)
+            asked = check_question(request.question, options, self._pipeline.prompt)   # before frames are converted
             source = self._source(request)
-            scene_sent = threading.Event()
-            progress = {"tokens": -FEEDBACK_EVERY_TOKENS}
-
-            def on_text(text: str, tokens: int) -> None:       # worker thread
-                if feedback is None:
-                    return
-                if not scene_sent.is_set() and scene_text_complete(text):
-                    scene_sent.set()
-                    self._post(lambda: feedback(AskSpatialAction.Feedback.STAGE_SCENE_READY, tokens,
-                                                self._partial_scene(inference_request, text, source)))
-                elif tokens - progress["tokens"] >= FEEDBACK_EVERY_TOKENS:
-                    progress["tokens"] = tokens
-                    stage = (AskSpatialAction.Feedback.STAGE_SCENE_READY if scene_sent.is_set()
-                             else AskSpatialAction.Feedback.STAGE_GENERATING)
-                    self._post(lambda: feedback(stage, tokens, None))
-
-            try:
-                inference_request = prepare_request(source.rgb, question, options, self._pipeline,
-                                                    scene_only=request.scene_only,
-                                                    on_text=on_text if feedback else None, request_id=request_id)
-            except InvalidRequest as exc:
-                raise RequestFailed(Error.ERROR_INVALID_REQUEST, str(exc)) from None
-            height, width = inference_request.image.shape[:2]
-            if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-                raise RequestFailed(Error.ERROR_INVALID_REQUEST,
-                                    f"image of {width}x{height} pixels is longer than {MAX_ASPECT_RATIO}:1, "
-                                    "which the model cannot take")
+            attempt = prepare_request(source.rgb, request.question, options, self._pipeline,
+                                      scene_only=request.scene_only, request_id=request_id, asked=asked,
+                                      on_text=self._feedback_sink(feedback, source, lambda: attempt))
             if feedback:
                 feedback(AskSpatialAction.Feedback.STAGE_QUEUED, 0, None)
-            outcome = await self._run(inference_request, feedback)
-            if isinstance(outcome, BackendError) and outcome.kind == BackendErrorKind.OUT_OF_MEMORY:
-                smaller = self._smaller(inference_request, source, question, options, request.scene_only, on_text)
-                if smaller is not None:
-                    self.get_logger().warning(f"request {request_id}: out of memory, retrying with a smaller image")
-                    inference_request = smaller
-                    outcome = await self._run(inference_request, feedback)
-            if isinstance(outcome, BackendError):
-                raise RequestFailed(Error.ERROR_BACKEND, f"backend {self._backend_name()}: {outcome}")
-            result = finish_result(inference_request, outcome, options,
+            outcome = await self._run(attempt, feedback)
+            smaller = smaller_request(attempt, source.rgb, self._pipeline, outcome)
+            if smaller is not None:
+                self.get_logger().warning(f"request {request_id}: out of memory, retrying with a smaller image")
+                attempt = smaller
+                outcome = await self._run(attempt, feedback)
+            result = finish_result(attempt, answered(outcome, self._param("backend")), options,
                                    camera_size=(source.rgb.shape[1], source.rgb.shape[0]),
                                    depth=source.depth, intrinsics=source.intrinsics,
                                    scene_only=request.scene_only, config=self._finishing_config())
-            answer = spatial_answer_msg(result, source.header, request_id, source.camera, question, options)
+            answer = spatial_answer_msg(result, source.header, request_id, source.camera, request.question, options)
             self._publish(answer, result, source)
             return answer
-        except RequestFailed as failure:
-            if failure.code not in (Error.ERROR_BUSY, Error.ERROR_NOT_ACTIVE):   # throttled: callers control the rate
-                self._warn_throttled(f"request/{failure.code}", f"request {request_id} failed: {failure}")
+        except RequestError as failure:
+            if failure.code not in (ErrorCode.BUSY, ErrorCode.NOT_ACTIVE):   # throttled: callers control the rate
+                self._warn_throttled(f"request/{failure.code.value}", f"request {request_id} failed: {failure}")
             return failure
         except Exception as exc:   # a bug must still answer the caller, and never stop the node
             self.get_logger().error(f"request {request_id}: unexpected {type(exc).__name__}: {exc}")
-            return RequestFailed(Error.ERROR_BACKEND, f"internal error: {type(exc).__name__}: {exc}")
+            return RequestError(f"internal error: {type(exc).__name__}: {exc}", ErrorCode.BACKEND)
         finally:
             self.requests_in_progress -= 1
 
-    def _backend_name(self) -> str:
-        return self._param("backend")
+    def _feedback_sink(self, feedback, source: Source, attempt: Callable[[], InferenceRequest]):
+        """The request's on_text for an action goal (None for the service): the scene graph as soon as it is
+        complete, then progress every FEEDBACK_EVERY_TOKENS tokens. Runs on the worker thread."""
+        if feedback is None:
+            return None
+        scene_sent = threading.Event()
+        progress = {"tokens": -FEEDBACK_EVERY_TOKENS}
 
-    async def _run(self, inference_request: InferenceRequest, feedback) -> InferenceResult | BackendError:
-        """Queue the request and wait for the worker, without blocking the executor."""
+        def on_text(text: str, tokens: int) -> None:
+            if not scene_sent.is_set() and scene_text_complete(text):
+                scene_sent.set()
+                self._post(lambda: feedback(AskSpatialAction.Feedback.STAGE_SCENE_READY, tokens,
+                                            self._partial_scene(attempt(), text, source)))
+            elif tokens - progress["tokens"] >= FEEDBACK_EVERY_TOKENS:
+                progress["tokens"] = tokens
+                stage = (AskSpatialAction.Feedback.STAGE_SCENE_READY if scene_sent.is_set()
+                         else AskSpatialAction.Feedback.STAGE_GENERATING)
+                self._post(lambda: feedback(stage, tokens, None))
+        return on_text
+
+    async def _run(self, attempt: InferenceRequest, feedback) -> InferenceResult | BackendError:
+        """Queue the request and wait for the worker, without blocking the executor. The scheduler's refusals
+        (busy, stopped, timed out, cancelled) are RequestErrors and pass up; a backend's failure is returned."""
         scheduler = self._scheduler
         if scheduler is None:
-            raise RequestFailed(Error.ERROR_NOT_ACTIVE, "node is not active")
+            raise RequestError("node is not active", ErrorCode.NOT_ACTIVE)
         on_start = None
         if feedback:
             on_start = lambda: self._post(lambda: feedback(AskSpatialAction.Feedback.STAGE_GENERATING, 0, None))
-        try:
-            ticket = scheduler.submit(inference_request, timeout_s=self._param("request_timeout"), on_start=on_start)
-        except QueueFull as exc:
-            raise RequestFailed(Error.ERROR_BUSY, str(exc)) from None
-        except SchedulerStopped as exc:
-            raise RequestFailed(Error.ERROR_NOT_ACTIVE, str(exc)) from None
-        request_id = inference_request.request_id
-        self._tickets[request_id] = ticket
+        ticket = scheduler.submit(attempt, timeout_s=self._param("request_timeout"), on_start=on_start)
+        self._tickets[attempt.request_id] = ticket
         done: Future = Future()
         ticket.future.add_done_callback(lambda f: self._post(lambda: done.set_result(f)))
         await done
-        del self._tickets[request_id]
+        del self._tickets[attempt.request_id]
         worker_future: concurrent.futures.Future = done.result()
         try:
             return worker_future.result()
         except BackendError as exc:
             return exc
-        except RequestTimeout as exc:
-            raise RequestFailed(Error.ERROR_TIMEOUT, str(exc)) from None
-        except SchedulerStopped as exc:
-            raise RequestFailed(Error.ERROR_NOT_ACTIVE, str(exc)) from None
-        except RequestCancelled:
-            raise RequestFailed(Error.ERROR_CANCELLED, "cancelled by the caller") from None
-
-    def _smaller(self, inference_request, source, question, options, scene_only, on_text):
-        height, width = inference_request.image.shape[:2]
-        if width * height < OOM_RETRY_MIN_PIXELS:
-            return None
-        size = (max(28, int(width * OOM_RETRY_SCALE)), max(28, int(height * OOM_RETRY_SCALE)))
-        config = dataclasses.replace(self._pipeline, max_input_pixels=size[0] * size[1])
-        return prepare_request(source.rgb, question, options, config, scene_only=scene_only,
-                               on_text=inference_request.on_text and on_text,
-                               request_id=inference_request.request_id)
 
     def _finishing_config(self) -> PipelineConfig:
         """The configured pipeline with the relation-check parameters read now (they apply to the next request)."""
@@ -465,8 +399,8 @@ class SpatialThinkerNode(LifecycleNode):
                                      margin_m=self._param("relation_margin"))
         return dataclasses.replace(self._pipeline, relations=checks)
 
-    def _partial_scene(self, inference_request, text: str, source: Source) -> SceneGraph:
-        result = finish_result(inference_request, InferenceResult(text=text), [],
+    def _partial_scene(self, attempt: InferenceRequest, text: str, source: Source) -> SceneGraph:
+        result = finish_result(attempt, InferenceResult(text=text), [],
                                camera_size=(source.rgb.shape[1], source.rgb.shape[0]),
                                depth=source.depth, intrinsics=source.intrinsics, scene_only=True,
                                config=self._finishing_config())
@@ -474,28 +408,22 @@ class SpatialThinkerNode(LifecycleNode):
 
     # ---------------------------------------------------------------- frames
     def _source(self, request) -> Source:
-        limit = self._param("max_request_image_pixels")
+        limit = self._pipeline.max_request_image_pixels
         image = request.image
         # Any field set means the caller meant to send an image: never answer about the camera instead.
         if len(image.data) > 0 or image.width or image.height or image.step or image.encoding:
-            if len(image.header.frame_id) > MAX_FRAME_ID_CHARS:
-                raise RequestFailed(Error.ERROR_INVALID_REQUEST,
-                                    f"request image frame_id is {len(image.header.frame_id)} characters long; "
-                                    f"at most {MAX_FRAME_ID_CHARS} are allowed")
+            check_frame_id(image.header.frame_id)
             try:
-                return Source(image_to_rgb(request.image, limit), request.image.header, camera="")
+                return Source(image_to_rgb(image, limit), image.header, camera="")
             except ImageError as exc:
-                raise RequestFailed(Error.ERROR_INVALID_REQUEST, f"request image: {exc}") from None
+                raise request_image_error(exc) from None
         names = list(self._cameras)
         name = request.camera or names[0]
         camera = self._cameras.get(name)
         if camera is None:
-            raise RequestFailed(Error.ERROR_UNKNOWN_CAMERA,
-                                f"unknown camera {clip(name)!r}; configured: {', '.join(names)}")
-        max_age = request.max_image_age
-        if not math.isfinite(max_age) or max_age < 0:
-            raise RequestFailed(Error.ERROR_INVALID_REQUEST, f"max_image_age must be >= 0, not {max_age}")
-        max_age = max_age or self._param("max_image_age")
+            raise RequestError(f"unknown camera {excerpt(name)!r}; configured: {', '.join(names)}",
+                               ErrorCode.UNKNOWN_CAMERA)
+        max_age = max_image_age(request.max_image_age, self._param("max_image_age"))
         now = self._now()
         depth = None
         if self._param("use_depth"):   # an older frame with depth only while it is fresh enough itself
@@ -506,11 +434,8 @@ class SpatialThinkerNode(LifecycleNode):
         if frame is None:
             transport = "image/compressed" if self._param("image_transport") == "compressed" else "image"
             topic = self.resolve_topic_name(f"{topic_prefix(name)}{transport}")
-            raise RequestFailed(Error.ERROR_NO_IMAGE, f"camera {name!r} has not delivered a frame yet on {topic}")
-        age = now - frame.time
-        if max_age > 0 and age > max_age:
-            raise RequestFailed(Error.ERROR_STALE_IMAGE,
-                                f"latest frame of camera {name!r} is {age:.2f} s old (limit {max_age:.2f} s)")
+            raise RequestError(f"camera {name!r} has not delivered a frame yet on {topic}", ErrorCode.NO_IMAGE)
+        check_image_age(now - frame.time, max_age, name)
         try:
             if isinstance(frame.msg, CompressedImage):
                 rgb = compressed_to_rgb(frame.msg, limit)
@@ -519,7 +444,7 @@ class SpatialThinkerNode(LifecycleNode):
         except ImageError as exc:
             camera.discard(frame)
             self._warn_throttled(f"decode/{name}", f"camera {name!r}: frame dropped: {exc}")
-            raise RequestFailed(Error.ERROR_NO_IMAGE, f"latest frame of camera {name!r} is unusable: {exc}") from None
+            raise RequestError(f"latest frame of camera {name!r} is unusable: {exc}", ErrorCode.NO_IMAGE) from None
         source = Source(rgb, frame.msg.header, camera=name)
         if depth is not None:
             self._attach_depth(source, camera, depth)
@@ -527,20 +452,17 @@ class SpatialThinkerNode(LifecycleNode):
 
     def _attach_depth(self, source: Source, camera: CameraInput, depth: Frame) -> None:
         """Depth + CameraInfo with the frame when both fit; otherwise answer without 3D, with a warning."""
-        if camera.info is None:
+        if camera.intrinsics is None:
             return
-        colour_aspect = source.rgb.shape[1] / source.rgb.shape[0]
-        depth_aspect = depth.msg.width / depth.msg.height
-        if abs(colour_aspect - depth_aspect) > ASPECT_TOLERANCE * colour_aspect:
-            self._warn_throttled(f"aspect/{camera.name}",
-                                 f"camera {camera.name!r}: depth {depth.msg.width}x{depth.msg.height} does not match "
-                                 f"colour {source.rgb.shape[1]}x{source.rgb.shape[0]}: no 3D positions")
+        colour_size = (source.rgb.shape[1], source.rgb.shape[0])
+        mismatch = depth_aspect_mismatch(colour_size, (depth.msg.width, depth.msg.height))
+        if mismatch:
+            self._warn_throttled(f"aspect/{camera.name}", f"camera {camera.name!r}: {mismatch}: no 3D positions")
             return
         try:
-            source.depth = depth_image(depth.msg, self._param("depth_scale"), self._param("max_request_image_pixels"))
-            source.intrinsics = intrinsics_from_camera_info(camera.info)
+            source.depth = depth_image(depth.msg, self._param("depth_scale"), self._pipeline.max_request_image_pixels)
+            source.intrinsics = camera.intrinsics
         except ValueError as exc:
-            source.depth = source.intrinsics = None
             self._warn_throttled(f"depth/{camera.name}", f"camera {camera.name!r}: depth unusable: {exc}")
 
     # ---------------------------------------------------------------- outputs
@@ -557,17 +479,6 @@ class SpatialThinkerNode(LifecycleNode):
         if self._param("publish_debug_image") and debug.get_subscription_count() > 0:
             caption = result.parsed.answer or result.parsed.status.name.lower()
             debug.publish(rgb_to_image_msg(draw_scene(source.rgb, result.parsed.scene, caption), source.header))
-
-
-def check_raw_sizes(question: str, options: list[str], prompt: PromptConfig) -> None:
-    """The prompt's length limits, counted before whitespace is trimmed: answers and logs echo the text as sent."""
-    if len(question) > prompt.max_question_chars:
-        raise InvalidRequest(f"the question is {len(question)} characters long (with its whitespace); "
-                             f"at most {prompt.max_question_chars} are allowed")
-    for i, option in enumerate(options):
-        if len(option) > prompt.max_option_chars:
-            raise InvalidRequest(f"option {option_letter(i)} is {len(option)} characters long (with its whitespace); "
-                                 f"at most {prompt.max_option_chars} are allowed")
 
 
 def main(args=None) -> int:

@@ -1,5 +1,6 @@
 """Every node parameter: default, description, validation, and when a change applies.
 
+Choices and defaults of what the core configures come from the core's config types (no copies here).
 config/spatialthinker.yaml and the README list the same parameters; test_parameters.py keeps them in step.
 """
 
@@ -11,6 +12,14 @@ from typing import Any, Callable, Optional
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 
+from spatialthinker_ros.core.backends import BACKEND_NAMES
+from spatialthinker_ros.core.backends.base import GenerationConfig
+from spatialthinker_ros.core.backends.openai_backend import OpenAIConfig
+from spatialthinker_ros.core.backends.replay_backend import ReplayConfig
+from spatialthinker_ros.core.backends.settings import (ATTENTION_IMPLEMENTATIONS, DEVICE, DTYPES, QUANTIZATIONS,
+                                                       QWEN_MIN_PIXELS, TransformersConfig)
+from spatialthinker_ros.core.pipeline import PipelineConfig
+from spatialthinker_ros.core.prompt import STYLES
 from spatialthinker_ros.core.relations import RelationCheckConfig
 from spatialthinker_ros.core.validation import validate_model_reference, validate_server_url
 
@@ -26,9 +35,7 @@ def at_least(low: float, finite: bool = True) -> Check:
 
 
 def device_check(v: str) -> Optional[str]:
-    if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
-        return None
-    return "must be auto, cpu, cuda or cuda:N"
+    return None if DEVICE.fullmatch(v) else "must be auto, cpu, cuda or cuda:N"
 
 
 def cameras_check(names: list[str]) -> Optional[str]:
@@ -64,37 +71,43 @@ class ParamSpec:
     float_range: Optional[tuple[float, float]] = None
 
 
+_TRANSFORMERS, _OPENAI, _REPLAY = TransformersConfig(), OpenAIConfig(), ReplayConfig(replay_file="")
+_PIPELINE = PipelineConfig()
+
 PARAMETERS: tuple[ParamSpec, ...] = (
-    ParamSpec("backend", "transformers", "transformers (in-process GPU) | openai (OpenAI-compatible server) | replay",
-              one_of("transformers", "openai", "replay")),
-    ParamSpec("model", "OX-PIXL/SpatialThinker-7B", "hub id or local checkpoint directory; model name for openai",
+    ParamSpec("backend", BACKEND_NAMES[0],
+              "transformers (in-process GPU) | openai (OpenAI-compatible server) | replay", one_of(*BACKEND_NAMES)),
+    ParamSpec("model", _TRANSFORMERS.model, "hub id or local checkpoint directory; model name for openai",
               from_validator(validate_model_reference)),
-    ParamSpec("device", "auto", "auto | cpu | cuda | cuda:N (transformers)", device_check),
-    ParamSpec("dtype", "auto", "auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float16 | float32",
-              one_of("auto", "bfloat16", "float16", "float32")),
-    ParamSpec("attn_implementation", "auto", "auto | sdpa | eager | flash_attention_2",
-              one_of("auto", "sdpa", "eager", "flash_attention_2")),
-    ParamSpec("quantization", "none", "none | 4bit | 8bit (bitsandbytes)", one_of("none", "4bit", "8bit")),
-    ParamSpec("max_pixels", 1003520, "processor max_pixels: image tokens = pixels / 784",
+    ParamSpec("device", _TRANSFORMERS.device, "auto | cpu | cuda | cuda:N (transformers)", device_check),
+    ParamSpec("dtype", _TRANSFORMERS.dtype, "auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float16 | float32",
+              one_of(*DTYPES)),
+    ParamSpec("attn_implementation", _TRANSFORMERS.attn_implementation, "auto | sdpa | eager | flash_attention_2",
+              one_of(*ATTENTION_IMPLEMENTATIONS)),
+    ParamSpec("quantization", _TRANSFORMERS.quantization, "none | 4bit | 8bit (bitsandbytes)", one_of(*QUANTIZATIONS)),
+    ParamSpec("max_pixels", _TRANSFORMERS.max_pixels,
+              "processor max_pixels: image tokens = pixels / 784 (openai: larger frames are downscaled before sending)",
               int_range=(3136, 16777216)),
-    ParamSpec("min_pixels", 3136, "processor min_pixels", int_range=(784, 16777216)),
-    ParamSpec("max_new_tokens", 2048, "generation limit per answer", int_range=(16, 8192)),
-    ParamSpec("max_batch_size", 8, "requests generated together (transformers) or in flight (openai)",
-              int_range=(1, 64)),
-    ParamSpec("server_url", "http://127.0.0.1:8000/v1", "openai: base URL of the server (http or https)",
+    ParamSpec("min_pixels", QWEN_MIN_PIXELS, "processor min_pixels", int_range=(784, 16777216)),
+    ParamSpec("max_new_tokens", GenerationConfig().max_new_tokens, "generation limit per answer", int_range=(16, 8192)),
+    ParamSpec("max_batch_size", _TRANSFORMERS.max_batch_size,
+              "requests generated together (transformers) or in flight (openai)", int_range=(1, 64)),
+    ParamSpec("server_url", _OPENAI.server_url, "openai: base URL of the server (http or https)",
               from_validator(validate_server_url)),
-    ParamSpec("api_key_env", "SPATIALTHINKER_API_KEY",
+    ParamSpec("api_key_env", _OPENAI.api_key_env,
               "openai: NAME of the environment variable with the API key (the key is never a parameter)",
               lambda v: None if v.replace("_", "").isalnum() else "must be an environment variable name"),
-    ParamSpec("server_timeout", 120.0, "openai: seconds per HTTP request", float_range=(0.1, 3600.0)),
-    ParamSpec("replay_file", "", "replay: JSON Lines file of {question, response}"),
-    ParamSpec("replay_latency", 0.0, "replay: seconds each answer takes, to rehearse timeouts and load",
+    ParamSpec("server_timeout", _OPENAI.timeout_s, "openai: seconds per HTTP request", float_range=(0.1, 3600.0)),
+    ParamSpec("replay_file", _REPLAY.replay_file, "replay: JSON Lines file of {question, response}"),
+    ParamSpec("replay_latency", _REPLAY.latency_s, "replay: seconds each answer takes, to rehearse timeouts and load",
               float_range=(0.0, 3600.0)),
-    ParamSpec("prompt_style", "model_card", "model_card | training", one_of("model_card", "training")),
-    ParamSpec("max_question_chars", 2000, "longer questions get ERROR_INVALID_REQUEST", int_range=(1, 20000)),
-    ParamSpec("max_input_pixels", 1920 * 1080, "frames with more pixels are downscaled before the model sees them",
-              int_range=(3136, 16777216)),
-    ParamSpec("max_request_image_pixels", 4096 * 4096, "larger request or camera images are refused",
+    ParamSpec("prompt_style", _PIPELINE.prompt.style, " | ".join(STYLES), one_of(*STYLES)),
+    ParamSpec("max_question_chars", _PIPELINE.prompt.max_question_chars, "longer questions get ERROR_INVALID_REQUEST",
+              int_range=(1, 20000)),
+    ParamSpec("max_input_pixels", _PIPELINE.max_input_pixels,
+              "frames with more pixels are downscaled before the model sees them", int_range=(3136, 16777216)),
+    ParamSpec("max_request_image_pixels", _PIPELINE.max_request_image_pixels,
+              "larger request or camera images are refused",
               int_range=(1, 67108864)),
     ParamSpec("queue_size", 8, "requests waiting for the model; more get ERROR_BUSY at once", int_range=(1, 10000)),
     ParamSpec("request_timeout", 300.0, "seconds from acceptance to answer, then ERROR_TIMEOUT",

@@ -16,6 +16,7 @@ from transformers_serve import ScriptedHandler, free_port
 
 from spatialthinker_ros.core.backends.base import GenerationConfig
 from spatialthinker_ros.core.backends.openai_backend import OpenAIBackend, OpenAIConfig, encode_image
+from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, prepare_request
 from spatialthinker_ros.core.types import BackendError, BackendErrorKind, InferenceRequest, InferenceResult
 
 pytestmark = pytest.mark.timeout(120)
@@ -345,3 +346,69 @@ def test_credentials_in_the_url_are_refused_without_repeating_them():
 def test_invalid_settings_are_rejected(settings):
     with pytest.raises(ValueError):
         OpenAIConfig(**settings)
+
+
+# --- max_pixels: frames are sent no larger than the processor limit, and the prompt states the size sent -------
+
+
+def _frame(width: int, height: int) -> np.ndarray:
+    return np.random.default_rng(3).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _arrived_size(sent: dict) -> tuple[int, int]:
+    url = sent["body"]["messages"][0]["content"][0]["image_url"]["url"]
+    decoded = cv2.imdecode(np.frombuffer(base64.b64decode(url.split(",", 1)[1]), np.uint8), cv2.IMREAD_COLOR)
+    return decoded.shape[1], decoded.shape[0]
+
+
+def test_a_1080p_frame_arrives_at_the_processor_size_and_boxes_map_back_to_the_camera(script):
+    backend = script("scene")                                  # default max_pixels 1003520
+    config = PipelineConfig().for_backend(backend)
+    request = prepare_request(_frame(1920, 1080), "Where is the cup?", [], config)
+    [result] = backend.generate([request])
+    assert _arrived_size(script.seen[0]) == (1316, 728)      # as Qwen's processor resizes it: 1222 image tokens
+    assert "Image size: 1316 x 728\n\n" in script.seen[0]["body"]["messages"][0]["content"][1]["text"]
+    finished = finish_result(request, result, [], camera_size=(1920, 1080), config=config)
+    [cup] = finished.scene.objects                            # bbox [1, 2, 3, 4] in the 1316x728 image sent
+    assert (cup.box.x_min, cup.box.y_max) == pytest.approx((1920 / 1316, 4 * 1080 / 728))
+
+
+def test_frames_within_max_pixels_are_sent_as_they_are(script):
+    backend = script("scene", max_pixels=12544)
+    request = prepare_request(_frame(112, 112), "Where is the cup?", [], PipelineConfig().for_backend(backend))
+    backend.generate([request])
+    assert _arrived_size(script.seen[0]) == (112, 112)
+
+
+def test_a_frame_over_max_pixels_is_never_sent(script):
+    backend = script("scene", max_pixels=12544)
+    request = prepare_request(_frame(640, 480), "Where is the cup?", [])   # not prepared for this backend
+    [result] = backend.generate([request])
+    assert isinstance(result, BackendError) and "exceeds max_pixels 12544" in str(result)
+    assert script.seen == []
+
+
+def test_real_server_sees_the_image_tokens_the_in_process_backend_uses(tiny_server, tiny_checkpoint):
+    """transformers serve keeps the checkpoint's own processor limit (50176 pixels for the tiny one); the backend's
+    max_pixels (here 12544) still bounds what it sees, exactly as the in-process processor bounds it."""
+    from spatialthinker_ros.core.backends.transformers_backend import TransformersBackend, TransformersConfig
+
+    frame = _frame(1920, 1080)
+    limited = _served_backend(tiny_server, tiny_checkpoint, image_format="png", max_pixels=12544)
+    unlimited = _served_backend(tiny_server, tiny_checkpoint, image_format="png", max_pixels=16777216)
+    in_process = TransformersBackend(TransformersConfig(model=str(tiny_checkpoint), device="cpu", max_pixels=12544,
+                                                        generation=GenerationConfig(max_new_tokens=12)))
+    try:
+        request = prepare_request(frame, "Where is the cup?", [], PipelineConfig().for_backend(limited))
+        assert request.image.shape == (84, 140, 3) and "Image size: 140 x 84" in request.prompt
+        [served] = limited.generate([request])
+        # in-process: the full frame with the same prompt, resized by the processor itself
+        [local] = in_process.generate([InferenceRequest(image=frame, prompt=request.prompt, question="q")])
+        full = prepare_request(frame, "Where is the cup?", [], PipelineConfig().for_backend(unlimited))
+        [whole] = unlimited.generate([full])
+    finally:
+        for backend in (limited, unlimited, in_process):
+            backend.close()
+    assert isinstance(served, InferenceResult) and isinstance(whole, InferenceResult), (served, whole)
+    assert served.prompt_tokens == local.prompt_tokens
+    assert whole.prompt_tokens > served.prompt_tokens + 30   # the server's own limit alone: 64 image tokens, not 16

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 
 from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage
-from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, model_image_size, prepare_request
+from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, prepare_request
 from spatialthinker_ros.core.prompt import PromptConfig
-from spatialthinker_ros.core.types import AnswerStatus, InferenceResult, InvalidRequest
+from spatialthinker_ros.core.request import InvalidRequest, model_image_size
+from spatialthinker_ros.core.types import AnswerStatus, InferenceResult
 
 OPTIONS = ["left of", "right of"]
 K640 = CameraIntrinsics(fx=500.0, fy=500.0, cx=319.5, cy=239.5, width=640, height=480)

@@ -1,12 +1,12 @@
 import pytest
 
-from spatialthinker_ros.core.prompt import (
-    MODEL_CARD_INSTRUCTION,
-    PromptConfig,
-    build_prompt,
-    option_letter,
-)
-from spatialthinker_ros.core.types import InvalidRequest
+from spatialthinker_ros.core.prompt import MODEL_CARD_INSTRUCTION, PromptConfig, build_prompt, option_letter
+from spatialthinker_ros.core.request import InvalidRequest, check_question
+
+
+def prompt_for(question, options, size, config=PromptConfig()) -> str:
+    """As the pipeline words a request: the question checked once (request.py), then the prompt built once."""
+    return build_prompt(check_question(question, options, config), size, config)
 
 CARD_TEXT = (
     "You FIRST observe the image in <observe> </observe> tags, then visualise the relevant scene graph in <scene> "
@@ -18,7 +18,7 @@ CARD_TEXT = (
 
 
 def test_model_card_prompt_is_the_documented_template():
-    prompt = build_prompt("Where is the cat relative to the couch?", ["on top of", "in front of"], (640, 480))
+    prompt = prompt_for("Where is the cat relative to the couch?", ["on top of", "in front of"], (640, 480))
     assert MODEL_CARD_INSTRUCTION == CARD_TEXT
     assert prompt == (
         CARD_TEXT + "\n\nImage size: 640 x 480\n\n"
@@ -28,17 +28,17 @@ def test_model_card_prompt_is_the_documented_template():
 
 def test_question_is_stripped_and_kept_as_is_without_options():
     question = "Where is the cat? (A) on top of (B) in front of"
-    prompt = build_prompt(f"  {question}\n", [], (644, 476))
+    prompt = prompt_for(f"  {question}\n", [], (644, 476))
     assert prompt.endswith("\n\nImage size: 644 x 476\n\n" + question)
 
 
 def test_option_whitespace_is_collapsed_to_keep_the_inline_list():
-    prompt = build_prompt("Which is closer?", ["  the\nchair ", "lamp"], (640, 480))
+    prompt = prompt_for("Which is closer?", ["  the\nchair ", "lamp"], (640, 480))
     assert prompt.endswith("Which is closer? (A) the chair (B) lamp")
 
 
 def test_training_style_uses_parenthesised_size_and_q_line():
-    prompt = build_prompt("Which is closer to the camera?", ["chair", "lamp"], (1288, 728),
+    prompt = prompt_for("Which is closer to the camera?", ["chair", "lamp"], (1288, 728),
                           PromptConfig(style="training"))
     assert prompt.endswith(
         "\n\nImage size: (1288 x 728)\n\nNow answer the following question:\n\n"
@@ -59,7 +59,7 @@ def test_option_letters():
 
 
 def test_twenty_six_options_get_letters_a_to_z():
-    prompt = build_prompt("Pick one.", [f"o{i}" for i in range(26)], (10, 10))
+    prompt = prompt_for("Pick one.", [f"o{i}" for i in range(26)], (10, 10))
     assert prompt.endswith("(Y) o24 (Z) o25")
 
 
@@ -78,21 +78,22 @@ def test_twenty_six_options_get_letters_a_to_z():
     ],
 )
 def test_invalid_requests_are_rejected_with_a_reason(question, options, size, config, message):
-    with pytest.raises(InvalidRequest, match=message):
-        build_prompt(question, options, size, config)
+    # the question's faults are the caller's (InvalidRequest); a non-positive size is the program's (ValueError)
+    with pytest.raises(ValueError if "image size" in message else InvalidRequest, match=message):
+        prompt_for(question, options, size, config)
 
 
 def test_options_passed_with_their_own_labels_are_labelled_once():
-    prompt = build_prompt("Which is closer?", ["(A) the chair", "(b)lamp", "(A) table"], (640, 480))
+    prompt = prompt_for("Which is closer?", ["(A) the chair", "(b)lamp", "(A) table"], (640, 480))
     # a label of another letter is part of the option's text
     assert prompt.endswith("Which is closer? (A) the chair (B) lamp (C) (A) table")
     with pytest.raises(InvalidRequest, match="option A is empty"):
-        build_prompt("Which is closer?", ["(A) ", "lamp"], (640, 480))
+        prompt_for("Which is closer?", ["(A) ", "lamp"], (640, 480))
 
 
 def test_limits_are_inclusive():
     config = PromptConfig(max_question_chars=5, max_options=2, max_option_chars=3)
-    assert build_prompt("12345", ["abc", "def"], (1, 1), config).endswith("12345 (A) abc (B) def")
+    assert prompt_for("12345", ["abc", "def"], (1, 1), config).endswith("12345 (A) abc (B) def")
 
 
 @pytest.mark.parametrize(

@@ -273,7 +273,7 @@ def test_bad_camera_data_is_dropped_with_throttled_warnings_while_serving(spawn,
     assert all(r.success for r in responses), [r.message for r in responses if not r.success]
     assert not responses[-1].answer.scene_graph.objects[0].has_position, "no depth frame fits: no 3D"
     assert_throttled(proc, start, "depth dropped: depth unsupported encoding 'rgb8'", frames.published["depth"])
-    assert_throttled(proc, start, "CameraInfo ignored: CameraInfo with zero size or focal length",
+    assert_throttled(proc, start, "CameraInfo ignored: focal lengths must be positive",
                      frames.published["camera_info"])
 
     # colour stamps going backwards (every other frame 0.5 s older): the newer frame is kept and answered on
@@ -306,7 +306,7 @@ def test_bad_camera_data_is_dropped_with_throttled_warnings_while_serving(spawn,
     responses = ask_during(client, THROTTLE_WINDOW_S, every=0.03, question=QUESTION, options=OPTIONS)
     assert len(responses) >= 30 and all(r.success for r in responses)
     assert not any(o.has_position for r in responses for o in r.answer.scene_graph.objects)
-    count = log_count(proc, start, "does not match colour 320x240: no 3D positions")
+    count = log_count(proc, start, "does not have the aspect of the colour image 320x240: no 3D positions")
     assert 1 <= count <= 2, (count, len(responses))
 
     # malformed colour frames of every kind: dropped; the node answers on the last good frame until it is

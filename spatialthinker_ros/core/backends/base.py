@@ -9,6 +9,9 @@ from typing import Callable, Optional, Protocol, Sequence, Union
 from spatialthinker_ros.core.types import BackendError, InferenceRequest, InferenceResult
 
 SCENE_END_TAG = "</scene>"
+# Qwen2.5-VL processor limit on the pixels of one image (tokens = pixels / 784): 1280x720 stays whole (1196 image
+# tokens), 1920x1080 becomes 1316x728 (1222 tokens, not 2691). Every backend applies it (Backend.max_image_pixels).
+DEFAULT_MAX_PIXELS = 1003520
 
 
 def cut_after_scene_end(text: str) -> str:
@@ -54,6 +57,10 @@ class Backend(Protocol):
     name: str            # "transformers" | "openai" | "replay"
     model_name: str      # what SpatialAnswer.model reports
     max_batch_size: int  # how many requests one generate() call may carry
+    # Images must reach generate() already within this many pixels, at Qwen's smart_resize size, since the prompt
+    # states the size (PipelineConfig.for_backend). None: the backend's own processor resizes (transformers), or
+    # it does not look at the image (replay).
+    max_image_pixels: Optional[int]
 
     def generate(self, requests: Sequence[InferenceRequest]) -> list[Union[InferenceResult, BackendError]]: ...
 

@@ -1,6 +1,9 @@
 """SpatialThinker behind an OpenAI-compatible server (vLLM, SGLang, `transformers serve`): one GPU, many robots.
 
 Requests of one generate() call go out concurrently, so the server's continuous batching sees them together.
+Frames are sent no larger than `max_pixels`, at the size Qwen2.5-VL's processor would resize them to
+(request.model_image_size): a server with its default processor settings would otherwise turn a 1080p frame
+into 2,691 image tokens where the in-process backend uses 1,222.
 """
 
 from __future__ import annotations
@@ -12,17 +15,20 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
-from urllib.parse import urlsplit
 
 import cv2
 import httpx
 import numpy as np
 
-from spatialthinker_ros.core.backends.base import SCENE_END_TAG, GenerationConfig, TextSink, cut_after_scene_end
+from spatialthinker_ros.core.backends.base import (DEFAULT_MAX_PIXELS, SCENE_END_TAG, GenerationConfig, TextSink,
+                                                   cut_after_scene_end)
+from spatialthinker_ros.core.request import PATCH, model_image_size
+from spatialthinker_ros.core.text import excerpt
 from spatialthinker_ros.core.types import BackendError, BackendErrorKind, InferenceRequest, InferenceResult
+from spatialthinker_ros.core.validation import validate_server_url
 
 _IMAGE_FORMATS = ("jpeg", "png")
-_BODY_EXCERPT = 300
+_SHOWN = 300   # characters of a server's error text kept in a message
 
 
 @dataclass(frozen=True)
@@ -36,11 +42,12 @@ class OpenAIConfig:
     connect_timeout_s: float = 5.0
     max_concurrency: int = 8                     # requests in flight at once = max_batch_size
     image_format: str = "jpeg"                   # jpeg | png
+    max_pixels: int = DEFAULT_MAX_PIXELS         # largest frame sent (Qwen smart_resize size), as the processor's
     jpeg_quality: int = 90
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
     def __post_init__(self) -> None:
-        _check_server_url(self.server_url)
+        validate_server_url(self.server_url)
         if not self.model:
             raise ValueError("model must name the model the server serves")
         if self.timeout_s <= 0 or self.connect_timeout_s <= 0:
@@ -49,6 +56,8 @@ class OpenAIConfig:
             raise ValueError(f"max_concurrency must be >= 1, not {self.max_concurrency}")
         if self.image_format not in _IMAGE_FORMATS:
             raise ValueError(f"image_format must be one of {_IMAGE_FORMATS}, not {self.image_format!r}")
+        if self.max_pixels < PATCH * PATCH:
+            raise ValueError(f"max_pixels must be at least {PATCH * PATCH} (one 28x28 cell), not {self.max_pixels}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in 1..100, not {self.jpeg_quality}")
 
@@ -62,6 +71,7 @@ class OpenAIBackend:
         self.config = config
         self.model_name = config.model
         self.max_batch_size = config.max_concurrency
+        self.max_image_pixels = config.max_pixels
         self._endpoint = config.server_url.rstrip("/") + "/chat/completions"
         self._api_key = os.environ.get(config.api_key_env) or None
         self._client = httpx.Client(
@@ -116,6 +126,12 @@ class OpenAIBackend:
 
     def _body(self, request: InferenceRequest) -> dict[str, Any]:
         generation = self.config.generation
+        size = (request.image.shape[1], request.image.shape[0])
+        if model_image_size(size, size[0] * size[1], self.max_image_pixels) != size:
+            # The prompt already states this size: shrinking it here would misplace every box.
+            raise BackendError(BackendErrorKind.FAILED,
+                               f"image of {size[0]}x{size[1]} exceeds max_pixels {self.max_image_pixels}: prepare "
+                               "requests with PipelineConfig.for_backend(backend)")
         image_url = encode_image(request.image, self.config.image_format, self.config.jpeg_quality)
         body: dict[str, Any] = {
             "model": self.config.model,
@@ -167,7 +183,8 @@ class OpenAIBackend:
                     break
                 chunk = json.loads(payload)
                 if "error" in chunk:
-                    raise BackendError(BackendErrorKind.FAILED, f"inference server reported: {_excerpt(chunk['error'])}")
+                    raise BackendError(BackendErrorKind.FAILED,
+                                       f"inference server reported: {excerpt(chunk['error'], _SHOWN)}")
                 usage = chunk.get("usage") or usage
                 for choice in chunk.get("choices") or ():
                     finish_reason = choice.get("finish_reason") or finish_reason
@@ -181,19 +198,20 @@ class OpenAIBackend:
     def _classify(self, exc: Exception) -> tuple[BackendErrorKind, str]:
         url = self.config.server_url
         if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
-            return BackendErrorKind.UNAVAILABLE, f"inference server at {url} is not reachable: {_excerpt(exc)}"
+            return BackendErrorKind.UNAVAILABLE, f"inference server at {url} is not reachable: {excerpt(exc, _SHOWN)}"
         if isinstance(exc, httpx.TimeoutException):
-            return BackendErrorKind.TIMEOUT, f"inference server at {url} did not answer within {self.config.timeout_s} s"
+            return (BackendErrorKind.TIMEOUT,
+                    f"inference server at {url} did not answer within {self.config.timeout_s} s")
         if isinstance(exc, httpx.HTTPStatusError):
             return (
                 BackendErrorKind.FAILED,
-                f"inference server answered HTTP {exc.response.status_code}: {_excerpt(exc.response.text)}",
+                f"inference server answered HTTP {exc.response.status_code}: {excerpt(exc.response.text, _SHOWN)}",
             )
         if isinstance(exc, httpx.HTTPError):
-            return BackendErrorKind.FAILED, f"request to inference server at {url} failed: {_excerpt(exc)}"
+            return BackendErrorKind.FAILED, f"request to inference server at {url} failed: {excerpt(exc, _SHOWN)}"
         if isinstance(exc, (ValueError, KeyError, IndexError, TypeError)):
-            return BackendErrorKind.FAILED, f"malformed answer from inference server at {url}: {_excerpt(exc)}"
-        return BackendErrorKind.FAILED, f"request failed: {type(exc).__name__}: {_excerpt(exc)}"
+            return BackendErrorKind.FAILED, f"malformed answer from inference server at {url}: {excerpt(exc, _SHOWN)}"
+        return BackendErrorKind.FAILED, f"request failed: {type(exc).__name__}: {excerpt(exc, _SHOWN)}"
 
     def _scrub(self, message: str) -> str:
         return message.replace(self._api_key, "***") if self._api_key else message
@@ -210,21 +228,3 @@ def encode_image(image: np.ndarray, image_format: str = "jpeg", jpeg_quality: in
         raise ValueError(f"OpenCV could not encode a {image.shape} image as {image_format}")
     return f"data:image/{image_format};base64,{base64.b64encode(encoded.tobytes()).decode('ascii')}"
 
-
-def _check_server_url(url: str) -> None:
-    parts = urlsplit(url)
-    if parts.username or parts.password:   # said without echoing the URL, which holds a secret
-        raise ValueError("server_url must not carry credentials; put the key in the variable named by api_key_env")
-    try:
-        parts.port
-    except ValueError:
-        raise ValueError(f"server_url has an invalid port: {url!r}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"server_url must be an http:// or https:// URL with a host, not {url!r}")
-    if parts.query or parts.fragment:
-        raise ValueError(f"server_url must not have a query or fragment: {url!r}")
-
-
-def _excerpt(value: Any) -> str:
-    text = " ".join(str(value).split())
-    return text if len(text) <= _BODY_EXCERPT else text[: _BODY_EXCERPT - 3] + "..."

@@ -68,6 +68,7 @@ class ReplayBackend:
     """Returns the first recorded response whose question equals the request's question exactly."""
 
     name = "replay"
+    max_image_pixels = None   # the image is not looked at
 
     def __init__(self, config: ReplayConfig):
         self.config = config

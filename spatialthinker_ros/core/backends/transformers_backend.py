@@ -10,10 +10,9 @@ import gc
 import hashlib
 import importlib.util
 import logging
-import re
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -32,69 +31,33 @@ from transformers.generation import BaseStreamer
 from transformers.utils import is_flash_attn_2_available
 
 from spatialthinker_ros.core.backends.base import SCENE_END_TAG, GenerationConfig, TextSink, cut_after_scene_end
+from spatialthinker_ros.core.backends.settings import TransformersConfig
+from spatialthinker_ros.core.text import excerpt
 from spatialthinker_ros.core.types import BackendError, BackendErrorKind, InferenceRequest, InferenceResult
 
 log = logging.getLogger(__name__)
 
-_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_QUANTIZATIONS = ("none", "4bit", "8bit")
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}   # settings.DTYPES
 # transformers renamed from_pretrained's torch_dtype to dtype in 4.56; an unknown name would be silently ignored.
 _DTYPE_ARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 # Streaming decodes a row's whole text; doing it every few tokens (or when a tag may have closed) bounds the cost.
 _STREAM_EVERY_TOKENS = 8
 # "</scene>" is 8 characters and every token holds at least one byte, so a newly completed tag lies in the last 8.
 _SCENE_TAIL_TOKENS = 10
-# Vision-tower outputs kept for follow-up questions about a recent image: ~9 MB each for a 1080p frame in bf16.
+# Vision-tower outputs kept for follow-up questions about a recent image (memory per entry: bench/README.md).
 _ENCODINGS_KEPT = 4
-# Prompt KV caches kept for follow-up questions: ~57 KB per token for the 7B in bf16, ~30 MB for a 640x480 prompt.
+# Prompt KV caches kept for follow-up questions (memory per entry: bench/README.md).
 _PROMPTS_KEPT = 4
 # Continuing generation from a prompt's KV cache relies on how transformers positions the uncached tokens of a
 # Qwen2.5-VL prompt (the image's stored rope offset); verified with this version, older ones prefill whole prompts.
 _PROMPT_REUSE = Version(transformers.__version__) >= Version("5.23")
 
 
-@dataclass(frozen=True)
-class TransformersConfig:
-    """How to load and run the model in-process. Defaults suit one GPU serving one robot."""
-
-    model: str = "OX-PIXL/SpatialThinker-7B"   # hub id or local checkpoint directory
-    device: str = "auto"                         # auto | cpu | cuda | cuda:N (auto = cuda when available)
-    dtype: str = "auto"                          # auto (bf16 on cuda, fp32 on cpu) | bfloat16 | float16 | float32
-    attn_implementation: str = "auto"            # auto = flash_attention_2 when installed and on cuda, else sdpa
-    min_pixels: Optional[int] = None             # None keeps the checkpoint's preprocessor setting
-    max_pixels: Optional[int] = 1003520          # 1280x720 stays whole (1196 tokens); 1920x1080 -> 1222 tokens
-    quantization: str = "none"                   # none | 4bit | 8bit (bitsandbytes, cuda only)
-    max_batch_size: int = 8
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    local_files_only: bool = False
-    compile: bool = False                        # static KV cache; transformers then compiles decoding on cuda
-
-    def __post_init__(self) -> None:
-        if not self.model:
-            raise ValueError("model must name a hub id or a checkpoint directory")
-        if not _DEVICE.fullmatch(self.device):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
-        if self.dtype != "auto" and self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, not {self.dtype!r}")
-        if not self.attn_implementation:
-            raise ValueError("attn_implementation must be auto or a transformers attention implementation")
-        for name in ("min_pixels", "max_pixels"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 28 * 28):
-                raise ValueError(f"{name} must be None or an int >= 784 (one 28x28 cell), not {value!r}")
-        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
-            raise ValueError(f"min_pixels ({self.min_pixels}) exceeds max_pixels ({self.max_pixels})")
-        if self.quantization not in _QUANTIZATIONS:
-            raise ValueError(f"quantization must be one of {_QUANTIZATIONS}, not {self.quantization!r}")
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, not {self.max_batch_size}")
-
-
 class TransformersBackend:
     """Qwen2_5_VLForConditionalGeneration + AutoProcessor, greedy by default, every call one batched generate."""
 
     name = "transformers"
+    max_image_pixels = None   # the processor in this process applies config.max_pixels itself
 
     def __init__(self, config: TransformersConfig):
         self.config = config
@@ -544,5 +507,4 @@ def _generate_kwargs(generation: GenerationConfig, compile: bool) -> dict[str, A
 
 
 def _describe(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 400 else text[:397] + "..."
+    return excerpt(exc, 400) or type(exc).__name__
