@@ -19,7 +19,7 @@ import timeit
 
 import numpy as np
 
-from _common import machine, table, write_results
+from bench._common import machine, table, write_results
 
 from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage, map_scene  # noqa: E402
 from spatialthinker_ros.core.parsing import parse_response, scene_text_complete  # noqa: E402

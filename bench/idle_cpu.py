@@ -19,6 +19,7 @@ subscriber of that pass; the node's own figures come from the first pass, which 
 from __future__ import annotations
 
 import argparse
+import shutil
 import os
 import statistics
 import sys
@@ -26,12 +27,13 @@ import time
 
 import psutil
 
-from _common import (DDS_TRANSPORTS, Children, cleanup_dir, isolate_ros, machine, table, use_dds_transport,
-                     write_results)
+from spatialthinker_ros.harness import DDS_TRANSPORTS, Processes, isolate_ros, use_dds_transport
 
-SCRATCH = isolate_ros()
+from bench._common import machine, table, write_results
 
-from _rosbench import (OPTIONS, QUESTION, Asker, poke_status, probed_node_args, rclpy, read_status,  # noqa: E402
+SCRATCH = isolate_ros(prefix="spatialthinker-bench-")
+
+from bench._rosbench import (OPTIONS, QUESTION, Asker, poke_status, probed_node_args, rclpy, read_status,  # noqa: E402
                        role_args, wait_poked, write_replay_file)
 
 # reference name -> subscriber role options
@@ -71,8 +73,8 @@ def measure_mode(mode: str, args, asker: Asker, replay, references: list[str]) -
     depth_size = f"{args.width // divisor}x{args.height // divisor}" if depth else ""
     run = f"{mode}-with-references" if references else mode     # each pass its own status files
     status = {name: SCRATCH / f"{run}-{name}.json" for name in ("publisher", "bare", "node", *references)}
-    with Children(SCRATCH) as kids:
-        node = kids.start(probed_node_args(status["node"], backend="replay", replay_file=str(replay),
+    with Processes(SCRATCH) as kids:
+        node = kids.start(probed_node_command(status["node"], backend="replay", replay_file=str(replay),
                                            image_transport=transport, use_depth=depth,
                                            keep_frame_memory=args.keep_frame_memory == "true"), f"node-{run}")
         bare = kids.start(role_args("subscriber", status["bare"], cameras=cameras, compressed=compressed,
@@ -122,7 +124,7 @@ def measure_mode(mode: str, args, asker: Asker, replay, references: list[str]) -
             window["published_hz"] = rate("publisher", "default_published")
             windows.append(window)
         # still answering on a fresh frame after the measurement: it kept receiving the stream throughout
-        response, _ = asker.call(asker_request(), timeout=30.0)
+        response, _ = asker.timed_call(asker_request(), timeout=30.0)
         jpeg = read_status(status["publisher"]).get("default_jpeg_bytes")
     ratios = [w["node"] / w["bare"] for w in windows if w["bare"] > 0]
     return {
@@ -206,7 +208,7 @@ def main(argv=None) -> int:
     finally:
         asker.close()
         rclpy.try_shutdown()
-        cleanup_dir(SCRATCH)
+        shutil.rmtree(SCRATCH, ignore_errors=True)
 
     rows = []
     for r in results:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from rosutil import node_args, spin_until
+from spatialthinker_ros.harness import node_command, spin_until
 from sensor_msgs.msg import CompressedImage
 from test_node import (CALL, E, OPTIONS, QUESTION, camera, client, replay_file,  # noqa: F401 (fixtures)
                        replay_params)
@@ -23,7 +23,7 @@ UNDECODABLE_JPEG = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8 + b"\xff\xd9"
 
 
 def test_frames_are_decoded_only_when_a_request_uses_one(spawn, client, frames, replay_file):
-    proc = spawn(node_args(**replay_params(replay_file, image_transport="compressed", use_depth=False,
+    proc = spawn(node_command(**replay_params(replay_file, image_transport="compressed", use_depth=False,
                                            max_image_age=0.0)), name="node")
     frames.set("image/compressed", CompressedImage,
                lambda header: CompressedImage(header=header, format="jpeg", data=UNDECODABLE_JPEG))
@@ -48,7 +48,7 @@ def test_an_idle_node_streamed_raw_1080p_with_depth_reuses_the_memory_of_old_fra
     # the frames it let go were returned to the OS and mapped again for the next ones.
     cam = camera(width=1920, height=1080, rate_hz=15.0, depth_m=np.full((1080, 1920), 2.0, np.float32),
                  depth_encoding="16UC1")
-    proc = spawn(node_args(**replay_params(replay_file)), name="node")
+    proc = spawn(node_command(**replay_params(replay_file)), name="node")
     response = client.ask_until_ready(proc, with_depth=True, question=QUESTION, options=OPTIONS)
     assert response.success, response.message
     spin_until(client.node, lambda: False, 2.0)   # frame rings full: from here on each frame replaces one

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from lifecycle_msgs.msg import Transition
 from transformers_serve import TransformersServe
-from rosutil import node_args, pattern_image, spin_future, spin_until
+from spatialthinker_ros.harness import node_command, pattern_image, spin_future, spin_until
 from sensor_msgs.msg import Image
 from test_node import (CALL, E, OPTIONS, QUESTION, RESPONSE, change_state, client,  # noqa: F401 (fixture)
                        get_state)
@@ -53,7 +53,7 @@ def server(tiny_checkpoint, tmp_path):
 def test_server_frozen_killed_mid_request_and_restarted(spawn, client, server, tiny_checkpoint):
     server.start()
     timeout_s = 4.0
-    proc = spawn(node_args(backend="openai", server_url=f"http://127.0.0.1:{server.port}/v1", model=str(tiny_checkpoint),
+    proc = spawn(node_command(backend="openai", server_url=f"http://127.0.0.1:{server.port}/v1", model=str(tiny_checkpoint),
                            server_timeout=timeout_s, max_new_tokens=16, use_depth=False), name="node")
     client.wait_for_service(proc)
     ask = dict(question="Where is the cup?", options=OPTIONS, image=request_image(320, 240))
@@ -118,7 +118,7 @@ def test_rehearsed_backend_errors_fail_cleanly_and_the_next_request_succeeds(spa
         {"question": "slow?", "error": "timeout"},
     )
     # the model sees the frame at full size (640x480 = 307200 pixels), unless the node makes it smaller
-    proc = spawn(node_args(backend="replay", replay_file=str(replay), max_input_pixels=640 * 480, use_depth=False),
+    proc = spawn(node_command(backend="replay", replay_file=str(replay), max_input_pixels=640 * 480, use_depth=False),
                  name="node")
     client.wait_for_service(proc)
 
@@ -156,7 +156,7 @@ def test_rehearsed_backend_errors_fail_cleanly_and_the_next_request_succeeds(spa
 def test_deactivate_and_cleanup_during_requests_answer_every_caller_at_once(spawn, client, tmp_path):
     latency = 3.0
     replay = write_replay(tmp_path / "replay.jsonl", {"question": QUESTION, "response": RESPONSE})
-    proc = spawn(node_args(backend="replay", replay_file=str(replay), replay_latency=latency, max_batch_size=1,
+    proc = spawn(node_command(backend="replay", replay_file=str(replay), replay_latency=latency, max_batch_size=1,
                            use_depth=False), name="node")
     client.wait_for_service(proc)
     assert spin_until(client.node, client.action.server_is_ready, CALL)
@@ -196,7 +196,7 @@ def test_deactivate_and_cleanup_during_requests_answer_every_caller_at_once(spaw
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_answers_pending_callers_and_exits_cleanly(spawn, client, tmp_path, sig):
     replay = write_replay(tmp_path / "replay.jsonl", {"question": QUESTION, "response": RESPONSE})
-    proc = spawn(node_args(backend="replay", replay_file=str(replay), replay_latency=2.0, max_batch_size=1,
+    proc = spawn(node_command(backend="replay", replay_file=str(replay), replay_latency=2.0, max_batch_size=1,
                            use_depth=False), name="node")
     client.wait_for_service(proc)
     assert spin_until(client.node, client.action.server_is_ready, CALL)

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from rcl_interfaces.srv import ListParameters
 from rclpy.node import Node
-from rosutil import NODE_EXECUTABLE, CameraStreamer, spin_future, spin_until
+from spatialthinker_ros.harness import FakeCamera, node_command, spin_future, spin_until
 
 from spatialthinker_ros.launch_config import LAUNCH_ARGUMENTS, node_launch, ros_arguments
 from spatialthinker_ros.ros.parameters import BY_NAME, PARAMETERS, descriptor
@@ -135,8 +135,8 @@ def test_launch_arguments_drive_the_real_node(spawn, ros_context, tmp_path):
                                   "<answer>left</answer>"}) + "\n")
     launch = node_launch({"namespace": "robot1", "image_topic": "/cam/color/image", "backend": "replay",
                           "replay_file": str(replay), "log_level": "info"}, SHARE)
-    proc = spawn([NODE_EXECUTABLE, *ros_arguments(launch)], name="launched-node")
-    camera = CameraStreamer(ros_context, prefix="/cam/color/", width=320, height=240)
+    proc = spawn([node_command()[0], *ros_arguments(launch)], name="launched-node")
+    camera = FakeCamera(ros_context, prefix="/cam/color/", width=320, height=240)
     node = Node("launch_client", context=ros_context)
     try:
         client = node.create_client(AskSpatial, "/robot1/spatialthinker/ask")

@@ -109,7 +109,7 @@ if __name__ == "__main__" and sys.argv[1:2] == ["client"]:
 import psutil  # noqa: E402
 from rclpy.qos import QoSProfile  # noqa: E402
 from rclpy.node import Node  # noqa: E402
-from rosutil import CameraStreamer, node_args, spin_future, spin_until  # noqa: E402
+from spatialthinker_ros.harness import FakeCamera, node_command, spin_future, spin_until  # noqa: E402
 from test_node import E, RESPONSE  # noqa: E402
 
 from spatialthinker_ros.msg import SpatialAnswer  # noqa: E402
@@ -137,7 +137,7 @@ def replay_lines(path: Path) -> Path:
 
 
 def run_load(spawn, ros_context, tmp_path, load: Load, backend: dict, check_answers: bool) -> dict:
-    cam = CameraStreamer(ros_context, width=640, height=480, rate_hz=30.0,
+    cam = FakeCamera(ros_context, width=640, height=480, rate_hz=30.0,
                          depth_m=np.full((480, 640), 2.0, np.float32), depth_encoding="16UC1")
     observer = Node("load_observer", context=ros_context)   # no debug_image subscriber: the node draws none
     service = observer.create_client(AskSpatial, "/spatialthinker/ask", qos_profile=QoSProfile(depth=QUEUE_DEPTH))
@@ -154,7 +154,7 @@ def run_load(spawn, ros_context, tmp_path, load: Load, backend: dict, check_answ
         return response
 
     try:
-        proc = spawn(node_args(**backend, queue_size=load.queue_size, max_batch_size=load.max_batch_size,
+        proc = spawn(node_command(**backend, queue_size=load.queue_size, max_batch_size=load.max_batch_size,
                                request_timeout=load.request_timeout, max_image_age=0.0), name="node")
         assert spin_until(observer, service.service_is_ready, 60), proc.output()
         assert spin_until(observer, lambda: ask(0).error_code != E.ERROR_NO_IMAGE, 60), "no camera frame"

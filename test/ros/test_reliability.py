@@ -18,11 +18,11 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from rclpy.qos import QoSProfile
-from rosutil import CameraStreamer, Process, new_context, node_args, pattern_image, spin_until
+from spatialthinker_ros.harness import FakeCamera, NodeClient, Process, new_context, node_command, pattern_image, spin_until
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header
 from spatialthinker_ros.srv import AskSpatial
-from test_node import (CALL, E, OPTIONS, QUESTION, RESPONSE, Client, camera, client,  # noqa: F401 (fixtures)
+from test_node import (CALL, E, OPTIONS, QUESTION, RESPONSE, camera, client,  # noqa: F401 (fixtures)
                        replay_file, replay_params)
 
 pytestmark = pytest.mark.timeout(180)
@@ -49,7 +49,7 @@ def log_count(proc: Process, start: int, text: str) -> int:
 
 def test_bad_requests_get_their_error_code_and_a_bounded_message(spawn, client, camera, replay_file):
     camera(width=320, height=240)
-    proc = spawn(node_args(**replay_params(replay_file, max_question_chars=100, max_request_image_pixels=100_000)),
+    proc = spawn(node_command(**replay_params(replay_file, max_question_chars=100, max_request_image_pixels=100_000)),
                  name="node")
     assert client.ask_until_ready(proc, question=QUESTION, options=OPTIONS).success
     invalid, camera_code = E.ERROR_INVALID_REQUEST, E.ERROR_UNKNOWN_CAMERA
@@ -174,12 +174,12 @@ def fuzz(tmp_path_factory):
     replay.write_text(json.dumps({"question": QUESTION, "response": RESPONSE}) + "\n")
     context = new_context()
     # Its own namespace: this node and camera live on until the module ends, and must not feed later tests' nodes.
-    cam = CameraStreamer(context, prefix="fuzz/", width=320, height=240, rate_hz=15.0,
+    cam = FakeCamera(context, prefix="fuzz/", width=320, height=240, rate_hz=15.0,
                          depth_m=np.full((240, 320), 2.0, np.float32),
                          k=[250.0, 0.0, 160.0, 0.0, 250.0, 120.0, 0.0, 0.0, 1.0])
-    args = node_args(**replay_params(replay, max_question_chars=FUZZ_MAX_QUESTION, max_image_age=0.0))
+    args = node_command(**replay_params(replay, max_question_chars=FUZZ_MAX_QUESTION, max_image_age=0.0))
     proc = Process(args + ["-r", "__ns:=/fuzz"], tmp / "node.log")
-    client_ = Client(context, namespace="/fuzz/spatialthinker")
+    client_ = NodeClient(context, namespace="/fuzz/spatialthinker")
     try:
         assert client_.ask_until_ready(proc, question=QUESTION, options=OPTIONS).success, proc.output()
         yield client_, proc
@@ -258,7 +258,7 @@ def assert_throttled(proc, start: int, text: str, frames_sent: int) -> None:
 
 
 def test_bad_camera_data_is_dropped_with_throttled_warnings_while_serving(spawn, client, frames, replay_file):
-    proc = spawn(node_args(**replay_params(replay_file, max_image_age=1.0)), name="node")
+    proc = spawn(node_command(**replay_params(replay_file, max_image_age=1.0)), name="node")
     frames.set("image", Image, colour())
     frames.set("depth", Image, depth())
     frames.set("camera_info", CameraInfo, info())
@@ -333,7 +333,7 @@ def test_bad_camera_data_is_dropped_with_throttled_warnings_while_serving(spawn,
 
 
 def test_corrupt_compressed_frames_never_replace_the_last_good_one(spawn, client, frames, replay_file):
-    proc = spawn(node_args(**replay_params(replay_file, image_transport="compressed", use_depth=False,
+    proc = spawn(node_command(**replay_params(replay_file, image_transport="compressed", use_depth=False,
                                            max_image_age=2.0)), name="node")
     ok, jpeg = cv2.imencode(".jpg", pattern_image(320, 240)[:, :, ::-1])
     jpeg = jpeg.tobytes()
