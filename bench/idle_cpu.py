@@ -74,7 +74,7 @@ def measure_mode(mode: str, args, asker: Asker, replay, references: list[str]) -
     run = f"{mode}-with-references" if references else mode     # each pass its own status files
     status = {name: SCRATCH / f"{run}-{name}.json" for name in ("publisher", "bare", "node", *references)}
     with Processes(SCRATCH) as kids:
-        node = kids.start(probed_node_command(status["node"], backend="replay", replay_file=str(replay),
+        node = kids.start(probed_node_args(status["node"], backend="replay", replay_file=str(replay),
                                            image_transport=transport, use_depth=depth,
                                            keep_frame_memory=args.keep_frame_memory == "true"), f"node-{run}")
         bare = kids.start(role_args("subscriber", status["bare"], cameras=cameras, compressed=compressed,

@@ -51,11 +51,12 @@ def test_an_idle_node_streamed_raw_1080p_with_depth_reuses_the_memory_of_old_fra
     proc = spawn(node_command(**replay_params(replay_file)), name="node")
     response = client.ask_until_ready(proc, with_depth=True, question=QUESTION, options=OPTIONS)
     assert response.success, response.message
-    spin_until(client.node, lambda: False, 2.0)   # frame rings full: from here on each frame replaces one
-    per_frame = []   # per 1 s window: the heap still grows now and then (one frame's pages), so the median
+    ready = len(cam.published_stamps)   # frame rings full: from here on each frame replaces one
+    assert spin_until(client.node, lambda: len(cam.published_stamps) >= ready + 30, CALL)
+    per_frame = []   # per window of 15 frames: the heap still grows now and then (one frame's pages), so the median
     for _ in range(5):
         faults, published = minor_page_faults(proc.pid), len(cam.published_stamps)
-        spin_until(client.node, lambda: False, 1.0)
+        assert spin_until(client.node, lambda: len(cam.published_stamps) >= published + 15, CALL)
         per_frame.append((minor_page_faults(proc.pid) - faults) / max(1, len(cam.published_stamps) - published))
     response = client.ask(question=QUESTION, options=OPTIONS, max_image_age=0.5)
     assert response.success, f"the node stopped receiving frames: {response.message}"

@@ -35,6 +35,18 @@ def request_image(width: int = 640, height: int = 480) -> Image:
     return image
 
 
+def requests_waiting_at(port: int) -> int:
+    """Connections to 127.0.0.1:`port` holding bytes its (frozen) server has not read (/proc/net/tcp: local address
+    as hex IP:PORT, then remote address, state, tx_queue:rx_queue)."""
+    waiting = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port = int(fields[1].split(":")[1], 16)
+        rx_queue = int(fields[4].split(":")[1], 16)
+        waiting += local_port == port and rx_queue > 0
+    return waiting
+
+
 def write_replay(path: Path, *records: dict) -> Path:
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
     return path
@@ -72,8 +84,10 @@ def test_server_frozen_killed_mid_request_and_restarted(spawn, client, server, t
     assert frozen_s < timeout_s + 2.0
 
     # killed while a request is in flight (it has been sent to the frozen server): fails at once
+    waiting = requests_waiting_at(server.port)
     future = client.service.call_async(AskSpatial.Request(**ask))
-    spin_until(client.node, lambda: False, 1.0)
+    assert spin_until(client.node, lambda: requests_waiting_at(server.port) > waiting, CALL), \
+        "the request never reached the frozen server"
     assert not future.done()
     started = time.monotonic()
     server.signal(signal.SIGKILL)
@@ -162,10 +176,13 @@ def test_deactivate_and_cleanup_during_requests_answer_every_caller_at_once(spaw
     assert spin_until(client.node, client.action.server_is_ready, CALL)
     ask = AskSpatial.Request(question=QUESTION, options=OPTIONS, image=request_image(64, 48))
     services = [client.service.call_async(ask) for _ in range(3)]
+    stages = []
     goal = spin_future(client.node, client.action.send_goal_async(
-        AskSpatialAction.Goal(question=QUESTION, image=request_image(64, 48))), CALL)
+        AskSpatialAction.Goal(question=QUESTION, image=request_image(64, 48)),
+        feedback_callback=lambda message: stages.append(message.feedback.stage)), CALL)
     result = goal.get_result_async()
-    spin_until(client.node, lambda: False, 0.5)      # the first request is now generating, the rest wait
+    # the goal, sent last, is queued: the first request is now generating, the rest wait
+    assert spin_until(client.node, lambda: AskSpatialAction.Feedback.STAGE_QUEUED in stages, CALL)
     assert not any(f.done() for f in services)
 
     started = time.monotonic()
@@ -203,10 +220,12 @@ def test_signal_answers_pending_callers_and_exits_cleanly(spawn, client, tmp_pat
     ask = AskSpatial.Request(question=QUESTION, image=request_image(64, 48))
     assert client.ask(question=QUESTION, image=request_image(64, 48)).success
     services = [client.service.call_async(ask) for _ in range(3)]
+    stages = []
     goal = spin_future(client.node, client.action.send_goal_async(
-        AskSpatialAction.Goal(question=QUESTION, image=request_image(64, 48))), CALL)
+        AskSpatialAction.Goal(question=QUESTION, image=request_image(64, 48)),
+        feedback_callback=lambda message: stages.append(message.feedback.stage)), CALL)
     result = goal.get_result_async()
-    spin_until(client.node, lambda: False, 0.5)
+    assert spin_until(client.node, lambda: AskSpatialAction.Feedback.STAGE_QUEUED in stages, CALL)   # all queued
     assert not any(f.done() for f in services) and not result.done()
 
     started = time.monotonic()

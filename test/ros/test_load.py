@@ -172,7 +172,8 @@ def run_load(spawn, ros_context, tmp_path, load: Load, backend: dict, check_answ
         while any(c.alive() for c in clients):
             assert time.monotonic() - started < load.seconds + load.request_timeout + 60, "clients did not finish"
             rss.append((time.monotonic() - started, node.memory_info().rss))
-            spin_until(observer, lambda: False, 0.5)   # and collect published answers meanwhile
+            # sample memory each 0.5 s until the clients are done, collecting published answers meanwhile
+            spin_until(observer, lambda: not any(c.alive() for c in clients), 0.5)
         elapsed = time.monotonic() - started
         cpu = sum(node.cpu_times()[:2]) - sum(cpu_start[:2])
         for c in clients:
@@ -180,7 +181,8 @@ def run_load(spawn, ros_context, tmp_path, load: Load, backend: dict, check_answ
         # no deadlock: a fresh request is answered at once, after everything
         after = ask(1)
         assert after.success, after.message
-        spin_until(observer, lambda: False, 1.0)
+        # answers are published in order: once the last one has arrived, so have all before it
+        assert spin_until(observer, lambda: after.answer.request_id in published, 30), "answers not published"
         assert proc.stop() == 0, proc.output()[-3000:]
     finally:
         observer.destroy_node()

@@ -140,19 +140,30 @@ def test_depth_one_frame_late_still_pairs_with_the_frame_before(spawn, client, c
         assert response.success and response.answer.scene_graph.objects[0].has_position, response.message
         stamp = (response.answer.header.stamp.sec, response.answer.header.stamp.nanosec)
         assert stamp in cam.published_stamps[:-1], "answered on a colour frame that had its depth"
-        spin_until(client.node, lambda: False, 0.05)
+        sent = len(cam.published_stamps)   # the next question about the next frame
+        assert spin_until(client.node, lambda: len(cam.published_stamps) > sent, CALL)
 
 
 def test_a_fresh_frame_without_depth_is_preferred_to_a_stale_one_with_depth(spawn, client, camera, replay_file):
     """Slow camera (2 Hz), depth one frame late, max_image_age 0.7 s: the frame before the newest is often too old,
     so the answer uses the newest frame without 3D rather than failing as stale."""
-    camera(rate_hz=2.0, depth_m=np.full((480, 640), 2.0, np.float32), k=K, depth_lags=True)
+    cam = camera(rate_hz=2.0, depth_m=np.full((480, 640), 2.0, np.float32), k=K, depth_lags=True)
     proc = spawn(node_command(**replay_params(replay_file, max_image_age=0.7)), name="node")
     assert client.ask_until_ready(proc, question=QUESTION, options=OPTIONS).success
+
+    def frame_before_newest_too_old() -> bool:   # older than max_image_age, with some margin for the request
+        stamps = cam.published_stamps
+        if len(stamps) < 2:
+            return False
+        sec, nanosec = stamps[-2]
+        return client.node.get_clock().now().nanoseconds - (sec * 10**9 + nanosec) > 0.8e9
+
     responses = []
-    for _ in range(8):
+    for i in range(8):   # alternately: just after a frame was sent, and once the frame before it is too old
+        sent = len(cam.published_stamps)
+        assert spin_until(client.node, frame_before_newest_too_old if i % 2 else
+                          (lambda: len(cam.published_stamps) > sent), CALL)
         responses.append(client.ask(question=QUESTION, options=OPTIONS))
-        spin_until(client.node, lambda: False, 0.15)
     assert all(r.success for r in responses), [r.message for r in responses if not r.success]
     assert not all(r.answer.scene_graph.objects[0].has_position for r in responses), "some on the newest frame"
 
@@ -291,9 +302,11 @@ def test_busy_and_timeout(spawn, client, camera, replay_file, ros_context):
     assert E.ERROR_NONE in codes
     assert E.ERROR_TIMEOUT in codes or codes.count(E.ERROR_NONE) == 2, codes
     # one that waits behind another beyond request_timeout times out; first let the worker finish the
-    # generation whose caller already timed out (a running generation cannot be interrupted; 1 s, with a margin
-    # for a loaded machine)
-    spin_until(client.node, lambda: False, 3.0)
+    # generation whose caller already timed out (a running generation cannot be interrupted): a question answered
+    # in time was the only one the worker had
+    deadline = time.monotonic() + CALL
+    while not client.ask(question=QUESTION).success:   # ERROR_TIMEOUT while it waited behind an abandoned one
+        assert time.monotonic() < deadline, "the worker stayed busy"
     slow = [client.service.call_async(AskSpatial.Request(question=QUESTION)) for _ in range(2)]
     assert spin_until(client.node, lambda: all(f.done() for f in slow), CALL)
     assert sorted(f.result().error_code for f in slow) == [E.ERROR_NONE, E.ERROR_TIMEOUT]

@@ -242,12 +242,14 @@ def info(k=(250.0, 0.0, 160.0, 0.0, 250.0, 120.0, 0.0, 0.0, 1.0), width=320, hei
     return lambda header: CameraInfo(header=header, width=width, height=height, k=list(k))
 
 
-def ask_during(client_, seconds: float, every: float = 0.1, **fields) -> list:
-    """Ask repeatedly for `seconds`; every response."""
+def ask_during(client_, frames, seconds: float, frames_between: int = 3, topic: str = "image", **fields) -> list:
+    """Ask repeatedly while bad frames go out for `seconds` (the throttle window under test), each question after
+    `frames_between` more colour frames were sent; every response."""
     responses, end = [], time.monotonic() + seconds
     while time.monotonic() < end:
         responses.append(client_.ask(**fields))
-        spin_until(client_.node, lambda: False, every)
+        sent = frames.published[topic]
+        assert spin_until(client_.node, lambda: frames.published[topic] >= sent + frames_between, CALL)
     return responses
 
 
@@ -269,7 +271,7 @@ def test_bad_camera_data_is_dropped_with_throttled_warnings_while_serving(spawn,
     start = len(proc.output())
     frames.set("depth", Image, depth(encoding="rgb8"))
     frames.set("camera_info", CameraInfo, info(k=[0.0] * 9))
-    responses = ask_during(client, THROTTLE_WINDOW_S, question=QUESTION, options=OPTIONS)
+    responses = ask_during(client, frames, THROTTLE_WINDOW_S, question=QUESTION, options=OPTIONS)
     assert all(r.success for r in responses), [r.message for r in responses if not r.success]
     assert not responses[-1].answer.scene_graph.objects[0].has_position, "no depth frame fits: no 3D"
     assert_throttled(proc, start, "depth dropped: depth unsupported encoding 'rgb8'", frames.published["depth"])
@@ -291,7 +293,7 @@ def test_bad_camera_data_is_dropped_with_throttled_warnings_while_serving(spawn,
     frames.set("depth", Image, depth())
     frames.set("camera_info", CameraInfo, info())
     frames.set("image", Image, backwards)
-    responses = ask_during(client, THROTTLE_WINDOW_S, question=QUESTION, options=OPTIONS)
+    responses = ask_during(client, frames, THROTTLE_WINDOW_S, question=QUESTION, options=OPTIONS)
     assert all(r.success for r in responses), [r.message for r in responses if not r.success]
     stamps = {(r.answer.header.stamp.sec, r.answer.header.stamp.nanosec) for r in responses}
     assert len(sent_backwards) >= 30 and not stamps & sent_backwards, "never answered on a frame older than the last"
@@ -302,8 +304,9 @@ def test_bad_camera_data_is_dropped_with_throttled_warnings_while_serving(spawn,
     frames.set("image", Image, colour())
     frames.set("depth", Image, depth(width=320, height=320))
     frames.set("camera_info", CameraInfo, info(width=320, height=320))
-    spin_until(client.node, lambda: False, 0.3)   # the kept depth frames of the right shape age out
-    responses = ask_during(client, THROTTLE_WINDOW_S, every=0.03, question=QUESTION, options=OPTIONS)
+    # the kept depth frames of the right shape are replaced (the node keeps the last 8)
+    assert spin_until(client.node, lambda: frames.published["depth"] >= 10, CALL)
+    responses = ask_during(client, frames, THROTTLE_WINDOW_S, frames_between=1, question=QUESTION, options=OPTIONS)
     assert len(responses) >= 30 and all(r.success for r in responses)
     assert not any(o.has_position for r in responses for o in r.answer.scene_graph.objects)
     count = log_count(proc, start, "does not match colour 320x240: no 3D positions")
@@ -323,7 +326,7 @@ def test_bad_camera_data_is_dropped_with_throttled_warnings_while_serving(spawn,
     frames.set("depth", Image, depth())
     frames.set("camera_info", CameraInfo, info())
     frames.set("image", Image, lambda header: next(bad_kinds)(header))
-    responses = ask_during(client, THROTTLE_WINDOW_S, question=QUESTION, options=OPTIONS)
+    responses = ask_during(client, frames, THROTTLE_WINDOW_S, question=QUESTION, options=OPTIONS)
     codes = [r.error_code for r in responses]
     assert set(codes) <= {E.ERROR_NONE, E.ERROR_STALE_IMAGE} and codes[-1] == E.ERROR_STALE_IMAGE, codes
     assert_throttled(proc, start, "frame dropped:", frames.published["image"])
@@ -352,7 +355,8 @@ def test_corrupt_compressed_frames_never_replace_the_last_good_one(spawn, client
     counter = itertools.count()
     frames.set("image/compressed", CompressedImage, lambda header: CompressedImage(
         header=header, format="jpeg", data=jpeg if next(counter) % 10 == 0 else next(corrupt)))
-    responses = ask_during(client, THROTTLE_WINDOW_S, every=0.05, question=QUESTION, options=OPTIONS)
+    responses = ask_during(client, frames, THROTTLE_WINDOW_S, frames_between=2, topic="image/compressed",
+                           question=QUESTION, options=OPTIONS)
     assert len(responses) >= 20 and all(r.success for r in responses), [r.message for r in responses if not r.success]
     assert all(r.answer.scene_graph.image_width == 320 for r in responses)
     assert_throttled(proc, start, "frame dropped: compressed image", frames.published["image/compressed"])
