@@ -11,6 +11,7 @@ is known, whether it died and the tail of its log), never by returning None.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
 import shutil
@@ -429,7 +430,8 @@ class NodeClient:
     known), at once if the node process exits.
 
     With `outputs`, subscribes to the node's answer, scene_graph and markers topics (and debug_image with
-    `debug_image`); what arrives is kept in `answers`, `graphs`, `markers`, `debug`. A benchmark leaves them off:
+    `debug_image`); what arrives is kept in `answers`, `graphs`, `markers`, `debug`. The node's counters (~/stats,
+    published after every reply) are kept in `stats`, newest last, as dicts. A benchmark leaves them off:
     a subscriber makes the node send what it publishes.
     """
 
@@ -452,6 +454,13 @@ class NodeClient:
         self.service = self.node.create_client(AskSpatial, f"{self.namespace}/ask",
                                                qos_profile=QoSProfile(depth=queue_depth))
         self.action = ActionClient(self.node, AskSpatialAction, f"{self.namespace}/ask_action")
+        from std_msgs.msg import String
+
+        from spatialthinker_ros.ros.stats import STATS_QOS
+
+        self.stats: list[dict[str, Any]] = []
+        self.node.create_subscription(String, f"{self.namespace}/stats",
+                                      lambda message: self.stats.append(json.loads(message.data)), STATS_QOS)
         self.answers: list[Any] = []
         self.graphs: list[Any] = []
         self.markers: list[Any] = []

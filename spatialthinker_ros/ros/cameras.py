@@ -80,6 +80,7 @@ class CameraInput:
         self.info: Optional[CameraInfo] = None
         self.frames_received = 0
         self.frames_dropped = 0
+        self.frames_decoded = 0   # by requests that used a frame (~/stats)
 
     @property
     def colour(self) -> Optional[Frame]:

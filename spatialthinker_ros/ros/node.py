@@ -52,6 +52,7 @@ from spatialthinker_ros.ros.conversions import (ImageError, clip, compressed_to_
                                                 image_to_rgb, intrinsics_from_camera_info, rgb_to_image_msg,
                                                 scene_graph_msg, spatial_answer_msg)
 from spatialthinker_ros.ros.parameters import PARAMETERS, check_parameters, descriptor
+from spatialthinker_ros.ros.stats import StatsPublisher
 from spatialthinker_ros.ros.visualization import scene_markers
 from spatialthinker_ros.srv import AskSpatial
 
@@ -112,6 +113,7 @@ class SpatialThinkerNode(LifecycleNode):
         self._outputs: dict[str, object] = {}
         self._pipeline = PipelineConfig()
         self._active = False
+        self._stats = StatsPublisher(self)
         # Requests wait in this history until the executor takes them: the default depth of 10 silently drops
         # bursts of concurrent calls (their callers wait forever). KEEP_ALL would drop none, but a caller that
         # never reads its responses then fills the response writer's history until send_response raises, which
@@ -271,6 +273,7 @@ class SpatialThinkerNode(LifecycleNode):
             if not self._scheduler.stop(reason, timeout_s=0.1):
                 self._draining = self._scheduler
             self.get_logger().info(f"stopped answering ({reason}): {self._scheduler.stats()}")
+            self._stats.publish(self._scheduler.stats(), self._cameras)
             self._scheduler = None
 
     def _wait_backend_idle(self, timeout_s: float = BACKEND_IDLE_WAIT_S) -> bool:
@@ -310,6 +313,7 @@ class SpatialThinkerNode(LifecycleNode):
     # ---------------------------------------------------------------- requests
     async def _on_ask_service(self, request: AskSpatial.Request, response: AskSpatial.Response):
         outcome = await self._answer(request, uuid.uuid4().hex[:16], feedback=None)
+        self._publish_stats()
         return self._fill(response, outcome)
 
     async def _on_ask_goal(self, goal_handle):
@@ -323,6 +327,7 @@ class SpatialThinkerNode(LifecycleNode):
                 goal_handle.publish_feedback(message)
 
         outcome = await self._answer(goal_handle.request, request_id, feedback=feedback)
+        self._publish_stats()
         result = self._fill(AskSpatialAction.Result(), outcome)
         if goal_handle.is_cancel_requested:
             goal_handle.canceled()
@@ -331,6 +336,10 @@ class SpatialThinkerNode(LifecycleNode):
         else:
             goal_handle.abort()
         return result
+
+    def _publish_stats(self) -> None:
+        scheduler = self._scheduler or self._draining
+        self._stats.publish(scheduler.stats() if scheduler is not None else None, self._cameras)
 
     def _on_cancel(self, goal_handle) -> CancelResponse:
         ticket = self._tickets.get(bytes(goal_handle.goal_id.uuid).hex())
@@ -505,6 +514,7 @@ class SpatialThinkerNode(LifecycleNode):
         if max_age > 0 and age > max_age:
             raise RequestFailed(Error.ERROR_STALE_IMAGE,
                                 f"latest frame of camera {name!r} is {age:.2f} s old (limit {max_age:.2f} s)")
+        camera.frames_decoded += 1
         try:
             if isinstance(frame.msg, CompressedImage):
                 rgb = compressed_to_rgb(frame.msg, limit)

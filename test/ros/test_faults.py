@@ -47,6 +47,18 @@ def requests_waiting_at(port: int) -> int:
     return waiting
 
 
+def three_calls_then_a_queued_goal(client, ask: AskSpatial.Request) -> tuple[list, object]:
+    """Three service calls, then a goal; returns once the node reports the goal queued (STAGE_QUEUED feedback),
+    which it sends on accepting it: the futures of the calls and of the goal's result."""
+    services = [client.service.call_async(ask) for _ in range(3)]
+    stages = []
+    goal = spin_future(client.node, client.action.send_goal_async(
+        AskSpatialAction.Goal(question=QUESTION, image=request_image(64, 48)),
+        feedback_callback=lambda message: stages.append(message.feedback.stage)), CALL)
+    assert spin_until(client.node, lambda: AskSpatialAction.Feedback.STAGE_QUEUED in stages, CALL)
+    return services, goal.get_result_async()
+
+
 def write_replay(path: Path, *records: dict) -> Path:
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
     return path
@@ -175,14 +187,7 @@ def test_deactivate_and_cleanup_during_requests_answer_every_caller_at_once(spaw
     client.wait_for_service(proc)
     assert spin_until(client.node, client.action.server_is_ready, CALL)
     ask = AskSpatial.Request(question=QUESTION, options=OPTIONS, image=request_image(64, 48))
-    services = [client.service.call_async(ask) for _ in range(3)]
-    stages = []
-    goal = spin_future(client.node, client.action.send_goal_async(
-        AskSpatialAction.Goal(question=QUESTION, image=request_image(64, 48)),
-        feedback_callback=lambda message: stages.append(message.feedback.stage)), CALL)
-    result = goal.get_result_async()
-    # the goal, sent last, is queued: the first request is now generating, the rest wait
-    assert spin_until(client.node, lambda: AskSpatialAction.Feedback.STAGE_QUEUED in stages, CALL)
+    services, result = three_calls_then_a_queued_goal(client, ask)   # the first is generating, the rest wait
     assert not any(f.done() for f in services)
 
     started = time.monotonic()
@@ -219,13 +224,7 @@ def test_signal_answers_pending_callers_and_exits_cleanly(spawn, client, tmp_pat
     assert spin_until(client.node, client.action.server_is_ready, CALL)
     ask = AskSpatial.Request(question=QUESTION, image=request_image(64, 48))
     assert client.ask(question=QUESTION, image=request_image(64, 48)).success
-    services = [client.service.call_async(ask) for _ in range(3)]
-    stages = []
-    goal = spin_future(client.node, client.action.send_goal_async(
-        AskSpatialAction.Goal(question=QUESTION, image=request_image(64, 48)),
-        feedback_callback=lambda message: stages.append(message.feedback.stage)), CALL)
-    result = goal.get_result_async()
-    assert spin_until(client.node, lambda: AskSpatialAction.Feedback.STAGE_QUEUED in stages, CALL)   # all queued
+    services, result = three_calls_then_a_queued_goal(client, ask)
     assert not any(f.done() for f in services) and not result.done()
 
     started = time.monotonic()

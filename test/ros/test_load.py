@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import sys
 import time
@@ -109,10 +108,12 @@ if __name__ == "__main__" and sys.argv[1:2] == ["client"]:
 import psutil  # noqa: E402
 from rclpy.qos import QoSProfile  # noqa: E402
 from rclpy.node import Node  # noqa: E402
-from spatialthinker_ros.harness import FakeCamera, node_command, spin_future, spin_until  # noqa: E402
+from std_msgs.msg import String  # noqa: E402
 from test_node import E, RESPONSE  # noqa: E402
 
+from spatialthinker_ros.harness import FakeCamera, node_command, spin_future, spin_until  # noqa: E402
 from spatialthinker_ros.msg import SpatialAnswer  # noqa: E402
+from spatialthinker_ros.ros.stats import STATS_QOS  # noqa: E402
 from spatialthinker_ros.srv import AskSpatial  # noqa: E402
 
 
@@ -146,6 +147,9 @@ def run_load(spawn, ros_context, tmp_path, load: Load, backend: dict, check_answ
                                  QoSProfile(depth=QUEUE_DEPTH))
 
     own_ids: set[str] = set()    # answers to this observer's own requests are published too
+    stats: list[dict] = []       # the node's counters (~/stats), published after every reply
+    observer.create_subscription(String, "/spatialthinker/stats", lambda m: stats.append(json.loads(m.data)),
+                                 STATS_QOS)
 
     def ask(i: int) -> AskSpatial.Response:
         response = spin_future(observer, service.call_async(AskSpatial.Request(question=question(i),
@@ -179,8 +183,11 @@ def run_load(spawn, ros_context, tmp_path, load: Load, backend: dict, check_answ
         for c in clients:
             assert c.popen.returncode == 0, c.output()
         # no deadlock: a fresh request is answered at once, after everything
+        counted = len(stats)
         after = ask(1)
         assert after.success, after.message
+        assert spin_until(observer, lambda: len(stats) > counted, 30), "no ~/stats after the last reply"
+        scheduler = stats[-1]["scheduler"]
         # answers are published in order: once the last one has arrived, so have all before it
         assert spin_until(observer, lambda: after.answer.request_id in published, 30), "answers not published"
         assert proc.stop() == 0, proc.output()[-3000:]
@@ -193,8 +200,6 @@ def run_load(spawn, ros_context, tmp_path, load: Load, backend: dict, check_answ
     codes = [r[2] for r in records]
     ok = [r for r in records if r[2] == E.ERROR_NONE]
     latencies = sorted(r[1] for r in ok)
-    stats_line = re.findall(r"stopped answering \(node shutting down\): SchedulerStats\((.*)\)", proc.output())
-    scheduler = dict(kv.split("=") for kv in stats_line[-1].split(", "))
     steady = [m for t, m in rss if t >= min(5.0, elapsed / 4)] or [m for _, m in rss]
     first_each_minute: dict[int, int] = {}
     for t, m in rss:

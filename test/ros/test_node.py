@@ -181,8 +181,10 @@ def test_action_feedback_stages_and_early_scene_graph(spawn, client, camera, rep
     result = spin_future(client.node, handle.get_result_async(), CALL).result
     assert result.success and result.answer.choice == "A"
     assert result.answer.request_id == bytes(handle.goal_id.uuid).hex()
-    stages = [f.stage for f in feedback]
     F = AskSpatialAction.Feedback
+    # feedback travels on its own topic: what was sent before the result may be taken after it
+    assert spin_until(client.node, lambda: any(f.stage == F.STAGE_SCENE_READY for f in feedback), CALL)
+    stages = [f.stage for f in feedback]
     assert stages[0] == F.STAGE_QUEUED and F.STAGE_GENERATING in stages and F.STAGE_SCENE_READY in stages
     assert stages == sorted(stages), stages
     ready = next(f for f in feedback if f.stage == F.STAGE_SCENE_READY)

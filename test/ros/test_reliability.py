@@ -264,7 +264,7 @@ def test_bad_camera_data_is_dropped_with_throttled_warnings_while_serving(spawn,
     frames.set("image", Image, colour())
     frames.set("depth", Image, depth())
     frames.set("camera_info", CameraInfo, info())
-    response = client.ask_until_ready(proc, question=QUESTION, options=OPTIONS)
+    response = client.ask_until_ready(proc, with_depth=True, question=QUESTION, options=OPTIONS)
     assert response.success and response.answer.scene_graph.objects[0].has_position, response.message
 
     # depth in an unexpected encoding, CameraInfo with zero focal length: answers go on, without 3D
