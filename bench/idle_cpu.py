@@ -34,7 +34,7 @@ from bench._common import machine, table, write_results
 SCRATCH = isolate_ros(prefix="spatialthinker-bench-")
 
 from bench._rosbench import (OPTIONS, QUESTION, Asker, poke_status, probed_node_args, rclpy, read_status,  # noqa: E402
-                       role_args, wait_poked, write_replay_file)
+                             role_args, wait_poked, write_replay_file)
 
 # reference name -> subscriber role options
 REFERENCES = {"eager": {"convert": True}, "multithreaded": {"executor": "multi"}}

@@ -27,14 +27,14 @@ import time
 import numpy as np
 
 from spatialthinker_ros.harness import (DDS_TRANSPORTS, Processes, isolate_ros, node_command, spin_until,
-                                        use_dds_transport, wait_for)
+                                        use_dds_transport)
 
 from bench._common import machine, summary_ms, table, write_results
 
 SCRATCH = isolate_ros(prefix="spatialthinker-bench-")
 
-from bench._rosbench import (OPTIONS, QUESTION, Asker, rclpy, read_status, role_args,  # noqa: E402
-                       wait_status, write_replay_file)
+from bench._rosbench import (OPTIONS, QUESTION, Asker, rclpy, role_args, wait_status,  # noqa: E402
+                             write_replay_file)
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 

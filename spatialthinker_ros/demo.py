@@ -265,20 +265,18 @@ def run_part(part: Part, context: Any, camera: FakeCamera, sample: Sample, outpu
               flush=True)
         for index, (how, q) in enumerate(zip(("action", "service"), questions)):
             asked = time.monotonic()
-            on_feedback = None
-            if how == "action":
-                print(f"  asking by action: {q['question']!r}", flush=True)
+            print(f"  asking by {how}: {q['question']!r}", flush=True)
 
-                def on_feedback(feedback: Any) -> None:
-                    stage = stage_name(client.Action, feedback.stage)
-                    extra = f", {feedback.tokens_generated} tokens" if feedback.tokens_generated else ""
-                    if feedback.stage == client.Action.Feedback.STAGE_SCENE_READY and feedback.scene_graph.objects:
-                        ids = ", ".join(o.id for o in feedback.scene_graph.objects)
-                        extra += f"; scene graph already available: {ids}"
-                    print(f"    feedback: {stage}{extra}  (+{time.monotonic() - asked:.2f} s)", flush=True)
-            else:
-                print(f"  asking by service: {q['question']!r}", flush=True)
-            outcome = client.ask_until_ready(timeout=timeout, by_action=how == "action", on_feedback=on_feedback,
+            def on_feedback(feedback: Any, asked: float = asked) -> None:
+                stage = stage_name(client.Action, feedback.stage)
+                extra = f", {feedback.tokens_generated} tokens" if feedback.tokens_generated else ""
+                if feedback.stage == client.Action.Feedback.STAGE_SCENE_READY and feedback.scene_graph.objects:
+                    ids = ", ".join(o.id for o in feedback.scene_graph.objects)
+                    extra += f"; scene graph already available: {ids}"
+                print(f"    feedback: {stage}{extra}  (+{time.monotonic() - asked:.2f} s)", flush=True)
+
+            outcome = client.ask_until_ready(timeout=timeout, by_action=how == "action",
+                                             on_feedback=on_feedback if how == "action" else None,
                                              call_timeout=timeout, question=q["question"], options=q["options"])
             round_trip = time.monotonic() - asked
             if not outcome.success:

@@ -243,9 +243,8 @@ def spin_until(node: Any, predicate: Callable[[], bool], timeout: float) -> bool
 
 
 def spin_future(node: Any, future: Any, timeout: float, what: str = "the result") -> Any:
-    """Spin until the rclpy future is done and return its result; WaitFailed otherwise."""
-    if not spin_until(node, future.done, timeout):
-        raise WaitFailed(f"no {what} within {timeout} s")
+    """Spin until the rclpy future is done and return its result; WaitFailed naming `what` otherwise."""
+    spin_wait(node, future.done, timeout, what)
     return future.result()
 
 

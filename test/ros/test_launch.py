@@ -15,12 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 from rcl_interfaces.srv import ListParameters
-from rclpy.node import Node
 from spatialthinker_ros.harness import FakeCamera, NodeClient, node_command, spin_future, spin_until
 
 from spatialthinker_ros.launch_config import LAUNCH_ARGUMENTS, node_launch, ros_arguments
 from spatialthinker_ros.ros.parameters import BY_NAME, PARAMETERS, descriptor
-from spatialthinker_ros.srv import AskSpatial
 
 REPO = Path(__file__).resolve().parents[2]
 SHARE = Path(sys.prefix) / "share" / "spatialthinker_ros"

@@ -9,15 +9,11 @@ import psutil
 import pytest
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState, GetState
-from rclpy.action import ActionClient
-from rclpy.node import Node
-from rclpy.qos import QoSProfile
 from sensor_msgs.msg import Image
-from visualization_msgs.msg import MarkerArray
 
 from spatialthinker_ros.action import AskSpatial as AskSpatialAction
 from spatialthinker_ros.harness import FakeCamera, NodeClient, node_command, spin_future, spin_until
-from spatialthinker_ros.msg import SceneGraph, SpatialAnswer
+from spatialthinker_ros.msg import SpatialAnswer
 from spatialthinker_ros.srv import AskSpatial
 
 E = AskSpatial.Response
