@@ -1,8 +1,16 @@
 # One command sets everything up, one runs the tests. See README.md.
-VENV   ?= .venv
+# ROS_DISTRO picks the ROS 2 wheels: jazzy (LTS, the default) in .venv, kilted in .venv-kilted; each has its own
+# lock file and build folder, so both can sit side by side.
+SUPPORTED_DISTROS := jazzy kilted
+ROS_DISTRO ?= jazzy
+ifeq ($(filter $(ROS_DISTRO),$(SUPPORTED_DISTROS)),)
+$(error ROS_DISTRO=$(ROS_DISTRO) is not built here: choose one of $(SUPPORTED_DISTROS), e.g. make setup ROS_DISTRO=jazzy (README, "Supported ROS 2 distributions"))
+endif
+VENV   ?= $(if $(filter jazzy,$(ROS_DISTRO)),.venv,.venv-$(ROS_DISTRO))
+BUILD  ?= $(if $(filter jazzy,$(ROS_DISTRO)),build,build-$(ROS_DISTRO))
+LOCK   := requirements/lock-$(ROS_DISTRO).txt
 PY     := $(VENV)/bin/python
 PYTHON ?= python3.11
-BUILD  ?= build
 # Demo settings: the tiny random checkpoint by default; MODEL=OX-PIXL/SpatialThinker-7B DEVICE=cuda for the real one.
 MODEL  ?=
 DEVICE ?= auto
@@ -10,13 +18,14 @@ DEVICE ?= auto
 # ROS 2 finds packages (ours included) through AMENT_PREFIX_PATH; the venv is the prefix.
 export AMENT_PREFIX_PATH := $(abspath $(VENV))
 export CMAKE_PREFIX_PATH := $(abspath $(VENV))
+export ROS_DISTRO
 
 .PHONY: setup build test demo clean
 
-setup: ## venv + pinned dependencies + interface build + package install
+setup: ## venv + pinned dependencies (ROS 2 $(ROS_DISTRO) wheels, model stack, colcon) + interface build + package install
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade 'pip==25.3'
-	$(PY) -m pip install --quiet --no-deps -r requirements/lock.txt
+	$(PY) -m pip install --quiet --no-deps -r $(LOCK)
 	$(PY) -m pip check
 	$(PY) scripts/fix_wheel_cmake_paths.py
 	$(MAKE) build

@@ -1,12 +1,14 @@
 """Per-answer CPU cost of what the product adds around the model: parsing, geometry, conversions, messages.
 
-    .venv/bin/python bench/core_costs.py
-    .venv/bin/python bench/core_costs.py --quick        # a few iterations (the smoke test uses it)
-    PYTHONPATH=. python bench/core_costs.py             # on a machine without ROS: the message rows are skipped
+    .venv/bin/python -m bench.core_costs
+    .venv/bin/python -m bench.core_costs --quick        # a few iterations (the smoke test uses it)
+    python -m bench.core_costs          # on a machine without ROS: the message rows are skipped
 
 Microbenchmarks (timeit, best of --repeat runs of an auto-sized loop) on the model card's example answer with
 boxes in a 1920x1080 image, a 1920x1080 16UC1 depth frame and its intrinsics. The reference is json.loads of
 the same scene JSON, timed in the same run: the ratio says what parsing costs beyond reading the JSON itself.
+The relation checks (core/relations.py) are timed on a busier answer, 10 objects at different depths and 10
+relations of every kind, both alone and as the difference they make to finish_result.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from bench._common import machine, table, write_results
 from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage, map_scene  # noqa: E402
 from spatialthinker_ros.core.parsing import parse_response, scene_text_complete  # noqa: E402
 from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, prepare_request  # noqa: E402
+from spatialthinker_ros.core.relations import RelationCheckConfig, check_scene  # noqa: E402
 from spatialthinker_ros.core.types import InferenceRequest, InferenceResult  # noqa: E402
 
 WIDTH, HEIGHT = 1920, 1080
@@ -43,6 +46,21 @@ RESPONSE = (
 SCENE_JSON = re.search(r"<scene>(.*?)</scene>", RESPONSE, re.DOTALL).group(1)
 # The same answer as a model might break it: single quotes and a trailing comma (json_repair's path).
 BROKEN = RESPONSE.replace('"', "'").replace("]\n}", "],\n}")
+
+
+# A tabletop of 10 objects left to right and 0.3 m apart in depth, with 10 relations: lateral, depth, vertical
+# and unknown predicates, true and false.
+TEN_BOXES = [[100 + 170 * i, 300 + 40 * (i % 3), 250 + 170 * i, 500 + 40 * (i % 3)] for i in range(10)]
+TEN_PREDICATES = ["left of", "right of", "in front of", "behind", "to the left of", "closer to the camera than",
+                  "on top of", "next to", "in front of", "left of"]
+TEN_SCENE = {"objects": [{"id": f"thing.{i}", "bbox": box} for i, box in enumerate(TEN_BOXES)],
+             "relationships": [{"subject": f"thing.{i}", "predicate": p, "object": f"thing.{(i + 3) % 10}"}
+                               for i, p in enumerate(TEN_PREDICATES)]}
+TEN_RESPONSE = (f"<observe>Ten things on a table.</observe>\n<scene>\n{json.dumps(TEN_SCENE, indent=2)}\n</scene>\n"
+                "<think>Compare their boxes.</think>\n<answer> (A) left of </answer>")
+TEN_CHECKS = "check_scene (10 objects, 10 relations)"
+TEN_WITH = "finish_result + 3D + checks (10 objects, 10 relations, 1080p depth)"
+TEN_WITHOUT = "finish_result + 3D, checks off (10 objects, 10 relations, 1080p depth)"
 
 
 def per_call_us(fn, repeat: int, min_time: float) -> float:
@@ -67,6 +85,15 @@ def cases() -> dict:
     parsed = parse_response(RESPONSE, OPTIONS, image_size=(WIDTH, HEIGHT))
     assert parsed.status.name == "COMPLETE" and len(parsed.scene.objects) == 3, parsed
     small = prepare_request(rgb, QUESTION, OPTIONS, PipelineConfig(max_input_pixels=1003520))
+    ten_depth_mm = depth_mm.copy()
+    for i, (x1, y1, x2, y2) in enumerate(TEN_BOXES):
+        ten_depth_mm[y1:y2, x1:x2] = 1000 + 300 * i
+    ten_depth = DepthImage.from_sensor(ten_depth_mm, "16UC1")
+    ten = InferenceResult(text=TEN_RESPONSE)
+    checks_off = PipelineConfig(relations=RelationCheckConfig(enabled=False))
+    ten_lifted = finish_result(request, ten, OPTIONS, camera_size=(WIDTH, HEIGHT), depth=ten_depth, intrinsics=k,
+                               config=checks_off).scene
+    assert len(ten_lifted.relations) == 10 and all(o.position for o in ten_lifted.objects), ten_lifted
     c = {
         "json.loads(scene JSON) [reference]": lambda: json.loads(SCENE_JSON),
         "parse_response (full answer)": lambda: parse_response(RESPONSE, OPTIONS, image_size=(WIDTH, HEIGHT)),
@@ -84,6 +111,11 @@ def cases() -> dict:
                                                                        intrinsics=k),
         "finish_result + 3D lift, depth already in metres [before]": lambda: finish_result(
             request, inference, OPTIONS, camera_size=(WIDTH, HEIGHT), depth=converted, intrinsics=k),
+        TEN_CHECKS: lambda: check_scene(ten_lifted),
+        TEN_WITH: lambda: finish_result(request, ten, OPTIONS, camera_size=(WIDTH, HEIGHT), depth=ten_depth,
+                                        intrinsics=k),
+        TEN_WITHOUT: lambda: finish_result(request, ten, OPTIONS, camera_size=(WIDTH, HEIGHT), depth=ten_depth,
+                                           intrinsics=k, config=checks_off),
         "prepare_request 1080p (prompt, no resize)": lambda: prepare_request(rgb, QUESTION, OPTIONS, PipelineConfig()),
         "prepare_request 1080p -> 1 MP (resize)": lambda: prepare_request(rgb, QUESTION, OPTIONS,
                                                                          PipelineConfig(max_input_pixels=1003520)),
@@ -126,10 +158,15 @@ def main(argv=None) -> int:
               + timings["finish_result + 3D lift, depth already in metres [before]"])
     print(f"depth read in metres only inside the boxes: {lift / 1000:.2f} ms against {before / 1000:.2f} ms for "
           f"converting the whole frame first ({before / lift:.1f}x)")
+    checks_in_pipeline = timings[TEN_WITH] - timings[TEN_WITHOUT]
+    print(f"relation checks, 10 objects and 10 relations: {timings[TEN_CHECKS]:.1f} us alone; finish_result "
+          f"{timings[TEN_WITH]:.0f} us with them, {timings[TEN_WITHOUT]:.0f} us without ({checks_in_pipeline:+.0f} us)")
     path = write_results("core_costs", {"args": vars(args), "us_per_call": timings,
                                         "ratio_to_json_loads": {n: us / reference for n, us in timings.items()},
                                         "per_answer_ms": per_answer / 1000,
-                                        "depth_in_boxes_ratio_to_whole_frame_first": before / lift}, args.json)
+                                        "depth_in_boxes_ratio_to_whole_frame_first": before / lift,
+                                        "relation_checks_us": {"alone": timings[TEN_CHECKS],
+                                                               "in_finish_result": checks_in_pipeline}}, args.json)
     print(f"results: {path}")
     return 0
 

@@ -1,7 +1,7 @@
 """Idle CPU of spatialthinker_node while a camera streams and nobody asks, against a bare rclpy subscriber.
 
-    .venv/bin/python bench/idle_cpu.py                 # raw 1080p30 rgb8 + 16UC1 depth + CameraInfo, then JPEG colour
-    .venv/bin/python bench/idle_cpu.py --modes raw --seconds 30
+    .venv/bin/python -m bench.idle_cpu                 # raw 1080p30 rgb8 + 16UC1 depth + CameraInfo, then JPEG colour
+    .venv/bin/python -m bench.idle_cpu --modes raw --seconds 30
 
 Per mode, three processes run at once on one isolated ROS graph: a camera publisher, the node (replay backend:
 no model to load) and a bare rclpy subscriber with the node's subscriptions and QoS (keep last 1, best effort),

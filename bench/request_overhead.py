@@ -1,7 +1,7 @@
 """Per-request overhead outside the model: ~/ask round trips with the replay backend, against bare ROS round trips.
 
-    .venv/bin/python bench/request_overhead.py
-    .venv/bin/python bench/request_overhead.py --requests 200 --sizes 1920x1080
+    .venv/bin/python -m bench.request_overhead
+    .venv/bin/python -m bench.request_overhead --requests 200 --sizes 1920x1080
 
 For each frame size, a camera publisher streams colour (rgb8) + 16UC1 depth + CameraInfo of that size at --rate
 while this process calls, in turn and interleaved (so machine noise hits all alike):

@@ -29,6 +29,7 @@ from spatialthinker_ros.core.backends.base import Backend, GenerationConfig
 from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage
 from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, prepare_request
 from spatialthinker_ros.core.prompt import STYLES, PromptConfig
+from spatialthinker_ros.core.relations import RelationCheckConfig
 from spatialthinker_ros.core.types import (BackendError, BackendErrorKind, InferenceRequest, InferenceResult,
                                            InvalidRequest, SpatialResult)
 from spatialthinker_ros.core.validation import validate_model_reference, validate_server_url
@@ -122,6 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what in (("fx", "focal length x"), ("fy", "focal length y"), ("cx", "principal point x"),
                        ("cy", "principal point y")):
         depth.add_argument(f"--{name}", type=float, metavar="PX", help=f"{what}, in pixels of --image")
+    depth.add_argument("--check-relations", action=argparse.BooleanOptionalAction, default=True,
+                       help="with depth, check each relation of the scene graph against the 3D positions: "
+                            "consistent, contradicted, uncertain (within the margin) or not checked, with the "
+                            "measured quantities (default: on)")
+    depth.add_argument("--relation-margin", type=float, default=RelationCheckConfig().margin_m, metavar="M",
+                       help="metres a position difference must exceed, plus object extents and depth noise, for a "
+                            "relation to be consistent or contradicted (default %(default)s, the node's "
+                            "relation_margin)")
 
     out = parser.add_argument_group("output")
     out.add_argument("--annotate", type=Path, metavar="OUT.png",
@@ -158,7 +167,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.annotate is not None:
         check_writable_image(args.annotate)
     try:
-        config = PipelineConfig(prompt=PromptConfig(style=args.prompt_style), max_input_pixels=args.max_pixels)
+        config = PipelineConfig(prompt=PromptConfig(style=args.prompt_style), max_input_pixels=args.max_pixels,
+                                relations=RelationCheckConfig(enabled=args.check_relations,
+                                                              margin_m=args.relation_margin))
     except ValueError as exc:
         raise UsageError(exc) from None
     request = prepare_request(rgb, args.question, args.options, config, scene_only=args.scene_only)
@@ -388,7 +399,8 @@ def result_json(result: SpatialResult, args: argparse.Namespace, backend: str, l
         "observation": parsed.observation,
         "reasoning": parsed.reasoning,
         "objects": objects,
-        "relations": [{"subject": r.subject, "predicate": r.predicate, "object": r.object}
+        "relations": [{"subject": r.subject, "predicate": r.predicate, "object": r.object,
+                       "check": r.check.name.lower(), "check_note": r.check_note}
                       for r in parsed.scene.relations],
         "image_size": list(parsed.scene.image_size),
         "model_image_size": list(result.model_image_size),

@@ -34,6 +34,8 @@ from typing import Any, Optional, Sequence
 import cv2
 import numpy as np
 
+from spatialthinker_ros.core.relations import VERDICT_WORDS
+from spatialthinker_ros.core.types import RelationCheck
 from spatialthinker_ros.harness import (FakeCamera, NodeClient, Process, WaitFailed, isolate_ros, node_command,
                                         wait_for)
 
@@ -82,6 +84,12 @@ class Sample:
         return [c["fx"], 0.0, c["cx"], 0.0, c["fy"], c["cy"], 0.0, 0.0, 1.0]
 
 
+def sample_camera(context: Any, sample: Sample) -> FakeCamera:
+    """The sample as a driver streams it: rgb8 + 16UC1 depth (mm) + CameraInfo, one stamp per frame, at 10 Hz."""
+    return FakeCamera(context, rgb=sample.rgb, rate_hz=CAMERA_RATE_HZ, frame_id=sample.camera["frame_id"],
+                      depth_m=sample.depth_mm / 1000.0, depth_encoding="16UC1", k=sample.k)
+
+
 def load_sample(data_dir: Path = DATA_DIR) -> Sample:
     meta_path = data_dir / "sample_scene.json"
     if not meta_path.is_file():
@@ -126,7 +134,8 @@ def scene_from_msg(graph: Any) -> Any:
             position = Position3D(o.position.x, o.position.y, o.position.z, o.size.x, o.size.y, o.size.z)
         objects.append(SceneObject(id=o.id, label=o.label, box=Box(o.x_min, o.y_min, o.x_max, o.y_max),
                                    position=position))
-    relations = tuple(SceneRelation(r.subject, r.predicate, r.object) for r in graph.relations)
+    relations = tuple(SceneRelation(r.subject, r.predicate, r.object, RelationCheck(r.check), r.check_note)
+                      for r in graph.relations)
     return SceneGraph(objects=tuple(objects), relations=relations, image_size=(graph.image_width, graph.image_height))
 
 
@@ -161,7 +170,8 @@ def answer_dict(answer: Any, how: str, round_trip: float) -> dict[str, Any]:
         "observation": answer.observation,
         "reasoning": answer.reasoning,
         "objects": objects,
-        "relations": [[r.subject, r.predicate, r.object] for r in answer.scene_graph.relations],
+        "relations": [[r.subject, r.predicate, r.object, VERDICT_WORDS[RelationCheck(r.check)], r.check_note]
+                      for r in answer.scene_graph.relations],
         "image_size": [answer.scene_graph.image_width, answer.scene_graph.image_height],
         "frame_id": answer.header.frame_id,
         "model": answer.model,
@@ -209,8 +219,8 @@ def print_answer(summary: dict[str, Any], image_path: Path, tiny: bool) -> None:
             print(line)
     else:
         print("    objects     (none)")
-    for subject, predicate, obj in summary["relations"]:
-        print(f"    relation    {subject} --{predicate}--> {obj}")
+    for subject, predicate, obj, check, note in summary["relations"]:
+        print(f"    relation    {subject} --{predicate}--> {obj}   depth check: {check} ({note})")
     print(f"    tokens      {summary['prompt_tokens']} prompt + {summary['completion_tokens']} generated;  "
           f"model time {summary['inference_s']:.2f} s, round trip {summary['round_trip_s']:.2f} s;  "
           f"model {summary['model']}")
@@ -401,8 +411,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         context = rclpy.Context()
         rclpy.init(context=context)
-        camera = FakeCamera(context, rgb=sample.rgb, rate_hz=CAMERA_RATE_HZ, frame_id=sample.camera["frame_id"],
-                            depth_m=sample.depth_mm / 1000.0, depth_encoding="16UC1", k=sample.k)
+        camera = sample_camera(context, sample)
         print(f"camera: streaming {sample.rgb.shape[1]}x{sample.rgb.shape[0]} rgb8 + 16UC1 depth + CameraInfo at "
               f"{CAMERA_RATE_HZ:.0f} Hz on /image, /depth, /camera_info (ROS_DOMAIN_ID {os.environ['ROS_DOMAIN_ID']}, "
               "localhost only)", flush=True)

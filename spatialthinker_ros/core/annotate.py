@@ -1,4 +1,7 @@
-"""Draw a scene graph on its image: boxes, ids and relation arrows. Shared by the CLI and ~/debug_image."""
+"""Draw a scene graph on its image: boxes, ids and relation arrows. Shared by the CLI and ~/debug_image.
+
+Relation arrows and labels take the colour of their check against the depth (core/relations.py): red
+contradicted, green consistent, amber uncertain, white not checked; a label says why when it is not agreement."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import colorsys
 import cv2
 import numpy as np
 
+from spatialthinker_ros.core.relations import VERDICT_COLOURS, verdict_label
 from spatialthinker_ros.core.types import SceneGraph
 
 
@@ -35,10 +39,13 @@ def draw_scene(rgb: np.ndarray, scene: SceneGraph, caption: str = "") -> np.ndar
     for relation in scene.relations:
         if relation.subject in centres and relation.object in centres:
             start, end = centres[relation.subject], centres[relation.object]
-            cv2.arrowedLine(canvas, start, end, (255, 255, 255), thickness, tipLength=0.05)
+            colour = VERDICT_COLOURS[relation.check]
+            cv2.arrowedLine(canvas, start, end, colour, thickness, tipLength=0.05)
             mid = ((start[0] + end[0]) // 2, (start[1] + end[1]) // 2)
-            cv2.putText(canvas, relation.predicate, mid, cv2.FONT_HERSHEY_SIMPLEX, scale * 0.9, (255, 255, 255),
-                        thickness)
+            label = verdict_label(relation)
+            # a dark outline keeps the coloured text readable on any background
+            cv2.putText(canvas, label, mid, cv2.FONT_HERSHEY_SIMPLEX, scale * 0.9, (0, 0, 0), thickness + 2)
+            cv2.putText(canvas, label, mid, cv2.FONT_HERSHEY_SIMPLEX, scale * 0.9, colour, thickness)
     if caption:
         cv2.putText(canvas, caption[:120], (8, canvas.shape[0] - 10), cv2.FONT_HERSHEY_SIMPLEX, scale,
                     (255, 255, 0), thickness)

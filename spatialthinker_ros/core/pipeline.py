@@ -16,6 +16,7 @@ import numpy as np
 from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage, lift_box, map_scene
 from spatialthinker_ros.core.parsing import decide_status, parse_response
 from spatialthinker_ros.core.prompt import PromptConfig, build_prompt
+from spatialthinker_ros.core.relations import RelationCheckConfig, check_scene, contradictions
 from spatialthinker_ros.core.types import (
     AnswerStatus,
     InferenceRequest,
@@ -28,7 +29,8 @@ from spatialthinker_ros.core.types import (
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """Prompt, input-size cap and depth-lifting settings (see geometry.lift_box for the depth ones)."""
+    """Prompt, input-size cap, depth-lifting settings (see geometry.lift_box for the depth ones) and the checks of
+    the model's relations against the 3D positions (core/relations.py)."""
 
     prompt: PromptConfig = PromptConfig()
     # Larger frames are downscaled before the prompt states their size: the model's cost grows with pixels,
@@ -37,6 +39,7 @@ class PipelineConfig:
     min_valid_depth_fraction: float = 0.05
     max_depth_m: float = 20.0
     depth_box_shrink: float = 0.5
+    relations: RelationCheckConfig = RelationCheckConfig()
 
     def __post_init__(self) -> None:
         if self.max_input_pixels < 1:
@@ -98,7 +101,9 @@ def finish_result(
     config: PipelineConfig = PipelineConfig(),
 ) -> SpatialResult:
     """The parsed answer with boxes in `camera_size` pixels and, given depth (registered to the camera
-    image) and intrinsics, a 3D position per object. Geometry losses join the parse problems.
+    image) and intrinsics, a 3D position per object. Geometry losses join the parse problems. Every relation
+    carries its check against the positions (config.relations); contradicted ones are named in the problems too,
+    without changing the status, which says how complete the model's output was.
 
     `scene_only` defaults to what the request asked; True also reads the scene from the streamed, partial
     text of a full request as soon as its scene is closed.
@@ -113,10 +118,11 @@ def finish_result(
         scene, depth_problems = _lift_scene(scene, depth, intrinsics, config)
         problems.extend(depth_problems)
     lossy = parsed.status is not AnswerStatus.COMPLETE or bool(problems)
+    scene = check_scene(scene, config.relations, has_depth=depth is not None and intrinsics is not None)
     parsed = replace(
         parsed,
         scene=scene,
-        problems=parsed.problems + tuple(problems),
+        problems=parsed.problems + tuple(problems) + tuple(contradictions(scene)),
         status=decide_status(parsed.answer, scene, parsed.scene_complete, scene_only, lossy),
     )
     return SpatialResult(parsed=parsed, inference=result, prompt=request.prompt, model_image_size=model_size)

@@ -52,11 +52,23 @@ class SceneObject:
     position: Optional[Position3D] = None
 
 
+class RelationCheck(enum.IntEnum):
+    """What the measured 3D positions say about a relation (core/relations.py). Same values as
+    SceneRelation.CHECK_* in msg/SceneRelation.msg."""
+
+    NOT_CHECKED = 0     # outside the checked vocabulary, no 3D position, or checks turned off; check_note says which
+    CONSISTENT = 1      # the positions agree, by more than the margin
+    CONTRADICTED = 2    # the positions disagree, by more than the margin
+    UNCERTAIN = 3       # the difference is within the margin: the positions cannot tell
+
+
 @dataclass(frozen=True)
 class SceneRelation:
     subject: str
     predicate: str
     object: str
+    check: RelationCheck = RelationCheck.NOT_CHECKED
+    check_note: str = ""         # the measured quantities behind `check` (metres), or why it was not checked
 
 
 @dataclass(frozen=True)

@@ -149,7 +149,8 @@ def scene_graph_msg(scene: SceneGraph, header: Header) -> SceneGraphMsg:
             out.size.x, out.size.y, out.size.z = float(p.size_x), float(p.size_y), float(p.size_z)
         objects.append(out)
     msg.objects = objects
-    msg.relations = [SceneRelationMsg(subject=r.subject, predicate=r.predicate, object=r.object)
+    msg.relations = [SceneRelationMsg(subject=r.subject, predicate=r.predicate, object=r.object,
+                                      check=int(r.check), check_note=r.check_note)
                      for r in scene.relations]
     return msg
 

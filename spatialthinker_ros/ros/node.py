@@ -409,7 +409,7 @@ class SpatialThinkerNode(LifecycleNode):
             result = finish_result(inference_request, outcome, options,
                                    camera_size=(source.rgb.shape[1], source.rgb.shape[0]),
                                    depth=source.depth, intrinsics=source.intrinsics,
-                                   scene_only=request.scene_only, config=self._pipeline)
+                                   scene_only=request.scene_only, config=self._finishing_config())
             answer = spatial_answer_msg(result, source.header, request_id, source.camera, question, options)
             self._publish(answer, result, source)
             return answer
@@ -468,11 +468,17 @@ class SpatialThinkerNode(LifecycleNode):
                                on_text=inference_request.on_text and on_text,
                                request_id=inference_request.request_id)
 
+    def _finishing_config(self) -> PipelineConfig:
+        """The configured pipeline with the relation-check parameters read now (they apply to the next request)."""
+        checks = dataclasses.replace(self._pipeline.relations, enabled=self._param("check_relations"),
+                                     margin_m=self._param("relation_margin"))
+        return dataclasses.replace(self._pipeline, relations=checks)
+
     def _partial_scene(self, inference_request, text: str, source: Source) -> SceneGraph:
         result = finish_result(inference_request, InferenceResult(text=text), [],
                                camera_size=(source.rgb.shape[1], source.rgb.shape[0]),
                                depth=source.depth, intrinsics=source.intrinsics, scene_only=True,
-                               config=self._pipeline)
+                               config=self._finishing_config())
         return scene_graph_msg(result.parsed.scene, source.header)
 
     # ---------------------------------------------------------------- frames

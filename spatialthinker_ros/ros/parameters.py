@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 
+from spatialthinker_ros.core.relations import RelationCheckConfig
 from spatialthinker_ros.core.validation import validate_model_reference, validate_server_url
 
 Check = Callable[[Any], Optional[str]]   # returns the reason a value is invalid, or None
@@ -112,6 +113,12 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               float_range=(1e-6, 10.0)),
     ParamSpec("depth_sync_tolerance", 0.05, "seconds between colour and paired depth stamps",
               float_range=(0.0, 10.0), applies="next request"),
+    ParamSpec("check_relations", RelationCheckConfig().enabled,
+              "check each relation of the answer against the 3D positions (SceneRelation.check); false = all "
+              "NOT_CHECKED", applies="next request"),
+    ParamSpec("relation_margin", RelationCheckConfig().margin_m,
+              "metres: base margin a position difference must exceed (plus extents and depth noise), else "
+              "UNCERTAIN", float_range=(0.0, 10.0), applies="next request"),
     ParamSpec("keep_frame_memory", True, "reuse freed camera-frame buffers instead of returning them to the OS "
               "(glibc): fewer page faults and less CPU at raw 1080p, up to 128 MiB kept free", applies="start"),
     ParamSpec("publish_debug_image", True, "publish ~/debug_image when someone subscribes", applies="next request"),

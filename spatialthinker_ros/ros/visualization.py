@@ -1,4 +1,5 @@
-"""RViz markers for a scene graph: a 3D box and a label per located object, an arrow per relation."""
+"""RViz markers for a scene graph: a 3D box and a label per located object, an arrow and a label per relation,
+coloured by its check against the depth (core/relations.py: red contradicted, green consistent, amber uncertain)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from std_msgs.msg import Header
 from visualization_msgs.msg import Marker, MarkerArray
 
 from spatialthinker_ros.core.annotate import object_colour
+from spatialthinker_ros.core.relations import VERDICT_COLOURS, verdict_label
 from spatialthinker_ros.core.types import SceneGraph
 from spatialthinker_ros.ros.conversions import duration_msg
 
@@ -43,6 +45,15 @@ def scene_markers(scene: SceneGraph, header: Header, lifetime_s: float) -> Marke
                            lifetime=lifetime, points=[centres[relation.subject], centres[relation.object]])
             arrow.pose.orientation.w = 1.0
             arrow.scale.x, arrow.scale.y, arrow.scale.z = 0.01, 0.03, 0.05
-            arrow.color.r, arrow.color.g, arrow.color.b, arrow.color.a = 1.0, 1.0, 1.0, 0.8
-            markers.append(arrow)
+            r, g, b = (c / 255.0 for c in VERDICT_COLOURS[relation.check])
+            arrow.color.r, arrow.color.g, arrow.color.b, arrow.color.a = r, g, b, 0.8
+            start, end = centres[relation.subject], centres[relation.object]
+            label = Marker(header=header, ns="relation_labels", id=j, type=Marker.TEXT_VIEW_FACING,
+                           action=Marker.ADD, lifetime=lifetime, text=verdict_label(relation))
+            label.pose.position.x, label.pose.position.y = (start.x + end.x) / 2, (start.y + end.y) / 2 - 0.03
+            label.pose.position.z = (start.z + end.z) / 2
+            label.pose.orientation.w = 1.0
+            label.scale.z = 0.04
+            label.color.r, label.color.g, label.color.b, label.color.a = r, g, b, 1.0
+            markers += [arrow, label]
     return MarkerArray(markers=markers)

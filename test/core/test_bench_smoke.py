@@ -30,6 +30,8 @@ def test_core_costs_reports_a_finite_cost_for_every_step(tmp_path: Path):
     assert report["ratio_to_json_loads"]["json.loads(scene JSON) [reference]"] == 1.0
     assert 0 < report["per_answer_ms"] < 1000
     assert math.isfinite(report["depth_in_boxes_ratio_to_whole_frame_first"])
+    assert 0 < report["relation_checks_us"]["alone"] < report["us_per_call"][
+        "finish_result + 3D + checks (10 objects, 10 relations, 1080p depth)"]
 
 
 @pytest.mark.timeout(120)

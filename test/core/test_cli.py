@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import sample_relations
 from transformers_serve import free_port
 
 import spatialthinker_ros
@@ -92,7 +93,9 @@ def test_replay_with_depth_gives_the_scene_boxes_and_3d_positions_and_annotates(
         assert 0.05 < obj["size_m"]["x"] < 0.35
     assert objects["plate.1"]["position_m"]["z"] < objects["mug.1"]["position_m"]["z"] < \
         objects["book.1"]["position_m"]["z"]
-    assert {"subject": "mug.1", "predicate": "left of", "object": "plate.1"} in result["relations"]
+    assert [(r["subject"], r["predicate"], r["object"], r["check"]) for r in result["relations"]] == [
+        ("mug.1", "left of", "plate.1", "consistent"), ("book.1", "behind", "plate.1", "consistent")]
+    assert result["relations"][0]["check_note"].startswith("mug.1 x=-0.21 m, plate.1 x=+0.08 m (difference 0.28 m")
     assert result["annotated"] == str(out)
     drawn = cv2.imread(str(out), cv2.IMREAD_COLOR)
     original = cv2.imread(str(IMAGE), cv2.IMREAD_COLOR)
@@ -117,6 +120,34 @@ def test_scene_only_and_no_depth_give_boxes_without_positions():
     assert result["answer"] == "" and result["status"] == "complete"
     assert [o["position_m"] for o in result["objects"]] == [None, None, None]
     assert result["raw_response"].endswith("</scene>")
+    assert {(r["check"], r["check_note"]) for r in result["relations"]} == {
+        ("not_checked", "no depth with this frame: no 3D positions")}
+
+
+def ask_sample_relations(tmp_path: Path, *args) -> dict:
+    replay_file = sample_relations.write_replay(tmp_path / "relations.jsonl")
+    return answered("--backend", "replay", "--replay-file", replay_file, "--image", IMAGE,
+                    "--question", sample_relations.QUESTION, "--options", *sample_relations.OPTIONS,
+                    "--depth", DEPTH, *INTRINSICS, *args)
+
+
+def test_relations_true_false_and_borderline_are_checked_against_the_depth(tmp_path: Path):
+    result = ask_sample_relations(tmp_path)
+    relations = result["relations"]
+    assert [(r["subject"], r["predicate"], r["object"]) for r in relations] == sample_relations.TRIPLES
+    assert [r["check"] for r in relations] == [v.lower() for v in sample_relations.EXPECTED]
+    contradicted = relations[1]
+    assert contradicted["check_note"].startswith("book.1 z=1.06 m, plate.1 z=0.79 m")
+    assert result["status_message"] == f"depth contradicts book.1 in front of plate.1: {contradicted['check_note']}"
+    assert (result["answer"], result["choice"], result["status"]) == ("(A) left of", "A", "complete")
+    assert relations[3]["check_note"] == "vertical relation: the camera frame does not know which way gravity points"
+
+
+def test_relation_checks_can_be_turned_off_or_given_a_wider_margin(tmp_path: Path):
+    off = ask_sample_relations(tmp_path, "--no-check-relations")
+    assert {r["check"] for r in off["relations"]} == {"not_checked"} and off["status_message"] == ""
+    wide = ask_sample_relations(tmp_path, "--relation-margin", 0.5)
+    assert [r["check"] for r in wide["relations"]][:3] == ["uncertain"] * 3
 
 
 def test_help_documents_usage():
@@ -145,6 +176,7 @@ def corrupt_image(tmp_path: Path) -> Path:
         ("depth of another aspect", 2, "does not have the aspect"),
         ("unknown question for replay", 3, "no recorded response"),
         ("unknown option", 2, "unrecognized arguments"),
+        ("negative relation margin", 2, "the relation margin must be a finite number of metres >= 0"),
     ],
 )
 def test_errors_are_one_clear_line_with_the_documented_exit_code(case, code, message, tmp_path, corrupt_image):
@@ -161,6 +193,7 @@ def test_errors_are_one_clear_line_with_the_documented_exit_code(case, code, mes
         "depth of another aspect": [*base, *image, "--depth", tmp_path / "square.npy", *INTRINSICS],
         "unknown question for replay": [*base[:-1], "Is this recorded?", *image],
         "unknown option": [*base, *image, "--colour", "red"],
+        "negative relation margin": [*base, *image, "--relation-margin", -0.1],
     }[case]
     np.save(tmp_path / "square.npy", np.ones((100, 100), np.float32))
     done = ask(*args, timeout=60)

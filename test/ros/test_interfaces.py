@@ -11,6 +11,7 @@ from spatialthinker_ros.harness import spin_future, spin_until
 from sensor_msgs.msg import Image
 
 from spatialthinker_ros.action import AskSpatial as AskSpatialAction
+from spatialthinker_ros.core.types import RelationCheck
 from spatialthinker_ros.msg import SceneGraph, SceneObject, SceneRelation, SpatialAnswer
 from spatialthinker_ros.srv import AskSpatial
 
@@ -23,7 +24,10 @@ def test_every_interface_imports_with_documented_fields():
     assert set(obj.get_fields_and_field_types()) == {
         "id", "label", "x_min", "y_min", "x_max", "y_max", "has_position", "position", "size"}
     assert SceneObject.get_fields_and_field_types()["position"] == "geometry_msgs/Point"
-    assert set(SceneRelation.get_fields_and_field_types()) == {"subject", "predicate", "object"}
+    assert SceneRelation.get_fields_and_field_types() == {"subject": "string", "predicate": "string",
+                                                          "object": "string", "check": "uint8", "check_note": "string"}
+    for check in RelationCheck:      # the core's verdicts are the message's constants
+        assert getattr(SceneRelation, f"CHECK_{check.name}") == check.value
     assert set(SceneGraph.get_fields_and_field_types()) == {
         "header", "image_width", "image_height", "objects", "relations"}
     answer_fields = SpatialAnswer.get_fields_and_field_types()
@@ -65,7 +69,9 @@ def sample_graph() -> SceneGraph:
     cup.size.x, cup.size.y, cup.size.z = 0.08, 0.1, 0.05
     plate = SceneObject(id="plate.1", label="plate", x_min=300.0, y_min=200.0, x_max=500.0, y_max=300.0)
     graph.objects = [cup, plate]
-    graph.relations = [SceneRelation(subject="cup.1", predicate="left of", object="plate.1")]
+    graph.relations = [SceneRelation(subject="cup.1", predicate="left of", object="plate.1",
+                                     check=SceneRelation.CHECK_CONTRADICTED,
+                                     check_note="cup.1 x=+0.10 m, plate.1 x=-0.30 m (difference 0.40 m, margin 0.05 m)")]
     return graph
 
 
@@ -87,6 +93,7 @@ def test_scene_graph_round_trip_between_processes(ros_context, peer):
     assert echoed == sent
     assert echoed.objects[0].position.z == pytest.approx(1.5)
     assert echoed.relations[0].predicate == "left of"
+    assert echoed.relations[0].check == SceneRelation.CHECK_CONTRADICTED
     node.destroy_node()
 
 
