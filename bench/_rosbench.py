@@ -1,6 +1,6 @@
-"""ROS side of the bench harness: start the node / helper roles, ask the node, read role status files.
+"""ROS side of the benchmarks: the helper roles' command lines and status files, and a timed client.
 
-Import only after bench/_common.isolate_ros() has run (rclpy must see the isolated environment).
+Import only after spatialthinker_ros.harness.isolate_ros() has run (rclpy must see the isolated environment).
 """
 
 from __future__ import annotations
@@ -14,17 +14,15 @@ from pathlib import Path
 from typing import Optional
 
 import rclpy
-from rclpy.executors import SingleThreadedExecutor
-from rclpy.node import Node
 from rclpy.qos import QoSProfile
 
-from spatialthinker_ros.launch_config import parameter_arguments
+from spatialthinker_ros.harness import NodeClient, Process, WaitFailed, node_command, spin_wait, wait_for
 from spatialthinker_ros.srv import AskSpatial
 
-from _common import BENCH_DIR, Children, Child, wait_for
+from bench._common import BENCH_DIR
 
 PYTHON = sys.executable
-NODE_EXECUTABLE = str(Path(sys.executable).parent / "spatialthinker_node")
+# run as files: they import only rclpy and the package, nothing from bench/
 ROLES = str(BENCH_DIR / "_ros_roles.py")
 
 QUESTION = "Is the cup left or right of the plate?"
@@ -46,13 +44,9 @@ def write_replay_file(directory: Path) -> Path:
     return path
 
 
-def node_args(**params) -> list[str]:
-    return [NODE_EXECUTABLE, "--ros-args", *parameter_arguments(params)]
-
-
 def probed_node_args(status: Path, **params) -> list[str]:
     """The node's own main() with a frame-count probe (bench/_node_probe.py), same parameters."""
-    return [PYTHON, str(BENCH_DIR / "_node_probe.py"), str(status)] + node_args(**params)[1:]
+    return [PYTHON, str(BENCH_DIR / "_node_probe.py"), str(status)] + node_command(**params)[1:]
 
 
 def role_args(role: str, status: Path, **options) -> list[str]:
@@ -75,69 +69,42 @@ def read_status(path: Path) -> dict:
         return {}
 
 
-class Asker:
-    """A client node in this process: calls a node's ~/ask (AskSpatial) and times the round trip."""
+class Asker(NodeClient):
+    """The harness's client of the node's ~/ask, plus clients of other AskSpatial servers (the bare floor), with
+    timed calls. In the default context; it subscribes to none of the node's outputs (a subscriber makes the node
+    send them, which is not what the benchmarks measure)."""
 
-    def __init__(self, service: str = "/spatialthinker/ask", node_name: str = "bench_client"):
-        self.node = Node(node_name)
-        self.executor = SingleThreadedExecutor()
-        self.executor.add_node(self.node)
-        self.clients: dict[str, object] = {}
-        self.default = service
+    def __init__(self, node_name: str = "bench_client"):
+        super().__init__(None, node_name=node_name, outputs=False)
+        self.others: dict[str, object] = {}
 
-    def client(self, service: Optional[str] = None):
-        service = service or self.default
-        if service not in self.clients:
-            self.clients[service] = self.node.create_client(AskSpatial, service, qos_profile=QoSProfile(depth=100))
-        return self.clients[service]
+    def other(self, service: str):
+        if service not in self.others:
+            self.others[service] = self.node.create_client(AskSpatial, service, qos_profile=QoSProfile(depth=100))
+        return self.others[service]
 
-    def spin_until(self, predicate, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return predicate()
-            self.executor.spin_once(timeout_sec=min(0.05, remaining))
-        return True
-
-    def call(self, request: AskSpatial.Request, service: Optional[str] = None, timeout: float = 30.0):
-        """(response, seconds); TimeoutError after `timeout`."""
-        client = self.client(service)
+    def timed_call(self, request: AskSpatial.Request, service: Optional[str] = None,
+                   timeout: float = 30.0) -> tuple[AskSpatial.Response, float]:
+        """(response, seconds) from `service` (default: the node's ~/ask); WaitFailed after `timeout`."""
+        client = self.service if service is None else self.other(service)
         started = time.perf_counter()
         future = client.call_async(request)
-        if not self.spin_until(future.done, timeout):
+        try:
+            spin_wait(self.node, future.done, timeout, f"the reply of {service or self.service.srv_name}")
+        except WaitFailed:
             client.remove_pending_request(future)
-            raise TimeoutError(f"no answer from {service or self.default} within {timeout} s")
+            raise
         return future.result(), time.perf_counter() - started
 
-    def wait_ready(self, proc: Child, timeout: float = 60.0, **fields) -> AskSpatial.Response:
-        """Until the node answers successfully (best-effort frames may take seconds to start flowing)."""
-        deadline = time.monotonic() + timeout
-        client = self.client()
-        if not self.spin_until(client.service_is_ready, timeout):
-            raise TimeoutError(f"{self.default} not available within {timeout} s:\n{proc.output()}")
-        message = "no answer"
-        while True:
-            if not proc.alive():
-                raise RuntimeError(f"{proc.name} exited:\n{proc.output()}")
-            try:   # a request sent just as the service appears can go unanswered (DDS matching): retry it
-                response, _ = self.call(AskSpatial.Request(**fields),
-                                        timeout=min(5.0, max(1.0, deadline - time.monotonic())))
-                if response.success:
-                    return response
-                message = response.message
-            except TimeoutError as exc:
-                message = str(exc)
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"node not ready within {timeout} s: {message}\n{proc.output()}")
-            self.spin_until(lambda: False, 0.2)
-
-    def close(self) -> None:
-        self.executor.shutdown(timeout_sec=2.0)
-        self.node.destroy_node()
+    def wait_ready(self, proc: Process, timeout: float = 60.0, **fields) -> AskSpatial.Response:
+        """Until the node answers successfully; RuntimeError with its log tail if it answers with an error."""
+        response = self.ask_until_ready(proc, timeout=timeout, **fields)
+        if not response.success:
+            raise RuntimeError(f"the node answered {response.error_code}: {response.message}: {proc.describe()}")
+        return response
 
 
-def poke_status(path: Path, proc: Child, timeout: float = 3.0) -> dict:
+def poke_status(path: Path, proc: Process, timeout: float = 3.0) -> dict:
     """Ask a process that writes its status on SIGUSR1 (node probe, bare subscriber) for its counts, now."""
     before = read_status(path).get("seq", 0)
     os.kill(proc.pid, signal.SIGUSR1)
@@ -147,24 +114,17 @@ def poke_status(path: Path, proc: Child, timeout: float = 3.0) -> dict:
         if status.get("seq", 0) > before:
             return status
         time.sleep(0.005)
-    raise TimeoutError(f"{proc.name} did not write its status within {timeout} s:\n{proc.output()}")
+    raise WaitFailed(f"{proc.name} did not write its status within {timeout} s: {proc.describe()}")
 
 
-def wait_poked(path: Path, key: str, proc: Child, timeout: float = 30.0) -> None:
-    def ok() -> bool:
-        if not proc.alive():
-            raise RuntimeError(f"{proc.name} exited:\n{proc.output()}")
-        return poke_status(path, proc).get(key, 0) >= 1
-    wait_for(ok, timeout, f"{proc.name} to report {key}", interval=0.2)
+def wait_poked(path: Path, key: str, proc: Process, timeout: float = 30.0) -> None:
+    wait_for(lambda: poke_status(path, proc).get(key, 0) >= 1, timeout, f"{proc.name} to report {key}", proc,
+             interval=0.2)
 
 
-def wait_status(path: Path, key: str, proc: Child, timeout: float = 30.0, at_least: int = 1) -> None:
-    def ok() -> bool:
-        if not proc.alive():
-            raise RuntimeError(f"{proc.name} exited:\n{proc.output()}")
-        return read_status(path).get(key, 0) >= at_least
-    wait_for(ok, timeout, f"{proc.name} to report {key}")
+def wait_status(path: Path, key: str, proc: Process, timeout: float = 30.0, at_least: int = 1) -> None:
+    wait_for(lambda: read_status(path).get(key, 0) >= at_least, timeout, f"{proc.name} to report {key}", proc)
 
 
-__all__ = ["Asker", "Children", "NODE_EXECUTABLE", "OPTIONS", "QUESTION", "RESPONSE", "node_args", "poke_status", "probed_node_args", "read_status", "wait_poked",
-           "role_args", "wait_status", "write_replay_file", "rclpy"]
+__all__ = ["Asker", "OPTIONS", "QUESTION", "RESPONSE", "poke_status", "probed_node_args", "rclpy", "read_status",
+           "role_args", "wait_poked", "wait_status", "write_replay_file"]

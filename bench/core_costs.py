@@ -1,8 +1,8 @@
 """Per-answer CPU cost of what the product adds around the model: parsing, geometry, conversions, messages.
 
-    .venv/bin/python bench/core_costs.py
-    .venv/bin/python bench/core_costs.py --quick        # a few iterations (the smoke test uses it)
-    PYTHONPATH=. python bench/core_costs.py             # on a machine without ROS: the message rows are skipped
+    .venv/bin/python -m bench.core_costs
+    .venv/bin/python -m bench.core_costs --quick        # a few iterations (the smoke test uses it)
+    python -m bench.core_costs          # on a machine without ROS: the message rows are skipped
 
 Microbenchmarks (timeit, best of --repeat runs of an auto-sized loop) on the model card's example answer with
 boxes in a 1920x1080 image, a 1920x1080 16UC1 depth frame and its intrinsics. The reference is json.loads of
@@ -21,7 +21,7 @@ import timeit
 
 import numpy as np
 
-from _common import machine, table, write_results
+from bench._common import machine, table, write_results
 
 from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage, map_scene  # noqa: E402
 from spatialthinker_ros.core.parsing import parse_response, scene_text_complete  # noqa: E402

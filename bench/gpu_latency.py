@@ -1,10 +1,10 @@
 """Latency of our TransformersBackend against the SpatialThinker-7B model card's own usage code, same process,
 same model, same inputs; decode speed against the memory-bandwidth roofline; batching; scene-only; memory.
 
-    PYTHONPATH=. python bench/gpu_latency.py                   # GPU: the 7B shape, random weights, bf16, cuda
-    PYTHONPATH=. python bench/gpu_latency.py --compile         # ... plus the static-cache/compile option
-    PYTHONPATH=. python bench/gpu_latency.py --checkpoint DIR  # a real checkpoint (e.g. SpatialThinker-7B) instead
-    PYTHONPATH=. python bench/gpu_latency.py --tiny            # CPU plumbing check: tiny shape, same code paths
+    python -m bench.gpu_latency                   # GPU: the 7B shape, random weights, bf16, cuda (from the checkout)
+    python -m bench.gpu_latency --compile         # ... plus the static-cache/compile option
+    python -m bench.gpu_latency --checkpoint DIR  # a real checkpoint (e.g. SpatialThinker-7B) instead
+    python -m bench.gpu_latency --tiny            # CPU plumbing check: tiny shape, same code paths
 
 ROS-free: imports torch, transformers and the package's ROS-free core only, so it runs from a source checkout
 on a GPU machine without ROS. Nothing is downloaded.
@@ -13,8 +13,8 @@ The model. Without --checkpoint, a Qwen2_5_VLForConditionalGeneration of the rea
 random weights is built directly on the device, with a processor whose tokenizer has Qwen's special tokens at the
 real ids (bench/_speedmodel.py). Speed does not depend on weight values when the output length is forced
 (min_new_tokens == max_new_tokens), so it times like SpatialThinker-7B. Both paths share that one model object
-(loading is not timed: neither side loads anything). Our backend gets it through a patched loader; everything
-after loading is the product's code.
+(loading is not timed: neither side loads anything). Our backend is given it (TransformersBackend's `loaded`);
+everything after loading is the product's code, reached through its public API only.
 
 The model card's code, replicated line by line (SpatialThinker-7B README, "Usage"): torch_dtype="auto" (bf16, the
 checkpoint's dtype), device_map="auto", default attention (sdpa), apply_chat_template, processor(text=[text],
@@ -29,27 +29,28 @@ everything on the CPU in fp32. Its figures are plumbing checks, not speed claims
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import math
 import statistics
 import sys
 import time
-from pathlib import Path
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import numpy as np
+import torch
+from PIL import Image
+from transformers import LogitsProcessor, LogitsProcessorList
 
-from _common import machine, table, write_results
-
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
-
-import spatialthinker_ros.core.backends.transformers_backend as transformers_backend  # noqa: E402
-from spatialthinker_ros.core.backends.base import GenerationConfig  # noqa: E402
-from spatialthinker_ros.core.backends.transformers_backend import TransformersBackend, TransformersConfig  # noqa: E402
-from spatialthinker_ros.core.parsing import scene_text_complete  # noqa: E402
-from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, prepare_request  # noqa: E402
-from spatialthinker_ros.core.types import BackendError  # noqa: E402
+from bench._common import machine, table, write_results
+from bench._speedmodel import CARD_EXAMPLE_RESPONSE, SHORT_RESPONSE, build_speed_model, decode_weight_bytes
+from spatialthinker_ros.core.backends.base import GenerationConfig
+from spatialthinker_ros.core.backends.transformers_backend import TransformersBackend, TransformersConfig
+from spatialthinker_ros.core.parsing import scene_text_complete
+from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, prepare_request
+from spatialthinker_ros.core.types import BackendError
 
 QUESTION = "Where is the cat relative to the couch?"
 OPTIONS = ["on top of", "in front of", "behind", "beside"]
@@ -92,12 +93,12 @@ Image size: {width} x {height}"""  # noqa: E501
 
 
 # ----------------------------------------------------------------------------------------------- our product
-def ours_answer(backend, rgb: np.ndarray, question: str = QUESTION, options=OPTIONS, scene_only: bool = False,
-                on_text=None, keep: bool = False):
+def ours_answer(backend: TransformersBackend, rgb: np.ndarray, question: str = QUESTION, options=OPTIONS,
+                scene_only: bool = False, on_text=None, keep: bool = False):
     """One request. The backend forgets what it kept of earlier frames first (unless `keep`): their image encodings
     and prompt KV. The card's code starts from nothing for every question, as a new camera frame would."""
     if not keep:
-        forget_frames(backend)
+        backend.forget()
     request = prepare_request(rgb, question, options, PipelineConfig(), scene_only=scene_only, on_text=on_text)
     [result] = backend.generate([request])
     if isinstance(result, BackendError):
@@ -106,16 +107,9 @@ def ours_answer(backend, rgb: np.ndarray, question: str = QUESTION, options=OPTI
     return result, request
 
 
-def forget_frames(backend, encodings: bool = True) -> None:
-    if encodings:
-        backend._encoder.clear()
-    if backend._prompts:   # None where prompt KV is not reused (compile=True, transformers < 5.23)
-        backend._prompts.clear()
-
-
-def ours_batch(backend, frames: list[np.ndarray]):
+def ours_batch(backend: TransformersBackend, frames: list[np.ndarray]):
     """One question per frame, all in one generate; nothing encoded before counts."""
-    forget_frames(backend)
+    backend.forget()
     requests = [prepare_request(rgb, q, [], PipelineConfig()) for rgb, q in zip(frames, BATCH_QUESTIONS * 8)]
     results = backend.generate(requests)
     for rgb, request, result in zip(frames, requests, results):
@@ -123,6 +117,16 @@ def ours_batch(backend, frames: list[np.ndarray]):
             raise RuntimeError(f"backend error: {result}")
         finish_result(request, result, [], camera_size=(rgb.shape[1], rgb.shape[0]))
     return results
+
+
+def images_encoded(backend: TransformersBackend) -> int:
+    stats = backend.cache_stats()["image_encodings"]
+    return stats.misses if stats else 0
+
+
+def prompt_tokens_reused(backend: TransformersBackend) -> int:
+    stats = backend.cache_stats()["prompts"]   # None where prompt KV is not reused (compile, transformers < 5.23)
+    return stats.hits if stats else 0
 
 
 class ForceText(LogitsProcessor):
@@ -157,39 +161,49 @@ class Forced:
         del self.model.generate    # back to the class method
 
 
-class Kwargs:
-    """Context manager: the backend's generate() kwargs changed for one phase (length, cache); restored after."""
-
-    def __init__(self, backend, **changes):
-        self.backend, self.changes = backend, changes
-
-    def __enter__(self):
-        self.saved = dict(self.backend._generate_kwargs)
-        for key, value in self.changes.items():
-            if value is None:
-                self.backend._generate_kwargs.pop(key, None)
-            else:
-                self.backend._generate_kwargs[key] = value
-
-    def __exit__(self, *exc):
-        self.backend._generate_kwargs = self.saved
+@contextmanager
+def generation(backend: TransformersBackend, base: GenerationConfig, **changes: Any) -> Iterator[None]:
+    """The backend decodes with `base` changed (length, ...) for one phase, then with `base` again."""
+    backend.set_generation(dataclasses.replace(base, **changes))
+    try:
+        yield
+    finally:
+        backend.set_generation(base)
 
 
-# ---------------------------------------------------------------------------------------------------- helpers
-class Clock:
-    def __init__(self, device: str):
+# ---------------------------------------------------------------------------------------------------- timing
+class Timer:
+    """The one timing loop: steps run in turn (interleaved, so drift hits them alike), `warmup` rounds unrecorded,
+    then `repeats` recorded; on cuda each step is timed between device synchronisations."""
+
+    def __init__(self, device: str, warmup: int, repeats: int):
         self.cuda = device.startswith("cuda")
+        self.warmup, self.repeats = warmup, repeats
 
-    def sync(self) -> None:
+    def once(self, fn: Callable[[], Any]) -> tuple[float, Any]:
+        """(seconds, value) of one call."""
         if self.cuda:
             torch.cuda.synchronize()
-
-    def time(self, fn, *args, **kwargs):
-        self.sync()
         started = time.perf_counter()
-        value = fn(*args, **kwargs)
-        self.sync()
+        value = fn()
+        if self.cuda:
+            torch.cuda.synchronize()
         return time.perf_counter() - started, value
+
+    def rounds(self, steps: dict[str, Callable[[], Any]], repeats: int = 0) -> tuple[dict[str, list[float]], dict[str, Any]]:
+        """Each step's recorded seconds, and each step's last value."""
+        seconds: dict[str, list[float]] = {name: [] for name in steps}
+        values: dict[str, Any] = {}
+        for index in range(self.warmup + (repeats or self.repeats)):
+            for name, fn in steps.items():
+                elapsed, values[name] = self.once(fn)
+                if index >= self.warmup:
+                    seconds[name].append(elapsed)
+        return seconds, values
+
+
+def median(values):
+    return statistics.median(values) if values else float("nan")
 
 
 def frames_one_pixel_apart(rgb: np.ndarray, n: int) -> list[np.ndarray]:
@@ -248,50 +262,245 @@ def bandwidth(device: str) -> dict:
     return {"name": name, "nominal_bytes_per_s": nominal, "measured_bytes_per_s": measured}
 
 
-def vision_seconds(model, processor, rgb: np.ndarray, backend, clock: Clock, repeats: int) -> float:
-    """The vision tower alone on one frame (what a per-frame cache would save for each further question)."""
-    inputs = processor(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[rgb], return_tensors="pt",
-                       **backend._image_kwargs).to(model.device)
-    visual = getattr(getattr(model, "model", model), "visual", None) or model.visual
-    pixels = inputs["pixel_values"].to(next(visual.parameters()).dtype)
-    samples = []
-    with torch.inference_mode():
-        for _ in range(repeats + 1):
-            seconds, _ = clock.time(visual, pixels, grid_thw=inputs["image_grid_thw"])
-            samples.append(seconds)
-    return statistics.median(samples[1:])
+# ------------------------------------------------------------------------------------------------------- phases
+@dataclass
+class Bench:
+    """What every phase uses: both paths' model objects, our backend, settings."""
+
+    args: argparse.Namespace
+    device: str
+    timer: Timer
+    card_model: Any
+    card_processor: Any
+    backend: TransformersBackend
+    generation: GenerationConfig
+    card_attention: str = "sdpa"
+
+    @property
+    def ours_model(self) -> Any:
+        return self.backend.model
+
+    def run_card(self, image: Image.Image, new_tokens: int):
+        if self.ours_model is self.card_model:
+            set_attention(self.card_model, self.card_attention)
+        return card_answer(self.card_model, self.card_processor, image, CARD_QUESTION, new_tokens)
+
+    def run_ours(self, rgb: np.ndarray, **kwargs):
+        if self.ours_model is self.card_model:
+            set_attention(self.card_model, self.backend.attn_implementation)
+        return ours_answer(self.backend, rgb, **kwargs)
+
+    def run_ours_batch(self, frames: list[np.ndarray]):
+        set_attention(self.ours_model, self.backend.attn_implementation)
+        return ours_batch(self.backend, frames)
+
+    def frame(self) -> np.ndarray:
+        return camera_frame(*(int(v) for v in self.args.size.split("x")))
 
 
-def preprocess_seconds(card_processor, backend, image, rgb, card_text, our_prompt, repeats) -> tuple[float, float]:
-    """The processor call alone (chat template + image resize/normalise + tokenise), as each path makes it (CPU)."""
+def load(args: argparse.Namespace, device: str, timer: Timer) -> Bench:
+    """The model: one object shared by both paths (or loaded by each from a real checkpoint)."""
+    generation = GenerationConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+    config = TransformersConfig(model=args.checkpoint or "speed-model", device=device, attn_implementation=args.attn,
+                                generation=generation, local_files_only=True)
+    if args.checkpoint:
+        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+        card_model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.checkpoint, torch_dtype="auto",
+                                                                        device_map="auto")
+        card_processor = AutoProcessor.from_pretrained(args.checkpoint)
+        backend = TransformersBackend(config)
+    else:
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        card_model, card_processor = build_speed_model("tiny" if args.tiny else "7b", device, dtype,
+                                                       attn_implementation="sdpa")
+        backend = TransformersBackend(config, loaded=(card_model, card_processor))
+        if backend.dtype != str(card_model.dtype).removeprefix("torch."):
+            raise RuntimeError(f"backend wants {backend.dtype}, the speed model is {card_model.dtype}")
+        set_attention(card_model, backend.attn_implementation)
+    return Bench(args, device, timer, card_model, card_processor, backend, generation)
+
+
+def phase_sizes(b: Bench, size: str) -> dict:
+    """End to end, card vs ours, interleaved; then the same with one output token (prefill); preprocessing."""
+    rgb = camera_frame(*(int(v) for v in size.split("x")))
+    image = Image.fromarray(rgb)
+    n = b.args.new_tokens
+    reset_peak(b.device)
+    runs, values = b.timer.rounds({"card": lambda: b.run_card(image, n), "ours": lambda: b.run_ours(rgb)})
+    _, card_tokens, card_prompt, card_text = values["card"]
+    result, request = values["ours"]
+    peak = peak_memory(b.device)
+    with generation(b.backend, b.generation, max_new_tokens=1, min_new_tokens=1):
+        first, _ = b.timer.rounds({"card": lambda: b.run_card(image, 1), "ours": lambda: b.run_ours(rgb)})
     card_messages = [{"role": "user", "content": [{"type": "image", "image": image},
                                                   {"type": "text", "text": card_text}]}]
 
-    def card():
-        text = card_processor.apply_chat_template(card_messages, tokenize=False, add_generation_prompt=True)
-        card_processor(text=[text], images=[image], return_tensors="pt")
+    def card_preprocess():
+        text = b.card_processor.apply_chat_template(card_messages, tokenize=False, add_generation_prompt=True)
+        b.card_processor(text=[text], images=[image], return_tensors="pt")
 
-    def ours():
-        processor = backend._processor
-        text = processor.apply_chat_template(transformers_backend._messages(our_prompt), tokenize=False,
-                                             add_generation_prompt=True)
-        processor(text=[text], images=[rgb], padding=True, return_tensors="pt", **backend._image_kwargs)
+    # the processor call alone (chat template + image resize/normalise + tokenise), as each path makes it (CPU)
+    cpu = Timer("cpu", 1, b.args.repeats)
+    preprocess, _ = cpu.rounds({"card": card_preprocess, "ours": lambda: b.backend.prepare_inputs([request])})
+    card_s, ours_s = median(runs["card"]), median(runs["ours"])
+    card_decode = (card_s - median(first["card"])) / (n - 1)
+    ours_decode = (ours_s - median(first["ours"])) / (n - 1)
+    if card_tokens != n or result.completion_tokens != n:
+        log(f"WARNING: forced length not honoured: card {card_tokens}, ours {result.completion_tokens}")
+    return {
+        "card_s": card_s, "ours_s": ours_s, "card_runs": runs["card"], "ours_runs": runs["ours"],
+        "speedup_card_over_ours": card_s / ours_s,
+        "card_tokens": card_tokens, "ours_tokens": result.completion_tokens,
+        "card_prompt_tokens": card_prompt, "ours_prompt_tokens": result.prompt_tokens,
+        "card_tokens_per_s": card_tokens / card_s, "ours_tokens_per_s": result.completion_tokens / ours_s,
+        "card_first_token_s": median(first["card"]), "ours_first_token_s": median(first["ours"]),
+        "card_decode_ms_per_token": 1000 * card_decode, "ours_decode_ms_per_token": 1000 * ours_decode,
+        "same_prompt_text": card_text == request.prompt, "peak_gib": peak,
+        "card_preprocess_s": median(preprocess["card"]), "ours_preprocess_s": median(preprocess["ours"]),
+    }
 
-    timings = ([], [])
-    for _ in range(repeats + 1):
-        for fn, samples in zip((card, ours), timings):
-            started = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - started)
-    return median(timings[0][1:]), median(timings[1][1:])
+
+def phase_roofline(b: Bench, ours_decode_ms_per_token: float, per_token_bytes: int) -> dict:
+    """Decode speed against the memory-bandwidth roofline (nominal and measured bandwidth)."""
+    bw = bandwidth(b.device)
+    results: dict = {"bandwidth": bw}
+    for key in ("nominal", "measured"):
+        value = bw[f"{key}_bytes_per_s"]
+        if value:
+            roofline_ms = 1000 * per_token_bytes / value
+            results[f"roofline_ms_per_token_{key}"] = roofline_ms
+            results[f"ours_decode_vs_roofline_{key}"] = ours_decode_ms_per_token / roofline_ms
+    return results
 
 
-def median(values):
-    return statistics.median(values) if values else float("nan")
+def phase_vision_tower(b: Bench) -> float:
+    """The vision tower alone on one frame (what a kept encoding saves each further question)."""
+    rgb = b.frame()
+    set_attention(b.ours_model, b.backend.attn_implementation)
+    inputs = b.backend.prepare_inputs([prepare_request(rgb, QUESTION, OPTIONS, PipelineConfig())]).to(b.ours_model.device)
+    visual = getattr(getattr(b.ours_model, "model", b.ours_model), "visual", None) or b.ours_model.visual
+    pixels = inputs["pixel_values"].to(next(visual.parameters()).dtype)
+    with torch.inference_mode():
+        seconds, _ = Timer(b.device, 1, b.args.repeats).rounds(
+            {"tower": lambda: visual(pixels, grid_thw=inputs["image_grid_thw"])})
+    return median(seconds["tower"])
+
+
+def phase_batch(b: Bench) -> dict:
+    """`--batch` concurrent requests (one batched generate) against one."""
+    rgb = b.frame()
+    reset_peak(b.device)
+    seconds, values = b.timer.rounds({"single": lambda: b.run_ours(rgb),
+                                      "batch": lambda: b.run_ours_batch(frames_one_pixel_apart(rgb, b.args.batch))},
+                                     repeats=max(1, b.args.repeats // 2))
+    batch_tokens = sum(r.completion_tokens for r in values["batch"])
+    single, batched = median(seconds["single"]), median(seconds["batch"])
+    return {
+        "n": b.args.batch, "single_s": single, "batch_s": batched,
+        "single_tokens_per_s": b.args.new_tokens / single, "batch_tokens_per_s": batch_tokens / batched,
+        "throughput_ratio": (batch_tokens / batched) / (b.args.new_tokens / single),
+        "latency_ratio": batched / single, "peak_gib": peak_memory(b.device),
+    }
+
+
+def phase_one_frame(b: Bench) -> dict:
+    """Several questions about one frame (its encoding shared) against the same batch about distinct frames; then
+    a follow-up's first token with the first question's prompt KV and encoding kept (the product), with only the
+    encoding kept (before prompt KV reuse), and for a new frame (nothing kept)."""
+    rgb = b.frame()
+    one_frame, distinct = [rgb] * b.args.batch, frames_one_pixel_apart(rgb, b.args.batch)
+
+    def encoded_by(frames):
+        before = images_encoded(b.backend)
+        b.run_ours_batch(frames)
+        return images_encoded(b.backend) - before
+
+    seconds, encoded = b.timer.rounds({"shared": lambda: encoded_by(one_frame),
+                                       "separate": lambda: encoded_by(distinct)},
+                                      repeats=max(1, b.args.repeats // 2))
+    follow = dict(question=BATCH_QUESTIONS[1], options=[], keep=True)
+
+    def follow_up():
+        before = prompt_tokens_reused(b.backend)
+        b.run_ours(rgb, **follow)
+        return prompt_tokens_reused(b.backend) - before
+
+    def encoding_only():
+        b.backend.forget(images=False)
+        b.run_ours(rgb, **follow)
+
+    with generation(b.backend, b.generation, max_new_tokens=1, min_new_tokens=1):
+        first, reused = b.timer.rounds({"first": lambda: b.run_ours(rgb),   # the first question about the frame
+                                        "follow_up": follow_up, "encoding_only": encoding_only,
+                                        "new_frame": lambda: b.run_ours(distinct[1], **follow)})
+    follow_up_s, encoding_only_s, new_frame_s = (median(first[k]) for k in ("follow_up", "encoding_only", "new_frame"))
+    return {
+        "n": b.args.batch, "shared_s": median(seconds["shared"]), "separate_s": median(seconds["separate"]),
+        "speedup": median(seconds["separate"]) / median(seconds["shared"]),
+        "images_encoded_shared": encoded["shared"], "images_encoded_separate": encoded["separate"],
+        "follow_up_first_token_s": follow_up_s, "new_frame_first_token_s": new_frame_s,
+        "follow_up_encoding_only_first_token_s": encoding_only_s,
+        "follow_up_speedup": new_frame_s / follow_up_s, "prompt_reuse_speedup": encoding_only_s / follow_up_s,
+        "follow_up_prompt_tokens_reused": reused["follow_up"],
+    }
+
+
+def phase_scene_only(b: Bench) -> dict:
+    """Scene-only against full answers, and the time to the scene (the action's early feedback), on a forced
+    answer: the model card's example (or a short one with --short-answer)."""
+    rgb = b.frame()
+    answer_text = SHORT_RESPONSE if b.args.short_answer else CARD_EXAMPLE_RESPONSE
+    tokenizer = b.backend.processor.tokenizer
+    script = tokenizer.encode(answer_text, add_special_tokens=False)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    to_scene: list[float] = []
+
+    def full():
+        marks: dict = {}
+        begun = time.perf_counter()
+
+        def on_text(text: str, tokens: int) -> None:
+            if "scene" not in marks and scene_text_complete(text):
+                marks["scene"] = time.perf_counter() - begun
+        result, _ = b.run_ours(rgb, on_text=on_text)
+        to_scene.append(marks.get("scene", float("nan")))
+        return result
+
+    with Forced(b.ours_model, script, eos), generation(b.backend, b.generation, max_new_tokens=len(script) + 16,
+                                                       min_new_tokens=0):
+        seconds, values = b.timer.rounds({"scene": lambda: b.run_ours(rgb, scene_only=True)[0], "full": full})
+    scene_result, full_result = values["scene"], values["full"]
+    full_s, scene_s = median(seconds["full"]), median(seconds["scene"])
+    return {
+        "full_tokens": full_result.completion_tokens, "scene_only_tokens": scene_result.completion_tokens,
+        "tokens_saved_fraction": 1 - scene_result.completion_tokens / full_result.completion_tokens,
+        "full_s": full_s, "scene_only_s": scene_s, "time_saved_ratio": full_s / scene_s,
+        "streamed_time_to_scene_s": median(to_scene[b.timer.warmup:]), "streamed_time_to_answer_s": full_s,
+        "scene_complete_in_scene_only_text": scene_text_complete(scene_result.text),
+        "forced_text_came_back": full_result.text == answer_text,
+    }
+
+
+def phase_compile(b: Bench) -> dict:
+    """TransformersConfig(compile=True): a static KV cache (+ transformers' automatic compile of decoding on cuda)."""
+    config = dataclasses.replace(b.backend.config, compile=True)
+    compiled = (TransformersBackend(config) if b.args.checkpoint
+                else TransformersBackend(config, loaded=(b.card_model, b.card_processor)))
+    rgb = b.frame()
+    first, _ = b.timer.once(lambda: ours_answer(compiled, rgb))   # each call forgets the frame: only decoding differs
+    seconds, _ = Timer(b.device, 0, b.args.repeats).rounds({"plain": lambda: b.run_ours(rgb),
+                                                             "static": lambda: ours_answer(compiled, rgb)})
+    plain, static = median(seconds["plain"]), median(seconds["static"])
+    return {"first_call_s": first, "plain_s": plain, "compiled_s": static, "speedup": plain / static}
+
+
+def log(message: str) -> None:
+    print(f"[gpu_latency] {message}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------------- main
-def main(argv=None) -> int:
+def parse_args(argv) -> tuple[argparse.Namespace, str]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny shape on the CPU: a plumbing check")
     parser.add_argument("--checkpoint", help="a real Qwen2.5-VL checkpoint directory for both paths (from_pretrained)")
@@ -316,252 +525,45 @@ def main(argv=None) -> int:
         parser.error("no CUDA device here: run with --tiny (CPU plumbing check) or on a GPU machine")
     if args.new_tokens < 2:
         parser.error("--new-tokens must be >= 2")
-    clock = Clock(device)
+    return args, device
+
+
+def main(argv=None) -> int:
+    args, device = parse_args(argv)
     large = "" if args.tiny else args.large_size
     sizes = [args.size] + ([large] if large and large != args.size else [])
     results: dict = {"device": device, "shape": "tiny" if args.tiny else ("checkpoint" if args.checkpoint else "7b"),
                      "torch": torch.__version__, "transformers": __import__("transformers").__version__,
                      "new_tokens": args.new_tokens, "plumbing_check_only": bool(args.tiny)}
-    log = lambda message: print(f"[gpu_latency] {message}", file=sys.stderr, flush=True)  # noqa: E731
-
-    # ---- the model: shared by both paths (or loaded by each from a real checkpoint)
     started = time.perf_counter()
-    generation = GenerationConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
-    if args.checkpoint:
-        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-
-        card_model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.checkpoint, torch_dtype="auto",
-                                                                        device_map="auto")
-        card_processor = AutoProcessor.from_pretrained(args.checkpoint)
-        backend = TransformersBackend(TransformersConfig(model=args.checkpoint, device=device, attn_implementation=args.attn,
-                                                         generation=generation, local_files_only=True))
-        ours_model = backend._model
-    else:
-        from _speedmodel import build_speed_model
-
-        shape = "tiny" if args.tiny else "7b"
-        dtype = torch.float32 if device == "cpu" else torch.bfloat16
-        card_model, card_processor = build_speed_model(shape, device, dtype, attn_implementation="sdpa")
-        ours_model = card_model
-
-        def load(config, device_, dtype_, attention):       # replaces from_pretrained; the rest is the product
-            if dtype_ != card_model.dtype:
-                raise RuntimeError(f"backend wants {dtype_}, the speed model is {card_model.dtype}")
-            set_attention(card_model, attention)
-            return card_model, card_processor
-
-        transformers_backend._load = load
-        backend = TransformersBackend(TransformersConfig(model=str(Path.cwd()), device=device, attn_implementation=args.attn,
-                                                         generation=generation))
-    card_attention = "sdpa"
-    ours_attention = backend.attn_implementation
-    log(f"model ready in {time.perf_counter() - started:.1f} s on {device} ({backend.dtype}); "
-        f"card attention {card_attention}, ours {ours_attention}")
-    per_token_bytes, total_bytes = transformers_backend_weight_bytes(ours_model)
-    results.update(attention_card=card_attention, attention_ours=ours_attention, dtype=backend.dtype,
-                   weight_bytes=total_bytes, decode_bytes_per_token=per_token_bytes,
+    b = load(args, device, Timer(device, args.warmup, args.repeats))
+    log(f"model ready in {time.perf_counter() - started:.1f} s on {device} ({b.backend.dtype}); "
+        f"card attention {b.card_attention}, ours {b.backend.attn_implementation}")
+    per_token_bytes, total_bytes = decode_weight_bytes(b.ours_model)
+    results.update(attention_card=b.card_attention, attention_ours=b.backend.attn_implementation,
+                   dtype=b.backend.dtype, weight_bytes=total_bytes, decode_bytes_per_token=per_token_bytes,
                    weights_gib_allocated=peak_memory(device))
-
-    def run_card(image, n):
-        if ours_model is card_model:
-            set_attention(card_model, card_attention)
-        return clock.time(card_answer, card_model, card_processor, image, CARD_QUESTION, n)
-
-    def run_ours(rgb, **kwargs):
-        if ours_model is card_model:
-            set_attention(card_model, ours_attention)
-        return clock.time(ours_answer, backend, rgb, **kwargs)
-
-    # ---- A/B: end to end, card vs ours, interleaved; then the same with one output token (prefill)
     results["sizes"] = {}
     for size in sizes:
-        width, height = (int(v) for v in size.split("x"))
-        rgb = camera_frame(width, height)
-        image = Image.fromarray(rgb)
         log(f"{size}: card vs ours, {args.repeats} x {args.new_tokens} tokens each ...")
-        card_s, ours_s, card_first, ours_first = [], [], [], []
-        reset_peak(device)
-        for i in range(args.warmup + args.repeats):
-            seconds, (text, card_tokens, card_prompt, card_text) = run_card(image, args.new_tokens)
-            if i >= args.warmup:
-                card_s.append(seconds)
-            seconds, (result, request) = run_ours(rgb)
-            if i >= args.warmup:
-                ours_s.append(seconds)
-        same_prompt = card_text == request.prompt
-        peak = peak_memory(device)
-        with Kwargs(backend, max_new_tokens=1, min_new_tokens=1):
-            for i in range(args.warmup + args.repeats):
-                seconds, _ = run_card(image, 1)
-                if i >= args.warmup:
-                    card_first.append(seconds)
-                seconds, _ = run_ours(rgb)
-                if i >= args.warmup:
-                    ours_first.append(seconds)
-        preprocess = preprocess_seconds(card_processor, backend, image, rgb, card_text, request.prompt, args.repeats)
-        card_decode = (median(card_s) - median(card_first)) / (args.new_tokens - 1)
-        ours_decode = (median(ours_s) - median(ours_first)) / (args.new_tokens - 1)
-        results["sizes"][size] = {
-            "card_s": median(card_s), "ours_s": median(ours_s), "card_runs": card_s, "ours_runs": ours_s,
-            "speedup_card_over_ours": median(card_s) / median(ours_s),
-            "card_tokens": card_tokens, "ours_tokens": result.completion_tokens,
-            "card_prompt_tokens": card_prompt, "ours_prompt_tokens": result.prompt_tokens,
-            "card_tokens_per_s": card_tokens / median(card_s), "ours_tokens_per_s": result.completion_tokens / median(ours_s),
-            "card_first_token_s": median(card_first), "ours_first_token_s": median(ours_first),
-            "card_decode_ms_per_token": 1000 * card_decode, "ours_decode_ms_per_token": 1000 * ours_decode,
-            "same_prompt_text": same_prompt, "peak_gib": peak,
-            "card_preprocess_s": preprocess[0], "ours_preprocess_s": preprocess[1],
-        }
-        if card_tokens != args.new_tokens or result.completion_tokens != args.new_tokens:
-            log(f"WARNING: forced length not honoured: card {card_tokens}, ours {result.completion_tokens}")
-
-    # ---- roofline
-    main_size = results["sizes"][args.size]
-    bw = bandwidth(device)
-    results["bandwidth"] = bw
-    for key in ("nominal", "measured"):
-        value = bw[f"{key}_bytes_per_s"]
-        if value:
-            roofline_ms = 1000 * per_token_bytes / value
-            results[f"roofline_ms_per_token_{key}"] = roofline_ms
-            results[f"ours_decode_vs_roofline_{key}"] = main_size["ours_decode_ms_per_token"] / roofline_ms
-
-    # ---- where the prefill goes: the vision tower alone
-    rgb = camera_frame(*(int(v) for v in args.size.split("x")))
-    set_attention(ours_model, ours_attention)
-    results["vision_tower_s"] = vision_seconds(ours_model, backend._processor, rgb, backend, clock, args.repeats)
-
-    # ---- 8 concurrent requests (one batched generate) vs 1
+        results["sizes"][size] = phase_sizes(b, size)
+    results.update(phase_roofline(b, results["sizes"][args.size]["ours_decode_ms_per_token"], per_token_bytes))
+    results["vision_tower_s"] = phase_vision_tower(b)
     log(f"batch of {args.batch} vs 1 ...")
-    reset_peak(device)
-    single, batched = [], []
-    for i in range(args.warmup + max(1, args.repeats // 2)):
-        seconds, _ = run_ours(rgb)
-        if i >= args.warmup:
-            single.append(seconds)
-        set_attention(ours_model, ours_attention)
-        seconds, batch_results = clock.time(ours_batch, backend, frames_one_pixel_apart(rgb, args.batch))
-        if i >= args.warmup:
-            batched.append(seconds)
-    batch_tokens = sum(r.completion_tokens for r in batch_results)
-    results["batch"] = {
-        "n": args.batch, "single_s": median(single), "batch_s": median(batched),
-        "single_tokens_per_s": args.new_tokens / median(single), "batch_tokens_per_s": batch_tokens / median(batched),
-        "throughput_ratio": (batch_tokens / median(batched)) / (args.new_tokens / median(single)),
-        "latency_ratio": median(batched) / median(single), "peak_gib": peak_memory(device),
-    }
-
-    # ---- several questions about one frame: its encoding shared, against the same batch about distinct frames
+    results["batch"] = phase_batch(b)
     log(f"{args.batch} questions about one frame vs about {args.batch} frames; a follow-up question ...")
-    one_frame, distinct = [rgb] * args.batch, frames_one_pixel_apart(rgb, args.batch)
-    shared_s, separate_s, encoded = [], [], []
-    for i in range(args.warmup + max(1, args.repeats // 2)):
-        for frames, samples in ((one_frame, shared_s), (distinct, separate_s)):
-            set_attention(ours_model, ours_attention)
-            before = backend._encoder.images_encoded
-            seconds, _ = clock.time(ours_batch, backend, frames)
-            if i >= args.warmup:
-                samples.append(seconds)
-                encoded.append(backend._encoder.images_encoded - before)
-    # a follow-up's first token: with the first question's prompt KV and encoding kept (the product), with only the
-    # encoding kept (before prompt KV reuse), and for a new frame (nothing kept)
-    follow_up_s, encoding_only_s, new_frame_s, reused = [], [], [], []
-    with Kwargs(backend, max_new_tokens=1, min_new_tokens=1):
-        for i in range(args.warmup + args.repeats):
-            run_ours(rgb)                                                   # the first question about the frame
-            before = backend._prompts.tokens_reused if backend._prompts else 0
-            follow_up, _ = run_ours(rgb, question=BATCH_QUESTIONS[1], options=[], keep=True)
-            after = backend._prompts.tokens_reused if backend._prompts else 0
-            forget_frames(backend, encodings=False)
-            encoding_only, _ = run_ours(rgb, question=BATCH_QUESTIONS[1], options=[], keep=True)
-            new_frame, _ = run_ours(distinct[1], question=BATCH_QUESTIONS[1], options=[], keep=True)
-            if i >= args.warmup:
-                follow_up_s.append(follow_up)
-                encoding_only_s.append(encoding_only)
-                new_frame_s.append(new_frame)
-                reused.append(after - before)
-    results["one_frame"] = {
-        "n": args.batch, "shared_s": median(shared_s), "separate_s": median(separate_s),
-        "speedup": median(separate_s) / median(shared_s),
-        "images_encoded_shared": encoded[0], "images_encoded_separate": encoded[1],
-        "follow_up_first_token_s": median(follow_up_s), "new_frame_first_token_s": median(new_frame_s),
-        "follow_up_encoding_only_first_token_s": median(encoding_only_s),
-        "follow_up_speedup": median(new_frame_s) / median(follow_up_s),
-        "prompt_reuse_speedup": median(encoding_only_s) / median(follow_up_s),
-        "follow_up_prompt_tokens_reused": reused[0],
-    }
-
-    # ---- scene-only vs full answers, and time to scene (the action's early feedback), on a forced answer
+    results["one_frame"] = phase_one_frame(b)
     log("scene-only vs full on the model card's example answer ...")
-    from _speedmodel import CARD_EXAMPLE_RESPONSE, SHORT_RESPONSE
-
-    answer_text = SHORT_RESPONSE if args.short_answer else CARD_EXAMPLE_RESPONSE
-    tokenizer = backend._tokenizer
-    script = tokenizer.encode(answer_text, add_special_tokens=False)
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    scene_s, full_s, to_scene = [], [], []
-    with Forced(ours_model, script, eos), Kwargs(backend, max_new_tokens=len(script) + 16, min_new_tokens=None):
-        for i in range(args.warmup + args.repeats):
-            seconds, (scene_result, _) = run_ours(rgb, scene_only=True)
-            if i >= args.warmup:
-                scene_s.append(seconds)
-            marks: dict = {}
-            begun = time.perf_counter()
-
-            def on_text(text: str, tokens: int, marks=marks, begun=begun) -> None:
-                if "scene" not in marks and scene_text_complete(text):
-                    marks["scene"] = (time.perf_counter() - begun, tokens)
-            seconds, (full_result, _) = run_ours(rgb, on_text=on_text)
-            if i >= args.warmup:
-                full_s.append(seconds)
-                to_scene.append(marks.get("scene", (float("nan"), 0))[0])
-    results["scene_only"] = {
-        "full_tokens": full_result.completion_tokens, "scene_only_tokens": scene_result.completion_tokens,
-        "tokens_saved_fraction": 1 - scene_result.completion_tokens / full_result.completion_tokens,
-        "full_s": median(full_s), "scene_only_s": median(scene_s), "time_saved_ratio": median(full_s) / median(scene_s),
-        "streamed_time_to_scene_s": median(to_scene), "streamed_time_to_answer_s": median(full_s),
-        "scene_complete_in_scene_only_text": scene_text_complete(scene_result.text),
-        "forced_text_came_back": full_result.text == answer_text,
-    }
-
-    # ---- static KV cache (+ transformers' automatic compile of decoding on cuda)
+    results["scene_only"] = phase_scene_only(b)
     if args.compile:
         log("compile=True: static cache ...")
-        if args.checkpoint:
-            compiled = TransformersBackend(dataclass_replace(backend.config, compile=True))
-        else:
-            compiled = TransformersBackend(TransformersConfig(model=str(Path.cwd()), device=device, attn_implementation=args.attn,
-                                                              generation=generation, compile=True))
-        first, _ = clock.time(ours_answer, compiled, rgb)   # each call forgets the frame: only decoding differs
-        plain, static = [], []
-        for _ in range(args.repeats):
-            set_attention(ours_model, ours_attention)
-            seconds, _ = clock.time(ours_answer, backend, rgb)
-            plain.append(seconds)
-            seconds, _ = clock.time(ours_answer, compiled, rgb)
-            static.append(seconds)
-        results["compile"] = {"first_call_s": first, "plain_s": median(plain), "compiled_s": median(static),
-                              "speedup": median(plain) / median(static)}
-
+        results["compile"] = phase_compile(b)
     report(results, args)
-    suffix = "_tiny" if args.tiny else ""
-    path = write_results(f"gpu_latency{suffix}", {"args": vars(args), **results}, args.json)
+    path = write_results("gpu_latency" + ("_tiny" if args.tiny else ""), {"args": vars(args), **results}, args.json)
     print(f"\nresults: {path}")
-    backend.close()
+    b.backend.close()
     gc.collect()
     return 0
-
-
-def transformers_backend_weight_bytes(model) -> tuple[int, int]:
-    from _speedmodel import decode_weight_bytes
-
-    return decode_weight_bytes(model)
-
-
-def dataclass_replace(config, **changes):
-    import dataclasses
-
-    return dataclasses.replace(config, **changes)
 
 
 def report(r: dict, args) -> None:

@@ -1,7 +1,7 @@
 """Idle CPU of spatialthinker_node while a camera streams and nobody asks, against a bare rclpy subscriber.
 
-    .venv/bin/python bench/idle_cpu.py                 # raw 1080p30 rgb8 + 16UC1 depth + CameraInfo, then JPEG colour
-    .venv/bin/python bench/idle_cpu.py --modes raw --seconds 30
+    .venv/bin/python -m bench.idle_cpu                 # raw 1080p30 rgb8 + 16UC1 depth + CameraInfo, then JPEG colour
+    .venv/bin/python -m bench.idle_cpu --modes raw --seconds 30
 
 Per mode, three processes run at once on one isolated ROS graph: a camera publisher, the node (replay backend:
 no model to load) and a bare rclpy subscriber with the node's subscriptions and QoS (keep last 1, best effort),
@@ -19,6 +19,7 @@ subscriber of that pass; the node's own figures come from the first pass, which 
 from __future__ import annotations
 
 import argparse
+import shutil
 import os
 import statistics
 import sys
@@ -26,13 +27,14 @@ import time
 
 import psutil
 
-from _common import (DDS_TRANSPORTS, Children, cleanup_dir, isolate_ros, machine, table, use_dds_transport,
-                     write_results)
+from spatialthinker_ros.harness import DDS_TRANSPORTS, Processes, isolate_ros, use_dds_transport
 
-SCRATCH = isolate_ros()
+from bench._common import machine, table, write_results
 
-from _rosbench import (OPTIONS, QUESTION, Asker, poke_status, probed_node_args, rclpy, read_status,  # noqa: E402
-                       role_args, wait_poked, write_replay_file)
+SCRATCH = isolate_ros(prefix="spatialthinker-bench-")
+
+from bench._rosbench import (OPTIONS, QUESTION, Asker, poke_status, probed_node_args, rclpy, read_status,  # noqa: E402
+                             role_args, wait_poked, write_replay_file)
 
 # reference name -> subscriber role options
 REFERENCES = {"eager": {"convert": True}, "multithreaded": {"executor": "multi"}}
@@ -71,7 +73,7 @@ def measure_mode(mode: str, args, asker: Asker, replay, references: list[str]) -
     depth_size = f"{args.width // divisor}x{args.height // divisor}" if depth else ""
     run = f"{mode}-with-references" if references else mode     # each pass its own status files
     status = {name: SCRATCH / f"{run}-{name}.json" for name in ("publisher", "bare", "node", *references)}
-    with Children(SCRATCH) as kids:
+    with Processes(SCRATCH) as kids:
         node = kids.start(probed_node_args(status["node"], backend="replay", replay_file=str(replay),
                                            image_transport=transport, use_depth=depth,
                                            keep_frame_memory=args.keep_frame_memory == "true"), f"node-{run}")
@@ -122,7 +124,7 @@ def measure_mode(mode: str, args, asker: Asker, replay, references: list[str]) -
             window["published_hz"] = rate("publisher", "default_published")
             windows.append(window)
         # still answering on a fresh frame after the measurement: it kept receiving the stream throughout
-        response, _ = asker.call(asker_request(), timeout=30.0)
+        response, _ = asker.timed_call(asker_request(), timeout=30.0)
         jpeg = read_status(status["publisher"]).get("default_jpeg_bytes")
     ratios = [w["node"] / w["bare"] for w in windows if w["bare"] > 0]
     return {
@@ -206,7 +208,7 @@ def main(argv=None) -> int:
     finally:
         asker.close()
         rclpy.try_shutdown()
-        cleanup_dir(SCRATCH)
+        shutil.rmtree(SCRATCH, ignore_errors=True)
 
     rows = []
     for r in results:

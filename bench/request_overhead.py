@@ -1,7 +1,7 @@
 """Per-request overhead outside the model: ~/ask round trips with the replay backend, against bare ROS round trips.
 
-    .venv/bin/python bench/request_overhead.py
-    .venv/bin/python bench/request_overhead.py --requests 200 --sizes 1920x1080
+    .venv/bin/python -m bench.request_overhead
+    .venv/bin/python -m bench.request_overhead --requests 200 --sizes 1920x1080
 
 For each frame size, a camera publisher streams colour (rgb8) + 16UC1 depth + CameraInfo of that size at --rate
 while this process calls, in turn and interleaved (so machine noise hits all alike):
@@ -19,19 +19,22 @@ process, the node's per-request steps are timed one by one on the same frames (w
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import time
 
 import numpy as np
 
-from _common import (DDS_TRANSPORTS, Children, cleanup_dir, isolate_ros, machine, summary_ms, table,
-                     use_dds_transport, wait_for, write_results)
+from spatialthinker_ros.harness import (DDS_TRANSPORTS, Processes, isolate_ros, node_command, spin_until,
+                                        use_dds_transport)
 
-SCRATCH = isolate_ros()
+from bench._common import machine, summary_ms, table, write_results
 
-from _rosbench import (OPTIONS, QUESTION, Asker, node_args, rclpy, read_status, role_args,  # noqa: E402
-                       wait_status, write_replay_file)
+SCRATCH = isolate_ros(prefix="spatialthinker-bench-")
+
+from bench._rosbench import (OPTIONS, QUESTION, Asker, rclpy, role_args, wait_status,  # noqa: E402
+                             write_replay_file)
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 
@@ -42,7 +45,7 @@ CAMERAS = {"640x480": "small", "1920x1080": "large"}
 
 
 def image_msg(width: int, height: int) -> Image:
-    from _ros_roles import camera_image
+    from bench._ros_roles import camera_image
 
     msg = Image(height=height, width=width, encoding="rgb8", step=width * 3)
     msg.data = camera_image(width, height).tobytes()
@@ -66,7 +69,7 @@ class Echo:
         msg.header.stamp = stamp
         started = time.perf_counter()
         self.ping.publish(msg)
-        if not self.asker.spin_until(lambda: any(m.header.stamp == stamp for m in self.received), timeout):
+        if not spin_until(self.asker.node, lambda: any(m.header.stamp == stamp for m in self.received), timeout):
             raise TimeoutError("no echo")
         return time.perf_counter() - started
 
@@ -81,7 +84,7 @@ class Echo:
                     raise TimeoutError("the echo never answered") from None
 
 
-def measure_size(size: str, args, asker: Asker, echo: Echo, kids: Children, node) -> dict:
+def measure_size(size: str, args, asker: Asker, echo: Echo, kids: Processes, node) -> dict:
     width, height = (int(v) for v in size.split("x"))
     camera = CAMERAS[size]
     status = SCRATCH / f"publisher-{size}.json"
@@ -106,7 +109,7 @@ def measure_size(size: str, args, asker: Asker, echo: Echo, kids: Children, node
                     seconds = echo.round_trip(picture)
                 else:
                     service, request = requests[kind]
-                    response, seconds = asker.call(request, service=service, timeout=30.0)
+                    response, seconds = asker.timed_call(request, service=service, timeout=30.0)
                     if kind.startswith("node") and not response.success:
                         failures.append(f"{kind}: {response.message}")
                 if i >= args.warmup:
@@ -210,13 +213,13 @@ def main(argv=None) -> int:
     echo = Echo(asker)
     results = {}
     try:
-        with Children(SCRATCH) as kids:
+        with Processes(SCRATCH) as kids:
             floor_status = SCRATCH / "floor.json"
             floor = kids.start(role_args("floor", floor_status), "floor")
-            node = kids.start(node_args(backend="replay", replay_file=str(replay), cameras=list(CAMERAS.values()),
+            node = kids.start(node_command(backend="replay", replay_file=str(replay), cameras=list(CAMERAS.values()),
                                         use_depth=True), "node")
             wait_status(floor_status, "pid", floor, timeout=30.0)
-            if not asker.spin_until(asker.client("/bench_floor/ask").service_is_ready, 30.0):
+            if not spin_until(asker.node, asker.other("/bench_floor/ask").service_is_ready, 30.0):
                 raise TimeoutError("the floor service never appeared")
             for size in sizes:
                 print(f"[request_overhead] {size}: {args.requests} requests of each kind ...", file=sys.stderr,
@@ -225,7 +228,7 @@ def main(argv=None) -> int:
     finally:
         asker.close()
         rclpy.try_shutdown()
-        cleanup_dir(SCRATCH)
+        shutil.rmtree(SCRATCH, ignore_errors=True)
 
     print(f"\nrequest overhead, {machine()}, {args.requests} sequential requests per kind, camera at {args.rate:g} Hz")
     rows = []

@@ -22,23 +22,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import textwrap
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import cv2
 import numpy as np
 
-from spatialthinker_ros.launch_config import parameter_arguments
+from spatialthinker_ros.harness import (FakeCamera, NodeClient, Process, WaitFailed, isolate_ros, node_command,
+                                        wait_for)
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 REAL_MODEL_COMMAND = "make demo MODEL=OX-PIXL/SpatialThinker-7B DEVICE=cuda"
@@ -58,30 +55,6 @@ class DemoFailure(Exception):
 
 
 # ------------------------------------------------------------------------------------------------ setup
-def isolate_ros() -> Path:
-    """Keep the demo's graph to itself: must run before rclpy is imported; children inherit os.environ."""
-    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    os.environ["ROS_DOMAIN_ID"] = str(random.SystemRandom().randint(1, 100))
-    os.environ.pop("ROS_LOCALHOST_ONLY", None)   # deprecated; conflicts with the discovery range when set
-    log_dir = Path(tempfile.mkdtemp(prefix="spatialthinker-demo-roslog-"))
-    os.environ["ROS_LOG_DIR"] = str(log_dir)
-    profile = large_images_profile()
-    if profile is not None:   # a profile the user chose wins
-        os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(profile))
-    return log_dir
-
-
-def large_images_profile() -> Optional[Path]:
-    """The shipped Fast DDS profile without which 640x480 frames stall for seconds on one machine (see the file)."""
-    from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
-
-    try:
-        path = Path(get_package_share_directory("spatialthinker_ros")) / "config" / "fastdds_large_images.xml"
-    except PackageNotFoundError:
-        return None
-    return path if path.is_file() else None
-
-
 def default_cache_dir() -> Path:
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "spatialthinker_ros" / "tiny-qwen25vl"
@@ -109,6 +82,12 @@ class Sample:
         return [c["fx"], 0.0, c["cx"], 0.0, c["fy"], c["cy"], 0.0, 0.0, 1.0]
 
 
+def sample_camera(context: Any, sample: Sample) -> FakeCamera:
+    """The sample as a driver streams it: rgb8 + 16UC1 depth (mm) + CameraInfo, one stamp per frame, at 10 Hz."""
+    return FakeCamera(context, rgb=sample.rgb, rate_hz=CAMERA_RATE_HZ, frame_id=sample.camera["frame_id"],
+                      depth_m=sample.depth_mm / 1000.0, depth_encoding="16UC1", k=sample.k)
+
+
 def load_sample(data_dir: Path = DATA_DIR) -> Sample:
     meta_path = data_dir / "sample_scene.json"
     if not meta_path.is_file():
@@ -133,209 +112,6 @@ class Part:
     tiny: bool = False
     expect_meaningful: bool = False   # replay: the answer must be complete, with 3D for every object
     env: dict[str, str] = field(default_factory=dict)
-
-
-def node_command(node_name: str, params: dict[str, Any]) -> list[str]:
-    """The installed spatialthinker_node (next to this Python), else its module, with -p for each parameter."""
-    executable = Path(sys.executable).parent / "spatialthinker_node"
-    if executable.is_file():
-        command = [str(executable)]
-    elif shutil.which("spatialthinker_node"):
-        command = [shutil.which("spatialthinker_node")]
-    else:
-        command = [sys.executable, "-m", "spatialthinker_ros.ros.node"]
-    return command + ["--ros-args", "-r", f"__node:={node_name}", *parameter_arguments(params)]
-
-
-class NodeProcess:
-    """The node under demonstration; its output goes to a log file whose tail is shown on failure."""
-
-    def __init__(self, command: list[str], log_path: Path, env: dict[str, str]):
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        # Own session: a Ctrl-C in the terminal reaches only the demo, which then stops the node itself.
-        self.popen = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                      start_new_session=True)
-
-    def exited(self) -> Optional[int]:
-        return self.popen.poll()
-
-    def tail(self, lines: int = 30) -> str:
-        self._log.flush()
-        text = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
-
-    def stop(self, timeout: float = 10.0) -> Optional[int]:
-        """SIGINT by pid (the node shuts down cleanly), then SIGKILL if it does not exit in time."""
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGINT)
-            try:
-                self.popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout=timeout)
-        self._log.close()
-        return self.popen.returncode
-
-
-# ------------------------------------------------------------------------------------------------ ROS side
-class Camera:
-    """Publishes the sample as a driver would: rgb8 + 16UC1 depth (mm) + CameraInfo, same stamp, at 10 Hz.
-
-    It spins its own executor on a thread so frames keep flowing while the main thread waits for answers.
-    """
-
-    def __init__(self, context: Any, sample: Sample, rate_hz: float = CAMERA_RATE_HZ):
-        from rclpy.executors import SingleThreadedExecutor
-        from rclpy.node import Node
-        from rclpy.qos import qos_profile_sensor_data
-        from sensor_msgs.msg import CameraInfo, Image
-
-        self._Image, self._CameraInfo = Image, CameraInfo
-        self.node = Node("demo_camera", context=context)
-        height, width = sample.rgb.shape[:2]
-        self._size = (width, height)
-        self._frame_id = sample.camera["frame_id"]
-        self._rgb = np.ascontiguousarray(sample.rgb).tobytes()
-        self._depth = np.ascontiguousarray(sample.depth_mm.astype("<u2")).tobytes()
-        self._depth_size = sample.depth_mm.shape[1], sample.depth_mm.shape[0]
-        self._k = sample.k
-        self._sent = 0
-        qos = qos_profile_sensor_data      # best effort, as camera drivers publish
-        self.image_pub = self.node.create_publisher(Image, "image", qos)
-        self.depth_pub = self.node.create_publisher(Image, "depth", qos)
-        self.info_pub = self.node.create_publisher(CameraInfo, "camera_info", qos)
-        self.node.create_timer(1.0 / rate_hz, self._publish)
-        self._executor = SingleThreadedExecutor(context=context)
-        self._executor.add_node(self.node)
-        self._thread = threading.Thread(target=self._executor.spin, name="demo-camera", daemon=True)
-        self._thread.start()
-
-    def _publish(self) -> None:
-        """Depth and CameraInfo go out before the colour frame of the same stamp, as they pair in the node."""
-        from std_msgs.msg import Header
-
-        self._sent = self._sent + 1 if self.subscribed() else 0
-        header = Header(stamp=self.node.get_clock().now().to_msg(), frame_id=self._frame_id)
-        depth_w, depth_h = self._depth_size
-        self.depth_pub.publish(self._Image(header=header, width=depth_w, height=depth_h, encoding="16UC1",
-                                           step=depth_w * 2, data=self._depth))
-        p = [self._k[0], 0.0, self._k[2], 0.0, 0.0, self._k[4], self._k[5], 0.0, 0.0, 0.0, 1.0, 0.0]
-        self.info_pub.publish(self._CameraInfo(
-            header=header, width=depth_w, height=depth_h, distortion_model="plumb_bob", d=[0.0] * 5, k=self._k,
-            r=[1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0], p=p))
-        width, height = self._size
-        self.image_pub.publish(self._Image(header=header, width=width, height=height, encoding="rgb8",
-                                           step=width * 3, data=self._rgb))
-
-    def subscribed(self) -> bool:
-        return all(p.get_subscription_count() > 0 for p in (self.image_pub, self.depth_pub, self.info_pub))
-
-    @property
-    def frames_to_subscribers(self) -> int:
-        """Frames published since restart_count() while image, depth and camera_info all had a subscriber."""
-        return self._sent
-
-    def restart_count(self) -> None:
-        self._sent = 0
-
-    def wait_unsubscribed(self, timeout: float) -> bool:
-        """After a node stopped: until discovery notices, its subscriptions would pass for the next node's."""
-        deadline = time.monotonic() + timeout
-        while any(p.get_subscription_count() for p in (self.image_pub, self.depth_pub, self.info_pub)):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-        return True
-
-    def close(self) -> None:
-        self._executor.shutdown(timeout_sec=2.0)
-        self._thread.join(timeout=5.0)
-        self.node.destroy_node()
-
-
-class Client:
-    """Service and action clients for one node, spun on the caller's thread with deadlines."""
-
-    def __init__(self, context: Any, node_name: str, process: NodeProcess):
-        from rclpy.action import ActionClient
-        from rclpy.executors import SingleThreadedExecutor
-        from rclpy.node import Node
-
-        from spatialthinker_ros.action import AskSpatial as AskSpatialAction
-        from spatialthinker_ros.srv import AskSpatial
-
-        self.Action, self.Service = AskSpatialAction, AskSpatial
-        self.process = process
-        self.node = Node(f"demo_client_{node_name}", context=context)
-        self.service = self.node.create_client(AskSpatial, f"/{node_name}/ask")
-        self.action = ActionClient(self.node, AskSpatialAction, f"/{node_name}/ask_action")
-        self.executor = SingleThreadedExecutor(context=context)
-        self.executor.add_node(self.node)
-
-    def spin_until(self, done: Callable[[], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not done():
-            code = self.process.exited()
-            if code is not None:
-                raise DemoFailure(f"the node exited (code {code}) while the demo waited for {what}")
-            if time.monotonic() > deadline:
-                raise DemoFailure(f"timed out after {timeout:.0f} s waiting for {what}")
-            self.executor.spin_once(timeout_sec=0.05)
-
-    def pause(self, seconds: float) -> None:
-        end = time.monotonic() + seconds
-        self.spin_until(lambda: time.monotonic() >= end, seconds + 1, "a pause")
-
-    def wait_ready(self, camera: Camera, timeout: float) -> None:
-        self.spin_until(self.service.service_is_ready, timeout, "the node's ~/ask service")
-        self.spin_until(self.action.server_is_ready, timeout, "the node's ~/ask_action server")
-        # A few frames of each after all three subscriptions matched, so the first question already has depth.
-        camera.restart_count()
-        self.spin_until(lambda: camera.frames_to_subscribers >= 3, timeout,
-                        "the node to subscribe to image, depth and camera_info")
-
-    def ask_action(self, question: str, options: Sequence[str], timeout: float,
-                   on_feedback: Callable[[Any], None]) -> Any:
-        """The action's result; retried while the node has not yet received a camera frame."""
-        deadline = time.monotonic() + timeout
-        while True:
-            goal = self.Action.Goal(question=question, options=list(options))
-            sending = self.action.send_goal_async(goal, feedback_callback=lambda m: on_feedback(m.feedback))
-            self.spin_until(sending.done, max(1.0, deadline - time.monotonic()), "the goal to be accepted")
-            handle = sending.result()
-            if not handle.accepted:
-                raise DemoFailure("the node rejected the action goal")
-            getting = handle.get_result_async()
-            self.spin_until(getting.done, max(1.0, deadline - time.monotonic()), "the action's result")
-            result = getting.result().result
-            if self._retry(result, deadline):
-                continue
-            return result
-
-    def ask_service(self, question: str, options: Sequence[str], timeout: float) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            calling = self.service.call_async(self.Service.Request(question=question, options=list(options)))
-            self.spin_until(calling.done, max(1.0, deadline - time.monotonic()), "the service's response")
-            response = calling.result()
-            if self._retry(response, deadline):
-                continue
-            return response
-
-    def _retry(self, outcome: Any, deadline: float) -> bool:
-        """Best-effort frames may take a moment to arrive after discovery: ERROR_NO_IMAGE means ask again."""
-        if outcome.success or outcome.error_code != self.Service.Response.ERROR_NO_IMAGE:
-            return False
-        if time.monotonic() > deadline:
-            return False
-        self.pause(0.3)
-        return True
-
-    def close(self) -> None:
-        self.action.destroy()
-        self.executor.shutdown(timeout_sec=2.0)
-        self.node.destroy_node()
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -443,39 +219,42 @@ def disclaimer(model_label: str, tiny: bool, parts: Sequence[Part]) -> list[str]
 
 
 # ------------------------------------------------------------------------------------------------ run
-def run_part(part: Part, context: Any, camera: Camera, sample: Sample, output: Path, timeout: float,
+def run_part(part: Part, context: Any, camera: FakeCamera, sample: Sample, output: Path, timeout: float,
              questions: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     node_name = f"spatialthinker_{part.name}"
     print(f"\n--- {part.title} " + "-" * max(0, len(RULE) - len(part.title) - 5))
     print(f"  {part.note}")
-    command = node_command(node_name, part.params)
+    command = node_command("-r", f"__node:={node_name}", **part.params)
     log_path = output / f"{part.name}_node.log"
     print(f"  starting the node: {' '.join(command[:1])} ... (log: {log_path})", flush=True)
-    process = NodeProcess(command, log_path, os.environ | part.env)
-    client = Client(context, node_name, process)
+    process = Process(command, log_path, os.environ | part.env, name=node_name)
+    client = NodeClient(context, f"/{node_name}", process, node_name=f"demo_client_{node_name}", debug_image=False)
     summaries = []
     try:
         started = time.monotonic()
-        client.wait_ready(camera, timeout)
+        client.wait_for_service(timeout=timeout)
+        client.wait_for_action(timeout=timeout)
+        # A few frames of each after all three subscriptions matched, so the first question already has depth.
+        camera.restart_count()
+        client.wait(lambda: camera.frames_to_subscribers >= 3, timeout,
+                    "the node to subscribe to image, depth and camera_info")
         print(f"  node ready in {time.monotonic() - started:.1f} s: /{node_name}/ask and /{node_name}/ask_action",
               flush=True)
         for index, (how, q) in enumerate(zip(("action", "service"), questions)):
             asked = time.monotonic()
-            if how == "action":
-                print(f"  asking by action: {q['question']!r}", flush=True)
+            print(f"  asking by {how}: {q['question']!r}", flush=True)
 
-                def on_feedback(feedback: Any) -> None:
-                    stage = stage_name(client.Action, feedback.stage)
-                    extra = f", {feedback.tokens_generated} tokens" if feedback.tokens_generated else ""
-                    if feedback.stage == client.Action.Feedback.STAGE_SCENE_READY and feedback.scene_graph.objects:
-                        ids = ", ".join(o.id for o in feedback.scene_graph.objects)
-                        extra += f"; scene graph already available: {ids}"
-                    print(f"    feedback: {stage}{extra}  (+{time.monotonic() - asked:.2f} s)", flush=True)
+            def on_feedback(feedback: Any, asked: float = asked) -> None:
+                stage = stage_name(client.Action, feedback.stage)
+                extra = f", {feedback.tokens_generated} tokens" if feedback.tokens_generated else ""
+                if feedback.stage == client.Action.Feedback.STAGE_SCENE_READY and feedback.scene_graph.objects:
+                    ids = ", ".join(o.id for o in feedback.scene_graph.objects)
+                    extra += f"; scene graph already available: {ids}"
+                print(f"    feedback: {stage}{extra}  (+{time.monotonic() - asked:.2f} s)", flush=True)
 
-                outcome = client.ask_action(q["question"], q["options"], timeout, on_feedback)
-            else:
-                print(f"  asking by service: {q['question']!r}", flush=True)
-                outcome = client.ask_service(q["question"], q["options"], timeout)
+            outcome = client.ask_until_ready(timeout=timeout, by_action=how == "action",
+                                             on_feedback=on_feedback if how == "action" else None,
+                                             call_timeout=timeout, question=q["question"], options=q["options"])
             round_trip = time.monotonic() - asked
             if not outcome.success:
                 raise DemoFailure(f"the {how} request failed: error {outcome.error_code}: {outcome.message}")
@@ -491,15 +270,19 @@ def run_part(part: Part, context: Any, camera: Camera, sample: Sample, output: P
             summaries.append(summary)
         (output / f"{part.name}_answers.json").write_text(json.dumps(summaries, indent=2) + "\n")
         return summaries
+    except WaitFailed as exc:   # it names what did not arrive and carries the node's log tail
+        raise DemoFailure(f"{part.title}: {exc}") from None
     except DemoFailure as exc:
-        raise DemoFailure(f"{part.title}: {exc}\n--- last lines of the node's log ({log_path}) ---\n"
-                          f"{process.tail()}") from None
+        raise DemoFailure(f"{part.title}: {exc}\n--- {process.describe()}") from None
     finally:
         client.close()
         code = process.stop()
         if code not in (0, None, -signal.SIGINT):
             print(f"  note: the node exited with code {code} (log: {log_path})")
-        camera.wait_unsubscribed(timeout=10.0)
+        try:   # until discovery notices, the stopped node's subscriptions would pass for the next node's
+            wait_for(camera.unsubscribed, 10.0, "the stopped node's subscriptions to vanish")
+        except WaitFailed as exc:
+            print(f"  note: {exc}")
 
 
 def check_meaningful(summary: dict[str, Any], question: dict[str, Any]) -> None:
@@ -578,7 +361,7 @@ def plan(args: argparse.Namespace, sample: Sample) -> tuple[list[Part], str, boo
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    log_dir = isolate_ros()
+    scratch = isolate_ros(prefix="spatialthinker-demo-", offline=False)
     context = camera = None
     failure: Optional[str] = None
     parts: list[Part] = []
@@ -595,7 +378,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         context = rclpy.Context()
         rclpy.init(context=context)
-        camera = Camera(context, sample)
+        camera = sample_camera(context, sample)
         print(f"camera: streaming {sample.rgb.shape[1]}x{sample.rgb.shape[0]} rgb8 + 16UC1 depth + CameraInfo at "
               f"{CAMERA_RATE_HZ:.0f} Hz on /image, /depth, /camera_info (ROS_DOMAIN_ID {os.environ['ROS_DOMAIN_ID']}, "
               "localhost only)", flush=True)
@@ -611,7 +394,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             camera.close()
         if context is not None:
             context.try_shutdown()
-        shutil.rmtree(log_dir, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     if failure is not None:
         print(f"\nDEMO FAILED: {failure}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED if failure == "interrupted" else EXIT_FAILED

@@ -5,28 +5,21 @@ process, which inherits os.environ) is isolated.
 """
 
 import os
-import random
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
-os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-os.environ["ROS_DOMAIN_ID"] = str(random.SystemRandom().randint(1, 100))
-_LOG_DIR = tempfile.mkdtemp(prefix="spatialthinker-test-roslog-")
-os.environ["ROS_LOG_DIR"] = _LOG_DIR
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from spatialthinker_ros.harness import isolate_ros
+
 os.environ.setdefault("AMENT_PREFIX_PATH", sys.prefix)   # the venv is the ROS prefix (make test exports it too)
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# Camera frames over 512 KB are lost or stall for seconds with stock Fast DDS transports (config file explains).
-os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(Path(__file__).resolve().parents[1] / "config" /
-                                                  "fastdds_large_images.xml")
+# before any test module imports rclpy: every node of the suite, in-process or a child (which inherits os.environ)
+_SCRATCH = isolate_ros(prefix="spatialthinker-test-")
 
 
 def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(_LOG_DIR, ignore_errors=True)
+    shutil.rmtree(_SCRATCH, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -82,6 +82,7 @@ class CameraInput:
         self.intrinsics: Optional[CameraIntrinsics] = None   # of the latest usable CameraInfo
         self.frames_received = 0
         self.frames_dropped = 0
+        self.frames_decoded = 0   # by requests that used a frame (~/stats)
 
     @property
     def colour(self) -> Optional[Frame]:

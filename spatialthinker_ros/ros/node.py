@@ -53,6 +53,7 @@ from spatialthinker_ros.ros.cameras import CameraInput, Frame, keep_freed_frame_
 from spatialthinker_ros.ros.conversions import (compressed_to_rgb, depth_image, fill_response, image_to_rgb,
                                                 rgb_to_image_msg, scene_graph_msg, spatial_answer_msg)
 from spatialthinker_ros.ros.parameters import PARAMETERS, check_parameters, descriptor
+from spatialthinker_ros.ros.stats import StatsPublisher
 from spatialthinker_ros.ros.visualization import scene_markers
 from spatialthinker_ros.srv import AskSpatial
 
@@ -99,6 +100,7 @@ class SpatialThinkerNode(LifecycleNode):
         self._outputs: dict[str, object] = {}
         self._pipeline = PipelineConfig()
         self._active = False
+        self._stats = StatsPublisher(self)
         # Requests wait in this history until the executor takes them: the default depth of 10 silently drops
         # bursts of concurrent calls (their callers wait forever). KEEP_ALL would drop none, but a caller that
         # never reads its responses then fills the response writer's history until send_response raises, which
@@ -249,6 +251,7 @@ class SpatialThinkerNode(LifecycleNode):
             if not self._scheduler.stop(reason, timeout_s=0.1):
                 self._draining = self._scheduler
             self.get_logger().info(f"stopped answering ({reason}): {self._scheduler.stats()}")
+            self._stats.publish(self._scheduler.stats(), self._cameras)
             self._scheduler = None
 
     def _wait_backend_idle(self, timeout_s: float = BACKEND_IDLE_WAIT_S) -> bool:
@@ -287,7 +290,9 @@ class SpatialThinkerNode(LifecycleNode):
 
     # ---------------------------------------------------------------- requests
     async def _on_ask_service(self, request: AskSpatial.Request, response: AskSpatial.Response):
-        return fill_response(response, await self._answer(request, uuid.uuid4().hex[:16], feedback=None))
+        outcome = await self._answer(request, uuid.uuid4().hex[:16], feedback=None)
+        self._publish_stats()
+        return fill_response(response, outcome)
 
     async def _on_ask_goal(self, goal_handle):
         request_id = bytes(goal_handle.goal_id.uuid).hex()
@@ -299,7 +304,9 @@ class SpatialThinkerNode(LifecycleNode):
                     message.scene_graph = graph
                 goal_handle.publish_feedback(message)
 
-        result = fill_response(AskSpatialAction.Result(), await self._answer(goal_handle.request, request_id, feedback))
+        outcome = await self._answer(goal_handle.request, request_id, feedback)
+        self._publish_stats()
+        result = fill_response(AskSpatialAction.Result(), outcome)
         if goal_handle.is_cancel_requested:
             goal_handle.canceled()
         elif result.success:
@@ -307,6 +314,10 @@ class SpatialThinkerNode(LifecycleNode):
         else:
             goal_handle.abort()
         return result
+
+    def _publish_stats(self) -> None:
+        scheduler = self._scheduler or self._draining
+        self._stats.publish(scheduler.stats() if scheduler is not None else None, self._cameras)
 
     def _on_cancel(self, goal_handle) -> CancelResponse:
         ticket = self._tickets.get(bytes(goal_handle.goal_id.uuid).hex())
@@ -436,6 +447,7 @@ class SpatialThinkerNode(LifecycleNode):
             topic = self.resolve_topic_name(f"{topic_prefix(name)}{transport}")
             raise RequestError(f"camera {name!r} has not delivered a frame yet on {topic}", ErrorCode.NO_IMAGE)
         check_image_age(now - frame.time, max_age, name)
+        camera.frames_decoded += 1
         try:
             if isinstance(frame.msg, CompressedImage):
                 rgb = compressed_to_rgb(frame.msg, limit)

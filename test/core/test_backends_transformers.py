@@ -57,8 +57,8 @@ def _image_tokens(width: int, height: int, min_pixels: int, max_pixels: int) -> 
 def _text_tokens(backend: TransformersBackend, request: InferenceRequest) -> int:
     """Prompt tokens other than the image's: the chat template with one <|image_pad|> placeholder, minus it."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": request.prompt}]}]
-    text = backend._processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return len(backend._tokenizer.encode(text, add_special_tokens=False)) - 1
+    text = backend.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return len(backend.processor.tokenizer.encode(text, add_special_tokens=False)) - 1
 
 
 class _ForceText(LogitsProcessor):
@@ -80,16 +80,16 @@ class _ForceText(LogitsProcessor):
 def forced_backend(tiny_checkpoint: Path, monkeypatch):
     """A backend whose model writes FORCED; `calls` counts model.generate calls."""
     backend = _backend(tiny_checkpoint, generation=GenerationConfig(max_new_tokens=64))
-    tokenizer = backend._tokenizer
+    tokenizer = backend.processor.tokenizer
     force = _ForceText(tokenizer.encode(FORCED, add_special_tokens=False), tokenizer.convert_tokens_to_ids("<|im_end|>"))
-    original = backend._model.generate
+    original = backend.model.generate
     backend.calls = 0
 
     def generate(*args, **kwargs):
         backend.calls += 1
         return original(*args, logits_processor=LogitsProcessorList([force]), **kwargs)
 
-    monkeypatch.setattr(backend._model, "generate", generate)
+    monkeypatch.setattr(backend.model, "generate", generate)
     yield backend
     backend.close()
 
@@ -129,8 +129,8 @@ def test_batch_of_three_sizes_in_one_generate_call_matches_each_alone(backend: T
     requests = [_request(640, 480, seed=1), _request(40, 30, seed=2), _request(300, 500, seed=3)]
     alone = [backend.generate([request])[0] for request in requests]
     calls = []
-    original = backend._model.generate
-    monkeypatch.setattr(backend._model, "generate", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = backend.model.generate
+    monkeypatch.setattr(backend.model, "generate", lambda *a, **k: calls.append(1) or original(*a, **k))
 
     batched = backend.generate(requests)
 
@@ -149,7 +149,7 @@ class _PatchCounter:
 
     def __init__(self, backend: TransformersBackend):
         self.patches = 0
-        self._handle = backend._model.model.visual.patch_embed.register_forward_hook(self._count)
+        self._handle = backend.model.model.visual.patch_embed.register_forward_hook(self._count)
 
     def _count(self, module, args, output) -> None:
         self.patches += args[0].shape[0]
@@ -185,11 +185,11 @@ def test_questions_about_one_frame_in_a_batch_encode_it_once(sharing_backend, mo
     from spatialthinker_ros.core.backends import transformers_backend
 
     unique = iter(range(10**6))
-    monkeypatch.setattr(transformers_backend, "_image_key", lambda image: str(next(unique)).encode())
+    monkeypatch.setattr(transformers_backend, "image_key", lambda image: str(next(unique)).encode())
     separate = backend.generate(requests)
     assert counter.take() == 3 * patches_per_frame
     monkeypatch.undo()
-    backend._encoder.clear()
+    backend.forget()
 
     shared = backend.generate(requests)
 
@@ -200,7 +200,7 @@ def test_questions_about_one_frame_in_a_batch_encode_it_once(sharing_backend, mo
 
 def test_a_follow_up_question_about_a_recent_frame_reuses_its_encoding(sharing_backend):
     backend, counter = sharing_backend
-    backend._prompts = None   # prompt KV reuse off (compile=True, transformers < 5.23): the tower's cache still serves
+    backend.prompts = None   # prompt KV reuse off (compile=True, transformers < 5.23): the tower's cache still serves
     request = _request(640, 480, seed=21)
     [first] = backend.generate([request])
     assert counter.take() == 54 * 4
@@ -232,8 +232,8 @@ class _FirstScores(LogitsProcessor):
 def test_a_follow_up_question_prefills_only_the_part_of_its_prompt_that_differs(sharing_backend, monkeypatch):
     backend, counter = sharing_backend
     first_scores = _FirstScores()
-    original = backend._model.generate
-    monkeypatch.setattr(backend._model, "generate",
+    original = backend.model.generate
+    monkeypatch.setattr(backend.model, "generate",
                         lambda *args, **kwargs: original(*args, logits_processor=LogitsProcessorList([first_scores]),
                                                          **kwargs))
     first = _request(640, 480, seed=41)
@@ -242,15 +242,14 @@ def test_a_follow_up_question_prefills_only_the_part_of_its_prompt_that_differs(
     backend.generate([first])
     backend.generate([_request(672, 224, seed=42)])   # another image shape in between: another rope offset
     counter.take()
-    reused = backend._prompts.tokens_reused
+    reused = backend.prompts.stats().hits
 
     [continued] = backend.generate([follow_up])
 
-    shared = backend._prompts.tokens_reused - reused
+    shared = backend.prompts.stats().hits - reused
     assert counter.take() == 0                          # the image is in the kept KV: the tower does not run
     # Before: the same question with nothing kept, the whole prompt prefilled
-    backend._prompts.clear()
-    backend._encoder.clear()
+    backend.forget()
     [whole] = backend.generate([follow_up])
     assert whole.prompt_tokens - 12 <= shared < whole.prompt_tokens   # all but "plate?" and the assistant turn
     # The model saw the same prompt at the same positions: the same scores (misplaced tokens move them by ~1e-3)
@@ -262,7 +261,7 @@ def test_a_follow_up_question_prefills_only_the_part_of_its_prompt_that_differs(
 
 
 def test_scene_only_row_stops_right_after_the_scene_while_full_row_goes_on(forced_backend: TransformersBackend):
-    tokenizer = forced_backend._tokenizer
+    tokenizer = forced_backend.processor.tokenizer
     forced_ids = tokenizer.encode(FORCED, add_special_tokens=False)
     scene_tokens = next(n for n in range(1, len(forced_ids)) if "</scene>" in tokenizer.decode(forced_ids[:n]))
 
@@ -331,7 +330,7 @@ def test_generate_errors_become_one_backend_error_per_request(backend, monkeypat
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(backend._model, "generate", fail)
+    monkeypatch.setattr(backend.model, "generate", fail)
     results = backend.generate([_request(64, 64), _request(64, 64, scene_only=True)])
     assert len(results) == 2
     for result in results:
@@ -381,7 +380,7 @@ def test_quantization_without_its_requirements_is_unavailable(tiny_checkpoint: P
 def test_closed_backend_answers_unavailable(tiny_checkpoint: Path):
     backend = _backend(tiny_checkpoint)
     backend.generate([_request(64, 64)])
-    model = weakref.ref(backend._model)
+    model = weakref.ref(backend.model)
     backend.close()
     assert model() is None, "after close nothing holds the model, so its memory (GPU included) can be freed"
     backend.close()

@@ -9,19 +9,19 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+ROOT = Path(__file__).resolve().parents[2]   # bench/ is a package of the checkout: python -m bench.<script>
 
 
 def _run(script: str, *args: str, timeout: float) -> None:
-    result = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
-                            timeout=timeout, env=os.environ.copy())
+    result = subprocess.run([sys.executable, "-m", f"bench.{script}", *args], capture_output=True, text=True,
+                            timeout=timeout, env=os.environ.copy(), cwd=ROOT)
     assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
 
 
 @pytest.mark.timeout(60)
 def test_core_costs_reports_a_finite_cost_for_every_step(tmp_path: Path):
     out = tmp_path / "core_costs.json"
-    _run("core_costs.py", "--quick", "--json", str(out), timeout=50)
+    _run("core_costs", "--quick", "--json", str(out), timeout=50)
     report = json.loads(out.read_text())
     timings = report["us_per_call"]
     assert {"json.loads(scene JSON) [reference]", "parse_response (full answer)", "finish_result + 3D lift (1080p depth)",
@@ -37,7 +37,7 @@ def test_core_costs_reports_a_finite_cost_for_every_step(tmp_path: Path):
 @pytest.mark.timeout(120)
 def test_gpu_latency_tiny_runs_both_paths_on_the_same_prompt_with_forced_lengths(tmp_path: Path):
     out = tmp_path / "gpu_latency.json"
-    _run("gpu_latency.py", "--tiny", "--new-tokens", "8", "--repeats", "1", "--warmup", "0", "--batch", "2",
+    _run("gpu_latency", "--tiny", "--new-tokens", "8", "--repeats", "1", "--warmup", "0", "--batch", "2",
          "--short-answer", "--large-size", "", "--json", str(out), timeout=110)
     report = json.loads(out.read_text())
     assert report["plumbing_check_only"] is True and report["device"] == "cpu"

@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent))   # the test modules share fixtures by importing test_node
 
-from rosutil import FramePublisher, Process, new_context  # noqa: E402
+from spatialthinker_ros.harness import FramePublisher, Processes, new_context  # noqa: E402
 
 
 @pytest.fixture
@@ -18,16 +18,8 @@ def ros_context():
 @pytest.fixture
 def spawn(tmp_path):
     """Start child processes; every one is stopped by its own pid at teardown."""
-    started: list[Process] = []
-
-    def _spawn(args, name="proc", env=None) -> Process:
-        proc = Process(args, tmp_path / f"{name}-{len(started)}.log", env=env)
-        started.append(proc)
-        return proc
-
-    yield _spawn
-    for proc in reversed(started):
-        proc.stop()
+    with Processes(tmp_path) as processes:
+        yield processes.start
 
 
 @pytest.fixture

@@ -10,20 +10,20 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+ROOT = Path(__file__).resolve().parents[2]   # bench/ is a package of the checkout: python -m bench.<script>
 
 
 def run_bench(script: str, *args: str, timeout: float) -> dict:
     out = Path(args[args.index("--json") + 1])
-    result = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
-                            timeout=timeout, env=os.environ.copy())
+    result = subprocess.run([sys.executable, "-m", f"bench.{script}", *args], capture_output=True, text=True,
+                            timeout=timeout, env=os.environ.copy(), cwd=ROOT)
     assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return json.loads(out.read_text())
 
 
 @pytest.mark.timeout(150)
 def test_idle_cpu_measures_the_node_the_bare_subscriber_and_the_eager_reference(tmp_path: Path):
-    report = run_bench("idle_cpu.py", "--modes", "compressed_nodepth", "--width", "640", "--height", "480",
+    report = run_bench("idle_cpu", "--modes", "compressed_nodepth", "--width", "640", "--height", "480",
                        "--seconds", "2", "--windows", "2", "--warmup", "0.5", "--references", "eager",
                        "--json", str(tmp_path / "idle.json"), timeout=140)
     (mode,) = report["modes"]
@@ -36,7 +36,7 @@ def test_idle_cpu_measures_the_node_the_bare_subscriber_and_the_eager_reference(
 
 @pytest.mark.timeout(150)
 def test_request_overhead_measures_the_node_against_the_bare_round_trips(tmp_path: Path):
-    report = run_bench("request_overhead.py", "--sizes", "640x480", "--requests", "5", "--warmup", "1",
+    report = run_bench("request_overhead", "--sizes", "640x480", "--requests", "5", "--warmup", "1",
                        "--breakdown-repeats", "2", "--json", str(tmp_path / "overhead.json"), timeout=140)
     size = report["sizes"]["640x480"]
     assert size["failure_count"] == 0

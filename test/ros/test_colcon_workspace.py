@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from rclpy.node import Node
-from rosutil import spin_future, spin_until
+from spatialthinker_ros.harness import spin_future, spin_until
 from sensor_msgs.msg import Image
 
 from spatialthinker_ros.srv import AskSpatial

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from rosutil import node_args, spin_until
+from spatialthinker_ros.harness import node_command, spin_until
 from sensor_msgs.msg import CompressedImage
 from test_node import (CALL, E, OPTIONS, QUESTION, camera, client, replay_file,  # noqa: F401 (fixtures)
                        replay_params)
@@ -23,18 +23,22 @@ UNDECODABLE_JPEG = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8 + b"\xff\xd9"
 
 
 def test_frames_are_decoded_only_when_a_request_uses_one(spawn, client, frames, replay_file):
-    proc = spawn(node_args(**replay_params(replay_file, image_transport="compressed", use_depth=False,
+    proc = spawn(node_command(**replay_params(replay_file, image_transport="compressed", use_depth=False,
                                            max_image_age=0.0)), name="node")
     frames.set("image/compressed", CompressedImage,
                lambda header: CompressedImage(header=header, format="jpeg", data=UNDECODABLE_JPEG))
     client.wait_for_service(proc)
-    assert spin_until(client.node, lambda: frames.published["image/compressed"] >= 60, CALL)
-    spin_until(client.node, lambda: False, 0.5)   # the last frames are delivered
-    assert "could not be decoded" not in proc.output(), "a frame was decoded on arrival, before any request"
+    assert spin_until(client.node, lambda: client.node.count_subscribers("/image/compressed") > 0, CALL)
+    sent = frames.published["image/compressed"]
+    assert spin_until(client.node, lambda: frames.published["image/compressed"] >= sent + 60, CALL)
     response = client.ask(question=QUESTION, options=OPTIONS)
     assert response.error_code == E.ERROR_NO_IMAGE and "could not be decoded" in response.message, response.message
-    assert spin_until(client.node, lambda: "frame dropped" in proc.output(), CALL)
-    assert proc.output().count("frame dropped") == 1, "only the frame the request used was decoded"
+    # the node's counters, published after that reply: dozens of frames arrived, one was decoded
+    assert spin_until(client.node, lambda: client.stats, CALL), "no ~/stats after the reply"
+    camera = client.stats[-1]["cameras"]["default"]
+    assert camera["frames_received"] >= 30, f"frames reached the node: {camera}"
+    assert camera["frames_decoded"] <= 1, "a frame was decoded on arrival, before any request"
+    assert camera["frames_decoded"] == 1, "only the frame the request used was decoded"
 
 
 def minor_page_faults(pid: int) -> int:
@@ -48,14 +52,15 @@ def test_an_idle_node_streamed_raw_1080p_with_depth_reuses_the_memory_of_old_fra
     # the frames it let go were returned to the OS and mapped again for the next ones.
     cam = camera(width=1920, height=1080, rate_hz=15.0, depth_m=np.full((1080, 1920), 2.0, np.float32),
                  depth_encoding="16UC1")
-    proc = spawn(node_args(**replay_params(replay_file)), name="node")
+    proc = spawn(node_command(**replay_params(replay_file)), name="node")
     response = client.ask_until_ready(proc, with_depth=True, question=QUESTION, options=OPTIONS)
     assert response.success, response.message
-    spin_until(client.node, lambda: False, 2.0)   # frame rings full: from here on each frame replaces one
-    per_frame = []   # per 1 s window: the heap still grows now and then (one frame's pages), so the median
+    ready = len(cam.published_stamps)   # frame rings full: from here on each frame replaces one
+    assert spin_until(client.node, lambda: len(cam.published_stamps) >= ready + 30, CALL)
+    per_frame = []   # per window of 15 frames: the heap still grows now and then (one frame's pages), so the median
     for _ in range(5):
         faults, published = minor_page_faults(proc.pid), len(cam.published_stamps)
-        spin_until(client.node, lambda: False, 1.0)
+        assert spin_until(client.node, lambda: len(cam.published_stamps) >= published + 15, CALL)
         per_frame.append((minor_page_faults(proc.pid) - faults) / max(1, len(cam.published_stamps) - published))
     response = client.ask(question=QUESTION, options=OPTIONS, max_image_age=0.5)
     assert response.success, f"the node stopped receiving frames: {response.message}"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from lifecycle_msgs.msg import Transition
 from transformers_serve import TransformersServe
-from rosutil import node_args, pattern_image, spin_future, spin_until
+from spatialthinker_ros.harness import node_command, pattern_image, spin_future, spin_until
 from sensor_msgs.msg import Image
 from test_node import (CALL, E, OPTIONS, QUESTION, RESPONSE, change_state, client,  # noqa: F401 (fixture)
                        get_state)
@@ -33,6 +33,30 @@ def request_image(width: int = 640, height: int = 480) -> Image:
                   data=pattern_image(width, height).tobytes())
     image.header.frame_id = "request"
     return image
+
+
+def requests_waiting_at(port: int) -> int:
+    """Connections to 127.0.0.1:`port` holding bytes its (frozen) server has not read (/proc/net/tcp: local address
+    as hex IP:PORT, then remote address, state, tx_queue:rx_queue)."""
+    waiting = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port = int(fields[1].split(":")[1], 16)
+        rx_queue = int(fields[4].split(":")[1], 16)
+        waiting += local_port == port and rx_queue > 0
+    return waiting
+
+
+def three_calls_then_a_queued_goal(client, ask: AskSpatial.Request) -> tuple[list, object]:
+    """Three service calls, then a goal; returns once the node reports the goal queued (STAGE_QUEUED feedback),
+    which it sends on accepting it: the futures of the calls and of the goal's result."""
+    services = [client.service.call_async(ask) for _ in range(3)]
+    stages = []
+    goal = spin_future(client.node, client.action.send_goal_async(
+        AskSpatialAction.Goal(question=QUESTION, image=request_image(64, 48)),
+        feedback_callback=lambda message: stages.append(message.feedback.stage)), CALL)
+    assert spin_until(client.node, lambda: AskSpatialAction.Feedback.STAGE_QUEUED in stages, CALL)
+    return services, goal.get_result_async()
 
 
 def write_replay(path: Path, *records: dict) -> Path:
@@ -53,7 +77,7 @@ def server(tiny_checkpoint, tmp_path):
 def test_server_frozen_killed_mid_request_and_restarted(spawn, client, server, tiny_checkpoint):
     server.start()
     timeout_s = 4.0
-    proc = spawn(node_args(backend="openai", server_url=f"http://127.0.0.1:{server.port}/v1", model=str(tiny_checkpoint),
+    proc = spawn(node_command(backend="openai", server_url=f"http://127.0.0.1:{server.port}/v1", model=str(tiny_checkpoint),
                            server_timeout=timeout_s, max_new_tokens=16, use_depth=False), name="node")
     client.wait_for_service(proc)
     ask = dict(question="Where is the cup?", options=OPTIONS, image=request_image(320, 240))
@@ -72,8 +96,10 @@ def test_server_frozen_killed_mid_request_and_restarted(spawn, client, server, t
     assert frozen_s < timeout_s + 2.0
 
     # killed while a request is in flight (it has been sent to the frozen server): fails at once
+    waiting = requests_waiting_at(server.port)
     future = client.service.call_async(AskSpatial.Request(**ask))
-    spin_until(client.node, lambda: False, 1.0)
+    assert spin_until(client.node, lambda: requests_waiting_at(server.port) > waiting, CALL), \
+        "the request never reached the frozen server"
     assert not future.done()
     started = time.monotonic()
     server.signal(signal.SIGKILL)
@@ -118,7 +144,7 @@ def test_rehearsed_backend_errors_fail_cleanly_and_the_next_request_succeeds(spa
         {"question": "slow?", "error": "timeout"},
     )
     # the model sees the frame at full size (640x480 = 307200 pixels), unless the node makes it smaller
-    proc = spawn(node_args(backend="replay", replay_file=str(replay), max_input_pixels=640 * 480, use_depth=False),
+    proc = spawn(node_command(backend="replay", replay_file=str(replay), max_input_pixels=640 * 480, use_depth=False),
                  name="node")
     client.wait_for_service(proc)
 
@@ -156,16 +182,12 @@ def test_rehearsed_backend_errors_fail_cleanly_and_the_next_request_succeeds(spa
 def test_deactivate_and_cleanup_during_requests_answer_every_caller_at_once(spawn, client, tmp_path):
     latency = 3.0
     replay = write_replay(tmp_path / "replay.jsonl", {"question": QUESTION, "response": RESPONSE})
-    proc = spawn(node_args(backend="replay", replay_file=str(replay), replay_latency=latency, max_batch_size=1,
+    proc = spawn(node_command(backend="replay", replay_file=str(replay), replay_latency=latency, max_batch_size=1,
                            use_depth=False), name="node")
     client.wait_for_service(proc)
     assert spin_until(client.node, client.action.server_is_ready, CALL)
     ask = AskSpatial.Request(question=QUESTION, options=OPTIONS, image=request_image(64, 48))
-    services = [client.service.call_async(ask) for _ in range(3)]
-    goal = spin_future(client.node, client.action.send_goal_async(
-        AskSpatialAction.Goal(question=QUESTION, image=request_image(64, 48))), CALL)
-    result = goal.get_result_async()
-    spin_until(client.node, lambda: False, 0.5)      # the first request is now generating, the rest wait
+    services, result = three_calls_then_a_queued_goal(client, ask)   # the first is generating, the rest wait
     assert not any(f.done() for f in services)
 
     started = time.monotonic()
@@ -196,17 +218,13 @@ def test_deactivate_and_cleanup_during_requests_answer_every_caller_at_once(spaw
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_answers_pending_callers_and_exits_cleanly(spawn, client, tmp_path, sig):
     replay = write_replay(tmp_path / "replay.jsonl", {"question": QUESTION, "response": RESPONSE})
-    proc = spawn(node_args(backend="replay", replay_file=str(replay), replay_latency=2.0, max_batch_size=1,
+    proc = spawn(node_command(backend="replay", replay_file=str(replay), replay_latency=2.0, max_batch_size=1,
                            use_depth=False), name="node")
     client.wait_for_service(proc)
     assert spin_until(client.node, client.action.server_is_ready, CALL)
     ask = AskSpatial.Request(question=QUESTION, image=request_image(64, 48))
     assert client.ask(question=QUESTION, image=request_image(64, 48)).success
-    services = [client.service.call_async(ask) for _ in range(3)]
-    goal = spin_future(client.node, client.action.send_goal_async(
-        AskSpatialAction.Goal(question=QUESTION, image=request_image(64, 48))), CALL)
-    result = goal.get_result_async()
-    spin_until(client.node, lambda: False, 0.5)
+    services, result = three_calls_then_a_queued_goal(client, ask)
     assert not any(f.done() for f in services) and not result.done()
 
     started = time.monotonic()

@@ -15,12 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 from rcl_interfaces.srv import ListParameters
-from rclpy.node import Node
-from rosutil import NODE_EXECUTABLE, CameraStreamer, spin_future, spin_until
+from spatialthinker_ros.harness import FakeCamera, NodeClient, node_command, spin_future, spin_until
 
 from spatialthinker_ros.launch_config import LAUNCH_ARGUMENTS, node_launch, ros_arguments
 from spatialthinker_ros.ros.parameters import BY_NAME, PARAMETERS, descriptor
-from spatialthinker_ros.srv import AskSpatial
 
 REPO = Path(__file__).resolve().parents[2]
 SHARE = Path(sys.prefix) / "share" / "spatialthinker_ros"
@@ -135,18 +133,12 @@ def test_launch_arguments_drive_the_real_node(spawn, ros_context, tmp_path):
                                   "<answer>left</answer>"}) + "\n")
     launch = node_launch({"namespace": "robot1", "image_topic": "/cam/color/image", "backend": "replay",
                           "replay_file": str(replay), "log_level": "info"}, SHARE)
-    proc = spawn([NODE_EXECUTABLE, *ros_arguments(launch)], name="launched-node")
-    camera = CameraStreamer(ros_context, prefix="/cam/color/", width=320, height=240)
-    node = Node("launch_client", context=ros_context)
+    proc = spawn([node_command()[0], *ros_arguments(launch)], name="launched-node")
+    camera = FakeCamera(ros_context, prefix="/cam/color/", width=320, height=240)
+    client = NodeClient(ros_context, "/robot1/spatialthinker", node_name="launch_client", outputs=False)
+    node = client.node
     try:
-        client = node.create_client(AskSpatial, "/robot1/spatialthinker/ask")
-        assert spin_until(node, client.service_is_ready, 60.0), proc.output()
-        response = None
-        for _ in range(100):
-            response = spin_future(node, client.call_async(AskSpatial.Request(question="Where is the cup?")), 30.0)
-            if response.error_code != AskSpatial.Response.ERROR_NO_IMAGE:
-                break
-            spin_until(node, lambda: False, 0.2)
+        response = client.ask_until_ready(proc, question="Where is the cup?")
         assert response.success, response.message + proc.output()
         assert response.answer.model == "replay" and response.answer.answer == "left"
         assert response.answer.scene_graph.image_width == 320, "frames came through the remapped topic"
@@ -156,4 +148,4 @@ def test_launch_arguments_drive_the_real_node(spawn, ros_context, tmp_path):
         assert {spec.name for spec in PARAMETERS} <= set(names)
     finally:
         camera.close()
-        node.destroy_node()
+        client.close()

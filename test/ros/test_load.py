@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import sys
 import time
@@ -109,10 +108,12 @@ if __name__ == "__main__" and sys.argv[1:2] == ["client"]:
 import psutil  # noqa: E402
 from rclpy.qos import QoSProfile  # noqa: E402
 from rclpy.node import Node  # noqa: E402
-from rosutil import CameraStreamer, node_args, spin_future, spin_until  # noqa: E402
+from std_msgs.msg import String  # noqa: E402
 from test_node import E, RESPONSE  # noqa: E402
 
+from spatialthinker_ros.harness import FakeCamera, node_command, spin_future, spin_until  # noqa: E402
 from spatialthinker_ros.msg import SpatialAnswer  # noqa: E402
+from spatialthinker_ros.ros.stats import STATS_QOS  # noqa: E402
 from spatialthinker_ros.srv import AskSpatial  # noqa: E402
 
 
@@ -137,7 +138,7 @@ def replay_lines(path: Path) -> Path:
 
 
 def run_load(spawn, ros_context, tmp_path, load: Load, backend: dict, check_answers: bool) -> dict:
-    cam = CameraStreamer(ros_context, width=640, height=480, rate_hz=30.0,
+    cam = FakeCamera(ros_context, width=640, height=480, rate_hz=30.0,
                          depth_m=np.full((480, 640), 2.0, np.float32), depth_encoding="16UC1")
     observer = Node("load_observer", context=ros_context)   # no debug_image subscriber: the node draws none
     service = observer.create_client(AskSpatial, "/spatialthinker/ask", qos_profile=QoSProfile(depth=QUEUE_DEPTH))
@@ -146,6 +147,9 @@ def run_load(spawn, ros_context, tmp_path, load: Load, backend: dict, check_answ
                                  QoSProfile(depth=QUEUE_DEPTH))
 
     own_ids: set[str] = set()    # answers to this observer's own requests are published too
+    stats: list[dict] = []       # the node's counters (~/stats), published after every reply
+    observer.create_subscription(String, "/spatialthinker/stats", lambda m: stats.append(json.loads(m.data)),
+                                 STATS_QOS)
 
     def ask(i: int) -> AskSpatial.Response:
         response = spin_future(observer, service.call_async(AskSpatial.Request(question=question(i),
@@ -154,7 +158,7 @@ def run_load(spawn, ros_context, tmp_path, load: Load, backend: dict, check_answ
         return response
 
     try:
-        proc = spawn(node_args(**backend, queue_size=load.queue_size, max_batch_size=load.max_batch_size,
+        proc = spawn(node_command(**backend, queue_size=load.queue_size, max_batch_size=load.max_batch_size,
                                request_timeout=load.request_timeout, max_image_age=0.0), name="node")
         assert spin_until(observer, service.service_is_ready, 60), proc.output()
         assert spin_until(observer, lambda: ask(0).error_code != E.ERROR_NO_IMAGE, 60), "no camera frame"
@@ -172,15 +176,20 @@ def run_load(spawn, ros_context, tmp_path, load: Load, backend: dict, check_answ
         while any(c.alive() for c in clients):
             assert time.monotonic() - started < load.seconds + load.request_timeout + 60, "clients did not finish"
             rss.append((time.monotonic() - started, node.memory_info().rss))
-            spin_until(observer, lambda: False, 0.5)   # and collect published answers meanwhile
+            # sample memory each 0.5 s until the clients are done, collecting published answers meanwhile
+            spin_until(observer, lambda: not any(c.alive() for c in clients), 0.5)
         elapsed = time.monotonic() - started
         cpu = sum(node.cpu_times()[:2]) - sum(cpu_start[:2])
         for c in clients:
             assert c.popen.returncode == 0, c.output()
         # no deadlock: a fresh request is answered at once, after everything
+        counted = len(stats)
         after = ask(1)
         assert after.success, after.message
-        spin_until(observer, lambda: False, 1.0)
+        assert spin_until(observer, lambda: len(stats) > counted, 30), "no ~/stats after the last reply"
+        scheduler = stats[-1]["scheduler"]
+        # answers are published in order: once the last one has arrived, so have all before it
+        assert spin_until(observer, lambda: after.answer.request_id in published, 30), "answers not published"
         assert proc.stop() == 0, proc.output()[-3000:]
     finally:
         observer.destroy_node()
@@ -191,8 +200,6 @@ def run_load(spawn, ros_context, tmp_path, load: Load, backend: dict, check_answ
     codes = [r[2] for r in records]
     ok = [r for r in records if r[2] == E.ERROR_NONE]
     latencies = sorted(r[1] for r in ok)
-    stats_line = re.findall(r"stopped answering \(node shutting down\): SchedulerStats\((.*)\)", proc.output())
-    scheduler = dict(kv.split("=") for kv in stats_line[-1].split(", "))
     steady = [m for t, m in rss if t >= min(5.0, elapsed / 4)] or [m for _, m in rss]
     first_each_minute: dict[int, int] = {}
     for t, m in rss:

@@ -9,15 +9,11 @@ import psutil
 import pytest
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState, GetState
-from rclpy.action import ActionClient
-from rclpy.node import Node
-from rclpy.qos import QoSProfile
-from rosutil import CameraStreamer, node_args, spin_future, spin_until
 from sensor_msgs.msg import Image
-from visualization_msgs.msg import MarkerArray
 
 from spatialthinker_ros.action import AskSpatial as AskSpatialAction
-from spatialthinker_ros.msg import SceneGraph, SpatialAnswer
+from spatialthinker_ros.harness import FakeCamera, NodeClient, node_command, spin_future, spin_until
+from spatialthinker_ros.msg import SpatialAnswer
 from spatialthinker_ros.srv import AskSpatial
 
 E = AskSpatial.Response
@@ -50,46 +46,11 @@ def replay_params(replay_file, **extra):
     return params
 
 
-class Client:
-    """A test-side node with a service client, an action client and output subscriptions."""
-
-    def __init__(self, context, namespace="/spatialthinker"):
-        self.node = Node(f"test_client_{next(CLIENT_IDS)}", context=context)   # unique: two may share a context
-        self.service = self.node.create_client(AskSpatial, f"{namespace}/ask", qos_profile=QoSProfile(depth=100))
-        self.action = ActionClient(self.node, AskSpatialAction, f"{namespace}/ask_action")
-        self.answers, self.graphs, self.markers, self.debug = [], [], [], []
-        self.node.create_subscription(SpatialAnswer, f"{namespace}/answer", self.answers.append, 10)
-        self.node.create_subscription(SceneGraph, f"{namespace}/scene_graph", self.graphs.append, 10)
-        self.node.create_subscription(MarkerArray, f"{namespace}/markers", self.markers.append, 10)
-        self.node.create_subscription(Image, f"{namespace}/debug_image", self.debug.append, 2)
-
-    def wait_for_service(self, proc, timeout=STARTUP):
-        assert spin_until(self.node, self.service.service_is_ready, timeout), proc.output()
-
-    def ask(self, timeout=CALL, **fields) -> AskSpatial.Response:
-        request = AskSpatial.Request(**fields)
-        return spin_future(self.node, self.service.call_async(request), timeout)
-
-    def ask_until_ready(self, proc, timeout=STARTUP, with_depth=False, **fields) -> AskSpatial.Response:
-        """Best-effort frames may take seconds to start flowing: retry while the node has no frame yet (and,
-        with_depth, until depth and CameraInfo have arrived too, which can lag the first colour frame)."""
-        self.wait_for_service(proc)
-        deadline = time.monotonic() + timeout
-        while True:
-            response = self.ask(**fields)
-            waiting = response.error_code == E.ERROR_NO_IMAGE or (
-                with_depth and response.success and not any(o.has_position for o in response.answer.scene_graph.objects))
-            if not waiting or time.monotonic() > deadline:
-                return response
-            spin_until(self.node, lambda: False, 0.2)
-
-
 @pytest.fixture
 def client(ros_context):
-    c = Client(ros_context)
+    c = NodeClient(ros_context)
     yield c
-    c.action.destroy()
-    c.node.destroy_node()
+    c.close()
 
 
 @pytest.fixture
@@ -97,7 +58,7 @@ def camera(ros_context):
     streamers = []
 
     def _camera(**kwargs):
-        streamers.append(CameraStreamer(ros_context, **kwargs))
+        streamers.append(FakeCamera(ros_context, **kwargs))
         return streamers[-1]
 
     yield _camera
@@ -107,7 +68,7 @@ def camera(ros_context):
 
 def test_replay_answer_field_by_field_with_3d_markers_and_debug_image(spawn, client, camera, replay_file):
     cam = camera(depth_m=np.full((480, 640), 2.0, np.float32), k=K)
-    proc = spawn(node_args(**replay_params(replay_file)), name="node")
+    proc = spawn(node_command(**replay_params(replay_file)), name="node")
     response = client.ask_until_ready(proc, with_depth=True, question=QUESTION, options=OPTIONS)
     assert response.success, response.message
     answer = response.answer
@@ -156,7 +117,7 @@ def test_replay_answer_field_by_field_with_3d_markers_and_debug_image(spawn, cli
 def test_depth_in_millimetres_at_half_resolution(spawn, client, camera, replay_file):
     k_half = [250.0, 0.0, 160.0, 0.0, 250.0, 120.0, 0.0, 0.0, 1.0]
     camera(depth_m=np.full((240, 320), 1.5, np.float32), depth_encoding="16UC1", k=k_half)
-    proc = spawn(node_args(**replay_params(replay_file)), name="node")
+    proc = spawn(node_command(**replay_params(replay_file)), name="node")
     response = client.ask_until_ready(proc, with_depth=True, question=QUESTION, options=OPTIONS)
     assert response.success, response.message
     cup = response.answer.scene_graph.objects[0]
@@ -168,33 +129,44 @@ def test_depth_one_frame_late_still_pairs_with_the_frame_before(spawn, client, c
     """Depth that trails colour by a frame (period 0.1 s > the 0.05 s sync tolerance): the newest colour frame never
     has its depth yet, so each answer uses the frame before it, which has, rather than dropping the 3D."""
     cam = camera(rate_hz=10.0, depth_m=np.full((480, 640), 2.0, np.float32), k=K, depth_lags=True)
-    proc = spawn(node_args(**replay_params(replay_file)), name="node")
+    proc = spawn(node_command(**replay_params(replay_file)), name="node")
     assert client.ask_until_ready(proc, with_depth=True, question=QUESTION, options=OPTIONS).success
     for _ in range(8):
         response = client.ask(question=QUESTION, options=OPTIONS)
         assert response.success and response.answer.scene_graph.objects[0].has_position, response.message
         stamp = (response.answer.header.stamp.sec, response.answer.header.stamp.nanosec)
         assert stamp in cam.published_stamps[:-1], "answered on a colour frame that had its depth"
-        spin_until(client.node, lambda: False, 0.05)
+        sent = len(cam.published_stamps)   # the next question about the next frame
+        assert spin_until(client.node, lambda: len(cam.published_stamps) > sent, CALL)
 
 
 def test_a_fresh_frame_without_depth_is_preferred_to_a_stale_one_with_depth(spawn, client, camera, replay_file):
     """Slow camera (2 Hz), depth one frame late, max_image_age 0.7 s: the frame before the newest is often too old,
     so the answer uses the newest frame without 3D rather than failing as stale."""
-    camera(rate_hz=2.0, depth_m=np.full((480, 640), 2.0, np.float32), k=K, depth_lags=True)
-    proc = spawn(node_args(**replay_params(replay_file, max_image_age=0.7)), name="node")
+    cam = camera(rate_hz=2.0, depth_m=np.full((480, 640), 2.0, np.float32), k=K, depth_lags=True)
+    proc = spawn(node_command(**replay_params(replay_file, max_image_age=0.7)), name="node")
     assert client.ask_until_ready(proc, question=QUESTION, options=OPTIONS).success
+
+    def frame_before_newest_too_old() -> bool:   # older than max_image_age, with some margin for the request
+        stamps = cam.published_stamps
+        if len(stamps) < 2:
+            return False
+        sec, nanosec = stamps[-2]
+        return client.node.get_clock().now().nanoseconds - (sec * 10**9 + nanosec) > 0.8e9
+
     responses = []
-    for _ in range(8):
+    for i in range(8):   # alternately: just after a frame was sent, and once the frame before it is too old
+        sent = len(cam.published_stamps)
+        assert spin_until(client.node, frame_before_newest_too_old if i % 2 else
+                          (lambda: len(cam.published_stamps) > sent), CALL)
         responses.append(client.ask(question=QUESTION, options=OPTIONS))
-        spin_until(client.node, lambda: False, 0.15)
     assert all(r.success for r in responses), [r.message for r in responses if not r.success]
     assert not all(r.answer.scene_graph.objects[0].has_position for r in responses), "some on the newest frame"
 
 
 def test_action_feedback_stages_and_early_scene_graph(spawn, client, camera, replay_file):
     camera()
-    proc = spawn(node_args(**replay_params(replay_file)), name="node")
+    proc = spawn(node_command(**replay_params(replay_file)), name="node")
     assert client.ask_until_ready(proc, question=QUESTION, options=OPTIONS).success
     assert spin_until(client.node, client.action.server_is_ready, CALL), proc.output()
     feedback = []
@@ -205,8 +177,10 @@ def test_action_feedback_stages_and_early_scene_graph(spawn, client, camera, rep
     result = spin_future(client.node, handle.get_result_async(), CALL).result
     assert result.success and result.answer.choice == "A"
     assert result.answer.request_id == bytes(handle.goal_id.uuid).hex()
-    stages = [f.stage for f in feedback]
     F = AskSpatialAction.Feedback
+    # feedback travels on its own topic: what was sent before the result may be taken after it
+    assert spin_until(client.node, lambda: any(f.stage == F.STAGE_SCENE_READY for f in feedback), CALL)
+    stages = [f.stage for f in feedback]
     assert stages[0] == F.STAGE_QUEUED and F.STAGE_GENERATING in stages and F.STAGE_SCENE_READY in stages
     assert stages == sorted(stages), stages
     ready = next(f for f in feedback if f.stage == F.STAGE_SCENE_READY)
@@ -217,7 +191,7 @@ def test_action_feedback_stages_and_early_scene_graph(spawn, client, camera, rep
 
 def test_transformers_backend_tiny_checkpoint_service_and_action(spawn, client, camera, tiny_checkpoint):
     camera(width=320, height=240)
-    proc = spawn(node_args(backend="transformers", model=str(tiny_checkpoint), device="cpu", max_new_tokens=24,
+    proc = spawn(node_command(backend="transformers", model=str(tiny_checkpoint), device="cpu", max_new_tokens=24,
                            max_image_age=0.0), name="node")
     response = client.ask_until_ready(proc, timeout=120.0, question="Where is the cup?", options=["left", "right"])
     assert response.success, response.message + proc.output()
@@ -240,7 +214,7 @@ def test_transformers_backend_tiny_checkpoint_service_and_action(spawn, client, 
 
 def test_compressed_input(spawn, client, camera, replay_file):
     camera(compressed=True)
-    proc = spawn(node_args(**replay_params(replay_file, image_transport="compressed")), name="node")
+    proc = spawn(node_command(**replay_params(replay_file, image_transport="compressed")), name="node")
     response = client.ask_until_ready(proc, question=QUESTION, options=OPTIONS)
     assert response.success, response.message
     assert (response.answer.scene_graph.image_width, response.answer.scene_graph.image_height) == (640, 480)
@@ -250,7 +224,7 @@ def test_compressed_input(spawn, client, camera, replay_file):
 def test_two_cameras_selected_per_request(spawn, client, camera, replay_file):
     camera(prefix="left/", width=640, height=480, frame_id="left_optical")
     camera(prefix="right/", width=1280, height=960, frame_id="right_optical")
-    proc = spawn(node_args(**replay_params(replay_file, cameras=["left", "right"],
+    proc = spawn(node_command(**replay_params(replay_file, cameras=["left", "right"],
                                            max_input_pixels=320 * 240)), name="node")
     left = client.ask_until_ready(proc, question=QUESTION, options=OPTIONS, camera="left")
     right = client.ask_until_ready(proc, question=QUESTION, options=OPTIONS, camera="right")
@@ -265,7 +239,7 @@ def test_two_cameras_selected_per_request(spawn, client, camera, replay_file):
 
 
 def test_error_codes(spawn, client, camera, replay_file):
-    proc = spawn(node_args(**replay_params(replay_file, max_question_chars=100)), name="node")
+    proc = spawn(node_command(**replay_params(replay_file, max_question_chars=100)), name="node")
     client.wait_for_service(proc)
     # no frame yet
     response = client.ask(question=QUESTION)
@@ -306,7 +280,7 @@ def test_error_codes(spawn, client, camera, replay_file):
 
 def test_stale_frames_refused(spawn, client, camera, replay_file):
     camera(stamp_offset_s=5.0)
-    proc = spawn(node_args(**replay_params(replay_file, max_image_age=1.0)), name="node")
+    proc = spawn(node_command(**replay_params(replay_file, max_image_age=1.0)), name="node")
     response = client.ask_until_ready(proc, question=QUESTION, options=OPTIONS)
     assert response.error_code == E.ERROR_STALE_IMAGE, response.message
     assert "old" in response.message
@@ -316,7 +290,7 @@ def test_stale_frames_refused(spawn, client, camera, replay_file):
 
 def test_busy_and_timeout(spawn, client, camera, replay_file, ros_context):
     camera()
-    proc = spawn(node_args(**replay_params(replay_file, replay_latency=1.0, queue_size=1, max_batch_size=1,
+    proc = spawn(node_command(**replay_params(replay_file, replay_latency=1.0, queue_size=1, max_batch_size=1,
                                            request_timeout=1.5)), name="node")
     assert client.ask_until_ready(proc, question=QUESTION, options=OPTIONS).success
     futures = [client.service.call_async(AskSpatial.Request(question=QUESTION)) for _ in range(6)]
@@ -326,9 +300,11 @@ def test_busy_and_timeout(spawn, client, camera, replay_file, ros_context):
     assert E.ERROR_NONE in codes
     assert E.ERROR_TIMEOUT in codes or codes.count(E.ERROR_NONE) == 2, codes
     # one that waits behind another beyond request_timeout times out; first let the worker finish the
-    # generation whose caller already timed out (a running generation cannot be interrupted; 1 s, with a margin
-    # for a loaded machine)
-    spin_until(client.node, lambda: False, 3.0)
+    # generation whose caller already timed out (a running generation cannot be interrupted): a question answered
+    # in time was the only one the worker had
+    deadline = time.monotonic() + CALL
+    while not client.ask(question=QUESTION).success:   # ERROR_TIMEOUT while it waited behind an abandoned one
+        assert time.monotonic() < deadline, "the worker stayed busy"
     slow = [client.service.call_async(AskSpatial.Request(question=QUESTION)) for _ in range(2)]
     assert spin_until(client.node, lambda: all(f.done() for f in slow), CALL)
     assert sorted(f.result().error_code for f in slow) == [E.ERROR_NONE, E.ERROR_TIMEOUT]
@@ -358,7 +334,7 @@ def test_lifecycle_transitions_free_the_model(spawn, client, camera, heavy_tiny_
     weights_mb = sum(f.stat().st_size for f in heavy_tiny_checkpoint.glob("*.safetensors")) / 2**20
     assert weights_mb > 80
     camera(width=320, height=240)
-    proc = spawn(node_args(backend="transformers", model=str(heavy_tiny_checkpoint), device="cpu",
+    proc = spawn(node_command(backend="transformers", model=str(heavy_tiny_checkpoint), device="cpu",
                            max_new_tokens=16, autostart=False, max_image_age=0.0), name="node")
     client.wait_for_service(proc)
     assert get_state(client.node) == "unconfigured"
@@ -386,7 +362,7 @@ def test_lifecycle_transitions_free_the_model(spawn, client, camera, heavy_tiny_
 
 def test_concurrent_requests_share_one_generate(spawn, client, camera, tiny_checkpoint):
     camera(width=320, height=240)
-    proc = spawn(node_args(backend="transformers", model=str(tiny_checkpoint), device="cpu", max_new_tokens=32,
+    proc = spawn(node_command(backend="transformers", model=str(tiny_checkpoint), device="cpu", max_new_tokens=32,
                            max_batch_size=8, max_image_age=0.0), name="node")
     assert client.ask_until_ready(proc, timeout=120.0, question="warm up").success
     futures = [client.service.call_async(AskSpatial.Request(question=f"Where is object {i}?")) for i in range(6)]

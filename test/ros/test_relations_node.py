@@ -7,12 +7,12 @@ import pytest
 import sample_relations
 from rcl_interfaces.srv import SetParameters
 from rclpy.parameter import Parameter
-from rosutil import node_args, spin_future, spin_until
-from test_node import CALL, Client, client  # noqa: F401 (client is a fixture)
+from test_node import CALL, client  # noqa: F401 (client is a fixture)
 
 from spatialthinker_ros.core.relations import VERDICT_COLOURS
 from spatialthinker_ros.core.types import RelationCheck
-from spatialthinker_ros.demo import Camera, load_sample
+from spatialthinker_ros.demo import load_sample, sample_camera as stream_sample
+from spatialthinker_ros.harness import NodeClient, node_command, spin_future, spin_until
 from spatialthinker_ros.msg import SceneRelation
 
 pytestmark = pytest.mark.timeout(240)
@@ -22,12 +22,12 @@ CHECKS = {name: getattr(SceneRelation, f"CHECK_{name}") for name in RelationChec
 @pytest.fixture
 def sample_camera(ros_context):
     sample = load_sample()
-    camera = Camera(ros_context, sample)
+    camera = stream_sample(ros_context, sample)
     yield sample
     camera.close()
 
 
-def set_parameters(client: Client, **values) -> None:
+def set_parameters(client: NodeClient, **values) -> None:
     setter = client.node.create_client(SetParameters, "/spatialthinker/set_parameters")
     assert spin_until(client.node, setter.service_is_ready, CALL)
     request = SetParameters.Request(parameters=[Parameter(k, value=v).to_parameter_msg() for k, v in values.items()])
@@ -36,7 +36,7 @@ def set_parameters(client: Client, **values) -> None:
     client.node.destroy_client(setter)
 
 
-def ask(client: Client, proc):
+def ask(client: NodeClient, proc):
     response = client.ask_until_ready(proc, with_depth=True, question=sample_relations.QUESTION,
                                       options=sample_relations.OPTIONS)
     assert response.success, response.message
@@ -45,7 +45,7 @@ def ask(client: Client, proc):
 
 def test_the_node_checks_every_relation_of_an_answer_about_the_sample_scene(spawn, client, sample_camera, tmp_path):
     replay_file = sample_relations.write_replay(tmp_path / "relations.jsonl")
-    proc = spawn(node_args(backend="replay", replay_file=str(replay_file)), name="node")
+    proc = spawn(node_command(backend="replay", replay_file=str(replay_file)), name="node")
     answer = ask(client, proc)
     graph = answer.scene_graph
     assert all(o.has_position for o in graph.objects)

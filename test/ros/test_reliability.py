@@ -18,11 +18,11 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from rclpy.qos import QoSProfile
-from rosutil import CameraStreamer, Process, new_context, node_args, pattern_image, spin_until
+from spatialthinker_ros.harness import FakeCamera, NodeClient, Process, new_context, node_command, pattern_image, spin_until
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header
 from spatialthinker_ros.srv import AskSpatial
-from test_node import (CALL, E, OPTIONS, QUESTION, RESPONSE, Client, camera, client,  # noqa: F401 (fixtures)
+from test_node import (CALL, E, OPTIONS, QUESTION, RESPONSE, camera, client,  # noqa: F401 (fixtures)
                        replay_file, replay_params)
 
 pytestmark = pytest.mark.timeout(180)
@@ -49,7 +49,7 @@ def log_count(proc: Process, start: int, text: str) -> int:
 
 def test_bad_requests_get_their_error_code_and_a_bounded_message(spawn, client, camera, replay_file):
     camera(width=320, height=240)
-    proc = spawn(node_args(**replay_params(replay_file, max_question_chars=100, max_request_image_pixels=100_000)),
+    proc = spawn(node_command(**replay_params(replay_file, max_question_chars=100, max_request_image_pixels=100_000)),
                  name="node")
     assert client.ask_until_ready(proc, question=QUESTION, options=OPTIONS).success
     invalid, camera_code = E.ERROR_INVALID_REQUEST, E.ERROR_UNKNOWN_CAMERA
@@ -174,12 +174,12 @@ def fuzz(tmp_path_factory):
     replay.write_text(json.dumps({"question": QUESTION, "response": RESPONSE}) + "\n")
     context = new_context()
     # Its own namespace: this node and camera live on until the module ends, and must not feed later tests' nodes.
-    cam = CameraStreamer(context, prefix="fuzz/", width=320, height=240, rate_hz=15.0,
+    cam = FakeCamera(context, prefix="fuzz/", width=320, height=240, rate_hz=15.0,
                          depth_m=np.full((240, 320), 2.0, np.float32),
                          k=[250.0, 0.0, 160.0, 0.0, 250.0, 120.0, 0.0, 0.0, 1.0])
-    args = node_args(**replay_params(replay, max_question_chars=FUZZ_MAX_QUESTION, max_image_age=0.0))
+    args = node_command(**replay_params(replay, max_question_chars=FUZZ_MAX_QUESTION, max_image_age=0.0))
     proc = Process(args + ["-r", "__ns:=/fuzz"], tmp / "node.log")
-    client_ = Client(context, namespace="/fuzz/spatialthinker")
+    client_ = NodeClient(context, namespace="/fuzz/spatialthinker")
     try:
         assert client_.ask_until_ready(proc, question=QUESTION, options=OPTIONS).success, proc.output()
         yield client_, proc
@@ -242,12 +242,14 @@ def info(k=(250.0, 0.0, 160.0, 0.0, 250.0, 120.0, 0.0, 0.0, 1.0), width=320, hei
     return lambda header: CameraInfo(header=header, width=width, height=height, k=list(k))
 
 
-def ask_during(client_, seconds: float, every: float = 0.1, **fields) -> list:
-    """Ask repeatedly for `seconds`; every response."""
+def ask_during(client_, frames, seconds: float, frames_between: int = 3, topic: str = "image", **fields) -> list:
+    """Ask repeatedly while bad frames go out for `seconds` (the throttle window under test), each question after
+    `frames_between` more colour frames were sent; every response."""
     responses, end = [], time.monotonic() + seconds
     while time.monotonic() < end:
         responses.append(client_.ask(**fields))
-        spin_until(client_.node, lambda: False, every)
+        sent = frames.published[topic]
+        assert spin_until(client_.node, lambda: frames.published[topic] >= sent + frames_between, CALL)
     return responses
 
 
@@ -258,18 +260,18 @@ def assert_throttled(proc, start: int, text: str, frames_sent: int) -> None:
 
 
 def test_bad_camera_data_is_dropped_with_throttled_warnings_while_serving(spawn, client, frames, replay_file):
-    proc = spawn(node_args(**replay_params(replay_file, max_image_age=1.0)), name="node")
+    proc = spawn(node_command(**replay_params(replay_file, max_image_age=1.0)), name="node")
     frames.set("image", Image, colour())
     frames.set("depth", Image, depth())
     frames.set("camera_info", CameraInfo, info())
-    response = client.ask_until_ready(proc, question=QUESTION, options=OPTIONS)
+    response = client.ask_until_ready(proc, with_depth=True, question=QUESTION, options=OPTIONS)
     assert response.success and response.answer.scene_graph.objects[0].has_position, response.message
 
     # depth in an unexpected encoding, CameraInfo with zero focal length: answers go on, without 3D
     start = len(proc.output())
     frames.set("depth", Image, depth(encoding="rgb8"))
     frames.set("camera_info", CameraInfo, info(k=[0.0] * 9))
-    responses = ask_during(client, THROTTLE_WINDOW_S, question=QUESTION, options=OPTIONS)
+    responses = ask_during(client, frames, THROTTLE_WINDOW_S, question=QUESTION, options=OPTIONS)
     assert all(r.success for r in responses), [r.message for r in responses if not r.success]
     assert not responses[-1].answer.scene_graph.objects[0].has_position, "no depth frame fits: no 3D"
     assert_throttled(proc, start, "depth dropped: depth unsupported encoding 'rgb8'", frames.published["depth"])
@@ -291,7 +293,7 @@ def test_bad_camera_data_is_dropped_with_throttled_warnings_while_serving(spawn,
     frames.set("depth", Image, depth())
     frames.set("camera_info", CameraInfo, info())
     frames.set("image", Image, backwards)
-    responses = ask_during(client, THROTTLE_WINDOW_S, question=QUESTION, options=OPTIONS)
+    responses = ask_during(client, frames, THROTTLE_WINDOW_S, question=QUESTION, options=OPTIONS)
     assert all(r.success for r in responses), [r.message for r in responses if not r.success]
     stamps = {(r.answer.header.stamp.sec, r.answer.header.stamp.nanosec) for r in responses}
     assert len(sent_backwards) >= 30 and not stamps & sent_backwards, "never answered on a frame older than the last"
@@ -302,8 +304,9 @@ def test_bad_camera_data_is_dropped_with_throttled_warnings_while_serving(spawn,
     frames.set("image", Image, colour())
     frames.set("depth", Image, depth(width=320, height=320))
     frames.set("camera_info", CameraInfo, info(width=320, height=320))
-    spin_until(client.node, lambda: False, 0.3)   # the kept depth frames of the right shape age out
-    responses = ask_during(client, THROTTLE_WINDOW_S, every=0.03, question=QUESTION, options=OPTIONS)
+    # the kept depth frames of the right shape are replaced (the node keeps the last 8)
+    assert spin_until(client.node, lambda: frames.published["depth"] >= 10, CALL)
+    responses = ask_during(client, frames, THROTTLE_WINDOW_S, frames_between=1, question=QUESTION, options=OPTIONS)
     assert len(responses) >= 30 and all(r.success for r in responses)
     assert not any(o.has_position for r in responses for o in r.answer.scene_graph.objects)
     count = log_count(proc, start, "does not have the aspect of the colour image 320x240: no 3D positions")
@@ -323,7 +326,7 @@ def test_bad_camera_data_is_dropped_with_throttled_warnings_while_serving(spawn,
     frames.set("depth", Image, depth())
     frames.set("camera_info", CameraInfo, info())
     frames.set("image", Image, lambda header: next(bad_kinds)(header))
-    responses = ask_during(client, THROTTLE_WINDOW_S, question=QUESTION, options=OPTIONS)
+    responses = ask_during(client, frames, THROTTLE_WINDOW_S, question=QUESTION, options=OPTIONS)
     codes = [r.error_code for r in responses]
     assert set(codes) <= {E.ERROR_NONE, E.ERROR_STALE_IMAGE} and codes[-1] == E.ERROR_STALE_IMAGE, codes
     assert_throttled(proc, start, "frame dropped:", frames.published["image"])
@@ -333,7 +336,7 @@ def test_bad_camera_data_is_dropped_with_throttled_warnings_while_serving(spawn,
 
 
 def test_corrupt_compressed_frames_never_replace_the_last_good_one(spawn, client, frames, replay_file):
-    proc = spawn(node_args(**replay_params(replay_file, image_transport="compressed", use_depth=False,
+    proc = spawn(node_command(**replay_params(replay_file, image_transport="compressed", use_depth=False,
                                            max_image_age=2.0)), name="node")
     ok, jpeg = cv2.imencode(".jpg", pattern_image(320, 240)[:, :, ::-1])
     jpeg = jpeg.tobytes()
@@ -352,7 +355,8 @@ def test_corrupt_compressed_frames_never_replace_the_last_good_one(spawn, client
     counter = itertools.count()
     frames.set("image/compressed", CompressedImage, lambda header: CompressedImage(
         header=header, format="jpeg", data=jpeg if next(counter) % 10 == 0 else next(corrupt)))
-    responses = ask_during(client, THROTTLE_WINDOW_S, every=0.05, question=QUESTION, options=OPTIONS)
+    responses = ask_during(client, frames, THROTTLE_WINDOW_S, frames_between=2, topic="image/compressed",
+                           question=QUESTION, options=OPTIONS)
     assert len(responses) >= 20 and all(r.success for r in responses), [r.message for r in responses if not r.success]
     assert all(r.answer.scene_graph.image_width == 320 for r in responses)
     assert_throttled(proc, start, "frame dropped: compressed image", frames.published["image/compressed"])

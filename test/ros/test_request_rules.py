@@ -12,9 +12,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from rosutil import node_args, pattern_image
 from sensor_msgs.msg import Image
 from spatialthinker_ros.core.request import ErrorCode
+from spatialthinker_ros.harness import node_command, pattern_image
 from spatialthinker_ros.ros.conversions import ERROR_CODES
 from spatialthinker_ros.srv import AskSpatial
 from test_node import E, OPTIONS, QUESTION, client, replay_file, replay_params  # noqa: F401 (fixtures)
@@ -56,7 +56,7 @@ def ask_cli(case: Case, image: Path, replay: Path) -> subprocess.CompletedProces
 
 
 def test_node_and_command_line_refuse_the_same_requests_alike(spawn, client, replay_file, tmp_path):
-    proc = spawn(node_args(**replay_params(replay_file, use_depth=False, **LIMITS)), name="node")
+    proc = spawn(node_command(**replay_params(replay_file, use_depth=False, **LIMITS)), name="node")
     client.wait_for_service(proc)
     for case in CASES + [Case(QUESTION, OPTIONS)]:   # the last one is fine: both answer it
         width, height = case.size

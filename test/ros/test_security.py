@@ -23,7 +23,7 @@ from rcl_interfaces.msg import Log, Parameter, ParameterEvent, ParameterType, Pa
 from rcl_interfaces.srv import GetParameters, ListParameters, SetParameters
 from rclpy.qos import QoSProfile
 from transformers_serve import ScriptedHandler
-from rosutil import node_args, pattern_image, spin_future, spin_until
+from spatialthinker_ros.harness import node_command, pattern_image, spin_future, spin_until
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 from test_node import CALL, E, OPTIONS, QUESTION, RESPONSE, client  # noqa: F401 (fixture)
@@ -80,7 +80,7 @@ def test_a_checkpoint_carrying_its_own_code_loads_without_running_it(spawn, clie
     assert probe.popen.wait(timeout=120) == 0, probe.output()
     assert marker.exists()
     marker.unlink()
-    proc = spawn(node_args(backend="transformers", model=str(marker.parent / "checkpoint"), device="cpu",
+    proc = spawn(node_command(backend="transformers", model=str(marker.parent / "checkpoint"), device="cpu",
                            max_new_tokens=16, use_depth=False), name="node", env=env)
     client.wait_for_service(proc, timeout=120)
     response = client.ask(timeout=120, question=QUESTION, image=request_image())
@@ -133,7 +133,7 @@ def test_the_api_key_is_never_logged_published_or_answered(spawn, client, key_se
     node = client.node
     for msg_type, topic in ((Log, "/rosout"), (ParameterEvent, "/parameter_events")):
         node.create_subscription(msg_type, topic, seen.append, QoSProfile(depth=1000))
-    proc = spawn(node_args(backend="openai", server_url=f"http://127.0.0.1:{key_server.server_address[1]}/v1",
+    proc = spawn(node_command(backend="openai", server_url=f"http://127.0.0.1:{key_server.server_address[1]}/v1",
                            model="served-model", api_key_env="ROBOT_VLM_KEY", max_new_tokens=64, use_depth=False,
                            max_input_pixels=320 * 240), name="node", env=env)
     client.wait_for_service(proc)
@@ -182,7 +182,7 @@ def test_the_api_key_is_never_logged_published_or_answered(spawn, client, key_se
     ("queue_size", "many", "queue_size"),
 ])
 def test_a_bad_parameter_at_startup_exits_with_the_reason(spawn, name, value, reason):
-    proc = spawn(node_args(backend="replay", replay_file="/nonexistent") + ["-p", f"{name}:={value}"], name="node")
+    proc = spawn(node_command(backend="replay", replay_file="/nonexistent") + ["-p", f"{name}:={value}"], name="node")
     assert proc.popen.wait(timeout=30) == 1
     output = proc.output()
     assert "invalid parameter" in output and reason in output, output
@@ -200,7 +200,7 @@ def parameter(name: str, value) -> Parameter:
 def test_bad_parameter_values_at_runtime_are_refused_with_the_reason(spawn, client, tmp_path):
     replay = tmp_path / "replay.jsonl"
     replay.write_text(json.dumps({"question": QUESTION, "response": RESPONSE}) + "\n")
-    proc = spawn(node_args(backend="replay", replay_file=str(replay), use_depth=False), name="node")
+    proc = spawn(node_command(backend="replay", replay_file=str(replay), use_depth=False), name="node")
     client.wait_for_service(proc)
     setter = client.node.create_client(SetParameters, "/spatialthinker/set_parameters")
     getter = client.node.create_client(GetParameters, "/spatialthinker/get_parameters")
@@ -240,7 +240,7 @@ def test_every_size_a_caller_controls_is_capped_exactly_at_its_limit(spawn, clie
     replay = tmp_path / "replay.jsonl"
     replay.write_text(json.dumps({"question": question, "response": RESPONSE}) + "\n")
     pixels = 200 * 150
-    proc = spawn(node_args(backend="replay", replay_file=str(replay), max_question_chars=300, use_depth=False,
+    proc = spawn(node_command(backend="replay", replay_file=str(replay), max_question_chars=300, use_depth=False,
                            max_request_image_pixels=pixels), name="node")
     client.wait_for_service(proc)
     at_limit = dict(question=question, options=[chr(65 + i % 26) * 200 for i in range(26)],
