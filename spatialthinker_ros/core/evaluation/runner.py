@@ -43,6 +43,7 @@ class RowAnswer:
     objects: list[dict[str, Any]] = field(default_factory=list)
     error: str = ""
     skipped: str = ""       # the row could not be asked (bad image, refused question): not scored
+    image_size: Optional[tuple[int, int]] = None   # (width, height) of the row's image as loaded
 
 
 class Answerer(Protocol):
@@ -166,7 +167,7 @@ def record_for(item: EvalItem, answer: RowAnswer) -> dict[str, Any]:
         "choice": answer.choice, "correct": bool(answer.choice) and answer.choice == item.answer,
         "status": answer.status, "problems": list(answer.problems), "latency_s": answer.latency_s,
         "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
-        "objects": answer.objects,
+        "objects": answer.objects, "image_size": list(answer.image_size) if answer.image_size else None,
     }
     if answer.error:
         record["error"] = answer.error
@@ -206,7 +207,7 @@ def _work(batches: queue.Queue, results: queue.Queue, answerer: Answerer) -> Non
             batch = batches.get_nowait()
         except queue.Empty:
             return
-        loaded, rows = [], []
+        rows = []
         for item in batch:
             try:
                 frame = item.load()
@@ -216,13 +217,13 @@ def _work(batches: queue.Queue, results: queue.Queue, answerer: Answerer) -> Non
             except Exception as exc:   # a decoder bug must cost one row, not the run
                 results.put(record_for(item, RowAnswer(skipped=f"cannot load the image ({type(exc).__name__}: {exc})")))
                 continue
-            loaded.append(item)
             rows.append((item, frame))
         if not rows:
             continue
         try:
             answers = answerer.answer(rows)
         except Exception as exc:
-            answers = [RowAnswer(error=f"{type(exc).__name__}: {exc}")] * len(rows)
-        for item, answer in zip(loaded, answers):
+            answers = [RowAnswer(error=f"{type(exc).__name__}: {exc}") for _ in rows]
+        for (item, frame), answer in zip(rows, answers):
+            answer.image_size = (frame.rgb.shape[1], frame.rgb.shape[0])
             results.put(record_for(item, answer))

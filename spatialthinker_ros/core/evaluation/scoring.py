@@ -77,7 +77,8 @@ def summarize(records: dict[str, dict[str, Any]], total: int, wall_seconds: Opti
         "skipped": len(skipped),
         "pending": max(0, total - len(scored) - len(skipped)),
         "correct": correct,
-        **_accuracy(correct, len(scored)),
+        "accuracy": correct / len(scored) if scored else 0.0,
+        "ci95": list(wilson_interval(correct, len(scored))),
         "macro_accuracy": macro,
         # An approximation: exact when the categories are of equal size.
         "macro_ci95": list(wilson_interval(round(macro * len(scored)), len(scored))),
@@ -121,7 +122,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     if summary.get("data"):
         lines += [f"Data: {', '.join(summary['data'])} ({summary.get('format', '?')})", ""]
     lines += ["| | rows | correct | accuracy | 95 % interval |", "|---|---:|---:|---:|---|"]
-    lines.append(_row("**overall**", summary))
+    lines.append(_row("**overall**", {**summary, "total": summary["scored"]}))
     lines.append(f"| **macro average** ({len(summary['categories'])} categories) | | | "
                  f"{_pct(summary['macro_accuracy'])} | {_interval(summary['macro_ci95'])} |")
     lines += [_row(name, figures) for name, figures in summary["categories"].items()]
