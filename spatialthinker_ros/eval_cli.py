@@ -30,6 +30,7 @@ from spatialthinker_ros.core.types import BackendError, BackendErrorKind
 PROG = "spatialthinker-eval"
 EXIT_OK, EXIT_USAGE, EXIT_BACKEND, EXIT_INTERRUPTED = 0, 2, 3, 130
 SERVER_CONCURRENCY = 8          # requests in flight for the openai backend and --node, unless --concurrency
+NODE_WAIT_S = 30.0              # --node: how long the service may take to appear
 NODE_TIMEOUT_S = 600.0          # --node: per request, unless --timeout (the node has its own request_timeout)
 # What must match for a rerun with the same --out to resume rather than mix two setups in one file.
 SETUP_KEYS = ("data", "format", "node", "backend", "model", "prompt_style", "max_pixels", "max_new_tokens")
@@ -170,7 +171,8 @@ def _answerer(args: argparse.Namespace, config) -> Answerer:
         from spatialthinker_ros.ros.eval_client import NodeAnswerer, NodeError
 
         try:
-            return NodeAnswerer(args.node, args.concurrency or SERVER_CONCURRENCY, args.timeout or NODE_TIMEOUT_S)
+            return NodeAnswerer(args.node, args.concurrency or SERVER_CONCURRENCY, args.timeout or NODE_TIMEOUT_S,
+                                wait_s=min(NODE_WAIT_S, args.timeout or NODE_WAIT_S))
         except NodeError as exc:
             raise BackendError(BackendErrorKind.UNAVAILABLE, str(exc)) from None
     settings = cli.backend_settings(args)
