@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -100,11 +101,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(exit_.code or 0)
     cli.quiet_libraries(getattr(args, "verbose", False))
     try:
-        return run_command(args) if args.command == "run" else compare_command(args)
+        code = run_command(args) if args.command == "run" else compare_command(args)
     except (cli.UsageError, ValueError) as exc:
         return _fail(f"error: {exc}", EXIT_USAGE)
     except BackendError as exc:
         return _fail(f"backend error ({exc.kind.value}): {exc}", EXIT_BACKEND)
+    if code == EXIT_INTERRUPTED:
+        # Everything is on disk; requests still in flight (a server's, a model's generate) are abandoned
+        # rather than waited for, which interpreter exit would do for the backend's own worker threads.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -124,17 +132,18 @@ def run_command(args: argparse.Namespace) -> int:
             log.append(bad_row_record(row))
     todo = sum(1 for item in dataset.items if not log.finished(item.index))
     total = len(dataset.items) + len(dataset.bad)
-    started, answered, interrupted = time.perf_counter(), 0, False
+    started, interrupted = time.perf_counter(), False
     answerer: Optional[Answerer] = None
     try:
         if todo:
             answerer = _answerer(args, config)
-            answered = _evaluate(dataset, answerer, log, todo, args.no_progress)
+            _evaluate(dataset, answerer, log, todo, args.no_progress)
     except KeyboardInterrupt:
         interrupted = True
     finally:
         log.close()
         recordings.close()
+    answered = todo - sum(1 for item in dataset.items if not log.finished(item.index))
     summary = summarize(latest_records(_records_of(log, dataset)), total, time.perf_counter() - started,
                         answered, meta=setup)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
@@ -185,7 +194,7 @@ def _answerer(args: argparse.Namespace, config) -> Answerer:
     return PipelineAnswerer(backend, config, batch_size=batch, concurrency=1)
 
 
-def _evaluate(dataset: Dataset, answerer: Answerer, log: PredictionLog, todo: int, quiet: bool) -> int:
+def _evaluate(dataset: Dataset, answerer: Answerer, log: PredictionLog, todo: int, quiet: bool) -> None:
     from tqdm import tqdm
 
     with tqdm(total=todo, desc="rows", unit="row", file=sys.stderr, disable=quiet, dynamic_ncols=True) as bar:
@@ -198,7 +207,7 @@ def _evaluate(dataset: Dataset, answerer: Answerer, log: PredictionLog, todo: in
                 bar.set_postfix_str(f"accuracy {correct[0] / correct[1]:.1%}", refresh=False)
             bar.update(1)
 
-        return evaluate(dataset.items, answerer, log, on_row)
+        evaluate(dataset.items, answerer, log, on_row)
 
 
 def _records_of(log: PredictionLog, dataset: Dataset) -> list[dict[str, Any]]:

@@ -4,10 +4,13 @@ backend, recordings in both storages, bad rows, the tiny checkpoint killed mid-r
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -118,59 +121,114 @@ def big_dataset(folder: Path, rows: int) -> Path:
     return path
 
 
-def test_tiny_checkpoint_killed_mid_run_resumes_without_asking_finished_rows(tiny_checkpoint: Path, tmp_path: Path):
-    path = big_dataset(tmp_path, 40)
-    out = tmp_path / "out"
-    args = [str(EVAL), "run", str(path), "--out", str(out), "--model", str(tiny_checkpoint), "--device", "cpu",
-            "--max-new-tokens", "24", "--batch-size", "1", "--max-pixels", "50000", "--no-progress"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+class _Gate(BaseHTTPRequestHandler):
+    """An OpenAI-compatible server that answers the first `server.open` requests at once and holds the rest
+    until `server.release` is set: a run that is certainly mid-way when the test stops it."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        asked = re.search(r"Question (\d+):", json.dumps(body)).group(1)
+        with self.server.lock:
+            self.server.asked.append(f"q{asked}")
+            held = len(self.server.asked) > self.server.open
+        if held:
+            self.server.release.wait(60)
+        text = "<observe> a mug </observe><scene> {\"objects\": []} </scene><think> left </think><answer> (A) left </answer>"
+        payload = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                           "finish_reason": "stop"}],
+                              "usage": {"prompt_tokens": 50, "completion_tokens": 12}}).encode()
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError):   # the killed client is gone
+            pass
+
+
+@pytest.fixture
+def gate():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Gate)
+    server.daemon_threads = True
+    server.asked, server.lock, server.release, server.open = [], threading.Lock(), threading.Event(), 0
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield server
+    server.release.set()
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
+def gated_run(path: Path, out: Path, gate) -> list[str]:
+    return [str(EVAL), "run", str(path), "--out", str(out), "--backend", "openai", "--server-url",
+            f"http://127.0.0.1:{gate.server_address[1]}/v1", "--model", "gate", "--concurrency", "1",
+            "--no-progress"]
+
+
+def test_killed_mid_run_resumes_without_asking_finished_rows(gate, tmp_path: Path):
+    path, out = big_dataset(tmp_path, 12), tmp_path / "out"
+    log = out / "predictions.jsonl"
+    gate.open = 3
+    proc = subprocess.Popen(gated_run(path, out, gate), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        log = out / "predictions.jsonl"
-        wait_for(lambda: log.exists() and log.read_text().count("\n") >= 3, 240, "three predictions")
+        wait_for(lambda: log.exists() and log.read_text().count("\n") == 3 and len(gate.asked) == 4, 120,
+                 "three predictions and the fourth request held")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    before = predictions(out) if log.read_text().endswith("\n") else predictions_prefix(log)
-    assert 3 <= len(before) < 40, "the run finished before it could be killed"
+    first = predictions(out)
+    assert [r["index"] for r in first] == ["q0", "q1", "q2"]
     with log.open("a") as handle:               # as if the kill had cut a line short
-        handle.write('{"index": "q39", "categ')
-    done = subprocess.run(args, capture_output=True, text=True, timeout=240)
+        handle.write('{"index": "q3", "categ')
+    gate.release.set()
+    asked_before = len(gate.asked)
+    done = subprocess.run(gated_run(path, out, gate), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+    assert sorted(gate.asked[asked_before:]) == sorted(f"q{i}" for i in range(3, 12))   # finished rows not asked
     after = predictions(out)
-    assert [r["index"] for r in after[:len(before)]] == [r["index"] for r in before]
-    assert sorted(r["index"] for r in after) == sorted(f"q{i}" for i in range(40))   # each row asked once
+    assert sorted(r["index"] for r in after) == sorted(f"q{i}" for i in range(12))        # each row once
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["scored"] == 40 and summary["pending"] == 0 and summary["errors"] == 0
+    assert (summary["scored"], summary["correct"], summary["pending"]) == (12, 12, 0)
 
 
-def predictions_prefix(log: Path) -> list[dict]:
-    text = log.read_text()
-    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
-
-
-def test_ctrl_c_stops_cleanly_and_keeps_finished_rows(tiny_checkpoint: Path, tmp_path: Path):
-    path = big_dataset(tmp_path, 40)
-    out = tmp_path / "out"
-    args = [str(EVAL), "run", str(path), "--out", str(out), "--model", str(tiny_checkpoint), "--device", "cpu",
-            "--max-new-tokens", "24", "--batch-size", "2", "--max-pixels", "50000", "--no-progress"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def test_ctrl_c_stops_cleanly_and_keeps_finished_rows(gate, tmp_path: Path):
+    path, out = big_dataset(tmp_path, 12), tmp_path / "out"
+    log = out / "predictions.jsonl"
+    gate.open = 2
+    proc = subprocess.Popen(gated_run(path, out, gate), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        log = out / "predictions.jsonl"
-        wait_for(lambda: log.exists() and log.read_text().count("\n") >= 2, 240, "two predictions")
+        wait_for(lambda: log.exists() and log.read_text().count("\n") == 2 and len(gate.asked) == 3, 120,
+                 "two predictions and the third request held")
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=60)
+        stdout, stderr = proc.communicate(timeout=60)   # at once: the held request is not waited for
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     assert proc.returncode == 130, stderr
-    assert "interrupted after" in stderr and "Traceback" not in stderr
+    assert "interrupted after 2 rows; rerun the same command to resume" in stderr and "Traceback" not in stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["scored"] == len(predictions(out)) and summary["pending"] == 40 - summary["scored"] > 0
-    assert "| **overall** |" in stdout
+    assert (summary["scored"], summary["correct"], summary["pending"]) == (2, 2, 10)
+    assert "| **overall** | 2 | 2 | 100.0 % |" in stdout
+
+
+def test_tiny_checkpoint_end_to_end(tiny_checkpoint: Path, tmp_path: Path):
+    path, _ = eval_data.vlmevalkit_parquet(tmp_path)
+    out = tmp_path / "out"
+    done = run_eval("run", path, "--out", out, "--model", tiny_checkpoint, "--device", "cpu", "--limit", "3",
+                    "--max-new-tokens", "8", "--max-pixels", "50000", "--batch-size", "2")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["scored"], summary["errors"], summary["skipped"]) == (3, 0, 0)   # any accuracy: random weights
+    assert all(r["output"] and r["completion_tokens"] > 0 for r in predictions(out))
 
 
 def test_transformers_serve_with_requests_in_flight(tiny_server: str, tiny_checkpoint: Path, tmp_path: Path):

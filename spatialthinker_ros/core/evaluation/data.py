@@ -199,34 +199,27 @@ def _read_jsonl(path: Path, recordings: Optional["RecordingCache"]) -> Iterator[
     from spatialthinker_ros.core.evaluation.recordings import RecordingCache, RecordingFrame
 
     recordings = recordings or RecordingCache()
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
+    for number, record in _json_lines(path):
+        if not isinstance(record, dict):
+            yield BadRow(str(number), f"line {number} is not valid JSON" if record is None
+                         else f"line {number} is not a JSON object")
+            continue
+        index = _index(record.get("index"), number)   # default: the line number
+        options = record.get("options") or []
+        if not isinstance(options, list):
+            yield BadRow(index, '"options" must be a list of strings')
+            continue
+        if not _empty(record.get("bag")):
             try:
-                record = json.loads(line)
+                where = RecordingFrame.from_row(record, path.parent)
             except ValueError as exc:
-                yield BadRow(str(number), f"line {number} is not valid JSON ({exc})")
+                yield BadRow(index, str(exc))
                 continue
-            if not isinstance(record, dict):
-                yield BadRow(str(number), f"line {number} is not a JSON object")
-                continue
-            index = _index(record.get("index"), number - 1)
-            options = record.get("options") or []
-            if not isinstance(options, list):
-                yield BadRow(index, '"options" must be a list of strings')
-                continue
-            if not _empty(record.get("bag")):
-                try:
-                    where = RecordingFrame.from_row(record, path.parent)
-                except ValueError as exc:
-                    yield BadRow(index, str(exc))
-                    continue
-                load: Union[Callable[[], Frame], str] = lambda where=where: recordings.frame(where)
-            else:
-                load = _image_loader(None, record.get("image"), path.parent)
-            yield _item(index, record.get("question"), [str(o) for o in options], record.get("answer"),
-                        record.get("category"), load)
+            load: Union[Callable[[], Frame], str] = lambda where=where: recordings.frame(where)
+        else:
+            load = _image_loader(None, record.get("image"), path.parent)
+        yield _item(index, record.get("question"), [str(o) for o in options], record.get("answer"),
+                    record.get("category"), load)
 
 
 _READERS = {"vlmevalkit": _read_vlmevalkit, "cvbench": _read_cvbench, "stvqa": _read_stvqa, "jsonl": _read_jsonl}
@@ -319,19 +312,22 @@ def _records(path: Path) -> Iterable[dict[str, Any]]:
             return pq.read_table(path).to_pylist()
         except Exception as exc:   # pyarrow raises several types for a file that is not parquet
             raise ValueError(f"{path}: cannot read as parquet ({exc})") from None
-    if suffix == ".jsonl":
-        records = []
-        with path.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, start=1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except ValueError:
-                        records.append({"index": str(number), "question": None})   # reported as a bad row
-        return records
+    if suffix == ".jsonl":      # a line that is not an object is reported as a row without a question
+        return [r if isinstance(r, dict) else {"index": str(n), "question": None} for n, r in _json_lines(path)]
     csv.field_size_limit(sys.maxsize)   # base64 images are megabytes per field
     with path.open(encoding="utf-8", newline="") as handle:
         return list(csv.DictReader(handle, delimiter="\t"))
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of each non-blank line; the value is None for a line that is not valid JSON."""
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if line.strip():
+                try:
+                    yield number, json.loads(line)
+                except ValueError:
+                    yield number, None
 
 
 def _parquet_columns(path: Path) -> list[str]:
