@@ -37,7 +37,8 @@ class NodeAnswerer:
         self._client = self._node.create_client(AskSpatial, self.service)
         self._executor = SingleThreadedExecutor(context=self._context)
         self._executor.add_node(self._node)
-        threading.Thread(target=self._spin, name="spatialthinker-eval-ros", daemon=True).start()
+        self._spinner = threading.Thread(target=self._spin, name="spatialthinker-eval-ros", daemon=True)
+        self._spinner.start()
         if not self._client.wait_for_service(timeout_sec=wait_s):
             self.close()
             raise NodeError(f"no service {self.service} within {wait_s:g} s: is the node running and active?")
@@ -78,6 +79,9 @@ class NodeAnswerer:
         )
 
     def close(self) -> None:
-        self._executor.shutdown(timeout_sec=1.0)
+        """Stop spinning before the node and context go: rclpy aborts the process if a spinning thread
+        outlives them."""
+        self._executor.shutdown(timeout_sec=5.0)
+        self._spinner.join(timeout=5.0)
         self._node.destroy_node()
         self._context.try_shutdown()
