@@ -23,7 +23,7 @@ from spatialthinker_ros import cli
 from spatialthinker_ros.core.evaluation.data import FORMATS, Dataset, read_dataset
 from spatialthinker_ros.core.evaluation.recordings import RecordingCache
 from spatialthinker_ros.core.evaluation.runner import (Answerer, PipelineAnswerer, PredictionLog, bad_row_record,
-                                                        evaluate, read_predictions)
+                                                        evaluate, is_finished, read_predictions)
 from spatialthinker_ros.core.evaluation.scoring import (compare, comparison_markdown, latest_records, summarize,
                                                          summary_markdown)
 from spatialthinker_ros.core.types import BackendError, BackendErrorKind
@@ -102,7 +102,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cli.quiet_libraries(getattr(args, "verbose", False))
     try:
         code = run_command(args) if args.command == "run" else compare_command(args)
-    except (cli.UsageError, ValueError) as exc:
+    except cli.UsageError as exc:
         return _fail(f"error: {exc}", EXIT_USAGE)
     except BackendError as exc:
         return _fail(f"backend error ({exc.kind.value}): {exc}", EXIT_BACKEND)
@@ -120,17 +120,23 @@ def run_command(args: argparse.Namespace) -> int:
     _check_run_arguments(args)
     config = cli.pipeline_config(args)
     recordings = RecordingCache()
-    dataset = read_dataset(args.data, args.format, args.categories, args.limit, recordings)
+    try:
+        dataset = read_dataset(args.data, args.format, args.categories, args.limit, recordings)
+    except ValueError as exc:           # a file that cannot be read at all
+        raise cli.UsageError(exc) from None
     if not dataset.items and not dataset.bad:
         raise cli.UsageError("the data selection holds no rows" + (" of those categories" if args.categories else ""))
     args.out.mkdir(parents=True, exist_ok=True)
     setup = _setup(args, dataset)
     _check_same_setup(args.out / "run.json", setup)
-    log = PredictionLog(args.out / "predictions.jsonl")
+    try:
+        log = PredictionLog(args.out / "predictions.jsonl")
+    except ValueError as exc:           # not a predictions file
+        raise cli.UsageError(exc) from None
     for row in dataset.bad:
         if log.records.get(row.index, {}).get("skipped") != row.reason:
             log.append(bad_row_record(row))
-    todo = sum(1 for item in dataset.items if not log.finished(item.index))
+    todo = sum(1 for item in dataset.items if not is_finished(log.records.get(item.index)))
     total = len(dataset.items) + len(dataset.bad)
     started, interrupted = time.perf_counter(), False
     answerer: Optional[Answerer] = None
@@ -143,17 +149,18 @@ def run_command(args: argparse.Namespace) -> int:
     finally:
         log.close()
         recordings.close()
-    answered = todo - sum(1 for item in dataset.items if not log.finished(item.index))
-    summary = summarize(latest_records(_records_of(log, dataset)), total, time.perf_counter() - started,
-                        answered, meta=setup)
+    # The file is the truth: an interrupt may land between a row's write and the log's own bookkeeping.
+    records = _selected(latest_records(read_predictions(log.path)), dataset)
+    answered = todo - sum(1 for item in dataset.items if not is_finished(records.get(item.index)))
+    summary = summarize(records, total, time.perf_counter() - started, answered, meta=setup)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     markdown = summary_markdown(summary)
     (args.out / "summary.md").write_text(markdown)
     print(markdown, end="")
     if interrupted:
         return _fail(f"interrupted after {answered} rows; rerun the same command to resume", EXIT_INTERRUPTED)
-    if answerer is not None and not isinstance(answerer, PipelineAnswerer):
-        answerer.close()           # the node client; an in-process backend is freed by the process exit
+    if answerer is not None:
+        answerer.close()
     return EXIT_OK
 
 
@@ -210,10 +217,10 @@ def _evaluate(dataset: Dataset, answerer: Answerer, log: PredictionLog, todo: in
         evaluate(dataset.items, answerer, log, on_row)
 
 
-def _records_of(log: PredictionLog, dataset: Dataset) -> list[dict[str, Any]]:
-    """The log's records of this selection's rows (a --limit or --categories run may share a folder)."""
+def _selected(records: dict[str, dict[str, Any]], dataset: Dataset) -> dict[str, dict[str, Any]]:
+    """The records of this selection's rows (a --limit or --categories run may share a folder)."""
     selected = {item.index for item in dataset.items} | {row.index for row in dataset.bad}
-    return [record for index, record in log.records.items() if index in selected]
+    return {index: record for index, record in records.items() if index in selected}
 
 
 def _setup(args: argparse.Namespace, dataset: Dataset) -> dict[str, Any]:
@@ -244,7 +251,10 @@ def compare_command(args: argparse.Namespace) -> int:
         path = folder / "predictions.jsonl"
         if not path.is_file():
             raise cli.UsageError(f"{folder} holds no predictions.jsonl (not a spatialthinker-eval --out folder)")
-        records.append(latest_records(read_predictions(path)))
+        try:
+            records.append(latest_records(read_predictions(path)))
+        except ValueError as exc:
+            raise cli.UsageError(exc) from None
     figures = compare(*records)
     if args.json:
         print(json.dumps([{**vars(f), "difference": f.difference, "p_value": f.p_value} for f in figures], indent=2))

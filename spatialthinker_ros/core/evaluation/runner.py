@@ -54,6 +54,9 @@ class Answerer(Protocol):
 
     def answer(self, rows: Sequence[tuple[EvalItem, Frame]]) -> list[RowAnswer]: ...
 
+    def close(self) -> None:
+        """Free what answering held (a model, connections)."""
+
 
 class PipelineAnswerer:
     """The node's pipeline in this process: prepare_request -> backend.generate -> finish_result."""
@@ -88,6 +91,9 @@ class PipelineAnswerer:
                                        intrinsics=frame.intrinsics, config=self.config)
                 answers[i] = result_answer(result)
         return [a if a is not None else RowAnswer(error="no answer") for a in answers]
+
+    def close(self) -> None:
+        self.backend.close()
 
 
 def result_answer(result: SpatialResult) -> RowAnswer:
@@ -129,8 +135,7 @@ class PredictionLog:
         return read_predictions(self.path)
 
     def finished(self, index: str) -> bool:
-        record = self.records.get(index)
-        return record is not None and "skipped" not in record and not record.get("error")
+        return is_finished(self.records.get(index))
 
     def append(self, record: dict[str, Any]) -> None:
         self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -140,6 +145,11 @@ class PredictionLog:
 
     def close(self) -> None:
         self._handle.close()
+
+
+def is_finished(record: Optional[dict[str, Any]]) -> bool:
+    """Whether a row's last record is an answer (a skipped or failed row is asked again on resume)."""
+    return record is not None and "skipped" not in record and not record.get("error")
 
 
 def read_predictions(path: Path) -> list[dict[str, Any]]:
