@@ -26,6 +26,7 @@ from spatialthinker_ros.core.evaluation.runner import (Answerer, PipelineAnswere
                                                         evaluate, is_finished, read_predictions)
 from spatialthinker_ros.core.evaluation.scoring import (compare, comparison_markdown, latest_records, summarize,
                                                          summary_markdown)
+from spatialthinker_ros.core.backends.settings import DEFAULT_MODEL, backend_settings
 from spatialthinker_ros.core.types import BackendError, BackendErrorKind
 
 PROG = "spatialthinker-eval"
@@ -34,7 +35,8 @@ SERVER_CONCURRENCY = 8          # requests in flight for the openai backend and 
 NODE_WAIT_S = 30.0              # --node: how long the service may take to appear
 NODE_TIMEOUT_S = 600.0          # --node: per request, unless --timeout (the node has its own request_timeout)
 # What must match for a rerun with the same --out to resume rather than mix two setups in one file.
-SETUP_KEYS = ("data", "format", "node", "backend", "model", "prompt_style", "max_pixels", "max_new_tokens")
+SETUP_KEYS = ("data", "format", "node", "backend", "model", "replay_file", "prompt_style", "max_input_pixels",
+              "max_pixels", "max_new_tokens")
 
 EPILOG = """\
 examples:
@@ -191,10 +193,11 @@ def _answerer(args: argparse.Namespace, config) -> Answerer:
                                 wait_s=min(NODE_WAIT_S, args.timeout or NODE_WAIT_S))
         except NodeError as exc:
             raise BackendError(BackendErrorKind.UNAVAILABLE, str(exc)) from None
-    settings = cli.backend_settings(args)
+    settings = backend_settings(args.backend, cli.setting_values(args))
     if args.backend == "openai":
         settings["max_concurrency"] = args.concurrency or SERVER_CONCURRENCY
     backend = cli.load_backend(args.backend, settings)
+    config = config.for_backend(backend)
     if args.backend == "openai":
         return PipelineAnswerer(backend, config, batch_size=1, concurrency=backend.max_batch_size)
     batch = min(args.batch_size or backend.max_batch_size, backend.max_batch_size)
@@ -227,8 +230,10 @@ def _setup(args: argparse.Namespace, dataset: Dataset) -> dict[str, Any]:
     return {
         "data": [str(p) for p in args.data], "format": dataset.format, "node": args.node,
         "backend": "node" if args.node else args.backend,
-        "model": None if args.node else (args.model or ("replay" if args.backend == "replay" else cli.DEFAULT_MODEL)),
+        "model": None if args.node else (args.model or ("replay" if args.backend == "replay" else DEFAULT_MODEL)),
+        "replay_file": None if args.node or args.replay_file is None else str(args.replay_file),
         "prompt_style": None if args.node else args.prompt_style,
+        "max_input_pixels": None if args.node else args.max_input_pixels,
         "max_pixels": None if args.node else args.max_pixels,
         "max_new_tokens": None if args.node else args.max_new_tokens,
     }

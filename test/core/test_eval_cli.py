@@ -254,7 +254,7 @@ def test_compare_two_runs_and_refuse_mixing_setups(tmp_path: Path):
                                 for q, row in zip(questions, ROWS)))
     for name, replay in (("a", replay_a), ("b", replay_b)):
         done = run_eval("run", path, "--out", tmp_path / name, "--backend", "replay", "--replay-file", replay,
-                        "--no-progress", "--model", f"replay-{name}")
+                        "--no-progress")
         assert done.returncode == 0, done.stderr
     done = run_eval("compare", tmp_path / "a", tmp_path / "b")
     assert done.returncode == 0, done.stderr
@@ -263,9 +263,8 @@ def test_compare_two_runs_and_refuse_mixing_setups(tmp_path: Path):
     assert "| relation | 4 | 75.0 % | 4 | 100.0 % | 4 | +25.0 pt | 0 | 1 | 1 |" in done.stdout
     figures = json.loads(run_eval("compare", tmp_path / "a", tmp_path / "b", "--json").stdout)
     assert figures[0]["p_value"] == 0.25 and figures[0]["only_b"] == 3
-    mixed = run_eval("run", path, "--out", tmp_path / "a", "--backend", "replay", "--replay-file", replay_b,
-                     "--model", "replay-b")
-    assert mixed.returncode == 2 and "holds a run with other settings (model" in mixed.stderr
+    mixed = run_eval("run", path, "--out", tmp_path / "a", "--backend", "replay", "--replay-file", replay_b)
+    assert mixed.returncode == 2 and "holds a run with other settings (replay_file" in mixed.stderr
 
 
 def test_usage_errors_are_one_line(tmp_path: Path):

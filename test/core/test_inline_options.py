@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from spatialthinker_ros.core.pipeline import finish_result, prepare_request
-from spatialthinker_ros.core.prompt import answer_options, build_prompt, inline_options
-from spatialthinker_ros.core.types import InferenceResult, InvalidRequest
+from spatialthinker_ros.core.prompt import PromptConfig, answer_options, build_prompt, inline_options
+from spatialthinker_ros.core.request import InvalidRequest, check_question
+from spatialthinker_ros.core.types import InferenceResult
 
 CARD = "Where is the cat relative to the couch? (A) on top of (B) in front of (C) behind (D) beside"
 TRAINING = "Where is the cat relative to the couch?\nOptions: (A) on top of (B) in front of (C) behind (D) beside"
@@ -38,22 +39,22 @@ def test_answer_options_prefer_the_list():
     assert answer_options(CARD, []) == FOUR
 
 
+def prompt(question, options, style="model_card"):
+    config = PromptConfig(style=style)
+    return build_prompt(check_question(question, options, config), (640, 480), config)
+
+
 def test_options_inline_and_as_list_are_offered_once():
-    alone = build_prompt(CARD, [], (640, 480))
+    alone = prompt(CARD, [])
     assert alone.endswith("\n\nImage size: 640 x 480\n\n" + CARD)
-    assert build_prompt(CARD, FOUR, (640, 480)) == alone
-    assert build_prompt(CARD, [f"({chr(65 + i)}) {o}" for i, o in enumerate(FOUR)], (640, 480)) == alone
-    assert build_prompt(CARD, ["On top of", " in  front of", "behind", "beside"], (640, 480)) == alone
-    training = build_prompt(TRAINING, FOUR, (640, 480), config=_training())
+    assert check_question(CARD, FOUR).options == ()
+    assert prompt(CARD, FOUR) == alone
+    assert prompt(CARD, [f"({chr(65 + i)}) {o}" for i, o in enumerate(FOUR)]) == alone
+    assert prompt(CARD, ["On top of", " in  front of", "behind", "beside"]) == alone
+    training = prompt(TRAINING, FOUR, style="training")
     assert training.endswith("Q. " + TRAINING) and training.count("(A)") == 2   # the example's answer and ours
     with pytest.raises(InvalidRequest, match=r"differ from the options list"):
-        build_prompt(CARD, ["left", "right"], (640, 480))
-
-
-def _training():
-    from spatialthinker_ros.core.prompt import PromptConfig
-
-    return PromptConfig(style="training")
+        check_question(CARD, ["left", "right"])
 
 
 @pytest.mark.parametrize("answer,choice", [("(B) in front of", "B"), ("in front of", "B"), ("C", "C"),

@@ -25,7 +25,8 @@ from spatialthinker_ros.core.backends.base import Backend
 from spatialthinker_ros.core.evaluation.data import BadRow, BadRowError, EvalItem, Frame
 from spatialthinker_ros.core.evaluation.scoring import latest_records
 from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, prepare_request
-from spatialthinker_ros.core.types import BackendError, InvalidRequest, SpatialResult
+from spatialthinker_ros.core.request import RequestError
+from spatialthinker_ros.core.types import BackendError, SpatialResult
 
 
 @dataclass
@@ -71,7 +72,7 @@ class PipelineAnswerer:
         for i, (item, frame) in enumerate(rows):
             try:
                 asked.append((i, prepare_request(frame.rgb, item.question, list(item.options), self.config)))
-            except InvalidRequest as exc:
+            except RequestError as exc:
                 answers[i] = RowAnswer(skipped=f"refused: {exc}")
         if asked:
             started = time.perf_counter()
