@@ -20,9 +20,13 @@ setup(
         "opencv-python-headless>=4.8",
         "json-repair>=0.30",
         "httpx>=0.27",
+        "pyarrow>=15",      # spatialthinker-eval: parquet benchmark files
+        "rosbags>=0.10",    # spatialthinker-eval: rosbag2 recordings without ROS
+        "tqdm>=4.60",       # spatialthinker-eval: progress bar
     ],
     extras_require={
         "transformers": ["torch>=2.4", "torchvision", "transformers>=4.52", "accelerate>=1.0"],
     },
-    entry_points={"console_scripts": ["spatialthinker-ask=spatialthinker_ros.cli:main"]},
+    entry_points={"console_scripts": ["spatialthinker-ask=spatialthinker_ros.cli:main",
+                                      "spatialthinker-eval=spatialthinker_ros.eval_cli:main"]},
 )

@@ -69,31 +69,17 @@ exit codes: 0 answered (see "status" in the JSON), 2 bad usage or input file, 3 
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Ask SpatialThinker one spatial question about an image. Prints the answer, scene graph "
-                    "(boxes in the image's pixels, 3D positions when depth is given) and timings as JSON.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    ask = parser.add_argument_group("question")
-    ask.add_argument("--image", required=True, type=Path, metavar="FILE",
-                     help="colour image (PNG, JPEG, BMP, TIFF, WebP, ... anything OpenCV reads)")
-    ask.add_argument("--question", required=True, help='the question, e.g. "Is the mug left of the plate?"')
-    ask.add_argument("--options", nargs="+", default=[], metavar="OPTION",
-                     help="multiple-choice options; the prompt labels them (A), (B), ... and the JSON's "
-                          '"choice" is the letter the answer names')
-    ask.add_argument("--scene-only", action="store_true",
-                     help="stop once the scene graph is complete (no reasoning or answer): faster")
-    ask.add_argument("--prompt-style", choices=STYLES, default="model_card",
+def add_model_arguments(parser: argparse.ArgumentParser, prompt_group: argparse._ArgumentGroup) -> None:
+    """The prompt and backend options, shared with spatialthinker-eval (read back by setting_values and
+    pipeline_config)."""
+    prompt_group.add_argument("--prompt-style", choices=STYLES, default="model_card",
                      help="model_card: the model card's template (default); training: the training prompt")
-    ask.add_argument("--max-input-pixels", type=int, default=PipelineConfig().max_input_pixels, metavar="N",
+    prompt_group.add_argument("--max-input-pixels", type=int, default=PipelineConfig().max_input_pixels, metavar="N",
                      help="larger images are downscaled (aspect kept) before the model sees them; the prompt "
                           "states that size and boxes are mapped back to the image's pixels (default %(default)d)")
-    ask.add_argument("--max-question-chars", type=int, default=PromptConfig().max_question_chars, metavar="N",
+    prompt_group.add_argument("--max-question-chars", type=int, default=PromptConfig().max_question_chars, metavar="N",
                      help="longer questions are refused (default %(default)d)")
-    ask.add_argument("--max-request-image-pixels", type=int, default=PipelineConfig().max_request_image_pixels,
+    prompt_group.add_argument("--max-request-image-pixels", type=int, default=PipelineConfig().max_request_image_pixels,
                      metavar="N", help="larger images are refused (default %(default)d)")
 
     model = parser.add_argument_group("model")
@@ -119,6 +105,26 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--timeout", type=float, metavar="S",
                        help="give up when no answer arrives within S seconds once the model is loaded "
                             f"(default: no limit; openai: {OpenAIConfig().timeout_s:g} s per request)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Ask SpatialThinker one spatial question about an image. Prints the answer, scene graph "
+                    "(boxes in the image's pixels, 3D positions when depth is given) and timings as JSON.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ask = parser.add_argument_group("question")
+    ask.add_argument("--image", required=True, type=Path, metavar="FILE",
+                     help="colour image (PNG, JPEG, BMP, TIFF, WebP, ... anything OpenCV reads)")
+    ask.add_argument("--question", required=True, help='the question, e.g. "Is the mug left of the plate?"')
+    ask.add_argument("--options", nargs="+", default=[], metavar="OPTION",
+                     help="multiple-choice options; the prompt labels them (A), (B), ... and the JSON's "
+                          '"choice" is the letter the answer names')
+    ask.add_argument("--scene-only", action="store_true",
+                     help="stop once the scene graph is complete (no reasoning or answer): faster")
+    add_model_arguments(parser, ask)
 
     depth = parser.add_argument_group("3D positions (optional)")
     depth.add_argument("--depth", type=Path, metavar="FILE",
@@ -152,7 +158,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:        # argparse has printed usage and the error (or the help)
         return int(exit_.code or 0)
-    _quiet_libraries(args.verbose)
+    quiet_libraries(args.verbose)
     try:
         print(to_json(run(args)))
         return EXIT_OK
@@ -168,15 +174,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Validate everything cheap first, so a typo fails in milliseconds rather than after loading 15 GB."""
     started = time.perf_counter()
-    settings = backend_settings(args.backend, _setting_values(args))
+    settings = backend_settings(args.backend, setting_values(args))
     try:
-        prompt = PromptConfig(style=args.prompt_style, max_question_chars=args.max_question_chars)
-        config = PipelineConfig(prompt=prompt, max_input_pixels=args.max_input_pixels,
-                                max_request_image_pixels=args.max_request_image_pixels,
-                                relations=RelationCheckConfig(enabled=args.check_relations,
-                                                              margin_m=args.relation_margin))
+        relations = RelationCheckConfig(enabled=args.check_relations, margin_m=args.relation_margin)
     except ValueError as exc:
         raise UsageError(exc) from None
+    config = pipeline_config(args, relations=relations)
     asked = check_question(args.question, args.options, config.prompt)
     rgb = read_image(args.image)
     check_image(rgb, config)
@@ -215,7 +218,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _setting_values(args: argparse.Namespace) -> dict[str, Any]:
+def pipeline_config(args: argparse.Namespace, **fields: Any) -> PipelineConfig:
+    """The pipeline settings of add_model_arguments' prompt options, plus any other PipelineConfig `fields`."""
+    try:
+        prompt = PromptConfig(style=args.prompt_style, max_question_chars=args.max_question_chars)
+        return PipelineConfig(prompt=prompt, max_input_pixels=args.max_input_pixels,
+                              max_request_image_pixels=args.max_request_image_pixels, **fields)
+    except ValueError as exc:
+        raise UsageError(exc) from None
+
+
+def setting_values(args: argparse.Namespace) -> dict[str, Any]:
     """The options that set a backend, named as the node's parameters; an option the backend ignores is refused."""
     for option in _BACKEND_ONLY:
         backends = applies_to(option)
@@ -400,7 +413,7 @@ def to_json(result: dict[str, Any]) -> str:
     return _FLAT.sub(lambda m: m.group(1) + re.sub(r",\n\s+", ", ", m.group(2)) + m.group(3), text)
 
 
-def _quiet_libraries(verbose: bool) -> None:
+def quiet_libraries(verbose: bool) -> None:
     """Without -v, stderr carries only our one-line errors: no progress bars or advisory warnings."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format=f"{PROG}: %(levelname)s: %(name)s: %(message)s")

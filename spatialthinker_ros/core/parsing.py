@@ -291,6 +291,12 @@ def _parse_relations(raw: list, known_ids: set[str], problems: _Problems) -> tup
 # ---- answer ---------------------------------------------------------------------------------------------
 
 
+def choose_option(answer: str, options: Sequence[str]) -> str:
+    """The option letter an answer text ("B", "(B)", "(B) behind", "behind", ...) names, or "" when it names
+    none or several: the rule the model's answers are scored by, also used to read a benchmark's answer key."""
+    return _choose(answer, options, _Problems()) if answer.strip() and options else ""
+
+
 def _choose(answer: str, options: Sequence[str], problems: _Problems) -> str:
     """The option letter the answer names, or "" (never a default: guessing "A" would be a wrong answer)."""
     letters = [option_letter(i) for i in range(len(options))]

@@ -17,7 +17,7 @@ import numpy as np
 from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage, lift_box, map_scene
 from spatialthinker_ros.core.parsing import decide_status, parse_response
 from spatialthinker_ros.core.backends.base import Backend
-from spatialthinker_ros.core.prompt import PromptConfig, Question, build_prompt
+from spatialthinker_ros.core.prompt import PromptConfig, Question, answer_options, build_prompt
 from spatialthinker_ros.core.relations import RelationCheckConfig, check_scene, contradictions
 from spatialthinker_ros.core.request import (MAX_REQUEST_IMAGE_PIXELS, PATCH, ImageError, check_aspect,
                                              check_image_pixels, check_question, check_rgb, is_out_of_memory,
@@ -141,10 +141,12 @@ def finish_result(
     without changing the status, which says how complete the model's output was.
 
     `scene_only` defaults to what the request asked; True also reads the scene from the streamed, partial
-    text of a full request as soon as its scene is closed.
+    text of a full request as soon as its scene is closed. Without `options` the answer is matched against
+    the options the question carries inline, if any (prompt.answer_options).
     """
     scene_only = request.scene_only if scene_only is None else scene_only
     model_size = (request.image.shape[1], request.image.shape[0])
+    options = answer_options(request.question, options)
     parsed = parse_response(result.text, options, image_size=model_size, scene_only=scene_only)
     scene, problems = map_scene(parsed.scene, camera_size)
     if depth is not None and intrinsics is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Sequence
 
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 STYLES = ("model_card", "training")
@@ -95,6 +96,39 @@ def option_text(i: int, option: str) -> str:
     and the prompt labels them itself, so "(A) (A) cat" would reach the model and its answer "cat" match nothing."""
     match = re.match(rf"\s*\(\s*{option_letter(i)}\s*\)\s*", option, re.IGNORECASE)
     return option[match.end():] if match else option
+
+
+# A label "(A)" .. "(Z)" that starts an option: at the start of the text or after a space or ":".
+_LABEL_RE = re.compile(r"(?:(?<=^)|(?<=[\s:]))\(([A-Z])\)\s*")
+
+
+def inline_options(question: str) -> list[str]:
+    """The options a question carries in its own text, or [] when it carries none.
+
+    Two forms are read, both as the authors write them: the model card's `... couch? (A) on top of (B) in
+    front of` and the training data's own line `Options: (A) behind (B) in front of`. The options are the
+    last line holding "(A)" followed by "(B)", "(C)", ... in order, each running to the next label (the
+    last to the end of the line); fewer than two, or an empty one, is no option list.
+    """
+    for line in reversed(question.splitlines()):
+        labels = list(_LABEL_RE.finditer(line))
+        starts = [i for i, label in enumerate(labels) if label.group(1) == "A"]
+        if not starts:
+            continue
+        run = [labels[starts[-1]]]
+        for label in labels[starts[-1] + 1:]:
+            if label.group(1) != option_letter(len(run)):
+                break                       # "(B)" after "(A)" ...; anything else ends the list
+            run.append(label)
+        ends = [label.start() for label in run[1:]] + [len(line)]
+        options = [line[label.end():end].strip() for label, end in zip(run, ends)]
+        return options if len(options) >= 2 and all(options) else []
+    return []
+
+
+def answer_options(question: str, options: Sequence[str]) -> list[str]:
+    """The options an answer is matched against: the list when given, else those written in the question."""
+    return list(options) if options else inline_options(question)
 
 
 def build_prompt(question: Question, image_size: tuple[int, int], config: PromptConfig = PromptConfig()) -> str:

@@ -15,7 +15,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from spatialthinker_ros.core.prompt import PromptConfig, Question, option_letter, option_text
+from spatialthinker_ros.core.prompt import PromptConfig, Question, inline_options, option_letter, option_text
 from spatialthinker_ros.core.text import excerpt
 from spatialthinker_ros.core.types import BackendError, BackendErrorKind, InferenceResult
 
@@ -90,6 +90,14 @@ def check_question(question: str, options: Sequence[str], config: PromptConfig =
         if not option:
             raise InvalidRequest(f"option {option_letter(i)} is empty")
         checked.append(option)
+    written = inline_options(text)
+    if checked and written:
+        # Offered once: the question as written. Different lists would leave "(B)" ambiguous.
+        if [" ".join(o.lower().split()) for o in written] != [o.lower() for o in checked]:
+            raise InvalidRequest("the question carries its own options ("
+                                 + " ".join(f"({option_letter(i)}) {o}" for i, o in enumerate(written))
+                                 + ") and they differ from the options list; give them once")
+        return Question(text, ())
     return Question(text, tuple(checked))
 
 

@@ -21,9 +21,11 @@ ROSDEP_KEYS = {
     "numpy": "python3-numpy", "cv2": "python3-opencv", "packaging": "python3-packaging",
     "transformers": "python3-transformers-pip", "tokenizers": "python3-transformers-pip",
     "torch": None, "torchvision": None, "accelerate": None, "json_repair": None, "httpx": None,
+    "pyarrow": None, "rosbags": None, "tqdm": None,   # spatialthinker-eval
 }
 PIP_NAMES = {"torch": "torch", "torchvision": "torchvision", "accelerate": "accelerate",
-             "json_repair": "json-repair", "httpx": "httpx"}
+             "json_repair": "json-repair", "httpx": "httpx", "pyarrow": "pyarrow", "rosbags": "rosbags",
+             "tqdm": "tqdm"}
 
 
 def imported_modules() -> set[str]:

@@ -1,0 +1,87 @@
+"""spatialthinker-eval --node: each row's question and image go to a running node's ~/ask service, so a
+deployment is measured as deployed (its parameters, backend, queue and parser). Imported only in that mode."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Sequence
+
+import rclpy
+from rclpy.executors import SingleThreadedExecutor
+from std_msgs.msg import Header
+
+from spatialthinker_ros.core.evaluation.data import EvalItem, Frame
+from spatialthinker_ros.core.evaluation.runner import RowAnswer, object_json
+from spatialthinker_ros.ros.conversions import rgb_to_image_msg
+from spatialthinker_ros.srv import AskSpatial
+
+_STATUS_NAMES = {0: "complete", 1: "partial", 2: "no_answer"}
+
+
+class NodeError(RuntimeError):
+    """The node cannot be reached."""
+
+
+class NodeAnswerer:
+    """Answers rows one per service call, `concurrency` calls in flight, on a private rclpy context."""
+
+    batch_size = 1
+
+    def __init__(self, node: str, concurrency: int, timeout_s: float, wait_s: float = 30.0):
+        self.concurrency, self.timeout_s = concurrency, timeout_s
+        self.service = (node if node.startswith("/") else f"/{node}").rstrip("/") + "/ask"
+        self._context = rclpy.Context()
+        rclpy.init(context=self._context)
+        self._node = rclpy.create_node("spatialthinker_eval", context=self._context)
+        self._client = self._node.create_client(AskSpatial, self.service)
+        self._executor = SingleThreadedExecutor(context=self._context)
+        self._executor.add_node(self._node)
+        self._spinner = threading.Thread(target=self._spin, name="spatialthinker-eval-ros", daemon=True)
+        self._spinner.start()
+        if not self._client.wait_for_service(timeout_sec=wait_s):
+            self.close()
+            raise NodeError(f"no service {self.service} within {wait_s:g} s: is the node running and active?")
+
+    def _spin(self) -> None:
+        try:
+            self._executor.spin()
+        except Exception:   # the context was shut down under it (close)
+            pass
+
+    def answer(self, rows: Sequence[tuple[EvalItem, Frame]]) -> list[RowAnswer]:
+        return [self._ask(item, frame) for item, frame in rows]
+
+    def _ask(self, item: EvalItem, frame: Frame) -> RowAnswer:
+        request = AskSpatial.Request(question=item.question, options=list(item.options),
+                                     image=rgb_to_image_msg(frame.rgb, Header(frame_id="eval")))
+        done = threading.Event()
+        started = time.perf_counter()
+        future = self._client.call_async(request)
+        future.add_done_callback(lambda _: done.set())
+        if not done.wait(self.timeout_s):
+            self._client.remove_pending_request(future)
+            return RowAnswer(error=f"no reply from {self.service} within {self.timeout_s:g} s",
+                             latency_s=time.perf_counter() - started)
+        latency = time.perf_counter() - started
+        response = future.result()
+        if response is None or not response.success:
+            why = f"error {response.error_code}: {response.message}" if response is not None else "no response"
+            return RowAnswer(error=f"{self.service} {why}", latency_s=latency)
+        answer = response.answer
+        return RowAnswer(
+            output=answer.raw_response, parsed_answer=answer.answer, choice=answer.choice,
+            status=_STATUS_NAMES.get(answer.status, str(answer.status)),
+            problems=[p for p in answer.status_message.split("; ") if p], latency_s=latency,
+            prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens,
+            objects=[object_json(o.id, (o.x_min, o.y_min, o.x_max, o.y_max), o.position if o.has_position else None)
+                     for o in answer.scene_graph.objects],
+        )
+
+    def close(self) -> None:
+        """Stop spinning before the node and context go: rclpy aborts the process if a spinning thread
+        outlives them."""
+        self._executor.shutdown(timeout_sec=5.0)
+        self._spinner.join(timeout=5.0)
+        self._node.destroy_node()
+        self._context.try_shutdown()

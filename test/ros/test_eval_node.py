@@ -1,0 +1,88 @@
+"""A running node measured as deployed (spatialthinker-eval --node), and inline options filling `choice` in the
+node's own answers."""
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from rclpy.node import Node
+from rosutil import node_args, pattern_image, spin_future, spin_until
+from std_msgs.msg import Header
+
+import eval_data
+from eval_data import EXPECTED, ROWS
+from spatialthinker_ros.ros.conversions import rgb_to_image_msg
+from spatialthinker_ros.srv import AskSpatial
+
+pytestmark = pytest.mark.timeout(240)
+
+EVAL = Path(sys.executable).parent / "spatialthinker-eval"
+CARD = "Where is the cat relative to the couch? (A) on top of (B) in front of (C) behind (D) beside"
+TRAINING = "Where is the cat relative to the couch?\nOptions: (A) on top of (B) in front of (C) behind (D) beside"
+IDS = itertools.count()
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """The project JSONL (rows 1 and 5 with inline options) and a replay file that also answers CARD/TRAINING."""
+    path, questions = eval_data.project_jsonl(tmp_path)
+    replay = eval_data.write_replay(tmp_path / "replay.jsonl", questions)
+    with replay.open("a") as out:
+        out.write(json.dumps({"question": CARD, "response": eval_data.response("in front of the couch")}) + "\n")
+        out.write(json.dumps({"question": TRAINING, "response": eval_data.response("(C)")}) + "\n")
+    return path, replay
+
+
+def ask(context, request: AskSpatial.Request) -> AskSpatial.Response:
+    node = Node(f"test_inline_{next(IDS)}", context=context)
+    try:
+        client = node.create_client(AskSpatial, "/spatialthinker/ask")
+        assert spin_until(node, client.service_is_ready, 60)
+        return spin_future(node, client.call_async(request), 30)
+    finally:
+        node.destroy_node()
+
+
+def test_inline_options_fill_choice_in_the_nodes_answers(spawn, ros_context, dataset):
+    _, replay = dataset
+    proc = spawn(node_args(backend="replay", replay_file=str(replay)), name="node")
+    image = rgb_to_image_msg(pattern_image(320, 240), Header(frame_id="test"))
+    card = ask(ros_context, AskSpatial.Request(question=CARD, image=image))
+    assert card.success, (card.message, proc.output())
+    assert card.answer.answer == "in front of the couch" and card.answer.choice == "B"
+    training = ask(ros_context, AskSpatial.Request(question=TRAINING, image=image))
+    assert training.success and training.answer.choice == "C"
+    # the same options inline and as the list are offered once; different ones are refused
+    both = ask(ros_context, AskSpatial.Request(question=CARD, options=["on top of", "in front of", "behind", "beside"],
+                                               image=image))
+    assert both.success and both.answer.choice == "B"
+    clash = ask(ros_context, AskSpatial.Request(question=CARD, options=["left", "right"], image=image))
+    assert clash.error_code == AskSpatial.Response.ERROR_INVALID_REQUEST and "differ from the options" in clash.message
+    assert proc.alive()
+
+
+def test_eval_through_a_running_node(spawn, dataset, tmp_path):
+    path, replay = dataset
+    proc = spawn(node_args(backend="replay", replay_file=str(replay)), name="node")
+    out = tmp_path / "out"
+    done = subprocess.run([str(EVAL), "run", str(path), "--out", str(out), "--node", "spatialthinker",
+                           "--concurrency", "3", "--no-progress"], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, (done.stderr, proc.output())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["backend"] == "node" and summary["scored"] == 9 and summary["errors"] == 0
+    assert summary["correct"] == EXPECTED["correct"] and summary["unmatched"] == EXPECTED["unmatched"]
+    for category, (total, correct) in EXPECTED["categories"].items():
+        assert (summary["categories"][category]["total"], summary["categories"][category]["correct"]) == (total, correct)
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["correct"] for r in sorted(rows, key=lambda r: int(r["index"][1:]))] == [row.correct for row in ROWS]
+    assert all(r["output"].startswith("<observe>") and r["latency_s"] > 0 for r in rows)
+
+
+def test_eval_reports_a_node_that_is_not_there(tmp_path):
+    path, _ = eval_data.project_jsonl(tmp_path)
+    done = subprocess.run([str(EVAL), "run", str(path), "--out", str(tmp_path / "out"), "--node", "nobody",
+                           "--timeout", "5"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3 and "no service /nobody/ask" in done.stderr
