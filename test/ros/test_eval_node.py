@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 from rclpy.node import Node
-from rosutil import node_args, pattern_image, spin_future, spin_until
 from std_msgs.msg import Header
 
 import eval_data
 from eval_data import EXPECTED, ROWS
+from spatialthinker_ros.harness import node_command, pattern_image, spin_future, spin_until
 from spatialthinker_ros.ros.conversions import rgb_to_image_msg
 from spatialthinker_ros.srv import AskSpatial
 
@@ -48,7 +48,7 @@ def ask(context, request: AskSpatial.Request) -> AskSpatial.Response:
 
 def test_inline_options_fill_choice_in_the_nodes_answers(spawn, ros_context, dataset):
     _, replay = dataset
-    proc = spawn(node_args(backend="replay", replay_file=str(replay)), name="node")
+    proc = spawn(node_command(backend="replay", replay_file=str(replay)), name="node")
     image = rgb_to_image_msg(pattern_image(320, 240), Header(frame_id="test"))
     card = ask(ros_context, AskSpatial.Request(question=CARD, image=image))
     assert card.success, (card.message, proc.output())
@@ -66,7 +66,7 @@ def test_inline_options_fill_choice_in_the_nodes_answers(spawn, ros_context, dat
 
 def test_eval_through_a_running_node(spawn, dataset, tmp_path):
     path, replay = dataset
-    proc = spawn(node_args(backend="replay", replay_file=str(replay)), name="node")
+    proc = spawn(node_command(backend="replay", replay_file=str(replay)), name="node")
     out = tmp_path / "out"
     done = subprocess.run([str(EVAL), "run", str(path), "--out", str(out), "--node", "spatialthinker",
                            "--concurrency", "3", "--no-progress"], capture_output=True, text=True, timeout=180)
