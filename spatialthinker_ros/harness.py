@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from spatialthinker_ros.distro import PROFILE_VARIABLES, fastdds_profile_variable
 from spatialthinker_ros.launch_config import parameter_arguments
 
 LARGE_IMAGES_PROFILE_NAME = "fastdds_large_images.xml"
@@ -42,7 +43,7 @@ def isolate_ros(prefix: str = "spatialthinker-", offline: bool = True) -> Path:
     """Localhost-only discovery, a random domain, a temporary log folder and the large-frame Fast DDS profile, for
     this process and every child it starts (they inherit os.environ). Call before rclpy creates a context.
 
-    A Fast DDS profile the user already set wins. `offline` keeps transformers and the hub from the network.
+    A Fast DDS profile the user already set (under either Fast DDS's variable name) wins. `offline` keeps transformers and the hub from the network.
     Returns the temporary folder (ROS logs under roslog/, free for scratch files); remove it with shutil.rmtree.
     """
     scratch = Path(tempfile.mkdtemp(prefix=prefix))
@@ -55,8 +56,8 @@ def isolate_ros(prefix: str = "spatialthinker-", offline: bool = True) -> Path:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     profile = large_images_profile()
-    if profile is not None:
-        os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(profile))
+    if profile is not None and not any(os.environ.get(name) for name in PROFILE_VARIABLES):
+        os.environ[fastdds_profile_variable()] = str(profile)
     return scratch
 
 
@@ -85,9 +86,10 @@ def use_dds_transport(kind: str) -> None:
         profile = large_images_profile()
         if profile is None:
             raise FileNotFoundError(f"{LARGE_IMAGES_PROFILE_NAME} is neither installed nor in this checkout")
-        os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(profile)
+        os.environ[fastdds_profile_variable()] = str(profile)
     elif kind == "default":
-        os.environ.pop("FASTDDS_DEFAULT_PROFILES_FILE", None)
+        for name in PROFILE_VARIABLES:
+            os.environ.pop(name, None)
     else:
         raise ValueError(f"unknown DDS transport {kind!r}; one of {DDS_TRANSPORTS}")
 
