@@ -66,9 +66,10 @@ class Client:
     def wait_for_service(self, proc, timeout=STARTUP):
         assert spin_until(self.node, self.service.service_is_ready, timeout), proc.output()
 
-    def ask(self, timeout=CALL, **fields) -> AskSpatial.Response:
+    def ask(self, timeout=CALL, proc=None, **fields) -> AskSpatial.Response:
+        """With `proc` (the node), a reply the node says is lost fails at once, with its log line."""
         request = AskSpatial.Request(**fields)
-        return spin_future(self.node, self.service.call_async(request), timeout)
+        return spin_future(self.node, self.service.call_async(request), timeout, proc)
 
     def ask_until_ready(self, proc, timeout=STARTUP, with_depth=False, **fields) -> AskSpatial.Response:
         """Best-effort frames may take seconds to start flowing: retry while the node has no frame yet (and,
@@ -76,7 +77,7 @@ class Client:
         self.wait_for_service(proc)
         deadline = time.monotonic() + timeout
         while True:
-            response = self.ask(**fields)
+            response = self.ask(proc=proc, **fields)
             waiting = response.error_code == E.ERROR_NO_IMAGE or (
                 with_depth and response.success and not any(o.has_position for o in response.answer.scene_graph.objects))
             if not waiting or time.monotonic() > deadline:
