@@ -33,10 +33,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "config" / "fastdds_large_images.xml"
+RESULTS = REPO / "bench" / "results" / "reply_loss.json"   # every run appended, with its --label
 REPLY_TIMEOUT_S = 10.0        # replies here come in milliseconds (the node has no frame); 10 s means lost
 STARTUP_TIMEOUT_S = 120.0
-LOST_SEND = re.compile(r"failed to send response")
-NODE_RETRIED = re.compile(r"reply (?:re-sent|delivered) after")
 
 
 def isolate(scratch: Path) -> None:
@@ -175,11 +174,14 @@ def caller_process() -> int:
 
 
 def tally(outcomes: list[dict], node_logs: list[str]) -> dict:
+    from spatialthinker_ros.ros.replies import REPLY_RESENT, SEND_TIMEOUT, dropped_reply_lines
+
+    lines = [line for log in node_logs for line in dropped_reply_lines(log)]
     asked = [o for o in outcomes if o.get("found")]
     lost = {kind: sum(1 for o in asked if o[kind] is False) for kind in ("service", "goal", "result")}
     return {"asked": len(asked), "not_found": len(outcomes) - len(asked), "lost": lost,
-            "send_failures_logged": sum(len(LOST_SEND.findall(log)) for log in node_logs),
-            "resent_by_node": sum(len(NODE_RETRIED.findall(log)) for log in node_logs)}
+            "drops_logged": sum(SEND_TIMEOUT in line for line in lines),
+            "resent_by_node": sum(REPLY_RESENT in line for line in lines)}
 
 
 def run_restart(args, scratch: Path, profile: Path) -> dict:
@@ -237,6 +239,7 @@ def main() -> int:
     parser.add_argument("--busy", type=int, default=4, help="CPU-bound processes beside the run")
     parser.add_argument("--reply-wait-ms", type=int, default=None,
                         help="the node's reply writers' max_blocking_time (default: the shipped profile's)")
+    parser.add_argument("--label", default="", help="what this run measures (e.g. the commit), kept in the results")
     parser.add_argument("--caller", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.caller:
@@ -252,8 +255,11 @@ def main() -> int:
         for process in busy:
             process.stop()
     result.update(mode=args.mode, runs=args.runs, busy=args.busy, cores=os.cpu_count(),
-                  reply_wait_ms=args.reply_wait_ms, seconds=round(time.monotonic() - began, 1))
+                  reply_wait_ms=args.reply_wait_ms, seconds=round(time.monotonic() - began, 1), label=args.label,
+                  date=time.strftime("%Y-%m-%d"), load_average=os.getloadavg())
     print(json.dumps(result))
+    runs = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+    RESULTS.write_text(json.dumps(runs + [result], indent=1) + "\n")
     shutil.rmtree(scratch, ignore_errors=True)
     return 0
 

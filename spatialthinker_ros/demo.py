@@ -160,10 +160,13 @@ class NodeProcess:
     def exited(self) -> Optional[int]:
         return self.popen.poll()
 
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
     def tail(self, lines: int = 30) -> str:
-        self._log.flush()
-        text = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
+        return "\n".join(self.log().splitlines()[-lines:])
 
     def stop(self, timeout: float = 10.0) -> Optional[int]:
         """SIGINT by pid (the node shuts down cleanly), then SIGKILL if it does not exit in time."""
@@ -274,11 +277,20 @@ class Client:
         self.executor.add_node(self.node)
 
     def spin_until(self, done: Callable[[], bool], timeout: float, what: str) -> None:
+        from spatialthinker_ros.ros.replies import REPLY_LOST, dropped_reply_lines
+
         deadline = time.monotonic() + timeout
+        next_log_check = time.monotonic()
         while not done():
             code = self.process.exited()
             if code is not None:
                 raise DemoFailure(f"the node exited (code {code}) while the demo waited for {what}")
+            if time.monotonic() >= next_log_check:   # the node says when a reply will never arrive
+                next_log_check = time.monotonic() + 0.5
+                lost = [line for line in dropped_reply_lines(self.process.log()) if REPLY_LOST in line]
+                if lost:
+                    raise DemoFailure(f"the node's reply was lost in transport while the demo waited for {what}: "
+                                      f"{lost[-1]}")
             if time.monotonic() > deadline:
                 raise DemoFailure(f"timed out after {timeout:.0f} s waiting for {what}")
             self.executor.spin_once(timeout_sec=0.05)

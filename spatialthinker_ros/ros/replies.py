@@ -27,7 +27,10 @@ import rclpy.logging
 from rclpy.service import Service
 
 SEND_TIMEOUT = "failed to send response (timeout)"   # rclpy's RuntimeWarning when rmw dropped a reply
-REPLY_LOST = "reply lost"      # starts the node's log line for a reply its caller will never get
+# What the node's log lines about dropped replies contain
+REPLY_DELAYED = "reply not sent yet"   # a send was dropped; it is sent again
+REPLY_RESENT = "reply re-sent"         # it went out on a later send
+REPLY_LOST = "reply lost"              # its caller will never get it
 RESEND_FOR_S = 10.0            # a caller's reply reader not matched after this is not coming: give the reply up
 FIRST_RESEND_AFTER_S = 0.05    # then twice as long each time: 7 sends at most within RESEND_FOR_S
 
@@ -43,7 +46,10 @@ def watch_send_failures() -> None:
     Process-wide and idempotent. Checked again before each watched send, because whoever records warnings
     (pytest, `warnings.catch_warnings`) swaps the hook and the filters out for a while."""
     with _install_lock:
-        warnings.filterwarnings("always", message=_SEND_TIMEOUT_PATTERN, category=RuntimeWarning)
+        # only when missing: changing the filters resets which other warnings were already shown once
+        if not any(action == "always" and message is not None and message.pattern == _SEND_TIMEOUT_PATTERN
+                   for action, message, *_ in warnings.filters):
+            warnings.filterwarnings("always", message=_SEND_TIMEOUT_PATTERN, category=RuntimeWarning)
         previous = warnings.showwarning
         if getattr(previous, "routes_send_failures", False):
             return
@@ -70,6 +76,13 @@ def send_went_out(send: Callable[[], Any]) -> tuple[bool, str]:
     finally:
         _watch.watching = False
     return _watch.failure is None, _watch.failure or ""
+
+
+def dropped_reply_lines(log: str) -> list[str]:
+    """The lines of a node's log about replies the transport dropped: rclpy's warning and this module's lines.
+    A caller waiting for a reply can stop waiting once one of them contains REPLY_LOST."""
+    marks = (SEND_TIMEOUT, REPLY_DELAYED, REPLY_RESENT, REPLY_LOST)
+    return [line for line in log.splitlines() if any(mark in line for mark in marks)]
 
 
 class ReplyCourier:
@@ -107,7 +120,7 @@ class ReplyCourier:
             if tries > 1:
                 # rmw also reports success when the caller has gone meanwhile (it then drops the reply)
                 self.delivered_late += 1
-                self._node.get_logger().info(f"{name}: reply re-sent after {tries} sends ({waited:.2f} s): the "
+                self._node.get_logger().info(f"{name}: {REPLY_RESENT} after {tries} sends ({waited:.2f} s): the "
                                              "caller's reply reader was matched late, or the caller has left")
             return
         self.dropped += 1
@@ -119,7 +132,7 @@ class ReplyCourier:
             return
         if tries == 1:
             self._node.get_logger().warning(
-                f"{name}: reply not sent, the caller's reply reader is not matched yet ({why}); sending it again "
+                f"{name}: {REPLY_DELAYED}, the caller's reply reader is not matched yet ({why}); sending it again "
                 f"for up to {self._resend_for_s:.0f} s")
         self._later(wait_s, lambda: self._send(name, send, response, header, first_try, tries, 2 * wait_s))
 

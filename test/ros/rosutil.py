@@ -75,17 +75,10 @@ class ReplyLost(AssertionError):
     """The node logged that a reply will never reach its caller (spatialthinker_ros.ros.replies)."""
 
 
-def lost_replies(proc: "Process") -> list[str]:
-    """The node's log lines about replies the transport dropped (rclpy's warning and the node's own lines)."""
-    from spatialthinker_ros.ros.replies import REPLY_LOST, SEND_TIMEOUT
-
-    return [line for line in proc.output().splitlines() if REPLY_LOST in line or SEND_TIMEOUT in line]
-
-
 def spin_future(node, future, timeout: float, proc: Optional["Process"] = None):
     """Spin until the rclpy future is done; raise TimeoutError otherwise. With `proc` (the node answering), fail
     at once with the node's own line when it says the reply is lost, and quote its reply lines on a timeout."""
-    from spatialthinker_ros.ros.replies import REPLY_LOST
+    from spatialthinker_ros.ros.replies import REPLY_LOST, dropped_reply_lines
 
     checked = [time.monotonic()]
 
@@ -93,13 +86,13 @@ def spin_future(node, future, timeout: float, proc: Optional["Process"] = None):
         if proc is None or time.monotonic() - checked[0] < 0.5:
             return False
         checked[0] = time.monotonic()
-        return any(REPLY_LOST in line for line in lost_replies(proc))
+        return any(REPLY_LOST in line for line in dropped_reply_lines(proc.output()))
 
     if not spin_until(node, lambda: future.done() or lost(), timeout):
-        lines = lost_replies(proc) if proc is not None else []
+        lines = dropped_reply_lines(proc.output()) if proc is not None else []
         raise TimeoutError(f"no result within {timeout} s" + (f"; the node logged: {lines}" if lines else ""))
     if not future.done():
-        raise ReplyLost(f"the node's reply was lost in transport: {lost_replies(proc)}")
+        raise ReplyLost(f"the node's reply was lost in transport: {dropped_reply_lines(proc.output())}")
     return future.result()
 
 

@@ -15,7 +15,7 @@ from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile
 from rosutil import new_context, node_args, spin_until
 
-from spatialthinker_ros.ros.replies import ReplyCourier, send_went_out
+from spatialthinker_ros.ros.replies import REPLY_DELAYED, SEND_TIMEOUT, ReplyCourier, send_went_out
 from spatialthinker_ros.srv import AskSpatial
 
 UNMATCHABLE = QoSProfile(depth=10, durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -84,7 +84,7 @@ def test_rclpy_reports_a_dropped_reply_only_as_a_warning_and_send_went_out_sees_
     client = caller.create_client(AskSpatial, "ask", qos_profile=UNMATCHABLE)
     # rclpy's own warning is shown once per process; every drop must be seen, so wait for two
     assert ask_until(caller, client, lambda: len(outcomes) >= 2, 30.0)
-    assert all(not went_out and "failed to send response (timeout)" in why for went_out, why in outcomes)
+    assert all(not went_out and SEND_TIMEOUT in why for went_out, why in outcomes)
     caller.destroy_node()
 
 
@@ -136,10 +136,10 @@ def test_the_node_logs_a_reply_the_transport_dropped_and_keeps_answering(spawn, 
     assert spin_until(good, good_client.service_is_ready, 60.0), proc.output()
     bad = Node("unmatchable_caller", context=ros_context)
     bad_client = bad.create_client(AskSpatial, "/spatialthinker/ask", qos_profile=UNMATCHABLE)
-    assert ask_until(bad, bad_client, lambda: "reply not sent" in proc.output(), 60.0), proc.output()
+    assert ask_until(bad, bad_client, lambda: REPLY_DELAYED in proc.output(), 60.0), proc.output()
     future = good_client.call_async(AskSpatial.Request(question="Where is the cup?"))
     assert spin_until(good, future.done, 10.0), proc.output()
     assert future.result().error_code == AskSpatial.Response.ERROR_NO_IMAGE
-    assert "failed to send response (timeout)" in proc.output()
+    assert SEND_TIMEOUT in proc.output()
     bad.destroy_node()
     good.destroy_node()
