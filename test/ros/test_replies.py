@@ -13,9 +13,9 @@ import pytest
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile
-from rosutil import new_context, node_args, spin_until
+from rosutil import ReplyLost, new_context, node_args, spin_future, spin_until
 
-from spatialthinker_ros.ros.replies import REPLY_DELAYED, SEND_TIMEOUT, ReplyCourier, send_went_out
+from spatialthinker_ros.ros.replies import REPLY_DELAYED, RESEND_FOR_S, SEND_TIMEOUT, ReplyCourier, send_went_out
 from spatialthinker_ros.srv import AskSpatial
 
 UNMATCHABLE = QoSProfile(depth=10, durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -127,7 +127,8 @@ def test_a_reply_whose_caller_never_matches_is_given_up_within_its_bound(ros_con
     bad.destroy_node()
 
 
-def test_the_node_logs_a_reply_the_transport_dropped_and_keeps_answering(spawn, ros_context, tmp_path):
+def test_the_node_logs_a_reply_the_transport_dropped_keeps_answering_and_the_test_helper_fails_fast_on_a_loss(
+        spawn, ros_context, tmp_path):
     replay = tmp_path / "replay.jsonl"
     replay.touch()
     proc = spawn(node_args(backend="replay", replay_file=str(replay)), name="node")
@@ -141,5 +142,10 @@ def test_the_node_logs_a_reply_the_transport_dropped_and_keeps_answering(spawn, 
     assert spin_until(good, future.done, 10.0), proc.output()
     assert future.result().error_code == AskSpatial.Response.ERROR_NO_IMAGE
     assert SEND_TIMEOUT in proc.output()
+    # the reply the unmatchable caller waits for is given up after RESEND_FOR_S: the helper says so at once
+    began = time.monotonic()
+    with pytest.raises(ReplyLost, match="reply lost"):
+        spin_future(bad, bad_client.call_async(AskSpatial.Request(question="lost")), 60.0, proc)
+    assert time.monotonic() - began < RESEND_FOR_S + 5.0
     bad.destroy_node()
     good.destroy_node()
