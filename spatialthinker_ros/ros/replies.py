@@ -21,9 +21,11 @@ import re
 import threading
 import time
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import rclpy.logging
+from rclpy.callback_groups import CallbackGroup
+from rclpy.node import Node
 from rclpy.service import Service
 
 SEND_TIMEOUT = "failed to send response (timeout)"   # rclpy's RuntimeWarning when rmw dropped a reply
@@ -91,7 +93,8 @@ class ReplyCourier:
     Resends are one-shot timers on the node's executor, so they never run beside other callbacks of the node.
     """
 
-    def __init__(self, node, callback_group=None, resend_for_s: float = RESEND_FOR_S):
+    def __init__(self, node: Node, callback_group: Optional[CallbackGroup] = None,
+                 resend_for_s: float = RESEND_FOR_S):
         self._node = node
         self._group = callback_group
         self._resend_for_s = resend_for_s
