@@ -38,6 +38,10 @@ class WaitFailed(TimeoutError):
     """A bounded wait ended without its condition: the message names what did not arrive, and why if known."""
 
 
+class ReplyLost(WaitFailed):
+    """The node logged that a reply will never reach its caller (spatialthinker_ros.ros.replies): no use waiting."""
+
+
 # ------------------------------------------------------------------------------------------------ isolation
 def isolate_ros(prefix: str = "spatialthinker-", offline: bool = True) -> Path:
     """Localhost-only discovery, a random domain, a temporary log folder and the large-frame Fast DDS profile, for
@@ -47,6 +51,7 @@ def isolate_ros(prefix: str = "spatialthinker-", offline: bool = True) -> Path:
     Returns the temporary folder (ROS logs under roslog/, free for scratch files); remove it with shutil.rmtree.
     """
     scratch = Path(tempfile.mkdtemp(prefix=prefix))
+    os.environ.setdefault("AMENT_PREFIX_PATH", sys.prefix)   # a sourced ROS install wins; else the venv is the prefix
     os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
     os.environ.pop("ROS_LOCALHOST_ONLY", None)   # deprecated; conflicts with the discovery range when set
     os.environ["ROS_DOMAIN_ID"] = str(random.SystemRandom().randint(1, 100))
@@ -69,7 +74,7 @@ def large_images_profile() -> Optional[Path]:
 
         try:
             path = Path(get_package_share_directory("spatialthinker_ros")) / "config" / LARGE_IMAGES_PROFILE_NAME
-        except PackageNotFoundError:
+        except (PackageNotFoundError, OSError):   # not installed, or no ROS prefix in the environment
             path = None
         if path is not None and path.is_file():
             return path
@@ -213,9 +218,11 @@ def new_context() -> Any:
 def spin_wait(node: Any, done: Callable[[], bool], timeout: float, what: str,
               process: Optional[Process] = None) -> None:
     """Spin `node` until done(); WaitFailed naming `what` when the timeout passes, or at once when `process` (the
-    node under test) exits. A fresh executor each call: a node may sit in one executor at a time."""
+    node under test) exits, and ReplyLost at once when it logs that a reply was lost in transport since the wait
+    began (its log is read twice a second). A fresh executor each call: a node may sit in one executor at a time."""
     from rclpy.executors import SingleThreadedExecutor
 
+    lost_replies = _LostReplies(process)
     executor = SingleThreadedExecutor(context=node.context)
     executor.add_node(node)
     deadline = time.monotonic() + timeout
@@ -223,6 +230,9 @@ def spin_wait(node: Any, done: Callable[[], bool], timeout: float, what: str,
         while not done():
             if process is not None and not process.alive():
                 raise WaitFailed(f"{process.name} exited while waiting for {what}: {process.describe()}")
+            lost = lost_replies.new()
+            if lost:
+                raise ReplyLost(f"{process.name} lost a reply in transport while we waited for {what}: {lost[-1]}")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 if done():
@@ -235,6 +245,25 @@ def spin_wait(node: Any, done: Callable[[], bool], timeout: float, what: str,
         executor.shutdown()
 
 
+class _LostReplies:
+    """The node's `reply lost` log lines (ros/replies.py) that appeared after this was made."""
+
+    def __init__(self, process: Optional[Process]):
+        self.process, self.next_read = process, time.monotonic()
+        self.seen = len(self._lines()) if process is not None else 0
+
+    def _lines(self) -> list[str]:
+        from spatialthinker_ros.ros.replies import REPLY_LOST, dropped_reply_lines
+
+        return [line for line in dropped_reply_lines(self.process.output()) if REPLY_LOST in line]
+
+    def new(self) -> list[str]:
+        if self.process is None or time.monotonic() < self.next_read:
+            return []
+        self.next_read = time.monotonic() + 0.5
+        return self._lines()[self.seen:]
+
+
 def spin_until(node: Any, predicate: Callable[[], bool], timeout: float) -> bool:
     """Spin `node` until predicate() is true or the timeout passes; returns predicate() (tests assert on it)."""
     try:
@@ -244,9 +273,11 @@ def spin_until(node: Any, predicate: Callable[[], bool], timeout: float) -> bool
     return True
 
 
-def spin_future(node: Any, future: Any, timeout: float, what: str = "the result") -> Any:
-    """Spin until the rclpy future is done and return its result; WaitFailed naming `what` otherwise."""
-    spin_wait(node, future.done, timeout, what)
+def spin_future(node: Any, future: Any, timeout: float, what: str = "the result",
+                process: Optional[Process] = None) -> Any:
+    """Spin until the rclpy future is done and return its result; WaitFailed naming `what` otherwise (see
+    spin_wait for what `process`, the node answering, adds)."""
+    spin_wait(node, future.done, timeout, what, process)
     return future.result()
 
 

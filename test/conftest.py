@@ -4,16 +4,13 @@ This runs before any test module imports rclpy, so every node this suite starts 
 process, which inherits os.environ) is isolated.
 """
 
-import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
 from spatialthinker_ros.harness import isolate_ros
 
-os.environ.setdefault("AMENT_PREFIX_PATH", sys.prefix)   # the venv is the ROS prefix (make test exports it too)
 # before any test module imports rclpy: every node of the suite, in-process or a child (which inherits os.environ)
 _SCRATCH = isolate_ros(prefix="spatialthinker-test-")
 

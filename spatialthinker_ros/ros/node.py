@@ -53,6 +53,7 @@ from spatialthinker_ros.ros.cameras import CameraInput, Frame, keep_freed_frame_
 from spatialthinker_ros.ros.conversions import (compressed_to_rgb, depth_image, fill_response, image_to_rgb,
                                                 rgb_to_image_msg, scene_graph_msg, spatial_answer_msg)
 from spatialthinker_ros.ros.parameters import PARAMETERS, check_parameters, descriptor
+from spatialthinker_ros.ros.replies import ReplyCourier
 from spatialthinker_ros.ros.stats import StatsPublisher
 from spatialthinker_ros.ros.visualization import scene_markers
 from spatialthinker_ros.srv import AskSpatial
@@ -106,8 +107,10 @@ class SpatialThinkerNode(LifecycleNode):
         # never reads its responses then fills the response writer's history until send_response raises, which
         # stops the node; KEEP_LAST never blocks. Callers need a depth of at least their own concurrent calls.
         requests_qos = QoSProfile(depth=REQUEST_QUEUE_DEPTH)
-        self.create_service(AskSpatial, "~/ask", self._on_ask_service, qos_profile=requests_qos,
-                            callback_group=self._group)
+        # A reply the transport drops because the caller asked before its reply reader was matched is sent again
+        self.replies = ReplyCourier(self, self._group)
+        self.replies.guard(self.create_service(AskSpatial, "~/ask", self._on_ask_service, qos_profile=requests_qos,
+                                               callback_group=self._group))
         self._action_server = ActionServer(
             self, AskSpatialAction, "~/ask_action", self._on_ask_goal,
             goal_callback=lambda goal: GoalResponse.ACCEPT,

@@ -305,9 +305,17 @@ def test_busy_and_timeout(spawn, client, camera, replay_file, ros_context):
     deadline = time.monotonic() + CALL
     while not client.ask(question=QUESTION).success:   # ERROR_TIMEOUT while it waited behind an abandoned one
         assert time.monotonic() < deadline, "the worker stayed busy"
-    slow = [client.service.call_async(AskSpatial.Request(question=QUESTION)) for _ in range(2)]
-    assert spin_until(client.node, lambda: all(f.done() for f in slow), CALL)
-    assert sorted(f.result().error_code for f in slow) == [E.ERROR_NONE, E.ERROR_TIMEOUT]
+    # the first question is generating (its GENERATING feedback) before the second is asked, so the second queues
+    # (queue_size 1) instead of being refused as busy, and waits longer than request_timeout allows
+    stages = []
+    sending = client.action.send_goal_async(AskSpatialAction.Goal(question=QUESTION),
+                                            feedback_callback=lambda m: stages.append(m.feedback.stage))
+    assert spin_until(client.node, lambda: AskSpatialAction.Feedback.STAGE_GENERATING in stages, CALL), stages
+    behind = client.service.call_async(AskSpatial.Request(question=QUESTION))
+    getting = sending.result().get_result_async()
+    assert spin_until(client.node, lambda: behind.done() and getting.done(), CALL)
+    assert getting.result().result.error_code == E.ERROR_NONE
+    assert behind.result().error_code == E.ERROR_TIMEOUT, behind.result().message
 
 
 def change_state(node, proc, transition_id):
