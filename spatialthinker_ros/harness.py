@@ -10,6 +10,7 @@ is known, whether it died and the tail of its log), never by returning None.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -21,8 +22,9 @@ import sys
 import tempfile
 import threading
 import time
+from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -453,6 +455,26 @@ class FramePublisher:
         self._executor.shutdown(timeout_sec=2.0)
         self._thread.join(timeout=5.0)
         self.node.destroy_node()
+
+
+# ------------------------------------------------------------------------------------------------ HTTP
+@contextlib.contextmanager
+def local_http_server(handler: type, **state: Any) -> Iterator[ThreadingHTTPServer]:
+    """A threaded HTTP server with `handler` on 127.0.0.1 (a free port), for scripted stand-ins of an inference
+    server; `state` becomes attributes of the server, which the handler reads as self.server.<name>. Shut down and
+    joined on exit."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    for name, value in state.items():
+        setattr(server, name, value)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
 
 
 # ------------------------------------------------------------------------------------------------ the client

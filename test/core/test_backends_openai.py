@@ -4,9 +4,7 @@ the behaviours a healthy server does not show (stop strings, errors, slowness, k
 import base64
 import json
 import os
-import threading
 import time
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import cv2
@@ -18,6 +16,7 @@ from spatialthinker_ros.core.backends.base import GenerationConfig
 from spatialthinker_ros.core.backends.openai_backend import OpenAIBackend, OpenAIConfig, encode_image
 from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, prepare_request
 from spatialthinker_ros.core.types import BackendError, BackendErrorKind, InferenceRequest, InferenceResult
+from spatialthinker_ros.harness import local_http_server
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -139,15 +138,8 @@ class _Script(ScriptedHandler):
 
 @pytest.fixture(scope="module")
 def script_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Script)
-    server.daemon_threads = True
-    server.seen = []
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
+    with local_http_server(_Script, seen=[]) as server:
+        yield server
 
 
 @pytest.fixture

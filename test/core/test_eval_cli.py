@@ -10,13 +10,15 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
 import eval_data
 from eval_data import EXPECTED, ROWS
+
+from spatialthinker_ros.harness import local_http_server
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -152,16 +154,11 @@ class _Gate(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def gate():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Gate)
-    server.daemon_threads = True
-    server.asked, server.lock, server.release, server.open = [], threading.Lock(), threading.Event(), 0
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield server
-    server.release.set()
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
+    with local_http_server(_Gate, asked=[], lock=threading.Lock(), release=threading.Event(), open=0) as server:
+        try:
+            yield server
+        finally:
+            server.release.set()   # a held request lets go before the server shuts down
 
 
 def gated_run(path: Path, out: Path, gate) -> list[str]:

@@ -13,9 +13,7 @@ import os
 import re
 import shutil
 import sys
-import threading
 import uuid
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,7 @@ from rcl_interfaces.msg import Log, Parameter, ParameterEvent, ParameterType, Pa
 from rcl_interfaces.srv import GetParameters, ListParameters, SetParameters
 from rclpy.qos import QoSProfile
 from transformers_serve import ScriptedHandler
-from spatialthinker_ros.harness import node_command, pattern_image, spin_future, spin_until
+from spatialthinker_ros.harness import local_http_server, node_command, pattern_image, spin_future, spin_until
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 from test_node import CALL, E, OPTIONS, QUESTION, RESPONSE, client  # noqa: F401 (fixture)
@@ -115,14 +113,8 @@ class _Server(ScriptedHandler):
 
 @pytest.fixture
 def key_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Server)
-    server.daemon_threads, server.seen, server.mode = True, [], "ok"
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
+    with local_http_server(_Server, seen=[], mode="ok") as server:
+        yield server
 
 
 def test_the_api_key_is_never_logged_published_or_answered(spawn, client, key_server, tmp_path):
