@@ -33,7 +33,7 @@ def main() -> int:
 
     def write_status(*_) -> None:      # a signal handler: runs on the main (executor) thread, between callbacks
         seq[0] += 1
-        cameras = dict(getattr(created[0], "_cameras", {})) if created else {}
+        cameras = created[0].cameras if created else {}
         counts = {f"{name}_colour": camera.frames_received for name, camera in cameras.items()}
         counts.update({f"{name}_dropped": camera.frames_dropped for name, camera in cameras.items()})
         tmp = status.with_suffix(".tmp")

@@ -17,8 +17,9 @@ import math
 import signal
 import threading
 import time
+import types
 import uuid
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import rclpy
 import rclpy.logging
@@ -139,6 +140,11 @@ class SpatialThinkerNode(LifecycleNode):
             self.get_logger().warning(message + more)
         else:
             self._last_warning[key] = (last, suppressed + 1)
+
+    @property
+    def cameras(self) -> Mapping[str, CameraInput]:
+        """The configured cameras by name, read-only (their frame counters are what ~/stats reports)."""
+        return types.MappingProxyType(self._cameras)
 
     def _param(self, name: str):
         return self.get_parameter(name).value
