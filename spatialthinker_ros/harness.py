@@ -102,6 +102,13 @@ def use_dds_transport(kind: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ processes
+def interruptible() -> None:
+    """For a child, before it starts: SIGINT (Ctrl-C) back to its default. A process started with SIGINT ignored
+    (under nohup, or by a non-interactive shell's `&`) passes that on to every child, and Python then never
+    raises KeyboardInterrupt: stop() and the interrupt tests would wait in vain."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Process:
     """A child process whose output goes to a file (shown when something fails); stopped by its own pid only.
 
@@ -115,7 +122,8 @@ class Process:
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "wb")
         self.popen = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT,
-                                      env=os.environ.copy() if env is None else env, start_new_session=True)
+                                      env=os.environ.copy() if env is None else env, start_new_session=True,
+                                      preexec_fn=interruptible)
 
     @property
     def pid(self) -> int:

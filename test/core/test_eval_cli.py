@@ -18,7 +18,7 @@ import pytest
 import eval_data
 from eval_data import EXPECTED, ROWS
 
-from spatialthinker_ros.harness import local_http_server
+from spatialthinker_ros.harness import interruptible, local_http_server
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -200,7 +200,8 @@ def test_ctrl_c_stops_cleanly_and_keeps_finished_rows(gate, tmp_path: Path):
     path, out = big_dataset(tmp_path, 12), tmp_path / "out"
     log = out / "predictions.jsonl"
     gate.open = 2
-    proc = subprocess.Popen(gated_run(path, out, gate), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(gated_run(path, out, gate), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=interruptible)
     try:
         wait_for(lambda: log.exists() and log.read_text().count("\n") == 2 and len(gate.asked) == 3, 120,
                  "two predictions and the third request held")

@@ -48,9 +48,14 @@ def requests_waiting_at(port: int) -> int:
 
 
 def three_calls_then_a_queued_goal(client, ask: AskSpatial.Request) -> tuple[list, object]:
-    """Three service calls, then a goal; returns once the node reports the goal queued (STAGE_QUEUED feedback),
-    which it sends on accepting it: the futures of the calls and of the goal's result."""
+    """Three service calls, then a goal; returns once the node holds all four: the futures of the calls and of
+    the goal's result. The node takes one service's requests in order, so the reply to a fourth, invalid call
+    (answered at once) proves the three before it were taken; the goal is held once the node reports it queued
+    (STAGE_QUEUED feedback, sent on accepting it). Without the fourth call, a goal could overtake the calls on a
+    loaded machine (another DDS writer), and a call taken only after a transition would not be pending during it."""
     services = [client.service.call_async(ask) for _ in range(3)]
+    marker = spin_future(client.node, client.service.call_async(AskSpatial.Request(question=" ")), CALL)
+    assert marker.error_code == E.ERROR_INVALID_REQUEST, marker.message
     stages = []
     goal = spin_future(client.node, client.action.send_goal_async(
         AskSpatialAction.Goal(question=QUESTION, image=request_image(64, 48)),
