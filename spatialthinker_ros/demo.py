@@ -34,6 +34,7 @@ from typing import Any, Optional, Sequence
 import cv2
 import numpy as np
 
+from spatialthinker_ros.core.parsing import scene_text_complete
 from spatialthinker_ros.harness import (FakeCamera, NodeClient, Process, WaitFailed, isolate_ros, node_command,
                                         wait_for)
 
@@ -244,7 +245,10 @@ def run_part(part: Part, context: Any, camera: FakeCamera, sample: Sample, outpu
             asked = time.monotonic()
             print(f"  asking by {how}: {q['question']!r}", flush=True)
 
-            def on_feedback(feedback: Any, asked: float = asked) -> None:
+            stages: list[int] = []
+
+            def on_feedback(feedback: Any, asked: float = asked, stages: list[int] = stages) -> None:
+                stages.append(feedback.stage)
                 stage = stage_name(client.Action, feedback.stage)
                 extra = f", {feedback.tokens_generated} tokens" if feedback.tokens_generated else ""
                 if feedback.stage == client.Action.Feedback.STAGE_SCENE_READY and feedback.scene_graph.objects:
@@ -256,6 +260,10 @@ def run_part(part: Part, context: Any, camera: FakeCamera, sample: Sample, outpu
                                              on_feedback=on_feedback if how == "action" else None,
                                              call_timeout=timeout, question=q["question"], options=q["options"])
             round_trip = time.monotonic() - asked
+            if how == "action" and outcome.success and scene_text_complete(outcome.answer.raw_response):
+                # feedback travels on its own DDS writer: the scene graph sent before the result may come after it
+                client.wait(lambda: client.Action.Feedback.STAGE_SCENE_READY in stages, timeout,
+                            "the scene-ready feedback the node sent before its result")
             if not outcome.success:
                 raise DemoFailure(f"the {how} request failed: error {outcome.error_code}: {outcome.message}")
             summary = summarize(outcome.answer, how, round_trip)
