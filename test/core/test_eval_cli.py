@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 import eval_data
 from eval_data import EXPECTED, ROWS
 
-from spatialthinker_ros.harness import interruptible, local_http_server
+from spatialthinker_ros.harness import interruptible, local_http_server, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -31,14 +30,6 @@ def run_eval(*args, timeout: float = 240) -> subprocess.CompletedProcess:
 
 def predictions(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    """Poll a file condition until it holds (each check is cheap); fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 @pytest.mark.parametrize("builder", sorted(eval_data.FORMAT_BUILDERS))
