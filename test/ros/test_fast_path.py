@@ -57,15 +57,24 @@ def test_an_idle_node_streamed_raw_1080p_with_depth_reuses_the_memory_of_old_fra
     assert response.success, response.message
     ready = len(cam.published_stamps)   # frame rings full: from here on each frame replaces one
     assert spin_until(client.node, lambda: len(cam.published_stamps) >= ready + 30, CALL)
-    per_frame = []   # per window of 15 frames: the heap still grows now and then (one frame's pages), so the median
-    for _ in range(5):
+    assert spin_until(client.node, lambda: client.stats, CALL), "no ~/stats after the reply"
+    received_before, published_before = client.stats[-1]["cameras"]["default"]["frames_received"], ready
+    per_frame = []   # per window of 15 frames
+    for _ in range(10):
         faults, published = minor_page_faults(proc.pid), len(cam.published_stamps)
         assert spin_until(client.node, lambda: len(cam.published_stamps) >= published + 15, CALL)
         per_frame.append((minor_page_faults(proc.pid) - faults) / max(1, len(cam.published_stamps) - published))
+    replies = len(client.stats)
     response = client.ask(question=QUESTION, options=OPTIONS, max_image_age=0.5)
     assert response.success, f"the node stopped receiving frames: {response.message}"
-    assert len(cam.published_stamps) >= 60
-    assert statistics.median(per_frame) < 20, f"page faults per 1080p frame, per second: {per_frame}"
+    assert spin_until(client.node, lambda: len(client.stats) > replies, CALL), "no ~/stats after the reply"
+    received = client.stats[-1]["cameras"]["default"]["frames_received"] - received_before
+    published = len(cam.published_stamps) - published_before
+    assert received >= published / 2, f"{received} of {published} frames reached the node: quiet windows mean nothing"
+    # A cost paid on every frame (glibc's defaults: hundreds of faults per frame) shows in every window. The heap growing to
+    # a new high-water mark (one frame's pages, more often on a busy CPU, when more frames are held at once) shows
+    # in a few: so the lower quartile, not the median.
+    assert statistics.quantiles(per_frame, n=4)[0] < 20, f"page faults per 1080p frame, per second: {per_frame}"
     assert "freed frame buffers kept for reuse" in proc.output()
 
 
