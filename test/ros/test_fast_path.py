@@ -71,9 +71,9 @@ def test_an_idle_node_streamed_raw_1080p_with_depth_reuses_the_memory_of_old_fra
     received = client.stats[-1]["cameras"]["default"]["frames_received"] - received_before
     published = len(cam.published_stamps) - published_before
     assert received >= published / 2, f"{received} of {published} frames reached the node: quiet windows mean nothing"
-    # A cost paid on every frame (glibc's defaults: hundreds of faults per frame) shows in every window. The heap growing to
-    # a new high-water mark (one frame's pages, more often on a busy CPU, when more frames are held at once) shows
-    # in a few: so the lower quartile, not the median.
+    # A cost paid on every frame (glibc's defaults: hundreds of faults per frame) shows in every window. The heap
+    # growing to a new high-water mark (one frame's pages; more often on a busy CPU, when more frames are held at
+    # once) shows in a few: so the lower quartile, not the median.
     assert statistics.quantiles(per_frame, n=4)[0] < 20, f"page faults per 1080p frame, per second: {per_frame}"
     assert "freed frame buffers kept for reuse" in proc.output()
 
