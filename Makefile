@@ -23,6 +23,7 @@ export ROS_DISTRO
 .PHONY: setup build test demo clean
 
 setup: ## venv + pinned dependencies (ROS 2 $(ROS_DISTRO) wheels, model stack, colcon) + interface build + package install
+	@test -x $(PY) || scripts/check_free_disk.sh $(VENV) 8
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade 'pip==25.3'
 	$(PY) -m pip install --quiet --no-deps -r $(LOCK)
