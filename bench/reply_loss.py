@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from spatialthinker_ros.distro import fastdds_profile_variable
-from spatialthinker_ros.harness import Process, isolate_ros, large_images_profile, node_command
+from spatialthinker_ros.harness import Process, isolate_ros, large_images_profile, node_command, spin_until
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "reply_loss.json"   # every run appended, with its --label
@@ -65,22 +65,12 @@ def start_node(scratch: Path, profile: Path, index: int) -> Process:
 
 
 # ----------------------------------------------------------------------------- caller side (rclpy from here on)
-def spin_until(executor, predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        executor.spin_once(timeout_sec=0.02)
-    return True
-
-
 class Caller:
     """One ROS node with a service client and an action client, asking the moment both are found."""
 
     def __init__(self, name: str):
         import rclpy
         from rclpy.action import ActionClient
-        from rclpy.executors import SingleThreadedExecutor
 
         from spatialthinker_ros.action import AskSpatial as AskAction
         from spatialthinker_ros.srv import AskSpatial
@@ -88,14 +78,12 @@ class Caller:
         self.context = rclpy.Context()
         rclpy.init(context=self.context)
         self.node = rclpy.create_node(name, context=self.context)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
         self.srv_type, self.action_type = AskSpatial, AskAction
         self.service = self.node.create_client(AskSpatial, "/spatialthinker/ask")
         self.action = ActionClient(self.node, AskAction, "/spatialthinker/ask_action")
 
     def found(self, timeout: float) -> bool:
-        return spin_until(self.executor, lambda: self.service.service_is_ready() and self.action.server_is_ready(),
+        return spin_until(self.node, lambda: self.service.service_is_ready() and self.action.server_is_ready(),
                           timeout)
 
     def ask_both(self) -> dict[str, bool]:
@@ -110,7 +98,7 @@ class Caller:
                 result.append(handle.get_result_async())
 
         goal.add_done_callback(on_goal)
-        spin_until(self.executor, lambda: call.done() and goal.done() and result and result[0].done(),
+        spin_until(self.node, lambda: call.done() and goal.done() and result and result[0].done(),
                    REPLY_TIMEOUT_S)
         # a result is only asked for once the goal's acceptance has arrived
         return {"service": call.done(), "goal": goal.done(), "result": result[0].done() if result else None}
@@ -120,7 +108,6 @@ class Caller:
 
         self.action.destroy()
         self.node.destroy_node()
-        self.executor.shutdown()
         rclpy.shutdown(context=self.context)
 
 
@@ -162,7 +149,7 @@ def run_restart(args, scratch: Path, profile: Path) -> dict:
                 node.stop()
                 logs.append(node.output())
             # the next node must be found anew, not the one just stopped
-            spin_until(caller.executor, lambda: not caller.service.service_is_ready(), 10.0)
+            spin_until(caller.node, lambda: not caller.service.service_is_ready(), 10.0)
             print(f"restart {i + 1}/{args.runs}: {outcomes[-1]}", flush=True)
     finally:
         caller.close()
