@@ -13,8 +13,8 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 
 from spatialthinker_ros.core.images import (  # noqa: F401 - re-exported for the ROS layer
-    COLOUR_ENCODINGS, COLOUR_LAYOUTS, DEPTH_LAYOUTS, JPEG_SIGNATURE, PNG_SIGNATURE, check_compressed,
-    check_image_layout, compressed_to_rgb, depth_image, image_to_rgb, intrinsics_from_camera_info)
+    COLOUR_LAYOUTS, DEPTH_LAYOUTS, check_compressed, check_image_layout, compressed_to_rgb, depth_image,
+    image_to_rgb, intrinsics_from_camera_info)
 from spatialthinker_ros.core.request import ErrorCode, RequestError
 from spatialthinker_ros.core.types import (AnswerStatus, Box, InferenceResult, ParsedResponse, Position3D,
                                            RelationCheck, SceneGraph, SceneObject, SceneRelation, SpatialResult)
