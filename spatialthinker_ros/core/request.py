@@ -26,6 +26,7 @@ ASPECT_TOLERANCE = 0.02         # depth and colour must show the same field of v
 OOM_RETRY_SCALE = 0.5           # per side, for the one retry after the backend ran out of memory
 OOM_RETRY_MIN_PIXELS = 200_000  # smaller images are not retried: halving them would not help
 PATCH = 28                      # Qwen2.5-VL's resize factor: 14-pixel patches merged 2x2
+QWEN_MIN_PIXELS = 56 * 56       # Qwen2.5-VL's image processor's own min_pixels
 
 
 class ErrorCode(enum.Enum):
@@ -191,7 +192,7 @@ def model_image_size(size: tuple[int, int], max_input_pixels: int,
     return width, height
 
 
-def smart_resize(height: int, width: int, max_pixels: int, min_pixels: int = 56 * 56) -> tuple[int, int]:
+def smart_resize(height: int, width: int, max_pixels: int, min_pixels: int = QWEN_MIN_PIXELS) -> tuple[int, int]:
     """Qwen2.5-VL's image processor resize: each side a multiple of 28, the area within [min, max]_pixels, aspect
     kept. Written out (15 lines) so the openai path needs neither torch nor transformers; a test checks it
     against transformers' own."""

@@ -17,10 +17,11 @@ from spatialthinker_ros.core.backends.base import GenerationConfig
 from spatialthinker_ros.core.backends.openai_backend import OpenAIConfig
 from spatialthinker_ros.core.backends.replay_backend import ReplayConfig
 from spatialthinker_ros.core.backends.settings import (ATTENTION_IMPLEMENTATIONS, DEVICE, DTYPES, QUANTIZATIONS,
-                                                       QWEN_MIN_PIXELS, TransformersConfig)
+                                                       TransformersConfig)
 from spatialthinker_ros.core.pipeline import PipelineConfig
 from spatialthinker_ros.core.prompt import STYLES
 from spatialthinker_ros.core.relations import RelationCheckConfig
+from spatialthinker_ros.core.request import QWEN_MIN_PIXELS
 from spatialthinker_ros.core.validation import validate_model_reference, validate_server_url
 
 Check = Callable[[Any], Optional[str]]   # returns the reason a value is invalid, or None

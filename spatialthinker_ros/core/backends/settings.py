@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from spatialthinker_ros.core.backends.base import DEFAULT_MAX_PIXELS, GenerationConfig
+from spatialthinker_ros.core.request import PATCH, QWEN_MIN_PIXELS
 
 DEFAULT_MODEL = "OX-PIXL/SpatialThinker-7B"
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 DTYPES = ("auto", "bfloat16", "float16", "float32")                     # auto: bf16 on cuda, fp32 on cpu
 ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")   # auto: flash_attention_2 when usable
 QUANTIZATIONS = ("none", "4bit", "8bit")                                 # bitsandbytes, cuda only
-QWEN_MIN_PIXELS = 3136                                                   # Qwen2.5-VL's own processor default
 
 # backend -> {setting (node parameter name): field of that backend's config}
 _FIELDS = {
@@ -78,7 +78,7 @@ class TransformersConfig:
             raise ValueError("attn_implementation must be auto or a transformers attention implementation")
         for name in ("min_pixels", "max_pixels"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 28 * 28):
+            if value is not None and (not isinstance(value, int) or value < PATCH * PATCH):
                 raise ValueError(f"{name} must be None or an int >= 784 (one 28x28 cell), not {value!r}")
         if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels ({self.min_pixels}) exceeds max_pixels ({self.max_pixels})")
