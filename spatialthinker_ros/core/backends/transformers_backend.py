@@ -294,7 +294,6 @@ class Continuation:
 
     cache: Any                  # a transformers DynamicCache of the shared tokens (a copy: generate extends it)
     rope_deltas: torch.Tensor
-    tokens: int                 # prompt tokens not prefilled again
 
 
 @dataclass
@@ -334,7 +333,7 @@ class PromptCache:
             cache.crop(shared - len(prompt.ids))   # a negative count: drop that many tokens from the end
         self._prompts.move_to_end(key)
         self._tokens_reused += shared
-        return Continuation(cache, prompt.rope_deltas.clone(), shared)
+        return Continuation(cache, prompt.rope_deltas.clone())
 
     def store(self, key: bytes, ids: list[int], cache: Any, rope_deltas: torch.Tensor) -> None:
         """Keeps the prompt's part of a finished call's cache (copied out, so the answer's tokens are freed) and
