@@ -23,13 +23,13 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from spatialthinker_ros.distro import fastdds_profile_variable
-from spatialthinker_ros.harness import Process, isolate_ros, large_images_profile, node_command, spin_until
+from spatialthinker_ros.harness import (Process, Processes, isolate_ros, large_images_profile, new_context,
+                                        node_command, spin_until)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "reply_loss.json"   # every run appended, with its --label
@@ -53,15 +53,23 @@ def node_profile(scratch: Path, reply_wait_ms: int | None) -> Path:
     return path
 
 
-def busy_processes(count: int, scratch: Path) -> list[Process]:
-    return [Process([sys.executable, "-c", "while True: pass"], scratch / f"busy{i}.log") for i in range(count)]
+def busy_processes(count: int, processes: Processes) -> list[Process]:
+    return [processes.start([sys.executable, "-c", "while True: pass"], name="busy") for _ in range(count)]
 
 
-def start_node(scratch: Path, profile: Path, index: int) -> Process:
+def start_node(processes: Processes, scratch: Path, profile: Path) -> Process:
     replay = scratch / "replay.jsonl"
     replay.touch()
-    return Process(node_command(backend="replay", replay_file=str(replay)), scratch / f"node{index}.log",
-                   env=dict(os.environ, **{fastdds_profile_variable(): str(profile)}))
+    return processes.start(node_command(backend="replay", replay_file=str(replay)), name="node",
+                           env=dict(os.environ, **{fastdds_profile_variable(): str(profile)}))
+
+
+def caller_outcome(output: str) -> dict:
+    """What a --caller process printed last (its JSON line; ROS logging on stderr shares the log)."""
+    for line in reversed(output.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return {"found": False}
 
 
 # ----------------------------------------------------------------------------- caller side (rclpy from here on)
@@ -75,8 +83,7 @@ class Caller:
         from spatialthinker_ros.action import AskSpatial as AskAction
         from spatialthinker_ros.srv import AskSpatial
 
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context)
+        self.context = new_context()
         self.node = rclpy.create_node(name, context=self.context)
         self.srv_type, self.action_type = AskSpatial, AskAction
         self.service = self.node.create_client(AskSpatial, "/spatialthinker/ask")
@@ -135,12 +142,12 @@ def tally(outcomes: list[dict], node_logs: list[str]) -> dict:
             "resent_by_node": sum(REPLY_RESENT in line for line in lines)}
 
 
-def run_restart(args, scratch: Path, profile: Path) -> dict:
+def run_restart(args, processes: Processes, scratch: Path, profile: Path) -> dict:
     caller = Caller("reply_loss_long_lived_caller")
     outcomes, logs = [], []
     try:
         for i in range(args.runs):
-            node = start_node(scratch, profile, i)
+            node = start_node(processes, scratch, profile)
             try:
                 outcomes.append({"found": caller.found(STARTUP_TIMEOUT_S)})
                 if outcomes[-1]["found"]:
@@ -156,8 +163,8 @@ def run_restart(args, scratch: Path, profile: Path) -> dict:
     return tally(outcomes, logs)
 
 
-def run_fresh(args, scratch: Path, profile: Path) -> dict:
-    node = start_node(scratch, profile, 0)
+def run_fresh(args, processes: Processes, scratch: Path, profile: Path) -> dict:
+    node = start_node(processes, scratch, profile)
     outcomes = []
     try:
         probe = Caller("reply_loss_probe")
@@ -165,17 +172,17 @@ def run_fresh(args, scratch: Path, profile: Path) -> dict:
         probe.close()
         if not found:
             raise SystemExit("node did not come up:\n" + node.output())
-        pending: list[subprocess.Popen] = []
+        pending: list[Process] = []   # stopped by `processes` on any exit, a timeout included
         started = 0
         while started < args.runs or pending:
             while started < args.runs and len(pending) < args.parallel:
-                pending.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--caller"],
-                                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
+                pending.append(processes.start([sys.executable, str(Path(__file__).resolve()), "--caller"],
+                                               name="caller"))
                 started += 1
             waiting = pending.pop(0)
-            out, _ = waiting.communicate(timeout=STARTUP_TIMEOUT_S + 2 * REPLY_TIMEOUT_S)
-            line = out.strip().splitlines()[-1] if out.strip() else '{"found": false}'
-            outcomes.append(json.loads(line))
+            waiting.popen.wait(timeout=STARTUP_TIMEOUT_S + 2 * REPLY_TIMEOUT_S)
+            waiting.stop()   # it has exited: closes its log
+            outcomes.append(caller_outcome(waiting.output()))
             print(f"caller {len(outcomes)}/{args.runs}: {outcomes[-1]}", flush=True)
     finally:
         node.stop()
@@ -196,21 +203,21 @@ def main() -> int:
     if args.caller:
         return caller_process()
     scratch = isolate_ros(prefix="spatialthinker-reply-loss-")
-    profile = node_profile(scratch, args.reply_wait_ms)
-    busy = busy_processes(args.busy, scratch)
-    began = time.monotonic()
     try:
-        result = (run_restart if args.mode == "restart" else run_fresh)(args, scratch, profile)
+        profile = node_profile(scratch, args.reply_wait_ms)
+        # every process started here (busy, nodes, callers) is stopped by its pid on any exit, newest first
+        with Processes(scratch) as processes:
+            busy_processes(args.busy, processes)
+            began = time.monotonic()
+            result = (run_restart if args.mode == "restart" else run_fresh)(args, processes, scratch, profile)
+        result.update(mode=args.mode, runs=args.runs, busy=args.busy, cores=os.cpu_count(),
+                      reply_wait_ms=args.reply_wait_ms, seconds=round(time.monotonic() - began, 1),
+                      label=args.label, date=time.strftime("%Y-%m-%d"), load_average=os.getloadavg())
+        print(json.dumps(result))
+        runs = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+        RESULTS.write_text(json.dumps(runs + [result], indent=1) + "\n")
     finally:
-        for process in busy:
-            process.stop()
-    result.update(mode=args.mode, runs=args.runs, busy=args.busy, cores=os.cpu_count(),
-                  reply_wait_ms=args.reply_wait_ms, seconds=round(time.monotonic() - began, 1), label=args.label,
-                  date=time.strftime("%Y-%m-%d"), load_average=os.getloadavg())
-    print(json.dumps(result))
-    runs = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
-    RESULTS.write_text(json.dumps(runs + [result], indent=1) + "\n")
-    shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     return 0
 
 
