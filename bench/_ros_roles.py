@@ -7,7 +7,8 @@
     floor       a bare AskSpatial server that answers at once, plus an Image echo (ping -> pong) for round trips
 
 Each writes a small JSON status file about once a second (counts), so the parent can see it is working without
-joining the ROS graph. The parent sets the isolation environment (bench/_common.isolate_ros) before starting it.
+joining the ROS graph. The parent sets the isolation environment (spatialthinker_ros.harness.isolate_ros) before
+starting it.
 """
 
 from __future__ import annotations
