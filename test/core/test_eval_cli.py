@@ -3,21 +3,20 @@ backend, recordings in both storages, bad rows, the tiny checkpoint killed mid-r
 `transformers serve`, and compare."""
 
 import json
-import os
 import re
 import signal
 import subprocess
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
 import eval_data
 from eval_data import EXPECTED, ROWS
+from transformers_serve import ScriptedHandler
 
-from spatialthinker_ros.harness import interruptible, local_http_server, wait_for
+from spatialthinker_ros.harness import Process, local_http_server, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -114,12 +113,9 @@ def big_dataset(folder: Path, rows: int) -> Path:
     return path
 
 
-class _Gate(BaseHTTPRequestHandler):
+class _Gate(ScriptedHandler):
     """An OpenAI-compatible server that answers the first `server.open` requests at once and holds the rest
     until `server.release` is set: a run that is certainly mid-way when the test stops it."""
-
-    def log_message(self, *args) -> None:
-        pass
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -134,11 +130,7 @@ class _Gate(BaseHTTPRequestHandler):
                                            "finish_reason": "stop"}],
                               "usage": {"prompt_tokens": 50, "completion_tokens": 12}}).encode()
         try:
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+            self._send(200, payload)
         except (BrokenPipeError, ConnectionResetError):   # the killed client is gone
             pass
 
@@ -162,16 +154,13 @@ def test_killed_mid_run_resumes_without_asking_finished_rows(gate, tmp_path: Pat
     path, out = big_dataset(tmp_path, 12), tmp_path / "out"
     log = out / "predictions.jsonl"
     gate.open = 3
-    proc = subprocess.Popen(gated_run(path, out, gate), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = Process(gated_run(path, out, gate), tmp_path / "eval.log", name="spatialthinker-eval")
     try:
         wait_for(lambda: log.exists() and log.read_text().count("\n") == 3 and len(gate.asked) == 4, 120,
-                 "three predictions and the fourth request held")
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+                 "three predictions and the fourth request held", process=proc)
+        proc.stop(signal.SIGKILL, timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        proc.stop(signal.SIGKILL)   # stopped already unless the wait failed
     first = predictions(out)
     assert [r["index"] for r in first] == ["q0", "q1", "q2"]
     with log.open("a") as handle:               # as if the kill had cut a line short
@@ -191,18 +180,20 @@ def test_ctrl_c_stops_cleanly_and_keeps_finished_rows(gate, tmp_path: Path):
     path, out = big_dataset(tmp_path, 12), tmp_path / "out"
     log = out / "predictions.jsonl"
     gate.open = 2
-    proc = subprocess.Popen(gated_run(path, out, gate), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=interruptible)
+    # Process logs stdout and stderr together; the shell sends stdout to a file of its own and then execs the eval
+    # (same pid, default SIGINT from Process), so the log is stderr alone: what a failed wait shows, and what the
+    # assertions below read apart from stdout.
+    stdout_path = tmp_path / "eval.stdout"
+    proc = Process(["sh", "-c", 'exec "$@" > "$0"', str(stdout_path), *gated_run(path, out, gate)],
+                   tmp_path / "eval.stderr", name="spatialthinker-eval")
     try:
         wait_for(lambda: log.exists() and log.read_text().count("\n") == 2 and len(gate.asked) == 3, 120,
-                 "two predictions and the third request held")
-        proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=60)   # at once: the held request is not waited for
+                 "two predictions and the third request held", process=proc)
+        returncode = proc.stop(signal.SIGINT, timeout=60)   # at once: the held request is not waited for
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, stderr
+        proc.stop(signal.SIGKILL)   # stopped already unless the wait failed
+    stdout, stderr = stdout_path.read_text(), proc.output()
+    assert returncode == 130, stderr
     assert "interrupted after 2 rows; rerun the same command to resume" in stderr and "Traceback" not in stderr
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["scored"], summary["correct"], summary["pending"]) == (2, 2, 10)
