@@ -1,19 +1,17 @@
 """A running node measured as deployed (spatialthinker-eval --node), and inline options filling `choice` in the
 node's own answers."""
 
-import itertools
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from rclpy.node import Node
 from std_msgs.msg import Header
 
 import eval_data
 from eval_data import EXPECTED, ROWS
-from spatialthinker_ros.harness import node_command, pattern_image, spin_future, spin_until
+from spatialthinker_ros.harness import NodeClient, node_command, pattern_image
 from spatialthinker_ros.ros.conversions import rgb_to_image_msg
 from spatialthinker_ros.srv import AskSpatial
 
@@ -22,7 +20,6 @@ pytestmark = pytest.mark.timeout(240)
 EVAL = Path(sys.executable).parent / "spatialthinker-eval"
 CARD = "Where is the cat relative to the couch? (A) on top of (B) in front of (C) behind (D) beside"
 TRAINING = "Where is the cat relative to the couch?\nOptions: (A) on top of (B) in front of (C) behind (D) beside"
-IDS = itertools.count()
 
 
 @pytest.fixture
@@ -36,30 +33,27 @@ def dataset(tmp_path):
     return path, replay
 
 
-def ask(context, request: AskSpatial.Request) -> AskSpatial.Response:
-    node = Node(f"test_inline_{next(IDS)}", context=context)
-    try:
-        client = node.create_client(AskSpatial, "/spatialthinker/ask")
-        assert spin_until(node, client.service_is_ready, 60)
-        return spin_future(node, client.call_async(request), 30)
-    finally:
-        node.destroy_node()
+@pytest.fixture
+def client(ros_context):
+    c = NodeClient(ros_context, outputs=False)
+    yield c
+    c.close()
 
 
-def test_inline_options_fill_choice_in_the_nodes_answers(spawn, ros_context, dataset):
+def test_inline_options_fill_choice_in_the_nodes_answers(spawn, client, dataset):
     _, replay = dataset
     proc = spawn(node_command(backend="replay", replay_file=str(replay)), name="node")
     image = rgb_to_image_msg(pattern_image(320, 240), Header(frame_id="test"))
-    card = ask(ros_context, AskSpatial.Request(question=CARD, image=image))
+    client.wait_for_service(proc)
+    card = client.ask(question=CARD, image=image)
     assert card.success, (card.message, proc.output())
     assert card.answer.answer == "in front of the couch" and card.answer.choice == "B"
-    training = ask(ros_context, AskSpatial.Request(question=TRAINING, image=image))
+    training = client.ask(question=TRAINING, image=image)
     assert training.success and training.answer.choice == "C"
     # the same options inline and as the list are offered once; different ones are refused
-    both = ask(ros_context, AskSpatial.Request(question=CARD, options=["on top of", "in front of", "behind", "beside"],
-                                               image=image))
+    both = client.ask(question=CARD, options=["on top of", "in front of", "behind", "beside"], image=image)
     assert both.success and both.answer.choice == "B"
-    clash = ask(ros_context, AskSpatial.Request(question=CARD, options=["left", "right"], image=image))
+    clash = client.ask(question=CARD, options=["left", "right"], image=image)
     assert clash.error_code == AskSpatial.Response.ERROR_INVALID_REQUEST and "differ from the options" in clash.message
     assert proc.alive()
 
