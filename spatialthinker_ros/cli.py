@@ -31,6 +31,7 @@ from spatialthinker_ros.core.backends.base import Backend, GenerationConfig
 from spatialthinker_ros.core.backends.openai_backend import OpenAIConfig
 from spatialthinker_ros.core.backends.settings import DEFAULT_MODEL, TransformersConfig, applies_to, backend_settings
 from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage
+from spatialthinker_ros.core.images import decode_quietly, decode_rgb
 from spatialthinker_ros.core.pipeline import (PipelineConfig, answer_dict, check_image, finish_result, prepare_request,
                                               smaller_request)
 from spatialthinker_ros.core.prompt import STYLES, PromptConfig
@@ -307,25 +308,13 @@ def _read_bytes(path: Path, what: str) -> bytes:
     return data
 
 
-def _decode(data: bytes, flags: int) -> Optional[np.ndarray]:
-    """cv2.imdecode without OpenCV's own warnings on stderr: our error message says it all."""
-    level = cv2.utils.logging.getLogLevel()
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
-    try:
-        return cv2.imdecode(np.frombuffer(data, np.uint8), flags)
-    except cv2.error:
-        return None
-    finally:
-        cv2.utils.logging.setLogLevel(level)
-
-
 def read_image(path: Path) -> np.ndarray:
     """RGB uint8 HxWx3 (OpenCV reads BGR; grey and 16-bit images are converted)."""
-    bgr = _decode(_read_bytes(path, "image"), cv2.IMREAD_COLOR)
-    if bgr is None or bgr.size == 0:
+    rgb = decode_rgb(_read_bytes(path, "image"))
+    if rgb is None:
         raise UsageError(f"cannot decode image file {path}: corrupt, or not a format OpenCV reads "
                          "(PNG, JPEG, BMP, TIFF, WebP, ...)")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return rgb
 
 
 def read_depth(path: Path, depth_scale: float) -> DepthImage:
@@ -337,7 +326,7 @@ def read_depth(path: Path, depth_scale: float) -> DepthImage:
         except (ValueError, OSError, EOFError) as exc:
             raise UsageError(f"cannot load depth file {path} as a numpy array: {exc}") from None
     else:
-        depth = _decode(_read_bytes(path, "depth"), cv2.IMREAD_UNCHANGED)
+        depth = decode_quietly(_read_bytes(path, "depth"), cv2.IMREAD_UNCHANGED)
         if depth is None:
             raise UsageError(f"cannot decode depth file {path}: corrupt, or not a 16-bit PNG/TIFF or .npy")
     if depth.ndim == 3 and depth.shape[2] == 1:

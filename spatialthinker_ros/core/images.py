@@ -8,7 +8,7 @@ these few encodings need only numpy views. The rules an image must pass are the 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import cv2
 import numpy as np
@@ -76,6 +76,26 @@ def check_compressed(msg: Any) -> None:
             raise ImageError(f"{what} is a truncated PNG (no IEND chunk)")
     else:
         raise ImageError(f"{what} is neither JPEG nor PNG")
+
+
+def decode_quietly(data: bytes, flags: int = cv2.IMREAD_COLOR) -> Optional[np.ndarray]:
+    """cv2.imdecode of an image file's bytes without OpenCV's own warnings on stderr (the caller's error says it
+    all); None when OpenCV cannot read them."""
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    try:
+        return cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    except cv2.error:
+        return None
+    finally:
+        cv2.utils.logging.setLogLevel(level)
+
+
+def decode_rgb(data: bytes) -> Optional[np.ndarray]:
+    """An image file's bytes (PNG, JPEG, BMP, TIFF, WebP, ...) -> RGB uint8 HxWx3, grey and 16-bit images
+    converted; None when they hold no image OpenCV reads."""
+    bgr = decode_quietly(data, cv2.IMREAD_COLOR)
+    return None if bgr is None or bgr.size == 0 else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def compressed_to_rgb(msg: Any, max_pixels: int) -> np.ndarray:

@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
-import cv2
 import numpy as np
 
 from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage
+from spatialthinker_ros.core.images import decode_rgb
 from spatialthinker_ros.core.parsing import choose_option
 from spatialthinker_ros.core.prompt import answer_options, option_letter
 
@@ -294,10 +294,10 @@ def decode_image(data: bytes) -> np.ndarray:
     """Encoded image bytes -> RGB uint8 HxWx3, or BadRowError."""
     if not data:
         raise BadRowError("the image is empty")
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if bgr is None or bgr.size == 0:
+    rgb = decode_rgb(data)
+    if rgb is None:
         raise BadRowError(f"the image ({len(data)} bytes) cannot be decoded")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return rgb
 
 
 # ---- files ----------------------------------------------------------------------------------------------
