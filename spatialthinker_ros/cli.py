@@ -402,10 +402,11 @@ def to_json(result: dict[str, Any]) -> str:
     return _FLAT.sub(lambda m: m.group(1) + re.sub(r",\n\s+", ", ", m.group(2)) + m.group(3), text)
 
 
-def quiet_libraries(verbose: bool) -> None:
-    """Without -v, stderr carries only our one-line errors: no progress bars or advisory warnings."""
+def quiet_libraries(verbose: bool, prog: str = PROG) -> None:
+    """Without -v, stderr carries only our one-line errors: no progress bars or advisory warnings. Log lines
+    start with `prog`, the command that printed them."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format=f"{PROG}: %(levelname)s: %(name)s: %(message)s")
+                        format=f"{prog}: %(levelname)s: %(name)s: %(message)s")
     if not verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -20,17 +20,17 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from spatialthinker_ros import cli
+from spatialthinker_ros.cli import EXIT_BACKEND, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE   # spatialthinker-ask's codes
 from spatialthinker_ros.core.evaluation.data import FORMATS, Dataset, read_dataset
 from spatialthinker_ros.core.evaluation.recordings import RecordingCache
 from spatialthinker_ros.core.evaluation.runner import (Answerer, PipelineAnswerer, PredictionLog, bad_row_record,
                                                         evaluate, is_finished, read_predictions)
-from spatialthinker_ros.core.evaluation.scoring import (compare, comparison_markdown, latest_records, summarize,
-                                                         summary_markdown)
+from spatialthinker_ros.core.evaluation.scoring import (compare, comparison_markdown, is_scored, latest_records,
+                                                         summarize, summary_markdown)
 from spatialthinker_ros.core.backends.settings import DEFAULT_MODEL, backend_settings
 from spatialthinker_ros.core.types import BackendError, BackendErrorKind
 
 PROG = "spatialthinker-eval"
-EXIT_OK, EXIT_USAGE, EXIT_BACKEND, EXIT_INTERRUPTED = 0, 2, 3, 130
 SERVER_CONCURRENCY = 8          # requests in flight for the openai backend and --node, unless --concurrency
 NODE_WAIT_S = 30.0              # --node: how long the service may take to appear
 NODE_TIMEOUT_S = 600.0          # --node: per request, unless --timeout (the node has its own request_timeout)
@@ -53,17 +53,13 @@ examples:
 """
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    pass
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=EPILOG,
-                                     formatter_class=_Formatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{run,compare}")
 
     run = commands.add_parser("run", help="ask every row and score the answers", epilog=EPILOG,
-                              formatter_class=_Formatter)
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("data", nargs="+", type=Path, metavar="DATA",
                      help="benchmark or JSONL file(s): VLMEvalKit TSV/parquet, CV-Bench jsonl/parquet, "
                           "STVQA parquet, or the project's JSONL (images or rosbag2 recordings)")
@@ -88,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     running.add_argument("-v", "--verbose", action="store_true", help="log model loading and library warnings")
 
     comp = commands.add_parser("compare", help="two runs side by side, with an exact McNemar test",
-                               formatter_class=_Formatter)
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     comp.add_argument("run_a", type=Path, metavar="DIR_A", help="the --out folder of the first run")
     comp.add_argument("run_b", type=Path, metavar="DIR_B", help="the --out folder of the second run")
     comp.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -101,7 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    cli.quiet_libraries(getattr(args, "verbose", False))
+    cli.quiet_libraries(getattr(args, "verbose", False), PROG)
     try:
         code = run_command(args) if args.command == "run" else compare_command(args)
     except cli.UsageError as exc:
@@ -211,7 +207,7 @@ def _evaluate(dataset: Dataset, answerer: Answerer, log: PredictionLog, todo: in
         correct = [0, 0]
 
         def on_row(record: dict[str, Any]) -> None:
-            if "skipped" not in record:
+            if is_scored(record):
                 correct[0] += bool(record["correct"])
                 correct[1] += 1
                 bar.set_postfix_str(f"accuracy {correct[0] / correct[1]:.1%}", refresh=False)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Optional, Protocol, Sequence
 
 from spatialthinker_ros.core.backends.base import Backend
 from spatialthinker_ros.core.evaluation.data import BadRow, BadRowError, EvalItem, Frame
-from spatialthinker_ros.core.evaluation.scoring import latest_records
+from spatialthinker_ros.core.evaluation.scoring import is_scored, latest_records
 from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, prepare_request
 from spatialthinker_ros.core.request import RequestError
 from spatialthinker_ros.core.types import BackendError, SpatialResult
@@ -150,7 +150,7 @@ class PredictionLog:
 
 def is_finished(record: Optional[dict[str, Any]]) -> bool:
     """Whether a row's last record is an answer (a skipped or failed row is asked again on resume)."""
-    return record is not None and "skipped" not in record and not record.get("error")
+    return record is not None and is_scored(record) and not record.get("error")
 
 
 def read_predictions(path: Path) -> list[dict[str, Any]]:
@@ -190,10 +190,10 @@ def bad_row_record(row: BadRow) -> dict[str, Any]:
 
 
 def evaluate(items: Sequence[EvalItem], answerer: Answerer, log: PredictionLog,
-             on_row: Callable[[dict[str, Any]], None] = lambda record: None) -> int:
-    """Ask every unfinished row; each record is appended (and passed to on_row) as it comes. Returns how many
-    rows were answered. Workers are daemon threads, so Ctrl-C (KeyboardInterrupt here) stops at once:
-    finished rows are already on disk and an interrupted batch is asked again on resume."""
+             on_row: Callable[[dict[str, Any]], None] = lambda record: None) -> None:
+    """Ask every unfinished row; each record is appended (and passed to on_row) as it comes. Workers are daemon
+    threads, so Ctrl-C (KeyboardInterrupt here) stops at once: finished rows are already on disk and an
+    interrupted batch is asked again on resume."""
     todo = [item for item in items if not log.finished(item.index)]
     batches: queue.Queue = queue.Queue()
     for start in range(0, len(todo), answerer.batch_size):
@@ -203,13 +203,10 @@ def evaluate(items: Sequence[EvalItem], answerer: Answerer, log: PredictionLog,
     for n in range(workers):
         threading.Thread(target=_work, args=(batches, results, answerer), name=f"spatialthinker-eval-{n}",
                          daemon=True).start()
-    answered = 0
     for _ in range(len(todo)):
         record = results.get()
         log.append(record)
-        answered += "skipped" not in record
         on_row(record)
-    return answered
 
 
 def _work(batches: queue.Queue, results: queue.Queue, answerer: Answerer) -> None:
