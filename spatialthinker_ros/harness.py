@@ -311,34 +311,30 @@ def _spin_in_thread(node: Any, context: Any, name: str) -> tuple[Any, threading.
 class FakeCamera:
     """Publishes colour (rgb8, or JPEG on image/compressed) + depth + CameraInfo at a fixed rate, with sensor-data
     QoS and one stamp per frame, like a driver. Depth and CameraInfo go out before the colour frame of the same
-    stamp, as they pair in the node. With a `context` it spins its own node on a thread, so frames keep flowing
-    while the caller waits; given a `node` instead, it only adds publishers and a timer to it.
+    stamp, as they pair in the node. It spins its own node on a thread in `context`, so frames keep flowing while
+    the caller waits.
 
     depth_m: metres, sent as `depth_encoding` (32FC1 metres or 16UC1 millimetres); None: colour only.
     depth_lags: each depth frame (and CameraInfo) carries the previous colour frame's stamp, as from a driver whose
     depth arrives one frame late.
     """
 
-    def __init__(self, context: Any = None, prefix: str = "", width: int = 640, height: int = 480,
+    def __init__(self, context: Any, prefix: str = "", width: int = 640, height: int = 480,
                  rate_hz: float = 20.0, frame_id: str = "camera_color_optical_frame", compressed: bool = False,
                  depth_m: Optional[np.ndarray] = None, depth_encoding: str = "32FC1",
                  k: Optional[Sequence[float]] = None, stamp_offset_s: float = 0.0, depth_lags: bool = False,
-                 rgb: Optional[np.ndarray] = None, node: Any = None):
+                 rgb: Optional[np.ndarray] = None):
         from rclpy.node import Node
         from rclpy.qos import qos_profile_sensor_data
         from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
-        if (context is None) == (node is None):
-            raise ValueError("give either a context (own node and thread) or a node (spun by the caller)")
         self.rgb = pattern_image(width, height) if rgb is None else np.ascontiguousarray(rgb)
         height, width = self.rgb.shape[:2]
         self.frame_id, self.compressed, self.stamp_offset_s = frame_id, compressed, stamp_offset_s
         self.depth_m, self.depth_lags, self._previous_header = depth_m, depth_lags, None
         self.published_stamps: list[tuple[int, int]] = []   # (sec, nanosec) of every colour frame sent
-        self.published = 0
         self._to_subscribers = 0
-        self._own = node is None
-        self.node = Node(f"fake_camera_{os.getpid()}_{id(self)}", context=context) if self._own else node
+        self.node = Node(f"fake_camera_{os.getpid()}_{id(self)}", context=context)
         qos = qos_profile_sensor_data
         if compressed:
             import cv2
@@ -372,9 +368,7 @@ class FakeCamera:
         self._publishers = [p for p in (self.colour_pub, getattr(self, "depth_pub", None),
                                         getattr(self, "info_pub", None)) if p is not None]
         self.node.create_timer(1.0 / rate_hz, self.publish)
-        self._executor = self._thread = None
-        if self._own:
-            self._executor, self._thread = _spin_in_thread(self.node, context, "fake-camera")
+        self._executor, self._thread = _spin_in_thread(self.node, context, "fake-camera")
 
     def header(self) -> Any:
         from rclpy.duration import Duration
@@ -395,7 +389,6 @@ class FakeCamera:
             self.info_pub.publish(self._info)
         self._colour.header = header
         self.colour_pub.publish(self._colour)
-        self.published += 1
         self._to_subscribers = self._to_subscribers + 1 if self.subscribed() else 0
         self.published_stamps.append((header.stamp.sec, header.stamp.nanosec))
 
@@ -416,10 +409,9 @@ class FakeCamera:
         return not any(p.get_subscription_count() for p in self._publishers)
 
     def close(self) -> None:
-        if self._own:
-            self._executor.shutdown(timeout_sec=2.0)
-            self._thread.join(timeout=5.0)
-            self.node.destroy_node()
+        self._executor.shutdown(timeout_sec=2.0)
+        self._thread.join(timeout=5.0)
+        self.node.destroy_node()
 
 
 class FramePublisher:
@@ -491,10 +483,10 @@ class NodeClient:
     and fails with WaitFailed naming what did not arrive (with the node's state and log tail when `process` is
     known), at once if the node process exits.
 
-    With `outputs`, subscribes to the node's answer, scene_graph and markers topics (and debug_image with
-    `debug_image`); what arrives is kept in `answers`, `graphs`, `markers`, `debug`. The node's counters (~/stats,
-    published after every reply) are kept in `stats`, newest last, as dicts. A benchmark leaves them off:
-    a subscriber makes the node send what it publishes.
+    With `outputs`, subscribes to the node's answer, scene_graph, markers and stats topics (and debug_image with
+    `debug_image`); what arrives is kept in `answers`, `graphs`, `markers`, `stats` (the node's counters,
+    published after every reply, as dicts), `debug`, newest last. A benchmark leaves them off: a subscriber makes
+    the node send what it publishes.
     """
 
     def __init__(self, context: Any, namespace: str = DEFAULT_NAMESPACE, process: Optional[Process] = None,
@@ -504,10 +496,12 @@ class NodeClient:
         from rclpy.node import Node
         from rclpy.qos import QoSProfile
         from sensor_msgs.msg import Image
+        from std_msgs.msg import String
         from visualization_msgs.msg import MarkerArray
 
         from spatialthinker_ros.action import AskSpatial as AskSpatialAction
         from spatialthinker_ros.msg import SceneGraph, SpatialAnswer
+        from spatialthinker_ros.ros.stats import STATS_QOS
         from spatialthinker_ros.srv import AskSpatial
 
         self.Service, self.Action = AskSpatial, AskSpatialAction
@@ -516,21 +510,17 @@ class NodeClient:
         self.service = self.node.create_client(AskSpatial, f"{self.namespace}/ask",
                                                qos_profile=QoSProfile(depth=queue_depth))
         self.action = ActionClient(self.node, AskSpatialAction, f"{self.namespace}/ask_action")
-        from std_msgs.msg import String
-
-        from spatialthinker_ros.ros.stats import STATS_QOS
-
-        self.stats: list[dict[str, Any]] = []
-        self.node.create_subscription(String, f"{self.namespace}/stats",
-                                      lambda message: self.stats.append(json.loads(message.data)), STATS_QOS)
         self.answers: list[Any] = []
         self.graphs: list[Any] = []
         self.markers: list[Any] = []
+        self.stats: list[dict[str, Any]] = []
         self.debug: list[Any] = []
         if outputs:
             self.node.create_subscription(SpatialAnswer, f"{self.namespace}/answer", self.answers.append, 10)
             self.node.create_subscription(SceneGraph, f"{self.namespace}/scene_graph", self.graphs.append, 10)
             self.node.create_subscription(MarkerArray, f"{self.namespace}/markers", self.markers.append, 10)
+            self.node.create_subscription(String, f"{self.namespace}/stats",
+                                          lambda message: self.stats.append(json.loads(message.data)), STATS_QOS)
         if outputs and debug_image:
             self.node.create_subscription(Image, f"{self.namespace}/debug_image", self.debug.append, 2)
 
