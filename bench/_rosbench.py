@@ -16,7 +16,8 @@ from typing import Optional
 import rclpy
 from rclpy.qos import QoSProfile
 
-from spatialthinker_ros.harness import NodeClient, Process, WaitFailed, node_command, spin_wait, wait_for
+from spatialthinker_ros.harness import NodeClient, Process, WaitFailed, spin_wait, wait_for
+from spatialthinker_ros.launch_config import parameter_arguments
 from spatialthinker_ros.srv import AskSpatial
 
 from bench._common import BENCH_DIR
@@ -46,7 +47,7 @@ def write_replay_file(directory: Path) -> Path:
 
 def probed_node_args(status: Path, **params) -> list[str]:
     """The node's own main() with a frame-count probe (bench/_node_probe.py), same parameters."""
-    return [PYTHON, str(BENCH_DIR / "_node_probe.py"), str(status)] + node_command(**params)[1:]
+    return [PYTHON, str(BENCH_DIR / "_node_probe.py"), str(status), "--ros-args", *parameter_arguments(params)]
 
 
 def role_args(role: str, status: Path, **options) -> list[str]:

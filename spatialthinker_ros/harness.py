@@ -188,17 +188,21 @@ class Processes:
         self.stop_all()
 
 
-def node_command(*ros_args: str, **params: Any) -> list[str]:
-    """The installed spatialthinker_node (next to this Python, else on PATH, else its module) with `ros_args`
-    (e.g. "-r", "__node:=name") and -p name:=value for each parameter (lists as YAML)."""
+def node_executable() -> list[str]:
+    """What starts the node: the installed spatialthinker_node (next to this Python, else on PATH), else its
+    module run by this Python."""
     executable = Path(sys.executable).parent / "spatialthinker_node"
     if executable.is_file():
-        command = [str(executable)]
-    elif shutil.which("spatialthinker_node"):
-        command = [str(shutil.which("spatialthinker_node"))]
-    else:
-        command = [sys.executable, "-m", "spatialthinker_ros.ros.node"]
-    return command + ["--ros-args", *ros_args, *parameter_arguments(params)]
+        return [str(executable)]
+    if shutil.which("spatialthinker_node"):
+        return [str(shutil.which("spatialthinker_node"))]
+    return [sys.executable, "-m", "spatialthinker_ros.ros.node"]
+
+
+def node_command(*ros_args: str, **params: Any) -> list[str]:
+    """node_executable() with `ros_args` (e.g. "-r", "__node:=name") and -p name:=value for each parameter
+    (lists as YAML)."""
+    return node_executable() + ["--ros-args", *ros_args, *parameter_arguments(params)]
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str, process: Optional[Process] = None,

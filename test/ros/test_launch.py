@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from rcl_interfaces.srv import ListParameters
-from spatialthinker_ros.harness import FakeCamera, NodeClient, node_command, spin_future, spin_until
+from spatialthinker_ros.harness import FakeCamera, NodeClient, node_command, node_executable, spin_future, spin_until
 
 from spatialthinker_ros.launch_config import LAUNCH_ARGUMENTS, node_launch, ros_arguments
 from spatialthinker_ros.ros.parameters import BY_NAME, PARAMETERS, descriptor
@@ -133,7 +133,7 @@ def test_launch_arguments_drive_the_real_node(spawn, ros_context, tmp_path):
                                   "<answer>left</answer>"}) + "\n")
     launch = node_launch({"namespace": "robot1", "image_topic": "/cam/color/image", "backend": "replay",
                           "replay_file": str(replay), "log_level": "info"}, SHARE)
-    proc = spawn([node_command()[0], *ros_arguments(launch)], name="launched-node")
+    proc = spawn([*node_executable(), *ros_arguments(launch)], name="launched-node")
     camera = FakeCamera(ros_context, prefix="/cam/color/", width=320, height=240)
     client = NodeClient(ros_context, "/robot1/spatialthinker", node_name="launch_client", outputs=False)
     node = client.node
