@@ -177,15 +177,14 @@ def fuzz(tmp_path_factory):
     cam = FakeCamera(context, prefix="fuzz/", width=320, height=240, rate_hz=15.0,
                          depth_m=np.full((240, 320), 2.0, np.float32),
                          k=[250.0, 0.0, 160.0, 0.0, 250.0, 120.0, 0.0, 0.0, 1.0])
-    args = node_command(**replay_params(replay, max_question_chars=FUZZ_MAX_QUESTION, max_image_age=0.0))
-    proc = Process(args + ["-r", "__ns:=/fuzz"], tmp / "node.log")
+    proc = Process(node_command("-r", "__ns:=/fuzz", **replay_params(replay, max_question_chars=FUZZ_MAX_QUESTION,
+                                                                     max_image_age=0.0)), tmp / "node.log")
     client_ = NodeClient(context, namespace="/fuzz/spatialthinker")
     try:
         assert client_.ask_until_ready(proc, question=QUESTION, options=OPTIONS).success, proc.output()
         yield client_, proc
     finally:
-        client_.action.destroy()
-        client_.node.destroy_node()
+        client_.close()
         cam.close()
         code = proc.stop()
         context.try_shutdown()
