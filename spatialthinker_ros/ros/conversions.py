@@ -115,7 +115,7 @@ def answer_from_msg(msg: SpatialAnswer) -> tuple[ParsedResponse, InferenceResult
     parsed = ParsedResponse(observation=msg.observation, scene=scene, scene_complete=bool(scene.objects),
                             reasoning=msg.reasoning, answer=msg.answer, choice=msg.choice,
                             status=AnswerStatus(msg.status),
-                            problems=(msg.status_message,) if msg.status_message else ())
+                            problems=tuple(p for p in msg.status_message.split("; ") if p))
     inference = InferenceResult(text=msg.raw_response, prompt_tokens=msg.prompt_tokens,
                                 completion_tokens=msg.completion_tokens, model=msg.model,
                                 seconds=msg.inference_time.sec + msg.inference_time.nanosec * 1e-9)

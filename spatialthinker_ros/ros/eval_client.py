@@ -12,12 +12,9 @@ from rclpy.executors import SingleThreadedExecutor
 from std_msgs.msg import Header
 
 from spatialthinker_ros.core.evaluation.data import EvalItem, Frame
-from spatialthinker_ros.core.evaluation.runner import RowAnswer, object_json
-from spatialthinker_ros.ros.conversions import rgb_to_image_msg
+from spatialthinker_ros.core.evaluation.runner import RowAnswer, row_answer
+from spatialthinker_ros.ros.conversions import answer_from_msg, rgb_to_image_msg
 from spatialthinker_ros.srv import AskSpatial
-
-_STATUS_NAMES = {0: "complete", 1: "partial", 2: "no_answer"}
-
 
 class NodeError(RuntimeError):
     """The node cannot be reached."""
@@ -68,15 +65,8 @@ class NodeAnswerer:
         if response is None or not response.success:
             why = f"error {response.error_code}: {response.message}" if response is not None else "no response"
             return RowAnswer(error=f"{self.service} {why}", latency_s=latency)
-        answer = response.answer
-        return RowAnswer(
-            output=answer.raw_response, parsed_answer=answer.answer, choice=answer.choice,
-            status=_STATUS_NAMES.get(answer.status, str(answer.status)),
-            problems=[p for p in answer.status_message.split("; ") if p], latency_s=latency,
-            prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens,
-            objects=[object_json(o.id, (o.x_min, o.y_min, o.x_max, o.y_max), o.position if o.has_position else None)
-                     for o in answer.scene_graph.objects],
-        )
+        parsed, inference = answer_from_msg(response.answer)
+        return row_answer(parsed, inference, latency)
 
     def close(self) -> None:
         """Stop spinning before the node and context go: rclpy aborts the process if a spinning thread

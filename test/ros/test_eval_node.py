@@ -73,6 +73,16 @@ def test_eval_through_a_running_node(spawn, dataset, tmp_path):
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [r["correct"] for r in sorted(rows, key=lambda r: int(r["index"][1:]))] == [row.correct for row in ROWS]
     assert all(r["output"].startswith("<observe>") and r["latency_s"] > 0 for r in rows)
+    # the node's SpatialAnswers become the same rows as the same replay answered in-process
+    local = tmp_path / "local"
+    done = subprocess.run([str(EVAL), "run", str(path), "--out", str(local), "--backend", "replay", "--replay-file",
+                           str(replay), "--no-progress"], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    in_process = {r["index"]: r for r in map(json.loads, (local / "predictions.jsonl").read_text().splitlines())}
+    fields = ("output", "parsed_answer", "choice", "status", "problems", "objects")
+    assert any(r["objects"] and r["problems"] for r in rows), "the rows exercise objects and problems"
+    assert [{k: r.get(k) for k in fields} for r in rows] == [{k: in_process[r["index"]].get(k) for k in fields}
+                                                             for r in rows]
 
 
 def test_eval_reports_a_node_that_is_not_there(tmp_path):

@@ -26,7 +26,7 @@ from spatialthinker_ros.core.evaluation.data import BadRow, BadRowError, EvalIte
 from spatialthinker_ros.core.evaluation.scoring import is_scored, latest_records
 from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, prepare_request
 from spatialthinker_ros.core.request import RequestError
-from spatialthinker_ros.core.types import BackendError, SpatialResult
+from spatialthinker_ros.core.types import BackendError, InferenceResult, ParsedResponse, SceneObject
 
 
 @dataclass
@@ -90,28 +90,27 @@ class PipelineAnswerer:
                 result = finish_result(request, outcome, list(item.options),
                                        camera_size=(frame.rgb.shape[1], frame.rgb.shape[0]), depth=frame.depth,
                                        intrinsics=frame.intrinsics, config=self.config)
-                answers[i] = result_answer(result)
+                answers[i] = row_answer(result.parsed, result.inference, result.inference.seconds)
         return [a if a is not None else RowAnswer(error="no answer") for a in answers]
 
     def close(self) -> None:
         self.backend.close()
 
 
-def result_answer(result: SpatialResult) -> RowAnswer:
-    """A pipeline result as a row's answer."""
-    parsed, inference = result.parsed, result.inference
+def row_answer(parsed: ParsedResponse, inference: InferenceResult, latency_s: float) -> RowAnswer:
+    """A parsed answer as a row's answer, in-process or from a node's SpatialAnswer alike."""
     return RowAnswer(
         output=inference.text, parsed_answer=parsed.answer, choice=parsed.choice,
-        status=parsed.status.name.lower(), problems=list(parsed.problems), latency_s=inference.seconds,
+        status=parsed.status.name.lower(), problems=list(parsed.problems), latency_s=latency_s,
         prompt_tokens=inference.prompt_tokens, completion_tokens=inference.completion_tokens,
-        objects=[object_json(o.id, (o.box.x_min, o.box.y_min, o.box.x_max, o.box.y_max), o.position)
-                 for o in parsed.scene.objects],
+        objects=[object_json(o) for o in parsed.scene.objects],
     )
 
 
-def object_json(obj_id: str, box: Sequence[float], position: Any) -> dict[str, Any]:
+def object_json(obj: SceneObject) -> dict[str, Any]:
     """One scene object of a prediction: box in the image's pixels, centre in metres when depth gave one."""
-    entry: dict[str, Any] = {"id": obj_id, "box": [round(v, 2) for v in box]}
+    box, position = obj.box, obj.position
+    entry: dict[str, Any] = {"id": obj.id, "box": [round(v, 2) for v in (box.x_min, box.y_min, box.x_max, box.y_max)]}
     if position is not None:
         entry["position_m"] = [round(position.x, 4), round(position.y, 4), round(position.z, 4)]
     return entry
