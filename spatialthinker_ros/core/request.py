@@ -23,6 +23,7 @@ MAX_ASPECT_RATIO = 200          # Qwen2.5-VL's image processor refuses longer im
 MAX_FRAME_ID_CHARS = 256        # a request image's frame_id is copied into every output message
 MAX_REQUEST_IMAGE_PIXELS = 4096 * 4096   # default cap on request and camera images (node: max_request_image_pixels)
 ASPECT_TOLERANCE = 0.02         # depth and colour must show the same field of view to be paired
+DEPTH_SYNC_TOLERANCE_S = 0.05   # ...and stamps this close (default; node: depth_sync_tolerance)
 OOM_RETRY_SCALE = 0.5           # per side, for the one retry after the backend ran out of memory
 OOM_RETRY_MIN_PIXELS = 200_000  # smaller images are not retried: halving them would not help
 PATCH = 28                      # Qwen2.5-VL's resize factor: 14-pixel patches merged 2x2

@@ -21,7 +21,7 @@ from spatialthinker_ros.core.backends.settings import (ATTENTION_IMPLEMENTATIONS
 from spatialthinker_ros.core.pipeline import PipelineConfig
 from spatialthinker_ros.core.prompt import STYLES
 from spatialthinker_ros.core.relations import RelationCheckConfig
-from spatialthinker_ros.core.request import QWEN_MIN_PIXELS
+from spatialthinker_ros.core.request import DEPTH_SYNC_TOLERANCE_S, QWEN_MIN_PIXELS
 from spatialthinker_ros.core.validation import validate_model_reference, validate_server_url
 
 Check = Callable[[Any], Optional[str]]   # returns the reason a value is invalid, or None
@@ -125,7 +125,7 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("use_depth", True, "subscribe to <cam>/depth and <cam>/camera_info and add 3D positions"),
     ParamSpec("depth_scale", 0.001, "metres per unit of 16UC1 depth (0.001 = millimetres)",
               float_range=(1e-6, 10.0)),
-    ParamSpec("depth_sync_tolerance", 0.05, "seconds between colour and paired depth stamps",
+    ParamSpec("depth_sync_tolerance", DEPTH_SYNC_TOLERANCE_S, "seconds between colour and paired depth stamps",
               float_range=(0.0, 10.0), applies="next request"),
     ParamSpec("check_relations", RelationCheckConfig().enabled,
               "check each relation of the answer against the 3D positions (SceneRelation.check); false = all "

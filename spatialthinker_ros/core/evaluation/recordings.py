@@ -4,7 +4,8 @@ A row names a colour topic and a time in seconds from the start of the recording
 nearest that time is used. A depth frame is paired with it as the node pairs them: the one whose header
 stamp is closest to the colour frame's, if within the tolerance (stamps of zero fall back to log time).
 The CameraInfo logged nearest the colour frame gives the intrinsics. Decoding is core/images.py's, the
-node's own.
+node's own; frames larger than the pipeline takes by default (MAX_REQUEST_IMAGE_PIXELS) are refused before
+they are decoded, so a corrupt size cannot allocate gigabytes.
 """
 
 from __future__ import annotations
@@ -19,13 +20,12 @@ from typing import Any, Optional
 from spatialthinker_ros.core.evaluation.data import BadRowError, Frame
 from spatialthinker_ros.core.images import (ImageError, compressed_to_rgb, depth_image, image_to_rgb,
                                             intrinsics_from_camera_info)
+from spatialthinker_ros.core.request import DEPTH_SYNC_TOLERANCE_S, MAX_REQUEST_IMAGE_PIXELS
 
 COLOUR_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
 DEPTH_TYPE = "sensor_msgs/msg/Image"
 INFO_TYPE = "sensor_msgs/msg/CameraInfo"
-DEPTH_SYNC_TOLERANCE_S = 0.05    # the node's depth_sync_tolerance default
 PAIRING_WINDOW_S = 1.0           # depth frames this far (log time) from the colour frame are candidates
-MAX_PIXELS = 7680 * 4320         # what a recorded frame may hold (8K): a corrupt size must not allocate GBs
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class _Recording:
                 depth_msg = self._paired_depth(where.depth_topic, colour_time, colour)
                 if depth_msg is not None:
                     try:
-                        depth = depth_image(depth_msg, where.depth_scale, MAX_PIXELS)
+                        depth = depth_image(depth_msg, where.depth_scale, MAX_REQUEST_IMAGE_PIXELS)
                     except ImageError as exc:
                         raise BadRowError(f"{where.depth_topic}: {exc}") from None
             return Frame(rgb, depth, intrinsics)
@@ -140,8 +140,8 @@ class _Recording:
     def _decode_colour(self, topic: str, msg: Any) -> Any:
         try:
             if hasattr(msg, "format"):
-                return compressed_to_rgb(msg, MAX_PIXELS)
-            return image_to_rgb(msg, MAX_PIXELS)
+                return compressed_to_rgb(msg, MAX_REQUEST_IMAGE_PIXELS)
+            return image_to_rgb(msg, MAX_REQUEST_IMAGE_PIXELS)
         except ImageError as exc:
             raise BadRowError(f"{topic}: {exc}") from None
 
