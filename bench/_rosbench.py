@@ -16,7 +16,7 @@ from typing import Optional
 import rclpy
 from rclpy.qos import QoSProfile
 
-from spatialthinker_ros.harness import NodeClient, Process, WaitFailed, spin_wait, wait_for
+from spatialthinker_ros.harness import NodeClient, Process, wait_for
 from spatialthinker_ros.launch_config import parameter_arguments
 from spatialthinker_ros.srv import AskSpatial
 
@@ -87,15 +87,9 @@ class Asker(NodeClient):
     def timed_call(self, request: AskSpatial.Request, service: Optional[str] = None,
                    timeout: float = 30.0) -> tuple[AskSpatial.Response, float]:
         """(response, seconds) from `service` (default: the node's ~/ask); WaitFailed after `timeout`."""
-        client = self.service if service is None else self.other(service)
         started = time.perf_counter()
-        future = client.call_async(request)
-        try:
-            spin_wait(self.node, future.done, timeout, f"the reply of {service or self.service.srv_name}")
-        except WaitFailed:
-            client.remove_pending_request(future)
-            raise
-        return future.result(), time.perf_counter() - started
+        response = self.call(request, timeout, None if service is None else self.other(service))
+        return response, time.perf_counter() - started
 
     def wait_ready(self, proc: Process, timeout: float = 60.0, **fields) -> AskSpatial.Response:
         """Until the node answers successfully; RuntimeError with its log tail if it answers with an error."""
@@ -109,13 +103,14 @@ def poke_status(path: Path, proc: Process, timeout: float = 3.0) -> dict:
     """Ask a process that writes its status on SIGUSR1 (node probe, bare subscriber) for its counts, now."""
     before = read_status(path).get("seq", 0)
     os.kill(proc.pid, signal.SIGUSR1)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = read_status(path)
-        if status.get("seq", 0) > before:
-            return status
-        time.sleep(0.005)
-    raise WaitFailed(f"{proc.name} did not write its status within {timeout} s: {proc.describe()}")
+    status: dict = {}
+
+    def written() -> bool:
+        status.update(read_status(path))
+        return status.get("seq", 0) > before
+
+    wait_for(written, timeout, f"{proc.name} to write its status", proc, interval=0.005)
+    return status
 
 
 def wait_poked(path: Path, key: str, proc: Process, timeout: float = 30.0) -> None:

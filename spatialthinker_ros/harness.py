@@ -545,13 +545,15 @@ class NodeClient:
         self.watch(process)
         self.wait(self.action.server_is_ready, timeout, f"the action server {self.namespace}/ask_action")
 
-    def call(self, request: Any, timeout: float = 30.0) -> Any:
-        """One service call; WaitFailed (the pending request dropped) when no reply comes in time."""
-        future = self.service.call_async(request)
+    def call(self, request: Any, timeout: float = 30.0, client: Any = None) -> Any:
+        """One service call on `client` (default: the node's ~/ask); WaitFailed (the pending request dropped)
+        when no reply comes in time."""
+        client = client or self.service
+        future = client.call_async(request)
         try:
-            self.wait(future.done, timeout, f"the reply of {self.namespace}/ask")
+            self.wait(future.done, timeout, f"the reply of {client.srv_name}")
         except WaitFailed:
-            self.service.remove_pending_request(future)
+            client.remove_pending_request(future)
             raise
         return future.result()
 
