@@ -14,11 +14,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from rclpy.node import Node
-from spatialthinker_ros.harness import spin_future, spin_until
 from sensor_msgs.msg import Image
 
-from spatialthinker_ros.srv import AskSpatial
+from spatialthinker_ros.harness import NodeClient
 
 REPO = Path(__file__).resolve().parents[2]
 VENV = Path(sys.prefix)
@@ -69,15 +67,12 @@ def test_colcon_workspace_build_installs_a_node_that_answers(tmp_path, spawn, ro
                f"-p backend:=replay -p replay_file:={replay} -p use_depth:=false")
     proc = spawn(["bash", "--noprofile", "--norc", "-c", command], name="colcon-node", env=underlay_env())
 
-    node = Node("colcon_client", context=ros_context)
+    client = NodeClient(ros_context, node_name="colcon_client", outputs=False)
     try:
-        client = node.create_client(AskSpatial, "/spatialthinker/ask")
-        assert spin_until(node, lambda: client.service_is_ready() or not proc.alive(), STARTUP) and proc.alive(), \
-            proc.output()
+        client.wait_for_service(proc, STARTUP)
         rgb = np.zeros((120, 160, 3), np.uint8)
-        request = AskSpatial.Request(question="Where is the cup?", image=Image(
+        response = client.ask(60.0, question="Where is the cup?", image=Image(
             height=120, width=160, encoding="rgb8", step=160 * 3, data=rgb.tobytes()))
-        response = spin_future(node, client.call_async(request), 60.0)
         assert response.success, response.message + proc.output()
         assert response.answer.answer == "left" and response.answer.model == "replay"
         assert [o.id for o in response.answer.scene_graph.objects] == ["cup.1"]
@@ -86,7 +81,7 @@ def test_colcon_workspace_build_installs_a_node_that_answers(tmp_path, spawn, ro
         maps = "".join(Path(f"/proc/{pid}/maps").read_text() for pid in _process_tree(proc.pid))
         assert f"{install}/lib/lib{PACKAGE}__rosidl_typesupport_c.so" in maps, "node did not load the workspace"
     finally:
-        node.destroy_node()
+        client.close()
 
 
 def _process_tree(pid: int) -> list[int]:
