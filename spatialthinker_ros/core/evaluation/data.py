@@ -25,7 +25,7 @@ import csv
 import json
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
@@ -248,11 +248,7 @@ def _item(index: str, question: Any, options: list[str], answer: Any, category: 
 
 
 def _prefixed(row: Row, prefix: str) -> Row:
-    if not prefix:
-        return row
-    if isinstance(row, BadRow):
-        return BadRow(prefix + row.index, row.reason)
-    return EvalItem(prefix + row.index, row.question, row.options, row.answer, row.category, row.load)
+    return replace(row, index=prefix + row.index) if prefix else row
 
 
 def _image_loader(image: Any, image_path: Any, folder: Path) -> Union[Callable[[], Frame], str]:
