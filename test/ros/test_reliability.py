@@ -21,6 +21,7 @@ from rclpy.qos import QoSProfile
 from spatialthinker_ros.harness import FakeCamera, NodeClient, Process, new_context, node_command, pattern_image, spin_until
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header
+from spatialthinker_ros.ros.node import WARN_THROTTLE_S
 from spatialthinker_ros.srv import AskSpatial
 from test_node import (CALL, E, OPTIONS, QUESTION, RESPONSE, camera, client,  # noqa: F401 (fixtures)
                        replay_file, replay_params)
@@ -102,10 +103,13 @@ def test_bad_requests_get_their_error_code_and_a_bounded_message(spawn, client, 
     start = len(proc.output())
     burst = client.node.create_client(AskSpatial, "/spatialthinker/ask", qos_profile=QoSProfile(depth=1000))
     assert spin_until(client.node, burst.service_is_ready, CALL)
+    began = time.monotonic()
     futures = [burst.call_async(AskSpatial.Request(question=" ")) for _ in range(500)]
     assert spin_until(client.node, lambda: all(f.done() for f in futures), CALL)
+    took = time.monotonic() - began
     assert {f.result().error_code for f in futures} == {invalid}
-    assert log_count(proc, start, "failed: the question is empty") <= 2, proc.output()[start:][-3000:]
+    allowed = 1 + int(took // WARN_THROTTLE_S)   # one per throttle period, however long a loaded machine took
+    assert log_count(proc, start, "failed: the question is empty") <= allowed, proc.output()[start:][-3000:]
     assert proc.alive() and "unexpected" not in proc.output(), proc.output()[-3000:]
 
 
