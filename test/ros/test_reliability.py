@@ -245,21 +245,31 @@ def info(k=(250.0, 0.0, 160.0, 0.0, 250.0, 120.0, 0.0, 0.0, 1.0), width=320, hei
     return lambda header: CameraInfo(header=header, width=width, height=height, k=list(k))
 
 
-def ask_during(client_, frames, seconds: float, frames_between: int = 3, topic: str = "image", **fields) -> list:
+def ask_during(client_, frames, seconds: float, frames_between: int = 3, topic: str = "image",
+               min_frames: int = 60, min_responses: int = 0, **fields) -> list:
     """Ask repeatedly while bad frames go out for `seconds` (the throttle window under test), each question after
-    `frames_between` more colour frames were sent; every response."""
-    responses, end = [], time.monotonic() + seconds
-    while time.monotonic() < end:
+    `frames_between` more frames on `topic` were sent; every response. A loaded machine publishes and answers more
+    slowly, so it goes on until at least `min_frames` were sent and `min_responses` answered."""
+    responses, first = [], frames.published[topic]
+    now = time.monotonic()
+    end, limit = now + seconds, now + CALL
+    while time.monotonic() < end or frames.published[topic] - first < min_frames or len(responses) < min_responses:
+        assert time.monotonic() < limit, f"{len(responses)} answers, {frames.published[topic] - first} frames"
         responses.append(client_.ask(**fields))
         sent = frames.published[topic]
         assert spin_until(client_.node, lambda: frames.published[topic] >= sent + frames_between, CALL)
     return responses
 
 
-def assert_throttled(proc, start: int, text: str, frames_sent: int) -> None:
-    count = log_count(proc, start, text)
-    assert frames_sent >= 45, f"only {frames_sent} bad frames went out"
-    assert 1 <= count <= 2, f"{count} warnings '{text}' for {frames_sent} bad frames:\n{proc.output()[start:][-3000:]}"
+def warnings_allowed(since: float) -> int:
+    """One warning per throttle period and key since `since`, twice over: a text can reach the log by two keys
+    (a frame's arrival checks, and its decoding)."""
+    return 2 * (1 + int((time.monotonic() - since) // WARN_THROTTLE_S))
+
+
+def assert_throttled(proc, start: int, since: float, text: str) -> None:
+    count, allowed = log_count(proc, start, text), warnings_allowed(since)
+    assert 1 <= count <= allowed, f"{count} warnings '{text}' (at most {allowed}):\n{proc.output()[start:][-3000:]}"
 
 
 def test_bad_camera_data_is_dropped_with_throttled_warnings_while_serving(spawn, client, frames, replay_file):
@@ -271,18 +281,17 @@ def test_bad_camera_data_is_dropped_with_throttled_warnings_while_serving(spawn,
     assert response.success and response.answer.scene_graph.objects[0].has_position, response.message
 
     # depth in an unexpected encoding, CameraInfo with zero focal length: answers go on, without 3D
-    start = len(proc.output())
+    start, since = len(proc.output()), time.monotonic()
     frames.set("depth", Image, depth(encoding="rgb8"))
     frames.set("camera_info", CameraInfo, info(k=[0.0] * 9))
     responses = ask_during(client, frames, THROTTLE_WINDOW_S, question=QUESTION, options=OPTIONS)
     assert all(r.success for r in responses), [r.message for r in responses if not r.success]
     assert not responses[-1].answer.scene_graph.objects[0].has_position, "no depth frame fits: no 3D"
-    assert_throttled(proc, start, "depth dropped: depth unsupported encoding 'rgb8'", frames.published["depth"])
-    assert_throttled(proc, start, "CameraInfo ignored: focal lengths must be positive",
-                     frames.published["camera_info"])
+    assert_throttled(proc, start, since, "depth dropped: depth unsupported encoding 'rgb8'")
+    assert_throttled(proc, start, since, "CameraInfo ignored: focal lengths must be positive")
 
     # colour stamps going backwards (every other frame 0.5 s older): the newer frame is kept and answered on
-    start = len(proc.output())
+    start, since = len(proc.output()), time.monotonic()
     sent_backwards: set = set()
     flip = itertools.count()
 
@@ -300,24 +309,24 @@ def test_bad_camera_data_is_dropped_with_throttled_warnings_while_serving(spawn,
     assert all(r.success for r in responses), [r.message for r in responses if not r.success]
     stamps = {(r.answer.header.stamp.sec, r.answer.header.stamp.nanosec) for r in responses}
     assert len(sent_backwards) >= 30 and not stamps & sent_backwards, "never answered on a frame older than the last"
-    assert_throttled(proc, start, "(stamps going backwards)", frames.published["image"])
+    assert_throttled(proc, start, since, "(stamps going backwards)")
 
     # depth and colour of different shapes: answered without 3D, one warning per throttle period
-    start = len(proc.output())
+    start, since = len(proc.output()), time.monotonic()
     frames.set("image", Image, colour())
     frames.set("depth", Image, depth(width=320, height=320))
     frames.set("camera_info", CameraInfo, info(width=320, height=320))
     # the kept depth frames of the right shape are replaced (the node keeps the last 8)
     assert spin_until(client.node, lambda: frames.published["depth"] >= 10, CALL)
-    responses = ask_during(client, frames, THROTTLE_WINDOW_S, frames_between=1, question=QUESTION, options=OPTIONS)
-    assert len(responses) >= 30 and all(r.success for r in responses)
+    responses = ask_during(client, frames, THROTTLE_WINDOW_S, frames_between=1, min_responses=30,
+                           question=QUESTION, options=OPTIONS)
+    assert all(r.success for r in responses)
     assert not any(o.has_position for r in responses for o in r.answer.scene_graph.objects)
-    count = log_count(proc, start, "does not have the aspect of the colour image 320x240: no 3D positions")
-    assert 1 <= count <= 2, (count, len(responses))
+    assert_throttled(proc, start, since, "does not have the aspect of the colour image 320x240: no 3D positions")
 
     # malformed colour frames of every kind: dropped; the node answers on the last good frame until it is
     # stale (ERROR_STALE_IMAGE, never a wrong answer or a crash), then on the next good frame again
-    start = len(proc.output())
+    start, since = len(proc.output()), time.monotonic()
     good = colour()
     bad_kinds = itertools.cycle([
         lambda h: Image(header=h, width=320, height=240, encoding="rgb8", step=960, data=bytes(960 * 240 - 1)),
@@ -332,7 +341,7 @@ def test_bad_camera_data_is_dropped_with_throttled_warnings_while_serving(spawn,
     responses = ask_during(client, frames, THROTTLE_WINDOW_S, question=QUESTION, options=OPTIONS)
     codes = [r.error_code for r in responses]
     assert set(codes) <= {E.ERROR_NONE, E.ERROR_STALE_IMAGE} and codes[-1] == E.ERROR_STALE_IMAGE, codes
-    assert_throttled(proc, start, "frame dropped:", frames.published["image"])
+    assert_throttled(proc, start, since, "frame dropped:")
     frames.set("image", Image, good)
     assert spin_until(client.node, lambda: client.ask(question=QUESTION, options=OPTIONS).success, 10.0)
     assert proc.alive() and "unexpected" not in proc.output()
@@ -346,7 +355,7 @@ def test_corrupt_compressed_frames_never_replace_the_last_good_one(spawn, client
     frames.set("image/compressed", CompressedImage,
                lambda header: CompressedImage(header=header, format="jpeg", data=jpeg))
     assert client.ask_until_ready(proc, question=QUESTION, options=OPTIONS).success
-    start = len(proc.output())
+    start, since = len(proc.output()), time.monotonic()
     rng = np.random.default_rng(3)
     corrupt = itertools.cycle([
         rng.integers(0, 256, 5000, dtype=np.uint8).tobytes(),   # noise
@@ -359,10 +368,10 @@ def test_corrupt_compressed_frames_never_replace_the_last_good_one(spawn, client
     frames.set("image/compressed", CompressedImage, lambda header: CompressedImage(
         header=header, format="jpeg", data=jpeg if next(counter) % 10 == 0 else next(corrupt)))
     responses = ask_during(client, frames, THROTTLE_WINDOW_S, frames_between=2, topic="image/compressed",
-                           question=QUESTION, options=OPTIONS)
-    assert len(responses) >= 20 and all(r.success for r in responses), [r.message for r in responses if not r.success]
+                           min_responses=20, question=QUESTION, options=OPTIONS)
+    assert all(r.success for r in responses), [r.message for r in responses if not r.success]
     assert all(r.answer.scene_graph.image_width == 320 for r in responses)
-    assert_throttled(proc, start, "frame dropped: compressed image", frames.published["image/compressed"])
+    assert_throttled(proc, start, since, "frame dropped: compressed image")
     # only corrupt frames: the last good one ages out (ERROR_STALE_IMAGE), and the next good one is answered
     frames.set("image/compressed", CompressedImage,
                lambda header: CompressedImage(header=header, format="jpeg", data=next(corrupt)))
