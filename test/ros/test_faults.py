@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 from lifecycle_msgs.msg import Transition
+from lifecycle_msgs.srv import ChangeState
 from transformers_serve import TransformersServe
 from spatialthinker_ros.harness import node_command, pattern_image, spin_future, spin_until
 from sensor_msgs.msg import Image
 from test_node import (CALL, E, OPTIONS, QUESTION, RESPONSE, change_state, client,  # noqa: F401 (fixture)
-                       get_state)
+                       get_state, lifecycle_client)
 
 from spatialthinker_ros.action import AskSpatial as AskSpatialAction
 from spatialthinker_ros.srv import AskSpatial
@@ -185,12 +186,14 @@ def test_rehearsed_backend_errors_fail_cleanly_and_the_next_request_succeeds(spa
 
 
 def test_deactivate_and_cleanup_during_requests_answer_every_caller_at_once(spawn, client, tmp_path):
-    latency = 3.0
+    latency = 5.0   # callers that waited for the running generation would wait about this long, not the bound below
     replay = write_replay(tmp_path / "replay.jsonl", {"question": QUESTION, "response": RESPONSE})
     proc = spawn(node_command(backend="replay", replay_file=str(replay), replay_latency=latency, max_batch_size=1,
                            use_depth=False), name="node")
     client.wait_for_service(proc)
     assert spin_until(client.node, client.action.server_is_ready, CALL)
+    assert get_state(client.node) == "active"   # and the lifecycle clients are discovered before the clock starts
+    assert spin_until(client.node, lifecycle_client(client.node, ChangeState, "change_state").service_is_ready, CALL)
     ask = AskSpatial.Request(question=QUESTION, options=OPTIONS, image=request_image(64, 48))
     services, result = three_calls_then_a_queued_goal(client, ask)   # the first is generating, the rest wait
     assert not any(f.done() for f in services)
@@ -199,7 +202,7 @@ def test_deactivate_and_cleanup_during_requests_answer_every_caller_at_once(spaw
     assert change_state(client.node, proc, Transition.TRANSITION_DEACTIVATE)
     assert spin_until(client.node, lambda: all(f.done() for f in services) and result.done(), CALL)
     answered_after = time.monotonic() - started
-    assert answered_after < 1.0, f"callers waited {answered_after:.2f} s for the running generation"
+    assert answered_after < 2.0, f"callers waited {answered_after:.2f} s for the running generation"
     print(f"\nFAULT deactivate with 4 callers pending: all answered after {answered_after:.2f} s")
     assert [f.result().error_code for f in services] == [E.ERROR_NOT_ACTIVE] * 3
     assert result.result().result.error_code == E.ERROR_NOT_ACTIVE

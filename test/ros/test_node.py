@@ -3,6 +3,7 @@
 import itertools
 import json
 import time
+import weakref
 
 import numpy as np
 import psutil
@@ -321,20 +322,29 @@ def test_busy_and_timeout(spawn, client, camera, replay_file, ros_context):
     assert behind.result().error_code == E.ERROR_TIMEOUT, behind.result().message
 
 
+_lifecycle_clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def lifecycle_client(node, srv_type, name: str):
+    """The caller's one client of the node's lifecycle service `name`, made once and kept: a client made for each call
+    needs discovery inside the call, and lifecycle replies have no resending courier if that reply found no reader."""
+    clients = _lifecycle_clients.setdefault(node, {})
+    if name not in clients:
+        clients[name] = node.create_client(srv_type, f"/spatialthinker/{name}")
+    return clients[name]
+
+
 def change_state(node, proc, transition_id):
-    client = node.create_client(ChangeState, "/spatialthinker/change_state")
+    client = lifecycle_client(node, ChangeState, "change_state")
     assert spin_until(node, client.service_is_ready, STARTUP), proc.output()
-    result = spin_future(node, client.call_async(ChangeState.Request(transition=Transition(id=transition_id))), CALL)
-    node.destroy_client(client)
-    return result.success
+    request = ChangeState.Request(transition=Transition(id=transition_id))
+    return spin_future(node, client.call_async(request), CALL).success
 
 
 def get_state(node):
-    client = node.create_client(GetState, "/spatialthinker/get_state")
-    spin_until(node, client.service_is_ready, STARTUP)
-    state = spin_future(node, client.call_async(GetState.Request()), CALL).current_state.label
-    node.destroy_client(client)
-    return state
+    client = lifecycle_client(node, GetState, "get_state")
+    assert spin_until(node, client.service_is_ready, STARTUP), "/spatialthinker/get_state never appeared"
+    return spin_future(node, client.call_async(GetState.Request()), CALL).current_state.label
 
 
 def rss_mb(proc) -> float:
