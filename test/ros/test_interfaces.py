@@ -132,6 +132,8 @@ def test_ask_action_with_feedback_across_processes(ros_context, peer):
     assert handle.accepted
     result = spin_future(node, handle.get_result_async(), TIMEOUT).result
     assert result.success and result.answer.choice == "B"
+    # feedback travels on its own topic: what was sent before the result may be taken after it
+    assert spin_until(node, lambda: len(feedback) >= 3, TIMEOUT), feedback
     assert [f.stage for f in feedback] == [AskSpatialAction.Feedback.STAGE_QUEUED,
                                            AskSpatialAction.Feedback.STAGE_GENERATING,
                                            AskSpatialAction.Feedback.STAGE_SCENE_READY]
