@@ -239,7 +239,8 @@ def run_load(spawn, ros_context, tmp_path, load: Load, backend: dict, check_answ
     assert len(set(published)) == len(published) and set(published) <= set(ids) | own_ids
     # the queue bound held, and so did the latency it implies
     assert figures["max_queue_depth"] <= load.queue_size, figures
-    assert latencies[-1] <= load.request_timeout, figures
+    # request_timeout runs from acceptance to answer; a caller also measures the transport and the node's backlog
+    assert latencies[-1] <= load.request_timeout + 5.0, figures
     return figures
 
 
