@@ -220,13 +220,13 @@ def test_worker_never_sends_an_expired_request_even_if_the_watchdog_is_late(make
     scheduler, backend = make(FakeBackend(max_batch_size=1, gated=True))
     blocker = scheduler.submit(make_request(0))
     backend.started.get(timeout=WAIT_S)
-    begin = time.monotonic()
     hold = threading.Event()
     first_to_expire = scheduler.submit(make_request(1), timeout_s=0.05)
     first_to_expire.future.add_done_callback(lambda f: hold.wait(WAIT_S))   # runs on, and holds, the watchdog
     expired = scheduler.submit(make_request(2), timeout_s=0.1)
+    submitted = time.monotonic()   # after the submit: its deadline has passed by submitted + 0.1
     assert first_to_expire.future.exception(timeout=WAIT_S) is not None   # its callback now holds the watchdog
-    wait_until_past(begin + 0.1)
+    wait_until_past(submitted + 0.1)
     backend.step()
     assert outcome(blocker) == InferenceResult(text="answer 0")
     with pytest.raises(queue.Empty):
@@ -347,8 +347,8 @@ def test_stop_waits_for_answers_another_thread_is_delivering(make):
 
     busy = scheduler.submit(make_request(1), timeout_s=0.02)
     busy.future.add_done_callback(lambda f: watchdog_free.wait(WAIT_S))    # so the next two expire together
-    submitted = time.monotonic()
     first, second = scheduler.submit(make_request(2), timeout_s=0.05), scheduler.submit(make_request(3), timeout_s=0.05)
+    submitted = time.monotonic()   # after the submits: both deadlines have passed by submitted + 0.05
     first.future.add_done_callback(slow_callback)
     assert busy.future.exception(timeout=WAIT_S) is not None   # its callback now holds the watchdog
     wait_until_past(submitted + 0.05)
