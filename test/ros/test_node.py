@@ -42,7 +42,9 @@ def replay_file(tmp_path):
 
 
 def replay_params(replay_file, **extra):
-    params = dict(backend="replay", replay_file=str(replay_file), max_input_pixels=320 * 240)
+    """Node parameters for the replay backend. No frame age limit unless a test is about it: a loaded machine can
+    hold up the test's camera thread past the node's 1 s default."""
+    params = dict(backend="replay", replay_file=str(replay_file), max_input_pixels=320 * 240, max_image_age=0.0)
     params.update(extra)
     return params
 

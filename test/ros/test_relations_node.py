@@ -45,7 +45,7 @@ def ask(client: NodeClient, proc):
 
 def test_the_node_checks_every_relation_of_an_answer_about_the_sample_scene(spawn, client, sample_camera, tmp_path):
     replay_file = sample_relations.write_replay(tmp_path / "relations.jsonl")
-    proc = spawn(node_command(backend="replay", replay_file=str(replay_file)), name="node")
+    proc = spawn(node_command(backend="replay", replay_file=str(replay_file), max_image_age=0.0), name="node")
     answer = ask(client, proc)
     graph = answer.scene_graph
     assert all(o.has_position for o in graph.objects)
