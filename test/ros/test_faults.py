@@ -226,7 +226,7 @@ def test_deactivate_and_cleanup_during_requests_answer_every_caller_at_once(spaw
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_answers_pending_callers_and_exits_cleanly(spawn, client, tmp_path, sig):
     replay = write_replay(tmp_path / "replay.jsonl", {"question": QUESTION, "response": RESPONSE})
-    proc = spawn(node_command(backend="replay", replay_file=str(replay), replay_latency=2.0, max_batch_size=1,
+    proc = spawn(node_command(backend="replay", replay_file=str(replay), replay_latency=3.0, max_batch_size=1,
                            use_depth=False), name="node")
     client.wait_for_service(proc)
     assert spin_until(client.node, client.action.server_is_ready, CALL)
@@ -246,7 +246,8 @@ def test_signal_answers_pending_callers_and_exits_cleanly(spawn, client, tmp_pat
     code = proc.popen.wait(timeout=10)
     exited_after = time.monotonic() - started
     assert code == 0
-    assert answered_after < 1.0 and exited_after < 6.0, (answered_after, exited_after)
+    # callers that waited for the running generation would wait most of its 3 s
+    assert answered_after < 1.5 and exited_after < 6.0, (answered_after, exited_after)
     print(f"\nFAULT {signal.Signals(sig).name}: 4 pending callers answered after {answered_after:.2f} s, "
           f"exit code {code} after {exited_after:.2f} s")
     output = proc.output()
