@@ -496,6 +496,7 @@ class NodeClient:
     def __init__(self, context: Any, namespace: str = DEFAULT_NAMESPACE, process: Optional[Process] = None,
                  node_name: Optional[str] = None, queue_depth: int = 100, outputs: bool = True,
                  debug_image: bool = True):
+        from lifecycle_msgs.srv import ChangeState, GetState
         from rclpy.action import ActionClient
         from rclpy.node import Node
         from rclpy.qos import QoSProfile
@@ -514,6 +515,9 @@ class NodeClient:
         self.service = self.node.create_client(AskSpatial, f"{self.namespace}/ask",
                                                qos_profile=QoSProfile(depth=queue_depth))
         self.action = ActionClient(self.node, AskSpatialAction, f"{self.namespace}/ask_action")
+        # made with the others, so they are discovered long before a test's timed transition
+        self.change_state_client = self.node.create_client(ChangeState, f"{self.namespace}/change_state")
+        self.get_state_client = self.node.create_client(GetState, f"{self.namespace}/get_state")
         self.answers: list[Any] = []
         self.graphs: list[Any] = []
         self.markers: list[Any] = []
@@ -556,6 +560,22 @@ class NodeClient:
             client.remove_pending_request(future)
             raise
         return future.result()
+
+    def change_state(self, transition_id: int, timeout: float = 30.0) -> bool:
+        """Ask the lifecycle node for a transition (a lifecycle_msgs Transition id); whether it was made."""
+        from lifecycle_msgs.msg import Transition
+        from lifecycle_msgs.srv import ChangeState
+
+        self.wait(self.change_state_client.service_is_ready, timeout, f"the service {self.namespace}/change_state")
+        request = ChangeState.Request(transition=Transition(id=transition_id))
+        return self.call(request, timeout, self.change_state_client).success
+
+    def lifecycle_state(self, timeout: float = 30.0) -> str:
+        """The lifecycle node's state: "unconfigured", "inactive", "active", ..."""
+        from lifecycle_msgs.srv import GetState
+
+        self.wait(self.get_state_client.service_is_ready, timeout, f"the service {self.namespace}/get_state")
+        return self.call(GetState.Request(), timeout, self.get_state_client).current_state.label
 
     def ask(self, timeout: float = 30.0, **fields: Any) -> Any:
         """AskSpatial.Request(**fields) by the service; its response."""

@@ -16,12 +16,10 @@ from pathlib import Path
 
 import pytest
 from lifecycle_msgs.msg import Transition
-from lifecycle_msgs.srv import ChangeState
 from transformers_serve import TransformersServe
 from spatialthinker_ros.harness import node_command, pattern_image, spin_future, spin_until
 from sensor_msgs.msg import Image
-from test_node import (CALL, E, OPTIONS, QUESTION, RESPONSE, change_state, client,  # noqa: F401 (fixture)
-                       get_state, lifecycle_client)
+from test_node import CALL, E, OPTIONS, QUESTION, RESPONSE, client  # noqa: F401 (fixture)
 
 from spatialthinker_ros.action import AskSpatial as AskSpatialAction
 from spatialthinker_ros.srv import AskSpatial
@@ -192,14 +190,14 @@ def test_deactivate_and_cleanup_during_requests_answer_every_caller_at_once(spaw
                            use_depth=False), name="node")
     client.wait_for_service(proc)
     assert spin_until(client.node, client.action.server_is_ready, CALL)
-    assert get_state(client.node) == "active"   # and the lifecycle clients are discovered before the clock starts
-    assert spin_until(client.node, lifecycle_client(client.node, ChangeState, "change_state").service_is_ready, CALL)
+    assert client.lifecycle_state() == "active"
+    client.wait(client.change_state_client.service_is_ready, CALL, "change_state")   # discovered before the clock
     ask = AskSpatial.Request(question=QUESTION, options=OPTIONS, image=request_image(64, 48))
     services, result = three_calls_then_a_queued_goal(client, ask)   # the first is generating, the rest wait
     assert not any(f.done() for f in services)
 
     started = time.monotonic()
-    assert change_state(client.node, proc, Transition.TRANSITION_DEACTIVATE)
+    assert client.change_state(Transition.TRANSITION_DEACTIVATE)
     assert spin_until(client.node, lambda: all(f.done() for f in services) and result.done(), CALL)
     answered_after = time.monotonic() - started
     assert answered_after < 2.0, f"callers waited {answered_after:.2f} s for the running generation"
@@ -209,12 +207,12 @@ def test_deactivate_and_cleanup_during_requests_answer_every_caller_at_once(spaw
     assert "deactivated" in services[0].result().message
 
     # cleanup while the abandoned generation still runs: it waits for it, then frees the backend
-    assert change_state(client.node, proc, Transition.TRANSITION_CLEANUP)
-    assert get_state(client.node) == "unconfigured"
+    assert client.change_state(Transition.TRANSITION_CLEANUP)
+    assert client.lifecycle_state() == "unconfigured"
     assert "backend closed" in proc.output()
     assert client.ask(question=QUESTION).error_code == E.ERROR_NOT_ACTIVE
-    assert change_state(client.node, proc, Transition.TRANSITION_CONFIGURE)
-    assert change_state(client.node, proc, Transition.TRANSITION_ACTIVATE)
+    assert client.change_state(Transition.TRANSITION_CONFIGURE)
+    assert client.change_state(Transition.TRANSITION_ACTIVATE)
     response = client.ask(timeout=latency + CALL, question=QUESTION, options=OPTIONS, image=request_image(64, 48))
     assert response.success, response.message
     assert proc.alive()

@@ -3,13 +3,11 @@
 import itertools
 import json
 import time
-import weakref
 
 import numpy as np
 import psutil
 import pytest
 from lifecycle_msgs.msg import Transition
-from lifecycle_msgs.srv import ChangeState, GetState
 from sensor_msgs.msg import Image
 
 from spatialthinker_ros.action import AskSpatial as AskSpatialAction
@@ -327,31 +325,6 @@ def test_busy_and_timeout(spawn, client, camera, replay_file, ros_context):
     assert behind.result().error_code == E.ERROR_TIMEOUT, behind.result().message
 
 
-_lifecycle_clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def lifecycle_client(node, srv_type, name: str):
-    """The caller's one client of the node's lifecycle service `name`, made once and kept: a client made for each call
-    needs discovery inside the call, and lifecycle replies have no resending courier if that reply found no reader."""
-    clients = _lifecycle_clients.setdefault(node, {})
-    if name not in clients:
-        clients[name] = node.create_client(srv_type, f"/spatialthinker/{name}")
-    return clients[name]
-
-
-def change_state(node, proc, transition_id):
-    client = lifecycle_client(node, ChangeState, "change_state")
-    assert spin_until(node, client.service_is_ready, STARTUP), proc.output()
-    request = ChangeState.Request(transition=Transition(id=transition_id))
-    return spin_future(node, client.call_async(request), CALL).success
-
-
-def get_state(node):
-    client = lifecycle_client(node, GetState, "get_state")
-    assert spin_until(node, client.service_is_ready, STARTUP), "/spatialthinker/get_state never appeared"
-    return spin_future(node, client.call_async(GetState.Request()), CALL).current_state.label
-
-
 def rss_mb(proc) -> float:
     return psutil.Process(proc.pid).memory_info().rss / 2**20
 
@@ -363,25 +336,25 @@ def test_lifecycle_transitions_free_the_model(spawn, client, camera, heavy_tiny_
     proc = spawn(node_command(backend="transformers", model=str(heavy_tiny_checkpoint), device="cpu",
                            max_new_tokens=16, autostart=False, max_image_age=0.0), name="node")
     client.wait_for_service(proc)
-    assert get_state(client.node) == "unconfigured"
+    assert client.lifecycle_state() == "unconfigured"
     response = client.ask(question=QUESTION)
     assert response.error_code == E.ERROR_NOT_ACTIVE and "unconfigured" in response.message
-    assert change_state(client.node, proc, Transition.TRANSITION_CONFIGURE)
+    assert client.change_state(Transition.TRANSITION_CONFIGURE)
     assert client.ask(question=QUESTION).error_code == E.ERROR_NOT_ACTIVE
-    assert change_state(client.node, proc, Transition.TRANSITION_ACTIVATE)
-    assert get_state(client.node) == "active"
+    assert client.change_state(Transition.TRANSITION_ACTIVATE)
+    assert client.lifecycle_state() == "active"
     assert client.ask_until_ready(proc, question=QUESTION).success
     loaded = rss_mb(proc)
-    assert change_state(client.node, proc, Transition.TRANSITION_DEACTIVATE)
+    assert client.change_state(Transition.TRANSITION_DEACTIVATE)
     assert client.ask(question=QUESTION).error_code == E.ERROR_NOT_ACTIVE
-    assert change_state(client.node, proc, Transition.TRANSITION_CLEANUP)
-    assert get_state(client.node) == "unconfigured"
+    assert client.change_state(Transition.TRANSITION_CLEANUP)
+    assert client.lifecycle_state() == "unconfigured"
     assert spin_until(client.node, lambda: "model and its memory released" in proc.output(), CALL), proc.output()
     freed = loaded - rss_mb(proc)
     assert freed > 0.7 * weights_mb, f"cleanup freed {freed:.0f} MB of a {weights_mb:.0f} MB model"
     # and it comes back
-    assert change_state(client.node, proc, Transition.TRANSITION_CONFIGURE)
-    assert change_state(client.node, proc, Transition.TRANSITION_ACTIVATE)
+    assert client.change_state(Transition.TRANSITION_CONFIGURE)
+    assert client.change_state(Transition.TRANSITION_ACTIVATE)
     assert client.ask_until_ready(proc, question=QUESTION).success
     assert proc.alive()
 
