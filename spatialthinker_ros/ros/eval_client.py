@@ -16,6 +16,7 @@ from spatialthinker_ros.core.evaluation.runner import RowAnswer, row_answer
 from spatialthinker_ros.ros.conversions import answer_from_msg, rgb_to_image_msg
 from spatialthinker_ros.srv import AskSpatial
 
+
 class NodeError(RuntimeError):
     """The node cannot be reached."""
 
