@@ -45,6 +45,12 @@ def log_count(proc: Process, start: int, text: str) -> int:
     return sum(text in line for line in proc.output()[start:].splitlines())
 
 
+def warnings_allowed(since: float, keys: int) -> int:
+    """The most throttled warnings `keys` throttle keys can log from `since` until now, however long a loaded
+    machine took: one per key and throttle period."""
+    return keys * (1 + int((time.monotonic() - since) // WARN_THROTTLE_S))
+
+
 # ----------------------------------------------------------------------------- fixed bad requests
 
 
@@ -106,9 +112,8 @@ def test_bad_requests_get_their_error_code_and_a_bounded_message(spawn, client, 
     began = time.monotonic()
     futures = [burst.call_async(AskSpatial.Request(question=" ")) for _ in range(500)]
     assert spin_until(client.node, lambda: all(f.done() for f in futures), CALL)
-    took = time.monotonic() - began
     assert {f.result().error_code for f in futures} == {invalid}
-    allowed = 1 + int(took // WARN_THROTTLE_S)   # one per throttle period, however long a loaded machine took
+    allowed = warnings_allowed(began, keys=1)
     assert log_count(proc, start, "failed: the question is empty") <= allowed, proc.output()[start:][-3000:]
     assert proc.alive() and "unexpected" not in proc.output(), proc.output()[-3000:]
 
@@ -261,14 +266,9 @@ def ask_during(client_, frames, seconds: float, frames_between: int = 3, topic: 
     return responses
 
 
-def warnings_allowed(since: float) -> int:
-    """One warning per throttle period and key since `since`, twice over: a text can reach the log by two keys
-    (a frame's arrival checks, and its decoding)."""
-    return 2 * (1 + int((time.monotonic() - since) // WARN_THROTTLE_S))
-
-
 def assert_throttled(proc, start: int, since: float, text: str) -> None:
-    count, allowed = log_count(proc, start, text), warnings_allowed(since)
+    """A camera warning: a text can reach the log by two keys (a frame's arrival checks, and its decoding)."""
+    count, allowed = log_count(proc, start, text), warnings_allowed(since, keys=2)
     assert 1 <= count <= allowed, f"{count} warnings '{text}' (at most {allowed}):\n{proc.output()[start:][-3000:]}"
 
 
