@@ -28,5 +28,5 @@ setup(
         "transformers": ["torch>=2.4", "torchvision", "transformers>=4.52", "accelerate>=1.0"],
     },
     entry_points={"console_scripts": ["spatialthinker-ask=spatialthinker_ros.cli:main",
-                                      "spatialthinker-eval=spatialthinker_ros.eval_cli:main"]},
+                                      "spatialthinker-eval=spatialthinker_ros.evaluation.cli:main"]},
 )

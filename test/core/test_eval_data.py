@@ -10,8 +10,8 @@ import pytest
 
 import eval_data
 from eval_data import ROWS
-from spatialthinker_ros.core.evaluation.data import BadRowError, detect_format, read_dataset
-from spatialthinker_ros.core.evaluation.recordings import RecordingCache, RecordingFrame
+from spatialthinker_ros.evaluation.data import BadRowError, detect_format, read_dataset
+from spatialthinker_ros.evaluation.recordings import RecordingCache, RecordingFrame
 
 FORMATS = {"vlmevalkit-tsv": "vlmevalkit", "vlmevalkit-parquet": "vlmevalkit", "cvbench-jsonl": "cvbench",
            "cvbench-parquet": "cvbench", "stvqa": "stvqa", "jsonl": "jsonl"}

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from spatialthinker_ros.core.evaluation.scoring import (compare, comparison_markdown, mcnemar_exact, summarize,
+from spatialthinker_ros.evaluation.scoring import (compare, comparison_markdown, mcnemar_exact, summarize,
                                                          summary_markdown, wilson_interval)
 
 

@@ -11,8 +11,8 @@ import rclpy
 from rclpy.executors import SingleThreadedExecutor
 from std_msgs.msg import Header
 
-from spatialthinker_ros.core.evaluation.data import EvalItem, Frame
-from spatialthinker_ros.core.evaluation.runner import RowAnswer, row_answer
+from spatialthinker_ros.evaluation.data import EvalItem, Frame
+from spatialthinker_ros.evaluation.runner import RowAnswer, row_answer
 from spatialthinker_ros.ros.conversions import answer_from_msg, rgb_to_image_msg
 from spatialthinker_ros.srv import AskSpatial
 

@@ -21,11 +21,11 @@ from typing import Any, Optional, Sequence
 
 from spatialthinker_ros import cli
 from spatialthinker_ros.cli import EXIT_BACKEND, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE   # spatialthinker-ask's codes
-from spatialthinker_ros.core.evaluation.data import FORMATS, Dataset, read_dataset
-from spatialthinker_ros.core.evaluation.recordings import RecordingCache
-from spatialthinker_ros.core.evaluation.runner import (Answerer, PipelineAnswerer, PredictionLog, bad_row_record,
+from spatialthinker_ros.evaluation.data import FORMATS, Dataset, read_dataset
+from spatialthinker_ros.evaluation.recordings import RecordingCache
+from spatialthinker_ros.evaluation.runner import (Answerer, PipelineAnswerer, PredictionLog, bad_row_record,
                                                         evaluate, is_finished, read_predictions)
-from spatialthinker_ros.core.evaluation.scoring import (compare, comparison_markdown, is_scored, latest_records,
+from spatialthinker_ros.evaluation.scoring import (compare, comparison_markdown, is_scored, latest_records,
                                                          summarize, summary_markdown)
 from spatialthinker_ros.core.backends.settings import DEFAULT_MODEL, backend_settings
 from spatialthinker_ros.core.types import BackendError, BackendErrorKind
@@ -182,7 +182,7 @@ def _check_run_arguments(args: argparse.Namespace) -> None:
 
 def _answerer(args: argparse.Namespace, config) -> Answerer:
     if args.node is not None:
-        from spatialthinker_ros.ros.eval_client import NodeAnswerer, NodeError
+        from spatialthinker_ros.evaluation.node_client import NodeAnswerer, NodeError
 
         try:
             return NodeAnswerer(args.node, args.concurrency or SERVER_CONCURRENCY, args.timeout or NODE_TIMEOUT_S,

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Protocol, Sequence
 
 from spatialthinker_ros.core.backends.base import Backend
-from spatialthinker_ros.core.evaluation.data import BadRow, BadRowError, EvalItem, Frame
-from spatialthinker_ros.core.evaluation.scoring import is_scored, latest_records
+from spatialthinker_ros.evaluation.data import BadRow, BadRowError, EvalItem, Frame
+from spatialthinker_ros.evaluation.scoring import is_scored, latest_records
 from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, prepare_request
 from spatialthinker_ros.core.request import RequestError
 from spatialthinker_ros.core.types import BackendError, InferenceResult, ParsedResponse, SceneObject

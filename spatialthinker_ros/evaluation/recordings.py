@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from spatialthinker_ros.core.evaluation.data import BadRowError, Frame
+from spatialthinker_ros.evaluation.data import BadRowError, Frame
 from spatialthinker_ros.core.images import (ImageError, compressed_to_rgb, depth_image, image_to_rgb,
                                             intrinsics_from_camera_info)
 from spatialthinker_ros.core.request import DEPTH_SYNC_TOLERANCE_S, MAX_REQUEST_IMAGE_PIXELS

@@ -37,7 +37,7 @@ from spatialthinker_ros.core.parsing import choose_option
 from spatialthinker_ros.core.prompt import answer_options, option_letter
 
 if TYPE_CHECKING:
-    from spatialthinker_ros.core.evaluation.recordings import RecordingCache
+    from spatialthinker_ros.evaluation.recordings import RecordingCache
 
 FORMATS = ("auto", "vlmevalkit", "cvbench", "stvqa", "jsonl")
 MAX_OPTIONS = 26
@@ -196,7 +196,7 @@ def _read_stvqa(path: Path, recordings: Optional["RecordingCache"]) -> Iterator[
 
 
 def _read_jsonl(path: Path, recordings: Optional["RecordingCache"]) -> Iterator[Row]:
-    from spatialthinker_ros.core.evaluation.recordings import RecordingCache, RecordingFrame
+    from spatialthinker_ros.evaluation.recordings import RecordingCache, RecordingFrame
 
     recordings = recordings or RecordingCache()
     for number, record in _json_lines(path):
