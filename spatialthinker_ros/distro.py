@@ -1,6 +1,6 @@
 """What differs between the ROS 2 distributions this package supports, at run time, in one place.
 
-The code uses only rclpy APIs common to Humble, Jazzy and Kilted (README, "Supported ROS 2 distributions"). What
+The code uses only rclpy APIs common to Humble, Jazzy and Kilted (docs/building.md, "Supported ROS 2 distributions"). What
 remains is Fast DDS's name for the variable that points it at a profile file: Fast DDS 2.x (Humble, Jazzy) reads
 FASTRTPS_DEFAULT_PROFILES_FILE and ignores FASTDDS_DEFAULT_PROFILES_FILE without a word, so large frames then
 stall; Fast DDS 3.x (Kilted on) reads FASTDDS_DEFAULT_PROFILES_FILE and warns that the old name is deprecated.

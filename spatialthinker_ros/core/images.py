@@ -2,7 +2,7 @@
 
 Functions take any object with the fields of sensor_msgs/Image (encoding, height, width, step, data,
 is_bigendian), CompressedImage (format, data) or CameraInfo (width, height, k): rclpy messages and the
-messages `rosbags` deserialises alike. No cv_bridge: the PyPI one is broken with numpy 2 (see README), and
+messages `rosbags` deserialises alike. No cv_bridge: the PyPI one is broken with numpy 2 (see docs/building.md), and
 these few encodings need only numpy views. The rules an image must pass are the core's (core/request.py).
 """
 

@@ -1,6 +1,6 @@
 """Benchmark and recording rows -> evaluation items, read with pyarrow (parquet) and the csv module (TSV).
 
-Four formats (see README "Evaluating a deployment"):
+Four formats (see docs/evaluation.md):
 - vlmevalkit: TSV or parquet with `index`, `question`, one column per option `A`, `B`, ... (empty = no such
   option), `answer` (a letter), `category`, and `image` (base64 or bytes; a short value naming another row's
   index reuses that row's image, as VLMEvalKit writes repeated images) or `image_path`.

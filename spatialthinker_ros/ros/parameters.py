@@ -1,7 +1,7 @@
 """Every node parameter: default, description, validation, and when a change applies.
 
 Choices and defaults of what the core configures come from the core's config types (no copies here).
-config/spatialthinker.yaml and the README list the same parameters; test_parameters.py keeps them in step.
+config/spatialthinker.yaml and docs/node.md list the same parameters; test_parameters.py keeps them in step.
 """
 
 from __future__ import annotations

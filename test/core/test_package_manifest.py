@@ -1,7 +1,7 @@
 """package.xml declares, under its rosdep key, every module the installed package imports.
 
 A rosdep user gets exactly what package.xml names; a new import without its key breaks their workspace, not ours.
-Modules without a rosdep key come from pip, and the README's workspace instructions must name them.
+Modules without a rosdep key come from pip, and docs/building.md's workspace instructions must name them.
 """
 
 import ast
@@ -50,9 +50,9 @@ def test_every_import_has_a_rosdep_key_or_a_pip_route():
         if key is not None:
             assert key in declared, f"{module} is imported but package.xml lacks <exec_depend>{key}</exec_depend>"
 
-    readme = (REPO / "README.md").read_text()
-    workspace_section = readme[readme.index("### In a ROS 2 workspace"):]
+    readme = (REPO / "docs" / "building.md").read_text()
+    workspace_section = readme[readme.index("## In a ROS 2 workspace"):]
     pip_line = re.search(r"pip install [^\n]*", workspace_section).group(0)
     for module in imported_modules():
         if ROSDEP_KEYS[module] is None:
-            assert PIP_NAMES[module] in pip_line, f"README's workspace pip line must install {PIP_NAMES[module]}"
+            assert PIP_NAMES[module] in pip_line, f"docs/building.md's workspace pip line must install {PIP_NAMES[module]}"

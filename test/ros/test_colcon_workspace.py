@@ -2,7 +2,7 @@
 
 The venv plays the part of /opt/ros/<distro>: it is the underlay (AMENT_PREFIX_PATH, its python3 on PATH), as
 `source /opt/ros/jazzy/setup.bash` would make it. The package is copied into a fresh workspace's src/, built by
-the venv's colcon exactly as the README says, and started from install/ in a fresh shell that sources the
+the venv's colcon exactly as docs/building.md says, and started from install/ in a fresh shell that sources the
 workspace. The node must then answer over its service, and it must be the workspace's copy that answers (its
 interface libraries are mapped from install/, not from the venv).
 """
@@ -38,7 +38,7 @@ def underlay_env() -> dict:
 
 
 def colcon_build(workspace: Path) -> subprocess.CompletedProcess:
-    """The README's workspace build, verbatim (rosdep install aside: the underlay already has the dependencies)."""
+    """The workspace build of docs/building.md, verbatim (rosdep install aside: the underlay already has the dependencies)."""
     return subprocess.run([str(VENV / "bin" / "colcon"), "build", "--packages-select", PACKAGE,
                            "--event-handlers", "console_direct+", "--cmake-args", "-DBUILD_TESTING=OFF"],
                           cwd=workspace, env=underlay_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

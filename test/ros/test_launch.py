@@ -116,11 +116,11 @@ def test_shipped_params_file_matches_the_declared_parameters():
     assert list(shipped) == [spec.name for spec in PARAMETERS]
     for spec in PARAMETERS:
         assert shipped[spec.name] == spec.default, spec.name
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "node.md").read_text()
     for spec in PARAMETERS:
-        assert f"`{spec.name}`" in readme, f"README does not document parameter {spec.name}"
+        assert f"`{spec.name}`" in readme, f"docs/node.md does not document parameter {spec.name}"
         row = re.search(rf"^\| `{spec.name}` \| [^|]+ \| ([^|]+) \|", readme, re.MULTILINE)
-        assert row and row.group(1).strip() == spec.applies, f"README says {spec.name} applies {row and row.group(1)}"
+        assert row and row.group(1).strip() == spec.applies, f"docs/node.md says {spec.name} applies {row and row.group(1)}"
     # `ros2 param describe` tells the same: a parameter read once at start does not claim to apply at configure
     assert descriptor(BY_NAME["keep_frame_memory"]).description.endswith("(read once when the node starts)")
     assert descriptor(BY_NAME["max_image_age"]).description.endswith("(applies to the next request)")

@@ -5,7 +5,7 @@ lost or duplicated; the queue bound holds; the node stays responsive and exits c
 
 In the suite: the replay backend (~20 s) and the tiny real model (~15 s). On demand, a long soak:
     SPATIALTHINKER_SOAK_S=600 .venv/bin/pytest test/ros/test_load.py -m slow -s
-`-s` prints each run's figures; SPATIALTHINKER_LOAD_REPORT=FILE.jsonl also appends them there (README.md, "Reliability",
+`-s` prints each run's figures; SPATIALTHINKER_LOAD_REPORT=FILE.jsonl also appends them there (docs/reliability-and-security.md,
 records measured runs).
 
 This file is also the client program: `python test_load.py client ...` (started by the tests, never by hand).
