@@ -146,7 +146,8 @@ def calibration_summary(records: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def calibration_markdown(calibration: dict[str, Any]) -> list[str]:
     """summary.md lines of calibration_summary's figures."""
     left = ", ".join(f"{count} {reason}" for reason, count in calibration["rows_left_out"].items())
-    head = ["", f"## Option probabilities ({calibration['rows']} scored rows{f'; left out: {left}' if left else ''})", ""]
+    left = f"; left out: {left}" if left else ""
+    head = ["", f"## Option probabilities ({calibration['rows']} scored rows{left})", ""]
     if calibration["reason"]:
         return head + [f"No calibration figures: {calibration['reason']}."]
     auc, selective = calibration["auroc"], calibration["selective_accuracy"]
