@@ -189,10 +189,24 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+def load_calibration(path: str, setup: CalibrationSetup) -> Optional[Calibration]:
+    """The calibration file at `path` checked against the setup that will answer; None for "" (no calibration).
+    CalibrationError for a bad file or one from another setup, naming each difference: a silently wrong
+    calibration breaks the guarantee."""
+    if not path:
+        return None
+    calibration = Calibration.load(Path(path))
+    difference = setup_differences(calibration.setup, setup)
+    if difference:
+        raise CalibrationError(f"{path} was calibrated with another setup ({difference}); recalibrate with "
+                               "spatialthinker-eval calibrate on runs of this setup")
+    return calibration
+
+
 def answer_prediction_set(probabilities: Sequence[float], letters: Sequence[str],
                           calibration: Optional[Calibration]) -> tuple[list[str], float]:
     """(prediction_set, prediction_set_coverage) of one answer: empty and 0 without a calibration or without
-    probabilities (a free-form question, a backend that gives none)."""
-    if calibration is None or not probabilities:
+    probabilities for exactly these options (a free-form question, a backend that gives none)."""
+    if calibration is None or not probabilities or len(probabilities) != len(letters):
         return [], 0.0
     return calibration.prediction_set(probabilities, letters), calibration.coverage

@@ -11,8 +11,10 @@ import pytest
 
 from spatialthinker_ros.core.backends.base import DEFAULT_MAX_PIXELS
 from spatialthinker_ros.core.conformal import (Calibration, CalibrationError, CalibrationSetup,
-                                               answer_prediction_set, conformal_threshold, nonconformity,
-                                               prediction_set, rank, rows_needed, setup_differences)
+                                               answer_prediction_set, conformal_threshold, load_calibration,
+                                               nonconformity, prediction_set, rank, rows_needed, setup_differences)
+from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, prepare_request
+from spatialthinker_ros.core.types import InferenceResult
 
 SETUP = CalibrationSetup(model="OX-PIXL/SpatialThinker-7B", backend="transformers", max_pixels=1003520,
                          max_input_pixels=2073600, prompt_style="model_card")
@@ -169,3 +171,35 @@ def test_load_refuses_malformed_files(tmp_path: Path, content, message):
 def test_load_names_a_missing_file(tmp_path: Path):
     with pytest.raises(CalibrationError, match="cannot read calibration file .*nothing.json"):
         Calibration.load(tmp_path / "nothing.json")
+
+
+def test_load_calibration_checks_the_setup_that_will_answer(tmp_path: Path):
+    path = tmp_path / "calibration.json"
+    Calibration(threshold=0.4, coverage=0.9, n=50, setup=SETUP).save(path)
+    assert load_calibration("", SETUP) is None
+    assert load_calibration(str(path), SETUP).threshold == 0.4
+    here = CalibrationSetup.of("openai", SETUP.model, None, SETUP.max_input_pixels, SETUP.prompt_style)
+    with pytest.raises(CalibrationError, match=r"calibration.json was calibrated with another setup \(backend: "
+                                               r"calibrated 'transformers', here 'openai'\); recalibrate"):
+        load_calibration(str(path), here)
+
+
+def test_finish_result_gives_the_calibrated_set_of_the_answer():
+    image = np.zeros((56, 56, 3), np.uint8)
+    options = ["left of", "right of", "behind"]
+    request = prepare_request(image, "Where is the cup?", options)
+    output = InferenceResult(text="<answer> (A) left of </answer>")
+    calibrated = PipelineConfig(calibration=Calibration(threshold=0.75, coverage=0.9, n=100, setup=SETUP))
+    result = finish_result(request, output, options, camera_size=(56, 56), config=calibrated,
+                           option_probabilities=[0.6, 0.3, 0.1])
+    assert (result.prediction_set, result.prediction_set_coverage) == (("A", "B"), 0.9)
+    # no calibration, no probabilities, or probabilities for other options: no set, coverage 0
+    for config, probabilities in ((PipelineConfig(), [0.6, 0.3, 0.1]), (calibrated, []), (calibrated, [0.6, 0.4])):
+        result = finish_result(request, output, options, camera_size=(56, 56), config=config,
+                               option_probabilities=probabilities)
+        assert (result.prediction_set, result.prediction_set_coverage) == ((), 0.0)
+    # options inline in the question count as options
+    inline = prepare_request(image, "Where is the cup? (A) left (B) right", [])
+    result = finish_result(inline, output, [], camera_size=(56, 56), config=calibrated,
+                           option_probabilities=[0.2, 0.8])
+    assert result.prediction_set == ("B",)

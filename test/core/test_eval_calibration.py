@@ -1,5 +1,6 @@
-"""spatialthinker-eval's calibration figures and pictures on a run with known option probabilities, and
-`spatialthinker-eval calibrate` end to end on handwritten run folders, as installed."""
+"""spatialthinker-eval's calibration figures and pictures on a run with known option probabilities,
+`spatialthinker-eval calibrate` end to end on handwritten run folders, and `spatialthinker-ask --calibration`,
+as installed."""
 
 import json
 import math
@@ -13,7 +14,8 @@ import pytest
 
 import eval_data
 
-from spatialthinker_ros.core.conformal import Calibration
+import spatialthinker_ros
+from spatialthinker_ros.core.conformal import Calibration, CalibrationSetup
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -197,3 +199,34 @@ def test_calibrate_reports_coverage_and_set_sizes_on_held_out_runs(tmp_path: Pat
         in " ".join(refused.stderr.split())
     refused = run_eval("calibrate", cal, "--out", out, "--test", cal)
     assert refused.returncode == 2 and "must not be calibrated on" in refused.stderr
+
+
+# ---- spatialthinker-ask --calibration -------------------------------------------------------------------------
+
+ASK = Path(sys.executable).parent / "spatialthinker-ask"
+
+
+def test_ask_checks_the_calibration_against_its_settings_and_prints_the_set(tmp_path: Path):
+    data = Path(spatialthinker_ros.__file__).parent / "data"
+    meta = json.loads((data / "sample_scene.json").read_text())
+    question = meta["questions"][0]
+    command = [str(ASK), "--backend", "replay", "--replay-file", str(data / meta["replay_file"]),
+               "--image", str(data / meta["image"]), "--question", question["question"],
+               "--options", *question["options"], "--max-input-pixels", "307200"]
+    path = tmp_path / "calibration.json"
+    Calibration(threshold=0.6, coverage=0.9, n=300,
+                setup=CalibrationSetup.of("replay", None, None, 307200, "model_card")).save(path)
+    done = subprocess.run([*command, "--calibration", str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    # replay lines on this branch carry no option probabilities: no calibrated set
+    assert answer["choice"] and (answer["prediction_set"], answer["prediction_set_coverage"]) == ([], 0.0)
+
+    refused = subprocess.run([*command[:-1], "1003520", "--calibration", str(path)], capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert ("was calibrated with another setup (max_input_pixels: calibrated 307200, here 1003520)"
+            in " ".join(refused.stderr.split()))
+    path.write_text("{}")
+    refused = subprocess.run([*command, "--calibration", str(path)], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "not a calibration file" in refused.stderr
