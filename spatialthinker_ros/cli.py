@@ -30,6 +30,7 @@ from spatialthinker_ros.core.backends import BACKEND_NAMES, create_backend
 from spatialthinker_ros.core.backends.base import Backend, GenerationConfig
 from spatialthinker_ros.core.backends.openai_backend import OpenAIConfig
 from spatialthinker_ros.core.backends.settings import DEFAULT_MODEL, TransformersConfig, applies_to, backend_settings
+from spatialthinker_ros.core.conformal import Calibration, CalibrationError, CalibrationSetup, load_calibration
 from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage
 from spatialthinker_ros.core.images import decode_quietly, decode_rgb
 from spatialthinker_ros.core.pipeline import (PipelineConfig, answer_dict, check_image, finish_result, prepare_request,
@@ -149,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     out = parser.add_argument_group("output")
     out.add_argument("--annotate", type=Path, metavar="OUT.png",
                      help="also save the image with boxes, ids, depths and relations drawn on it")
+    out.add_argument("--calibration", type=Path, metavar="FILE",
+                     help="a spatialthinker-eval calibrate file: print the answer's prediction set over the options "
+                          "(refused when it was calibrated with other settings)")
     out.add_argument("-v", "--verbose", action="store_true", help="log model loading and library warnings")
     return parser
 
@@ -180,7 +184,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         relations = RelationCheckConfig(enabled=args.check_relations, margin_m=args.relation_margin)
     except ValueError as exc:
         raise UsageError(exc) from None
-    config = pipeline_config(args, relations=relations)
+    config = pipeline_config(args, relations=relations, calibration=read_calibration(args))
     asked = check_question(args.question, args.options, config.prompt)
     rgb = read_image(args.image)
     check_image(rgb, config)
@@ -216,7 +220,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "load_seconds": round(load_seconds, 3),
         "total_seconds": round(time.perf_counter() - started, 3),
         "annotated": str(args.annotate) if args.annotate is not None else None,
+        "prediction_set": list(result.prediction_set),
+        "prediction_set_coverage": result.prediction_set_coverage,
     }
+
+
+def read_calibration(args: argparse.Namespace) -> Optional[Calibration]:
+    """--calibration, checked against the settings that will answer (None without one)."""
+    if args.calibration is None:
+        return None
+    setup = CalibrationSetup.of(args.backend, args.model or DEFAULT_MODEL, args.max_pixels, args.max_input_pixels,
+                                args.prompt_style)
+    try:
+        return load_calibration(str(args.calibration), setup)
+    except CalibrationError as exc:
+        raise UsageError(exc) from None
 
 
 def pipeline_config(args: argparse.Namespace, **fields: Any) -> PipelineConfig:

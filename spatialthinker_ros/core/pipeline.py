@@ -14,10 +14,11 @@ from typing import Any, Callable, Optional, Sequence
 import cv2
 import numpy as np
 
+from spatialthinker_ros.core.conformal import Calibration, answer_prediction_set
 from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage, lift_box, map_scene
 from spatialthinker_ros.core.parsing import decide_status, parse_response
 from spatialthinker_ros.core.backends.base import Backend
-from spatialthinker_ros.core.prompt import PromptConfig, Question, answer_options, build_prompt
+from spatialthinker_ros.core.prompt import PromptConfig, Question, answer_options, build_prompt, option_letter
 from spatialthinker_ros.core.relations import RelationCheckConfig, check_scene, contradictions
 from spatialthinker_ros.core.request import (MAX_REQUEST_IMAGE_PIXELS, PATCH, ImageError, check_aspect,
                                              check_image_pixels, check_question, check_rgb, is_out_of_memory,
@@ -49,6 +50,8 @@ class PipelineConfig:
     max_depth_m: float = 20.0
     depth_box_shrink: float = 0.5
     relations: RelationCheckConfig = RelationCheckConfig()
+    # Prediction sets over the options (core/conformal.py); None: every answer's set is empty, coverage 0.
+    calibration: Optional[Calibration] = None
 
     def __post_init__(self) -> None:
         for name in ("max_input_pixels", "max_request_image_pixels"):
@@ -134,6 +137,7 @@ def finish_result(
     intrinsics: Optional[CameraIntrinsics] = None,
     scene_only: Optional[bool] = None,
     config: PipelineConfig = PipelineConfig(),
+    option_probabilities: Sequence[float] = (),
 ) -> SpatialResult:
     """The parsed answer with boxes in `camera_size` pixels and, given depth (registered to the camera
     image) and intrinsics, a 3D position per object. Geometry losses join the parse problems. Every relation
@@ -142,7 +146,8 @@ def finish_result(
 
     `scene_only` defaults to what the request asked; True also reads the scene from the streamed, partial
     text of a full request as soon as its scene is closed. Without `options` the answer is matched against
-    the options the question carries inline, if any (prompt.answer_options).
+    the options the question carries inline, if any (prompt.answer_options). `option_probabilities` (in option
+    order) give the prediction set under config.calibration.
     """
     scene_only = request.scene_only if scene_only is None else scene_only
     model_size = (request.image.shape[1], request.image.shape[0])
@@ -162,7 +167,10 @@ def finish_result(
         problems=parsed.problems + tuple(problems) + tuple(contradictions(scene)),
         status=decide_status(parsed.answer, scene, parsed.scene_complete, scene_only, lossy),
     )
-    return SpatialResult(parsed=parsed, inference=result, prompt=request.prompt, model_image_size=model_size)
+    letters = [option_letter(i) for i in range(len(options))]
+    prediction_set, coverage = answer_prediction_set(option_probabilities, letters, config.calibration)
+    return SpatialResult(parsed=parsed, inference=result, prompt=request.prompt, model_image_size=model_size,
+                         prediction_set=tuple(prediction_set), prediction_set_coverage=coverage)
 
 
 def _lift_scene(

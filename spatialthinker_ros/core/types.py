@@ -156,6 +156,8 @@ class SpatialResult:
     inference: InferenceResult
     prompt: str = ""
     model_image_size: tuple[int, int] = (0, 0)   # (width, height) of the image given to the model
+    prediction_set: tuple[str, ...] = ()         # calibrated option letters (core/conformal.py); () without one
+    prediction_set_coverage: float = 0.0         # the calibration's coverage; 0 when there is no calibrated set
 
     @property
     def scene(self) -> SceneGraph:

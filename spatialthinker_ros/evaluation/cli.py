@@ -4,6 +4,7 @@
 spatialthinker-ask use (any backend, the same options), or through a running node's ~/ask service with
 --node, appending DIR/predictions.jsonl as it goes and writing DIR/summary.json and DIR/summary.md.
 Rerunning with the same --out resumes. `compare` sets two runs side by side with an exact McNemar test.
+`calibrate` turns runs' option probabilities into a split conformal calibration for the node's prediction sets.
 
 Exit codes: 0 done, 2 bad usage or input, 3 the backend or node could not be reached, 130 interrupted
 (finished rows are kept: rerun the same command to resume).
@@ -21,6 +22,9 @@ from typing import Any, Optional, Sequence
 
 from spatialthinker_ros import cli
 from spatialthinker_ros.cli import EXIT_BACKEND, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE   # spatialthinker-ask's codes
+from spatialthinker_ros.evaluation.calibration import (ACCURACY_COVERAGE_PNG, RELIABILITY_PNG, calibrate,
+                                                       calibration_markdown, calibration_summary, held_out_sets,
+                                                       rows_with_probabilities, runs_rows, write_pictures)
 from spatialthinker_ros.evaluation.data import FORMATS, Dataset, read_dataset
 from spatialthinker_ros.evaluation.recordings import RecordingCache
 from spatialthinker_ros.evaluation.runner import (Answerer, PipelineAnswerer, PredictionLog, bad_row_record,
@@ -28,6 +32,7 @@ from spatialthinker_ros.evaluation.runner import (Answerer, PipelineAnswerer, Pr
 from spatialthinker_ros.evaluation.scoring import (compare, comparison_markdown, is_scored, latest_records,
                                                          summarize, summary_markdown)
 from spatialthinker_ros.core.backends.settings import DEFAULT_MODEL, backend_settings
+from spatialthinker_ros.core.conformal import setup_differences
 from spatialthinker_ros.core.types import BackendError, BackendErrorKind
 
 PROG = "spatialthinker-eval"
@@ -48,6 +53,9 @@ examples:
       --backend openai --server-url http://gpu-box:8000/v1 --max-pixels 401408 --concurrency 16
   spatialthinker-eval compare eval/7b eval/7b-401k
 
+  # prediction sets that hold the right option 90 % of the time: calibrate on one run, check on another
+  spatialthinker-eval calibrate eval/robot-cal --coverage 0.9 --out calibration.json --test eval/robot-test
+
   # a deployed node, as deployed (its own backend and parameters)
   spatialthinker-eval run my_questions.jsonl --out eval/robot --node spatialthinker
 """
@@ -56,7 +64,7 @@ examples:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,compare}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,compare,calibrate}")
 
     run = commands.add_parser("run", help="ask every row and score the answers", epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,6 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("run_a", type=Path, metavar="DIR_A", help="the --out folder of the first run")
     comp.add_argument("run_b", type=Path, metavar="DIR_B", help="the --out folder of the second run")
     comp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    cal = commands.add_parser("calibrate", help="a split conformal calibration (calibration_file) from runs",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    cal.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
+                     help="--out folders of runs with option probabilities, all with the same setup")
+    cal.add_argument("--coverage", type=float, default=0.9, metavar="C",
+                     help="how often the prediction set must hold the right option (default 0.9)")
+    cal.add_argument("--out", required=True, type=Path, metavar="FILE", help="the calibration JSON to write")
+    cal.add_argument("--test", nargs="+", type=Path, default=[], metavar="RUN_DIR",
+                     help="runs of other questions (same setup): print the sets' coverage and sizes on them")
     return parser
 
 
@@ -99,7 +117,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(exit_.code or 0)
     cli.quiet_libraries(getattr(args, "verbose", False), PROG)
     try:
-        code = run_command(args) if args.command == "run" else compare_command(args)
+        code = {"run": run_command, "compare": compare_command, "calibrate": calibrate_command}[args.command](args)
     except cli.UsageError as exc:
         return _fail(f"error: {exc}", EXIT_USAGE)
     except BackendError as exc:
@@ -151,8 +169,10 @@ def run_command(args: argparse.Namespace) -> int:
     records = _selected(latest_records(read_predictions(log.path)), dataset)
     answered = todo - sum(1 for item in dataset.items if not is_finished(records.get(item.index)))
     summary = summarize(records, total, time.perf_counter() - started, answered, meta=setup)
+    summary["calibration"] = calibration_summary(records)
+    _write_pictures(records, args.out)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    markdown = summary_markdown(summary)
+    markdown = summary_markdown(summary) + "\n".join(calibration_markdown(summary["calibration"])) + "\n"
     (args.out / "summary.md").write_text(markdown)
     print(markdown, end="")
     if interrupted:
@@ -160,6 +180,16 @@ def run_command(args: argparse.Namespace) -> int:
     if answerer is not None:
         answerer.close()
     return EXIT_OK
+
+
+def _write_pictures(records: dict[str, dict[str, Any]], folder: Path) -> None:
+    """The reliability and accuracy-vs-coverage pictures; none (and none left from before) without probabilities."""
+    rows, _ = rows_with_probabilities(records)
+    if rows:
+        write_pictures(rows, folder)
+    else:
+        for name in (RELIABILITY_PNG, ACCURACY_COVERAGE_PNG):
+            (folder / name).unlink(missing_ok=True)
 
 
 def _check_run_arguments(args: argparse.Namespace) -> None:
@@ -261,6 +291,38 @@ def compare_command(args: argparse.Namespace) -> int:
         print(json.dumps([{**vars(f), "difference": f.difference, "p_value": f.p_value} for f in figures], indent=2))
     else:
         print(comparison_markdown(figures, str(args.run_a), str(args.run_b)), end="")
+    return EXIT_OK
+
+
+def calibrate_command(args: argparse.Namespace) -> int:
+    """Calibrate on the runs' rows, write the file, and with --test report the sets on held-out runs."""
+    overlap = {p.resolve() for p in args.runs} & {p.resolve() for p in args.test}
+    if overlap:
+        raise cli.UsageError(f"{', '.join(map(str, sorted(overlap)))}: a --test run must not be calibrated on")
+    try:
+        setup, rows, left_out = runs_rows(args.runs)
+        calibration = calibrate(rows, args.coverage, setup)
+        if args.test:
+            test_setup, test_rows, _ = runs_rows(args.test)
+            difference = setup_differences(setup, test_setup, ("calibrated", "--test"))
+            if difference:
+                raise cli.UsageError(f"the --test runs have another setup ({difference}): the calibration does not "
+                                     "hold for them")
+            figures = held_out_sets(calibration, test_rows)
+    except ValueError as exc:            # RunError, CalibrationError, a predictions.jsonl that is not one
+        raise cli.UsageError(exc) from None
+    try:
+        calibration.save(args.out, runs=[str(p) for p in args.runs])
+    except OSError as exc:
+        raise cli.UsageError(f"cannot write {args.out}: {exc.strerror or exc}") from None
+    left = "".join(f"; left out {count} rows: {reason}" for reason, count in left_out.items())
+    print(f"calibrated on {calibration.n} rows of {len(args.runs)} run(s){left}")
+    print(f"threshold {calibration.threshold:.6g} (sets hold options with p >= {1 - calibration.threshold:.6g}) "
+          f"for coverage {calibration.coverage:g}; wrote {args.out}")
+    if args.test:
+        print(f"held-out: {figures.rows} rows, coverage {figures.coverage:.4f} (target {calibration.coverage:g}), "
+              f"mean set size {figures.mean_set_size:.3f}, singleton sets {figures.singletons:.4f}, "
+              f"empty sets {figures.empty:.4f}")
     return EXIT_OK
 
 

@@ -41,6 +41,7 @@ from spatialthinker_ros.core.backends import create_backend
 from spatialthinker_ros.core.backends.settings import backend_settings
 from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage
 from spatialthinker_ros.core.parsing import scene_text_complete
+from spatialthinker_ros.core.conformal import CalibrationError, CalibrationSetup, load_calibration
 from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, prepare_request, smaller_request
 from spatialthinker_ros.core.prompt import PromptConfig
 from spatialthinker_ros.core.request import (ErrorCode, ImageError, RequestError, answered, check_frame_id,
@@ -153,6 +154,12 @@ class SpatialThinkerNode(LifecycleNode):
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         p = self._param
         backend = p("backend")
+        try:   # before the model loads: a wrong calibration fails in milliseconds
+            calibration = load_calibration(p("calibration_file"), CalibrationSetup.of(
+                backend, p("model"), p("max_pixels"), p("max_input_pixels"), p("prompt_style")))
+        except CalibrationError as exc:
+            self.get_logger().error(f"cannot configure: {exc}")
+            return TransitionCallbackReturn.FAILURE
         settings = backend_settings(backend, {spec.name: p(spec.name) for spec in PARAMETERS})
         self.get_logger().info(f"loading backend {backend} ({settings.get('model', settings.get('replay_file'))})")
         started = time.monotonic()
@@ -164,7 +171,8 @@ class SpatialThinkerNode(LifecycleNode):
         self._pipeline = PipelineConfig(
             prompt=PromptConfig(style=p("prompt_style"), max_question_chars=p("max_question_chars")),
             max_input_pixels=p("max_input_pixels"),
-            max_request_image_pixels=p("max_request_image_pixels")).for_backend(self._backend)
+            max_request_image_pixels=p("max_request_image_pixels"),
+            calibration=calibration).for_backend(self._backend)
         self.get_logger().info(f"backend ready in {time.monotonic() - started:.1f} s: model {self._backend.model_name}")
         self._create_camera_inputs()
         reliable = QoSProfile(depth=10)

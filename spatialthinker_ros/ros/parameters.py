@@ -110,6 +110,10 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("max_request_image_pixels", _PIPELINE.max_request_image_pixels,
               "larger request or camera images are refused",
               int_range=(1, 67108864)),
+    ParamSpec("calibration_file", "",
+              "spatialthinker-eval calibrate JSON: each answer's prediction_set over its options; '' = none. "
+              "Refused at configure when calibrated with another backend, model, max_pixels, max_input_pixels or "
+              "prompt_style"),
     ParamSpec("queue_size", 8, "requests waiting for the model; more get ERROR_BUSY at once", int_range=(1, 10000)),
     ParamSpec("request_timeout", 300.0, "seconds from acceptance to answer, then ERROR_TIMEOUT",
               float_range=(0.1, 86400.0), applies="next request"),

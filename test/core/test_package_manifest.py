@@ -21,7 +21,7 @@ ROSDEP_KEYS = {
     "numpy": "python3-numpy", "cv2": "python3-opencv", "packaging": "python3-packaging",
     "transformers": "python3-transformers-pip", "tokenizers": "python3-transformers-pip",
     "torch": None, "torchvision": None, "accelerate": None, "json_repair": None, "httpx": None,
-    "pyarrow": None, "rosbags": None, "tqdm": None,   # spatialthinker-eval
+    "pyarrow": None, "rosbags": None, "tqdm": None, "matplotlib": "python3-matplotlib",   # spatialthinker-eval
 }
 PIP_NAMES = {"torch": "torch", "torchvision": "torchvision", "accelerate": "accelerate",
              "json_repair": "json-repair", "httpx": "httpx", "pyarrow": "pyarrow", "rosbags": "rosbags",

@@ -1,0 +1,232 @@
+"""spatialthinker-eval's calibration figures and pictures on a run with known option probabilities,
+`spatialthinker-eval calibrate` end to end on handwritten run folders, and `spatialthinker-ask --calibration`,
+as installed."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import eval_data
+
+import spatialthinker_ros
+from spatialthinker_ros.core.conformal import Calibration, CalibrationSetup
+
+pytestmark = pytest.mark.timeout(300)
+
+EVAL = Path(sys.executable).parent / "spatialthinker-eval"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# eval_data.ROWS with probabilities in option order. Row 6 (no <answer>) has none. Confidence is the chosen
+# option's probability; row 3's answer names no option: confidence 0. Each row's confidence, right or wrong,
+# and 15-bin index ((m-1)/15, m/15]:
+#   r0 0.70 right (bin 10), r1 0.62 right (9), r2 0.85 right (12), r3 0 wrong (0), r4 0.95 right (14),
+#   r5 0.72 wrong (10; chose A, key B), r7 0.55 right (8), r8 0.90 right (13)
+PROBABILITIES = {
+    "r0": [0.7, 0.1, 0.1, 0.1], "r1": [0.1, 0.62, 0.18, 0.1], "r2": [0.05, 0.05, 0.85, 0.05],
+    "r3": [0.25, 0.25, 0.25, 0.25], "r4": [0.95, 0.05], "r5": [0.72, 0.28], "r7": [0.55, 0.45], "r8": [0.1, 0.9],
+}
+# ECE: bin 10 holds r0 and r5: accuracy 0.5, confidence 0.71; every other bin one row.
+#   (|1-.62| + 2 * |.5-.71| + |1-.85| + |0-0| + |1-.95| + |1-.55| + |1-.9|) / 8 = 1.55 / 8
+ECE = 1.55 / 8
+# Brier, per row sum of (p_j - [j = key])^2: .12, .1968, .03, .75, .005, 1.0368, .405, .02
+BRIER = (0.12 + 0.1968 + 0.03 + 0.75 + 0.005 + 1.0368 + 0.405 + 0.02) / 8
+# AUROC: 6 right x 2 wrong (0 and .72); all 6 beat 0, three (.85, .95, .9) beat .72: 9 / 12
+AUROC = 9 / 12
+# most confident first: .95 R, .9 R, .85 R, .72 W, .7 R, .62 R, .55 R, 0 W
+SELECTIVE = {"0.5": 3 / 4, "0.8": 6 / 7}
+
+
+def run_eval(*args, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([str(EVAL), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_SIGNATURE, path
+    image = cv2.imread(str(path))
+    assert image is not None and image.shape[0] > 100 and image.shape[1] > 100, path
+    assert image.std() > 10, f"{path} is blank"
+
+
+def test_run_reports_calibration_figures_exactly_and_draws_both_pictures(tmp_path: Path):
+    path, questions = eval_data.project_jsonl(tmp_path)
+    replay = eval_data.write_replay(tmp_path / "replay.jsonl", questions)
+    out = tmp_path / "out"
+    command = ("run", path, "--out", out, "--backend", "replay", "--replay-file", replay, "--no-progress")
+    done = run_eval(*command)
+    assert done.returncode == 0, done.stderr
+    # this branch's replay lines carry no probabilities: no figures, a reason, no pictures
+    calibration = json.loads((out / "summary.json").read_text())["calibration"]
+    assert calibration["rows"] == 0 and calibration["ece"] is None and calibration["brier"] is None
+    assert calibration["rows_left_out"] == {"no probabilities": 9}
+    assert "no scored row carries option probabilities" in calibration["reason"]
+    assert "No calibration figures: no scored row carries option probabilities" in (out / "summary.md").read_text()
+    assert not (out / "reliability.png").exists() and not (out / "accuracy_coverage.png").exists()
+
+    # the same run's rows as a backend with probabilities writes them; a rerun asks nothing and re-summarises
+    log = out / "predictions.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    for record in records:
+        if record["index"] in PROBABILITIES:
+            record["option_probabilities"] = PROBABILITIES[record["index"]]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    again = run_eval(*command)
+    assert again.returncode == 0, again.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["correct"] == 6 and len(log.read_text().splitlines()) == 9     # nothing asked again
+    calibration = summary["calibration"]
+    assert calibration["rows"] == 8 and calibration["rows_left_out"] == {"no probabilities": 1}
+    assert calibration["reason"] is None and calibration["ece_bins"] == 15
+    assert calibration["ece"] == pytest.approx(ECE, abs=1e-12)
+    assert calibration["brier"] == pytest.approx(BRIER, abs=1e-12)
+    assert calibration["auroc"] == pytest.approx(AUROC, abs=1e-12)
+    assert calibration["selective_accuracy"] == pytest.approx(SELECTIVE, abs=1e-12)
+    filled = {m: (b["rows"], b["accuracy"]) for m, b in enumerate(calibration["bins"]) if b["rows"]}
+    assert filled == {0: (1, 0.0), 8: (1, 1.0), 9: (1, 1.0), 10: (2, 0.5), 12: (1, 1.0), 13: (1, 1.0), 14: (1, 1.0)}
+    assert calibration["bins"][10]["confidence"] == pytest.approx(0.71)
+    markdown = (out / "summary.md").read_text()
+    assert "## Option probabilities (8 scored rows; left out: 1 no probabilities)" in markdown
+    assert f"| expected calibration error (15 bins) | {ECE:.4f} |" in markdown
+    assert f"| Brier score | {BRIER:.4f} |" in markdown
+    assert "| accuracy of the most confident 80 % | 85.7 % |" in markdown
+    assert_png(out / "reliability.png")
+    assert_png(out / "accuracy_coverage.png")
+
+
+# ---- calibrate ----------------------------------------------------------------------------------------------
+
+RUN_SETUP = {"data": ["mine.jsonl"], "format": "jsonl", "node": None, "backend": "transformers",
+             "model": "OX-PIXL/SpatialThinker-7B", "replay_file": None, "prompt_style": "model_card",
+             "max_input_pixels": 2073600, "max_pixels": None, "max_new_tokens": 2048}
+
+
+def write_run(folder: Path, rows: list[tuple[list[float], str]], **setup) -> Path:
+    """A spatialthinker-eval --out folder: run.json, and one answered row per (probabilities, key), choosing
+    the most probable option; plus a skipped row and a failed one, which calibration must ignore."""
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps(RUN_SETUP | setup))
+    with (folder / "predictions.jsonl").open("w") as out:
+        for i, (probabilities, key) in enumerate(rows):
+            letters = [chr(65 + j) for j in range(len(probabilities))]
+            choice = letters[int(np.argmax(probabilities))]
+            out.write(json.dumps({"index": f"q{i}", "category": "c", "question": f"Q{i}?",
+                                  "options": [f"o{j}" for j in letters], "answer": key, "choice": choice,
+                                  "correct": choice == key, "status": "complete",
+                                  "option_probabilities": probabilities}) + "\n")
+        out.write(json.dumps({"index": "skip", "category": "", "skipped": "bad image"}) + "\n")
+        out.write(json.dumps({"index": "fail", "category": "c", "question": "Q?", "options": ["a", "b"],
+                              "answer": "A", "choice": "", "correct": False, "error": "timeout"}) + "\n")
+    return folder
+
+
+def synthetic_rows(seed: int, n: int) -> list[tuple[list[float], str]]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        logits = rng.normal(scale=2.0, size=4)
+        p = np.exp(logits) / np.exp(logits).sum()
+        rows.append(([float(v) for v in p], chr(65 + int(rng.choice(4, p=p)))))
+    return rows
+
+
+def test_calibrate_writes_the_order_statistic_threshold_of_all_runs(tmp_path: Path):
+    first, second = synthetic_rows(1, 120), synthetic_rows(2, 80)
+    runs = [write_run(tmp_path / "a", first), write_run(tmp_path / "b", second)]
+    out = tmp_path / "calibration.json"
+    done = run_eval("calibrate", *runs, "--coverage", "0.9", "--out", out)
+    assert done.returncode == 0, done.stderr
+    scores = sorted(1 - p[ord(key) - 65] for p, key in first + second)
+    k = math.ceil(201 * 9 / 10)       # 181
+    calibration = Calibration.load(out)
+    assert (calibration.n, calibration.coverage, calibration.threshold) == (200, 0.9, scores[k - 1])
+    assert calibration.setup.max_pixels == 1003520 and calibration.setup.model == "OX-PIXL/SpatialThinker-7B"
+    assert json.loads(out.read_text())["runs"] == [str(r) for r in runs]
+    assert "calibrated on 200 rows of 2 run(s); left out 2 rows: no probabilities" in done.stdout
+    assert f"threshold {scores[k - 1]:.6g}" in done.stdout
+
+
+def test_calibrate_refuses_runs_of_other_setups_and_too_few_rows(tmp_path: Path):
+    base = write_run(tmp_path / "a", synthetic_rows(1, 50))
+    other = write_run(tmp_path / "b", synthetic_rows(2, 50), max_pixels=401408)
+    out = tmp_path / "calibration.json"
+    refused = run_eval("calibrate", base, other, "--out", out)
+    assert refused.returncode == 2
+    assert f"{other} was run with another setup than {base} (max_pixels: {base} 1003520, {other} 401408)" \
+        in " ".join(refused.stderr.split())
+    assert not out.exists()
+
+    few = write_run(tmp_path / "few", synthetic_rows(3, 18))
+    refused = run_eval("calibrate", few, "--coverage", "0.95", "--out", out)
+    assert refused.returncode == 2
+    assert "18 calibration rows cannot give 0.95 coverage: it needs at least 19" in refused.stderr
+    assert run_eval("calibrate", few, "--coverage", "0.9", "--out", out).returncode == 0
+
+    node = write_run(tmp_path / "node", synthetic_rows(4, 50), backend="node", model=None)
+    refused = run_eval("calibrate", node, "--out", out)
+    assert refused.returncode == 2 and "is a --node run" in refused.stderr
+    refused = run_eval("calibrate", tmp_path / "nothing", "--out", out)
+    assert refused.returncode == 2 and "holds no run.json" in refused.stderr
+    refused = run_eval("calibrate", base, "--coverage", "1", "--out", out)
+    assert refused.returncode == 2 and "coverage must be a number strictly between 0 and 1" in refused.stderr
+
+
+def test_calibrate_reports_coverage_and_set_sizes_on_held_out_runs(tmp_path: Path):
+    # 9 calibration rows, key always A, p(A) = 0.1 .. 0.9: scores 0.9 .. 0.1; k = ceil(10 * 0.9) = 9: q = 0.9
+    calibration_rows = [([p, 1 - p], "A") for p in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)]
+    cal = write_run(tmp_path / "cal", calibration_rows)
+    # sets hold options with p >= 0.1 (up to rounding: 1 - 0.9 is 0.0999...)
+    test_rows = [([0.95, 0.05], "A"),          # {A}: covered, singleton
+                 ([0.5, 0.5], "B"),            # {A, B}: covered
+                 ([0.02, 0.98], "A"),          # {B}: missed, singleton
+                 ([0.3, 0.3, 0.4], "C")]       # {A, B, C}: covered
+    test = write_run(tmp_path / "test", test_rows)
+    out = tmp_path / "calibration.json"
+    done = run_eval("calibrate", cal, "--coverage", "0.9", "--out", out, "--test", test)
+    assert done.returncode == 0, done.stderr
+    assert Calibration.load(out).threshold == pytest.approx(0.9)
+    assert ("held-out: 4 rows, coverage 0.7500 (target 0.9), mean set size 1.750, singleton sets 0.5000, "
+            "empty sets 0.0000") in done.stdout
+
+    other = write_run(tmp_path / "other", test_rows, prompt_style="plain")
+    refused = run_eval("calibrate", cal, "--out", out, "--test", other)
+    assert refused.returncode == 2
+    assert "the --test runs have another setup (prompt_style: calibrated 'model_card', --test 'plain')" \
+        in " ".join(refused.stderr.split())
+    refused = run_eval("calibrate", cal, "--out", out, "--test", cal)
+    assert refused.returncode == 2 and "must not be calibrated on" in refused.stderr
+
+
+# ---- spatialthinker-ask --calibration -------------------------------------------------------------------------
+
+ASK = Path(sys.executable).parent / "spatialthinker-ask"
+
+
+def test_ask_checks_the_calibration_against_its_settings_and_prints_the_set(tmp_path: Path):
+    data = Path(spatialthinker_ros.__file__).parent / "data"
+    meta = json.loads((data / "sample_scene.json").read_text())
+    question = meta["questions"][0]
+    command = [str(ASK), "--backend", "replay", "--replay-file", str(data / meta["replay_file"]),
+               "--image", str(data / meta["image"]), "--question", question["question"],
+               "--options", *question["options"], "--max-input-pixels", "307200"]
+    path = tmp_path / "calibration.json"
+    Calibration(threshold=0.6, coverage=0.9, n=300,
+                setup=CalibrationSetup.of("replay", None, None, 307200, "model_card")).save(path)
+    done = subprocess.run([*command, "--calibration", str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    # replay lines on this branch carry no option probabilities: no calibrated set
+    assert answer["choice"] and (answer["prediction_set"], answer["prediction_set_coverage"]) == ([], 0.0)
+
+    refused = subprocess.run([*command[:-1], "1003520", "--calibration", str(path)], capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert ("was calibrated with another setup (max_input_pixels: calibrated 307200, here 1003520)"
+            in " ".join(refused.stderr.split()))
+    path.write_text("{}")
+    refused = subprocess.run([*command, "--calibration", str(path)], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "not a calibration file" in refused.stderr

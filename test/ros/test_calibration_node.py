@@ -1,0 +1,45 @@
+"""The node's calibration_file: loaded at configure, refused when calibrated with another setup (the node names
+the difference and stays unconfigured), accepted when the setups match."""
+
+import pytest
+from lifecycle_msgs.msg import Transition
+
+from spatialthinker_ros.core.conformal import Calibration, CalibrationSetup
+from spatialthinker_ros.harness import node_command, wait_for
+from test_node import E, OPTIONS, QUESTION, STARTUP, camera, client, replay_file, replay_params  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def write_calibration(path, prompt_style: str):
+    setup = CalibrationSetup.of("replay", None, None, 320 * 240, prompt_style)    # replay_params' setup
+    Calibration(threshold=0.6, coverage=0.9, n=300, setup=setup).save(path)
+    return path
+
+
+def test_calibration_from_another_setup_is_refused_at_configure(spawn, client, replay_file, tmp_path):
+    calibration = write_calibration(tmp_path / "calibration.json", prompt_style="training")
+    named = (f"cannot configure: {calibration} was calibrated with another setup (prompt_style: calibrated "
+             "'training', here 'model_card')")
+    # by a lifecycle manager: the transition fails and the node stays unconfigured, still answering
+    params = replay_params(replay_file, calibration_file=str(calibration))
+    managed = spawn(node_command(**params, autostart=False), name="managed")
+    client.wait_for_service(managed)
+    assert not client.change_state(Transition.TRANSITION_CONFIGURE)
+    assert client.lifecycle_state() == "unconfigured" and managed.alive()
+    assert named in managed.output()
+    assert client.ask(question=QUESTION).error_code == E.ERROR_NOT_ACTIVE
+    managed.stop()
+    # autostart (plain ros2 run): a failed configure ends the process with the reason
+    started = spawn(node_command(**params), name="started")
+    wait_for(lambda: not started.alive(), STARTUP, "the node to exit after its failed configure")
+    assert started.exit_code() == 1 and named in started.output()
+
+
+def test_calibration_of_the_same_setup_configures(spawn, client, camera, replay_file, tmp_path):
+    calibration = write_calibration(tmp_path / "calibration.json", prompt_style="model_card")
+    camera(width=640, height=480)
+    proc = spawn(node_command(**replay_params(replay_file, calibration_file=str(calibration))), name="node")
+    response = client.ask_until_ready(proc, question=QUESTION, options=OPTIONS)
+    assert response.success, response.message
+    assert client.lifecycle_state() == "active" and "cannot configure" not in proc.output()
