@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from spatialthinker_ros.harness import node_command, spin_until
+from spatialthinker_ros.testing.node_client import spin_until
+from spatialthinker_ros.testing.processes import node_command
 from sensor_msgs.msg import CompressedImage
-from test_node import (CALL, E, OPTIONS, QUESTION, camera, client, replay_file,  # noqa: F401 (fixtures)
-                       replay_params)
+from node_requests import CALL, E, OPTIONS, QUESTION, replay_params
 
 pytestmark = pytest.mark.timeout(120)
 

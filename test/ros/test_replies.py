@@ -14,7 +14,8 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile
 
-from spatialthinker_ros.harness import ReplyLost, new_context, node_command, spin_future, spin_until
+from spatialthinker_ros.testing.node_client import ReplyLost, new_context, spin_future, spin_until
+from spatialthinker_ros.testing.processes import node_command
 from spatialthinker_ros.ros.replies import REPLY_DELAYED, RESEND_FOR_S, SEND_TIMEOUT, ReplyCourier, send_went_out
 from spatialthinker_ros.srv import AskSpatial
 
