@@ -27,6 +27,7 @@ class NodeStats:
     def __init__(self, node: Any, namespace: str = DEFAULT_NAMESPACE):
         from std_msgs.msg import String
 
+        from spatialthinker_ros.ros.stats import STATS_QOS
 
         self.received: list[dict[str, Any]] = []
         self.subscription = node.create_subscription(

@@ -303,7 +303,8 @@ def test_lifecycle_transitions_free_the_model(spawn, client, camera, heavy_tiny_
     assert client.ask(question=QUESTION).error_code == E.ERROR_NOT_ACTIVE
     assert client.change_state(Transition.TRANSITION_CLEANUP)
     assert client.lifecycle_state() == "unconfigured"
-    assert spin_until(client.node, lambda: "model and its memory released" in proc.output(), CALL), proc.output()
+    assert spin_until(client.node, lambda: client.stats and client.stats[-1]["backend"]["state"] == "released",
+                      CALL), proc.output()
     freed = loaded - rss_mb(proc)
     assert freed > 0.7 * weights_mb, f"cleanup freed {freed:.0f} MB of a {weights_mb:.0f} MB model"
     # and it comes back
