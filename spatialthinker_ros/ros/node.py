@@ -510,8 +510,9 @@ class SpatialThinkerNode(LifecycleNode):
             debug.publish(rgb_to_image_msg(draw_scene(source.rgb, result.parsed.scene, caption), source.header))
 
 
-def main(args=None) -> int:
-    """Runs the node until SIGINT or SIGTERM; exits 0 then (1 when the parameters or configure fail).
+def main(args=None, on_node: Optional[Callable[[SpatialThinkerNode], None]] = None) -> int:
+    """Runs the node until SIGINT or SIGTERM; exits 0 then (1 when the parameters or configure fail). `on_node` is
+    called with the node once it is made, before it is spun (benchmarks read its counters: bench/_node_probe.py).
 
     rclpy's own signal handlers would shut the ROS context down at once, leaving every caller whose request is
     in flight waiting forever. Here a signal stops the node answering instead: pending callers get
@@ -538,6 +539,8 @@ def main(args=None) -> int:
         except ParameterException as exc:   # the reason, without a traceback
             rclpy.logging.get_logger("spatialthinker").fatal(f"invalid parameter: {exc}")
             return 1
+        if on_node is not None:
+            on_node(node)
         if node.get_parameter("keep_frame_memory").value:   # before any frame arrives
             node.get_logger().info(keep_freed_frame_memory())
         executor.add_node(node)
