@@ -1,5 +1,5 @@
 """Shared by the bench scripts: statistics, result files, tables. ROS-free (the GPU script imports it on machines
-without ROS). Isolation and child processes come from spatialthinker_ros.harness, as in the tests and the demo.
+without ROS). Isolation and child processes come from spatialthinker_ros.testing, as in the tests and the demo.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@
     floor       a bare AskSpatial server that answers at once, plus an Image echo (ping -> pong) for round trips
 
 Each writes a small JSON status file about once a second (counts), so the parent can see it is working without
-joining the ROS graph. The parent sets the isolation environment (spatialthinker_ros.harness.isolate_ros) before
-starting it.
+joining the ROS graph. The parent sets the isolation environment (spatialthinker_ros.testing.isolation.isolate_ros)
+before starting it.
 """
 
 from __future__ import annotations
@@ -27,12 +27,10 @@ from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor, Si
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
-from std_msgs.msg import Header
 
 # What spatialthinker_node subscribes with (node.py, _create_camera_inputs): keep last 1, best effort.
 CAMERA_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT, history=HistoryPolicy.KEEP_LAST)
-# What camera drivers publish with (sensor data QoS: best effort, keep last 5).
-DRIVER_QOS = QoSProfile(depth=5, reliability=ReliabilityPolicy.BEST_EFFORT, history=HistoryPolicy.KEEP_LAST)
+JPEG_QUALITY = 90   # the JPEG sizes in bench/README.md were measured at this quality
 
 
 def camera_image(width: int, height: int, seed: int = 0) -> np.ndarray:
@@ -42,14 +40,6 @@ def camera_image(width: int, height: int, seed: int = 0) -> np.ndarray:
                     ((x // 48 + y // 48) % 2) * 200 + 20], axis=-1).astype(np.int16)
     rgb += np.random.default_rng(seed).integers(-6, 7, rgb.shape, dtype=np.int16)
     return np.clip(rgb, 0, 255).astype(np.uint8)
-
-
-def jpeg_bytes(rgb: np.ndarray, quality: int = 90) -> bytes:
-    import cv2
-
-    ok, data = cv2.imencode(".jpg", rgb[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
-    assert ok
-    return data.tobytes()
 
 
 def parse_cameras(spec: str) -> list[tuple[str, int, int]]:
@@ -98,46 +88,40 @@ def write_status(path: Path, counts: dict) -> None:
 
 
 def run_publisher(args) -> None:
-    node = Node("bench_camera")
+    """Camera drivers: the harness's FakeCamera, one per camera (each spins on its own thread)."""
+    from rclpy.utilities import get_default_context
+
+    from spatialthinker_ros.testing.camera import FakeCamera
+
     status = Status(args.status)
-    streams = []
+    cameras = {}
     for name, width, height in parse_cameras(args.cameras):
-        rgb = camera_image(width, height)
-        if args.compressed:
-            colour = CompressedImage(format="jpeg", data=jpeg_bytes(rgb))
-            colour_pub = node.create_publisher(CompressedImage, f"{prefix(name)}image/compressed", DRIVER_QOS)
-            status.counts[f"{name}_jpeg_bytes"] = len(colour.data)
-        else:
-            colour = Image(height=height, width=width, encoding="rgb8", step=width * 3)
-            colour.data = rgb.tobytes()   # bytes, not an ndarray: the ndarray path is ~100x slower in rclpy
-            colour_pub = node.create_publisher(Image, f"{prefix(name)}image", DRIVER_QOS)
-        depth = info = depth_pub = info_pub = None
+        depth_m = k = None
         if args.depth:
             # depth registered to the colour image, at the colour size or a smaller one of the same aspect
             dw, dh = (int(v) for v in args.depth_size.split("x")) if args.depth_size else (width, height)
-            depth = Image(height=dh, width=dw, encoding="16UC1", step=dw * 2)
-            depth.data = np.full((dh, dw), 2000, np.uint16).tobytes()     # 2 m everywhere, millimetres
+            depth_m = np.full((dh, dw), 2.0, np.float32)      # 2 m everywhere, sent in millimetres
             f = 600.0 * dw / width
-            info = CameraInfo(width=dw, height=dh, k=[f, 0.0, dw / 2, 0.0, f, dh / 2, 0.0, 0.0, 1.0])
-            depth_pub = node.create_publisher(Image, f"{prefix(name)}depth", DRIVER_QOS)
-            info_pub = node.create_publisher(CameraInfo, f"{prefix(name)}camera_info", DRIVER_QOS)
-        streams.append((name, colour, colour_pub, depth, depth_pub, info, info_pub))
-
-    def tick() -> None:
-        header = Header(stamp=node.get_clock().now().to_msg(), frame_id="camera_color_optical_frame")
-        for name, colour, colour_pub, depth, depth_pub, info, info_pub in streams:
-            colour.header = header
-            colour_pub.publish(colour)
-            if depth is not None:
-                depth.header = header
-                info.header = header
-                depth_pub.publish(depth)
-                info_pub.publish(info)
-            status.bump(f"{name}_published")
-        status.write()
-
-    node.create_timer(1.0 / args.rate, tick)
-    spin(node, status)
+            k = [f, 0.0, dw / 2, 0.0, f, dh / 2, 0.0, 0.0, 1.0]
+        camera = FakeCamera(get_default_context(), prefix=prefix(name), rate_hz=args.rate,
+                            compressed=args.compressed, jpeg_quality=JPEG_QUALITY, depth_m=depth_m,
+                            depth_encoding="16UC1", k=k, rgb=camera_image(width, height))
+        cameras[name] = camera
+        if args.compressed:
+            status.counts[f"{name}_jpeg_bytes"] = camera.colour_bytes
+    try:
+        while True:
+            for name, camera in cameras.items():
+                status.counts[f"{name}_published"] = len(camera.published_stamps)
+            status.write(force=True)
+            time.sleep(0.5)   # the cameras publish on their own threads; this one only reports
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        status.write(force=True)
+        for camera in cameras.values():
+            camera.close()
+        rclpy.try_shutdown()
 
 
 def run_subscriber(args) -> None:

@@ -1,6 +1,6 @@
 """ROS side of the benchmarks: the helper roles' command lines and status files, and a timed client.
 
-Import only after spatialthinker_ros.harness.isolate_ros() has run (rclpy must see the isolated environment).
+Import only after spatialthinker_ros.testing.isolation.isolate_ros() has run (rclpy must see the isolated environment).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Optional
 import rclpy
 from rclpy.qos import QoSProfile
 
-from spatialthinker_ros.harness import NodeClient, Process, wait_for
+from spatialthinker_ros.testing.node_client import NodeClient
+from spatialthinker_ros.testing.processes import Process, wait_for
 from spatialthinker_ros.launch_config import parameter_arguments
 from spatialthinker_ros.srv import AskSpatial
 

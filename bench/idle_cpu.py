@@ -27,7 +27,8 @@ import time
 
 import psutil
 
-from spatialthinker_ros.harness import DDS_TRANSPORTS, Processes, isolate_ros, use_dds_transport
+from spatialthinker_ros.testing.isolation import DDS_TRANSPORTS, isolate_ros, use_dds_transport
+from spatialthinker_ros.testing.processes import Processes
 
 from bench._common import machine, table, write_results
 

@@ -28,8 +28,9 @@ import time
 from pathlib import Path
 
 from spatialthinker_ros.distro import fastdds_profile_variable
-from spatialthinker_ros.harness import (Process, Processes, isolate_ros, large_images_profile, new_context,
-                                        node_command, spin_until)
+from spatialthinker_ros.testing.isolation import isolate_ros, large_images_profile
+from spatialthinker_ros.testing.node_client import new_context, spin_until
+from spatialthinker_ros.testing.processes import Process, Processes, node_command
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "reply_loss.json"   # every run appended, with its --label

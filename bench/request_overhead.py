@@ -26,8 +26,9 @@ import time
 
 import numpy as np
 
-from spatialthinker_ros.harness import (DDS_TRANSPORTS, Processes, isolate_ros, node_command, spin_until,
-                                        use_dds_transport)
+from spatialthinker_ros.testing.isolation import DDS_TRANSPORTS, isolate_ros, use_dds_transport
+from spatialthinker_ros.testing.node_client import spin_until
+from spatialthinker_ros.testing.processes import Processes, node_command
 
 from bench._common import machine, summary_ms, table, write_results
 

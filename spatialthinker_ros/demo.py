@@ -35,8 +35,10 @@ import cv2
 import numpy as np
 
 from spatialthinker_ros.core.parsing import scene_text_complete
-from spatialthinker_ros.harness import (FakeCamera, NodeClient, Process, WaitFailed, isolate_ros, node_command,
-                                        wait_for)
+from spatialthinker_ros.testing.camera import FakeCamera
+from spatialthinker_ros.testing.isolation import isolate_ros
+from spatialthinker_ros.testing.node_client import NodeClient
+from spatialthinker_ros.testing.processes import Process, WaitFailed, node_command, wait_for
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 REAL_MODEL_COMMAND = "make demo MODEL=OX-PIXL/SpatialThinker-7B DEVICE=cuda"
@@ -62,9 +64,9 @@ def default_cache_dir() -> Path:
 
 
 def is_tiny_checkpoint(model: str) -> bool:
-    from spatialthinker_ros.tiny_checkpoint import _MARKER
+    from spatialthinker_ros.tiny_checkpoint import COMPLETE_MARKER
 
-    return (Path(model).expanduser() / _MARKER).is_file()
+    return (Path(model).expanduser() / COMPLETE_MARKER).is_file()
 
 
 @dataclass(frozen=True)
@@ -215,7 +217,7 @@ def disclaimer(model_label: str, tiny: bool, parts: Sequence[Part]) -> list[str]
         lines += ["Part 'replay' answers from a RECORDED, well-formed SpatialThinker response for the bundled image",
                   "(not computed live): the node still parses it, maps the boxes and lifts them to 3D from depth."]
     if tiny or "tiny_model" in names or not any(p.params.get("backend") == "transformers" for p in parts):
-        lines += [f"Real model (GPU with ~17 GB, weights from the hub): {REAL_MODEL_COMMAND}"]
+        lines += [f"Real model (a GPU that holds the 7B model, weights from the hub): {REAL_MODEL_COMMAND}"]
     return lines
 
 

@@ -11,7 +11,7 @@ import importlib.metadata
 import json
 from pathlib import Path
 
-_MARKER = "tiny-checkpoint-complete"
+COMPLETE_MARKER = "tiny-checkpoint-complete"
 
 # Qwen2.5-VL's special tokens, in Qwen's order, so the vision token ids resolve the way the real ones do.
 _SPECIAL_TOKENS = (
@@ -89,7 +89,7 @@ def build_tiny_checkpoint(directory: Path, mlp_width: int = 128) -> Path:
     heavier without changing behaviour (65536 -> ~100 MB), for tests that must see memory come and go.
     """
     directory = Path(directory)
-    marker = directory / _MARKER
+    marker = directory / COMPLETE_MARKER
     stamp = f"{importlib.metadata.version('transformers')} mlp_width={mlp_width}"
     if marker.is_file() and marker.read_text().strip() == stamp:
         return directory
@@ -194,7 +194,7 @@ def _build_tokenizer():
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build a tiny random Qwen2.5-VL checkpoint (offline, ~1 s).")
+    parser = argparse.ArgumentParser(description="Build a tiny random Qwen2.5-VL checkpoint (offline, in seconds).")
     parser.add_argument("directory", type=Path)
     args = parser.parse_args(argv)
     print(build_tiny_checkpoint(args.directory))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from spatialthinker_ros.harness import isolate_ros
+from spatialthinker_ros.testing.isolation import isolate_ros
 
 # before any test module imports rclpy: every node of the suite, in-process or a child (which inherits os.environ)
 _SCRATCH = isolate_ros(prefix="spatialthinker-test-")

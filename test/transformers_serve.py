@@ -1,29 +1,27 @@
-"""OpenAI-compatible servers for tests: a real `transformers serve` of a checkpoint on 127.0.0.1, stopped by pid,
-and the response writing shared by the scripted servers that play the failures a healthy server never shows."""
+"""A real `transformers serve` of a checkpoint on 127.0.0.1 for tests, run and stopped by pid with the harness's
+Process (spatialthinker_ros.testing); the scripted servers are spatialthinker_ros.testing.http_server's."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
-import time
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Optional
 
 import httpx
 
+from spatialthinker_ros.testing.processes import Process, free_port, wait_for
+
 STARTUP_S = 90.0
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def healthy(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 class TransformersServe:
@@ -37,62 +35,26 @@ class TransformersServe:
         assert self.cli, "the transformers command line is not installed (transformers[serving] is in the lock)"
         self.checkpoint, self.log_dir, self.port = checkpoint, log_dir, port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.process: Optional[subprocess.Popen] = None
+        self.process: Optional[Process] = None
         self.starts = 0
 
     def start(self) -> str:
         """Start and wait until /health answers; returns the /v1 URL."""
         self.starts += 1
-        log_path = self.log_dir / f"serve-{self.starts}.log"
-        with log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [self.cli, "serve", str(self.checkpoint), "--host", "127.0.0.1", "--port", str(self.port),
-                 "--device", "cpu"],
-                stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"HF_HUB_OFFLINE": "1"})
-        deadline = time.monotonic() + STARTUP_S
-        while True:
-            assert self.process.poll() is None, f"transformers serve exited:\n{log_path.read_text(errors='replace')}"
-            assert time.monotonic() < deadline, (f"transformers serve not healthy in {STARTUP_S:.0f} s:\n"
-                                                 f"{log_path.read_text(errors='replace')}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1.0).status_code == 200:
-                    return self.url
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        self.process = Process(
+            [self.cli, "serve", str(self.checkpoint), "--host", "127.0.0.1", "--port", str(self.port), "--device",
+             "cpu"], self.log_dir / f"serve-{self.starts}.log", env=os.environ | {"HF_HUB_OFFLINE": "1"},
+            name="transformers serve")
+        wait_for(lambda: healthy(self.port), STARTUP_S, f"transformers serve to answer /health on port {self.port}",
+                 self.process, interval=0.2)
+        return self.url
 
     def signal(self, sig: int) -> None:
-        self.process.send_signal(sig)
+        self.process.popen.send_signal(sig)
 
     def stop(self) -> None:
         """Kill the process this object started (resuming it first if it was frozen with SIGSTOP)."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
-            self.process.kill()
+        if self.process is not None and self.process.alive():
+            self.process.popen.send_signal(signal.SIGCONT)
         if self.process is not None:
-            self.process.wait(timeout=10)
-
-
-class ScriptedHandler(BaseHTTPRequestHandler):
-    """Base of a scripted HTTP server: JSON replies and server-sent events, no request logging."""
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def _send(self, status: int, payload: bytes, content_type: str = "application/json") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def _events(self, events: list, pause_s: float = 0.0) -> None:
-        """Each event (a str as is, else JSON) as one `data:` line; `pause_s` between them."""
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.end_headers()
-        for event in events:
-            data = event if isinstance(event, str) else json.dumps(event)
-            self.wfile.write(f"data: {data}\n\n".encode())
-            self.wfile.flush()
-            time.sleep(pause_s)
+            self.process.stop(signal.SIGKILL)

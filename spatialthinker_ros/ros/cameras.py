@@ -31,6 +31,14 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _FRAME_BUFFER_LIMIT, _KEPT_FREE_MEMORY = 32 << 20, 128 << 20
 
 
+_frame_memory: Optional[str] = None   # what keep_freed_frame_memory did in this process (mallopt is process-wide)
+
+
+def frame_memory() -> Optional[str]:
+    """What keep_freed_frame_memory() did in this process (~/stats reports it); None if it was not called."""
+    return _frame_memory
+
+
 def keep_freed_frame_memory() -> str:
     """Makes glibc reuse freed frame buffers for the next frames instead of returning them to the OS.
 
@@ -40,6 +48,12 @@ def keep_freed_frame_memory() -> str:
     path"). Returns what was done, for the log. It is left alone on other C libraries and when the user set
     MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ (theirs then applies).
     """
+    global _frame_memory
+    _frame_memory = _keep_freed_frame_memory()
+    return _frame_memory
+
+
+def _keep_freed_frame_memory() -> str:
     chosen = [name for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_") if name in os.environ]
     if chosen:
         return f"malloc left as configured by {' and '.join(chosen)}"

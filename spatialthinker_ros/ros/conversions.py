@@ -49,7 +49,7 @@ def fill_response(response, outcome: SpatialAnswer | RequestError):
 
 
 def rgb_to_image_msg(rgb: np.ndarray, header: Header) -> Image:
-    """`data = arr.tobytes()`: assigning an ndarray to Image.data is ~100x slower in rclpy."""
+    """`data = arr.tobytes()`: rosidl checks an ndarray assigned to Image.data element by element in Python."""
     msg = Image(header=header, height=rgb.shape[0], width=rgb.shape[1], encoding="rgb8", is_bigendian=0,
                 step=rgb.shape[1] * 3)
     msg.data = np.ascontiguousarray(rgb, dtype=np.uint8).tobytes()

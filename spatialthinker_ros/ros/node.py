@@ -95,6 +95,7 @@ class SpatialThinkerNode(LifecycleNode):
         self._last_warning: dict[str, tuple[float, int]] = {}   # key -> (last logged, suppressed since)
         self.requests_in_progress = 0                             # accepted and not yet answered
         self._backend = None
+        self._backend_state = "none"                         # on ~/stats: stats.BACKEND_STATES
         self._scheduler: Optional[RequestScheduler] = None
         self._draining: Optional[RequestScheduler] = None   # stopped, but its worker may still be generating
         self._tickets: dict[str, Ticket] = {}                # request id -> ticket, while queued or running
@@ -110,9 +111,9 @@ class SpatialThinkerNode(LifecycleNode):
         # stops the node; KEEP_LAST never blocks. Callers need a depth of at least their own concurrent calls.
         requests_qos = QoSProfile(depth=REQUEST_QUEUE_DEPTH)
         # A reply the transport drops because the caller asked before its reply reader was matched is sent again
-        self.replies = ReplyCourier(self, self._group)
-        self.replies.guard(self.create_service(AskSpatial, "~/ask", self._on_ask_service, qos_profile=requests_qos,
-                                               callback_group=self._group))
+        self.replies = ReplyCourier(self, self._group, on_change=self._publish_stats)
+        self.create_service(AskSpatial, "~/ask", self._on_ask_service, qos_profile=requests_qos,
+                            callback_group=self._group)
         self._action_server = ActionServer(
             self, AskSpatialAction, "~/ask_action", self._on_ask_goal,
             goal_callback=lambda goal: GoalResponse.ACCEPT,
@@ -120,6 +121,7 @@ class SpatialThinkerNode(LifecycleNode):
             goal_service_qos_profile=requests_qos, result_service_qos_profile=requests_qos,
             cancel_service_qos_profile=requests_qos,
             result_timeout=60, callback_group=self._group)
+        self.replies.guard_all()   # ~/ask and rclpy's parameter and lifecycle services
 
     # ---------------------------------------------------------------- thread hand-off
     def _post(self, call: Callable[[], None]) -> None:
@@ -174,6 +176,8 @@ class SpatialThinkerNode(LifecycleNode):
             max_request_image_pixels=p("max_request_image_pixels"),
             calibration=calibration).for_backend(self._backend)
         self.get_logger().info(f"backend ready in {time.monotonic() - started:.1f} s: model {self._backend.model_name}")
+        self._backend_state = "loaded"
+        self._publish_stats()
         self._create_camera_inputs()
         reliable = QoSProfile(depth=10)
         self._outputs = {
@@ -268,7 +272,7 @@ class SpatialThinkerNode(LifecycleNode):
             if not self._scheduler.stop(reason, timeout_s=0.1):
                 self._draining = self._scheduler
             self.get_logger().info(f"stopped answering ({reason}): {self._scheduler.stats()}")
-            self._stats.publish(self._scheduler.stats(), self._cameras)
+            self._publish_stats()
             self._scheduler = None
 
     def _wait_backend_idle(self, timeout_s: float = BACKEND_IDLE_WAIT_S) -> bool:
@@ -300,7 +304,9 @@ class SpatialThinkerNode(LifecycleNode):
             self._backend.close()
             self._backend = None
             gc.collect()
+            self._backend_state = "released"
             self.get_logger().info("backend closed: model and its memory released")
+            self._publish_stats()
 
     def lifecycle_state(self) -> str:
         return self._state_machine.current_state[1]
@@ -334,7 +340,9 @@ class SpatialThinkerNode(LifecycleNode):
 
     def _publish_stats(self) -> None:
         scheduler = self._scheduler or self._draining
-        self._stats.publish(scheduler.stats() if scheduler is not None else None, self._cameras)
+        self._stats.publish(scheduler.stats() if scheduler is not None else None, self._cameras,
+                            self.replies.counts(), self._backend_state,
+                            self._backend.model_name if self._backend is not None else None)
 
     def _on_cancel(self, goal_handle) -> CancelResponse:
         ticket = self._tickets.get(bytes(goal_handle.goal_id.uuid).hex())
@@ -510,8 +518,9 @@ class SpatialThinkerNode(LifecycleNode):
             debug.publish(rgb_to_image_msg(draw_scene(source.rgb, result.parsed.scene, caption), source.header))
 
 
-def main(args=None) -> int:
-    """Runs the node until SIGINT or SIGTERM; exits 0 then (1 when the parameters or configure fail).
+def main(args=None, on_node: Optional[Callable[[SpatialThinkerNode], None]] = None) -> int:
+    """Runs the node until SIGINT or SIGTERM; exits 0 then (1 when the parameters or configure fail). `on_node` is
+    called with the node once it is made, before it is spun (benchmarks read its counters: bench/_node_probe.py).
 
     rclpy's own signal handlers would shut the ROS context down at once, leaving every caller whose request is
     in flight waiting forever. Here a signal stops the node answering instead: pending callers get
@@ -538,6 +547,8 @@ def main(args=None) -> int:
         except ParameterException as exc:   # the reason, without a traceback
             rclpy.logging.get_logger("spatialthinker").fatal(f"invalid parameter: {exc}")
             return 1
+        if on_node is not None:
+            on_node(node)
         if node.get_parameter("keep_frame_memory").value:   # before any frame arrives
             node.get_logger().info(keep_freed_frame_memory())
         executor.add_node(node)

@@ -7,12 +7,16 @@ returns normally: for service replies and for action server replies, on Jazzy (r
 alike. `wait_for_service()` only proves the caller matched the server, not the reverse, so on a loaded machine a
 caller that asks at once can wait forever for an answer the node gave in milliseconds.
 
-Here every such drop is logged as what it is, and a service reply is sent again until it goes out, the caller is
-gone (rmw then drops the reply without error) or RESEND_FOR_S has passed. rclpy's ActionServer sends its replies
-itself and offers no way to send one again: for those (and for the first send of every reply) the shipped Fast
-DDS profile lets the reply writer wait longer for the caller's reader. A send holds the GIL while rmw waits, so
-sending again from another thread would block the node just the same: resends run on the executor thread, spaced
-out, each waiting at most the writer's `max_blocking_time`.
+Here every dropped service reply is counted (on ~/stats: ros/stats.py), logged for humans, and sent again until
+it goes out, the caller is gone (rmw then drops the reply without error) or RESEND_FOR_S has passed. To see a drop
+without swapping Python's warning machinery, a warnings filter turns that one warning, raised from rclpy's
+Service.send_response, into an exception for the sender here to catch. rclpy's executor sends each reply itself
+and offers no hook, so each of the node's services gets ONE wrapper on its own object (ReplyCourier.guard): the
+one place this package wraps an rclpy method. rclpy's ActionServer sends its replies itself and offers no way to
+see or repeat a failed send: its drops stay rclpy's RuntimeWarning, shown every time, and the shipped Fast DDS
+profile lets the reply writer wait longer for the caller's reader (as it does for every first send here).
+A send holds the GIL while rmw waits, so sending again from another thread would block the node just the same:
+resends run on the executor thread, spaced out, each waiting at most the writer's `max_blocking_time`.
 """
 
 from __future__ import annotations
@@ -23,61 +27,49 @@ import time
 import warnings
 from typing import Any, Callable, Optional
 
-import rclpy.logging
 from rclpy.callback_groups import CallbackGroup
 from rclpy.node import Node
 from rclpy.service import Service
 
 SEND_TIMEOUT = "failed to send response (timeout)"   # rclpy's RuntimeWarning when rmw dropped a reply
-# What the node's log lines about dropped replies contain
+# What the node's log lines (for humans) about dropped replies contain
 REPLY_DELAYED = "reply not sent yet"   # a send was dropped; it is sent again
 REPLY_RESENT = "reply re-sent"         # it went out on a later send
 REPLY_LOST = "reply lost"              # its caller will never get it
 RESEND_FOR_S = 10.0            # a caller's reply reader not matched after this is not coming: give the reply up
 FIRST_RESEND_AFTER_S = 0.05    # then twice as long each time: 7 sends at most within RESEND_FOR_S
 
-_LOGGER = rclpy.logging.get_logger("spatialthinker.replies")
 _SEND_TIMEOUT_PATTERN = re.escape(SEND_TIMEOUT)
-_watch = threading.local()      # .watching, .failure: the send being watched on this thread, and its drop
-_install_lock = threading.Lock()
+# (action, module whose send_response raised the warning): a service's drop raises, for send_went_out to catch;
+# an action server's is shown every time instead of once per code line
+_SEND_TIMEOUT_FILTERS = (("error", r"rclpy\.service"), ("always", r"rclpy\.action\.server"))
+_filters_lock = threading.Lock()
 
 
-def watch_send_failures() -> None:
-    """Route rclpy's send-timeout warnings here, every time (Python shows a warning once per code line).
-
-    Process-wide and idempotent. Checked again before each watched send, because whoever records warnings
-    (pytest, `warnings.catch_warnings`) swaps the hook and the filters out for a while."""
-    with _install_lock:
-        # only when missing: changing the filters resets which other warnings were already shown once
-        if not any(action == "always" and message is not None and message.pattern == _SEND_TIMEOUT_PATTERN
-                   for action, message, *_ in warnings.filters):
-            warnings.filterwarnings("always", message=_SEND_TIMEOUT_PATTERN, category=RuntimeWarning)
-        previous = warnings.showwarning
-        if getattr(previous, "routes_send_failures", False):
-            return
-
-        def showwarning(message, category, filename, lineno, file=None, line=None):
-            text = str(message)
-            if not (issubclass(category, RuntimeWarning) and text.startswith(SEND_TIMEOUT)):
-                previous(message, category, filename, lineno, file, line)
-            elif getattr(_watch, "watching", False):
-                _watch.failure = text
-            else:   # a send this module does not make (rclpy's action server): it can only be reported
-                _LOGGER.error(f"{REPLY_LOST}: the transport dropped it and nothing sends it again ({text})")
-
-        showwarning.routes_send_failures = True
-        warnings.showwarning = showwarning
+def report_send_timeouts() -> None:
+    """Install the send-timeout warning filters (_SEND_TIMEOUT_FILTERS) where missing. Process-wide and idempotent;
+    checked again before each watched send, because whoever records warnings (pytest, `warnings.catch_warnings`)
+    restores the filters of before when done."""
+    with _filters_lock:
+        present = {(action, module.pattern) for action, message, category, module, _ in warnings.filters
+                   if message is not None and message.pattern == _SEND_TIMEOUT_PATTERN and module is not None}
+        for action, module in _SEND_TIMEOUT_FILTERS:
+            if (action, module) not in present:
+                warnings.filterwarnings(action, message=_SEND_TIMEOUT_PATTERN, category=RuntimeWarning, module=module)
 
 
 def send_went_out(send: Callable[[], Any]) -> tuple[bool, str]:
-    """Run `send` (one rclpy send_response); (False, rclpy's message) if the transport dropped the reply."""
-    watch_send_failures()
-    _watch.watching, _watch.failure = True, None
+    """Run `send` (one rclpy Service.send_response); (False, rclpy's message) if the transport dropped the reply."""
+    report_send_timeouts()
     try:
         send()
-    finally:
-        _watch.watching = False
-    return _watch.failure is None, _watch.failure or ""
+    except (RuntimeWarning, SystemError) as error:
+        # rclpy ignores the result of raising its warning, so Python reports a SystemError caused by the warning
+        warning = error if isinstance(error, RuntimeWarning) else error.__cause__
+        if isinstance(warning, RuntimeWarning) and str(warning).startswith(SEND_TIMEOUT):
+            return False, str(warning)
+        raise
+    return True, ""
 
 
 def dropped_reply_lines(log: str) -> list[str]:
@@ -91,22 +83,30 @@ class ReplyCourier:
     """Sends a service's replies again while the transport drops them for want of the caller's reply reader.
 
     Resends are one-shot timers on the node's executor, so they never run beside other callbacks of the node.
+    Counts (counts(), on ~/stats) go up as they happen; `on_change` is called after each change.
     """
 
     def __init__(self, node: Node, callback_group: Optional[CallbackGroup] = None,
-                 resend_for_s: float = RESEND_FOR_S):
+                 resend_for_s: float = RESEND_FOR_S, on_change: Optional[Callable[[], None]] = None):
         self._node = node
         self._group = callback_group
         self._resend_for_s = resend_for_s
-        self.dropped = 0          # sends the transport refused (first sends and resends)
-        self.delivered_late = 0   # replies that went out on a resend
-        self.given_up = 0         # replies still refused after resend_for_s
-        self.pending = 0          # replies waiting for their next resend
-        watch_send_failures()
+        self._on_change = on_change or (lambda: None)
+        self.dropped = 0     # sends the transport refused (first sends and resends)
+        self.resent = 0      # replies that went out on a resend
+        self.abandoned = 0   # replies still refused after resend_for_s: their callers never get them
+        self.pending = 0     # replies waiting for their next resend
+        report_send_timeouts()
+
+    def counts(self) -> dict[str, int]:
+        """What ~/stats reports as "replies"."""
+        return {"dropped": self.dropped, "resent": self.resent, "abandoned": self.abandoned, "pending": self.pending}
 
     def guard(self, service: Service) -> Service:
         """Make `service`'s replies go through this courier. rclpy's executor sends each reply with
-        `service.send_response`, and offers no other hook, so that method is replaced on this one object."""
+        `service.send_response` and offers no other hook, so that method is wrapped on this one object. Every
+        service of a node that uses a courier must be guarded: an unguarded service's dropped reply raises (the
+        filter of report_send_timeouts) in the executor."""
         send = service.send_response
 
         def send_response(response, header) -> None:
@@ -115,6 +115,11 @@ class ReplyCourier:
         service.send_response = send_response
         return service
 
+    def guard_all(self) -> None:
+        """guard() every service the node has now (its own, and rclpy's parameter and lifecycle services)."""
+        for service in self._node.services:
+            self.guard(service)
+
     def _send(self, name: str, send, response, header, first_try: float, tries: int, wait_s: float) -> None:
         went_out, why = send_went_out(lambda: send(response, header))
         tries += 1
@@ -122,13 +127,15 @@ class ReplyCourier:
         if went_out:
             if tries > 1:
                 # rmw also reports success when the caller has gone meanwhile (it then drops the reply)
-                self.delivered_late += 1
+                self.resent += 1
+                self._on_change()
                 self._node.get_logger().info(f"{name}: {REPLY_RESENT} after {tries} sends ({waited:.2f} s): the "
                                              "caller's reply reader was matched late, or the caller has left")
             return
         self.dropped += 1
         if waited + wait_s > self._resend_for_s:
-            self.given_up += 1
+            self.abandoned += 1
+            self._on_change()
             self._node.get_logger().error(
                 f"{REPLY_LOST}: {name}: the caller's reply reader did not match in {tries} sends over "
                 f"{waited:.1f} s ({why})")
@@ -138,6 +145,7 @@ class ReplyCourier:
                 f"{name}: {REPLY_DELAYED}, the caller's reply reader is not matched yet ({why}); sending it again "
                 f"for up to {self._resend_for_s:.0f} s")
         self._later(wait_s, lambda: self._send(name, send, response, header, first_try, tries, 2 * wait_s))
+        self._on_change()
 
     def _later(self, delay_s: float, call: Callable[[], None]) -> None:
         timer = None

@@ -1,7 +1,8 @@
 """~/stats: the node's counters, so tests, benchmarks and operators read its behaviour from a topic, not its log.
 
 std_msgs/String holding one JSON object, on a reliable, transient-local topic of depth 1 (a late subscriber gets
-the last one). Published after every reply (service or action) and when the node stops answering:
+the last one). Published after every reply (service or action), when a reply counter changes, when the node
+stops answering and when its backend is loaded or released:
 
     scheduler  the request scheduler's SchedulerStats (core/scheduling.py: submitted, queued, running, completed,
                failed, timed_out, cancelled, stopped, rejected, batches, max_queue_depth), counted since the last
@@ -9,6 +10,14 @@ the last one). Published after every reply (service or action) and when the node
     cameras    per camera name: frames_received (colour frames that arrived), frames_dropped (refused on arrival:
                bad layout, stamps going backwards), frames_decoded (colour frames decoded, one per request that
                used a frame: frames are decoded only then)
+    replies    service replies the transport dropped (ros/replies.py): dropped (sends refused, first sends and
+               resends), resent (replies that went out on a resend), abandoned (replies still refused after
+               RESEND_FOR_S: their callers never get them), pending (replies waiting for their next resend);
+               counted since the node started
+    backend    state: "none" (never configured), "loaded" or "released" (closed on cleanup, its memory freed);
+               model: the loaded model's name, else null
+    frame_memory  what the process did about freed frame buffers (ros/cameras.py, keep_freed_frame_memory);
+               null where it was not called
 """
 
 from __future__ import annotations
@@ -21,19 +30,26 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from std_msgs.msg import String
 
 from spatialthinker_ros.core.scheduling import SchedulerStats
-from spatialthinker_ros.ros.cameras import CameraInput
+from spatialthinker_ros.ros.cameras import CameraInput, frame_memory
 
 STATS_TOPIC = "~/stats"
 STATS_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
                        durability=DurabilityPolicy.TRANSIENT_LOCAL)
 
 
-def stats_dict(scheduler: Optional[SchedulerStats], cameras: Mapping[str, CameraInput]) -> dict[str, Any]:
+BACKEND_STATES = ("none", "loaded", "released")
+
+
+def stats_dict(scheduler: Optional[SchedulerStats], cameras: Mapping[str, CameraInput], replies: Mapping[str, int],
+               backend_state: str, model: Optional[str]) -> dict[str, Any]:
     """What ~/stats carries (module docstring)."""
     return {
         "scheduler": dataclasses.asdict(scheduler) if scheduler is not None else None,
         "cameras": {name: {"frames_received": camera.frames_received, "frames_dropped": camera.frames_dropped,
                            "frames_decoded": camera.frames_decoded} for name, camera in cameras.items()},
+        "replies": dict(replies),
+        "backend": {"state": backend_state, "model": model},
+        "frame_memory": frame_memory(),
     }
 
 
@@ -44,7 +60,9 @@ class StatsPublisher:
         self._publisher = node.create_publisher(String, STATS_TOPIC, STATS_QOS)
         self._last_scheduler: Optional[SchedulerStats] = None
 
-    def publish(self, scheduler: Optional[SchedulerStats], cameras: Mapping[str, CameraInput]) -> None:
+    def publish(self, scheduler: Optional[SchedulerStats], cameras: Mapping[str, CameraInput],
+                replies: Mapping[str, int], backend_state: str, model: Optional[str]) -> None:
         if scheduler is not None:
             self._last_scheduler = scheduler
-        self._publisher.publish(String(data=json.dumps(stats_dict(self._last_scheduler, cameras))))
+        message = stats_dict(self._last_scheduler, cameras, replies, backend_state, model)
+        self._publisher.publish(String(data=json.dumps(message)))

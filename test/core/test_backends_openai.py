@@ -2,6 +2,7 @@
 the behaviours a healthy server does not show (stop strings, errors, slowness, keys)."""
 
 import base64
+import dataclasses
 import json
 import os
 import threading
@@ -11,13 +12,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from transformers_serve import ScriptedHandler, free_port
+from spatialthinker_ros.testing.http_server import ScriptedHandler, local_http_server
+from spatialthinker_ros.testing.processes import free_port
 
 from spatialthinker_ros.core.backends.base import GenerationConfig
 from spatialthinker_ros.core.backends.openai_backend import OpenAIBackend, OpenAIConfig, encode_image
 from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, prepare_request
 from spatialthinker_ros.core.types import BackendError, BackendErrorKind, InferenceRequest, InferenceResult
-from spatialthinker_ros.harness import local_http_server
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -91,12 +92,18 @@ def test_real_server_streams_growing_text_ending_with_the_result(tiny_server, ti
 # --- a scripted local server ----------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class _ScriptState:
+    seen: list[dict] = dataclasses.field(default_factory=list)   # path, authorization and body of every request
+    together: threading.Barrier = dataclasses.field(default_factory=lambda: threading.Barrier(3))
+
+
 class _Script(ScriptedHandler):
     """The first path segment picks the behaviour: /{mode}/v1/chat/completions."""
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.seen.append({"path": self.path, "authorization": self.headers.get("Authorization"), "body": body})
+        self.server.state.seen.append({"path": self.path, "authorization": self.headers.get("Authorization"), "body": body})
         mode = self.path.split("/")[1]
         try:
             getattr(self, f"_{mode}")(body)
@@ -119,7 +126,7 @@ class _Script(ScriptedHandler):
     def _together(self, body: dict) -> None:
         """Answers once three requests are in at the same time, which proves they were sent concurrently."""
         try:
-            self.server.together.wait(timeout=10)
+            self.server.state.together.wait(timeout=10)
         except threading.BrokenBarrierError:
             self._send(503, b"three requests never arrived together", "text/plain")
             return
@@ -144,14 +151,14 @@ class _Script(ScriptedHandler):
 
 @pytest.fixture(scope="module")
 def script_server():
-    with local_http_server(_Script, seen=[], together=threading.Barrier(3)) as server:
+    with local_http_server(_Script, _ScriptState()) as server:
         yield server
 
 
 @pytest.fixture
 def script(script_server):
     """backend(mode, **settings) -> an OpenAIBackend talking to the scripted server in that mode."""
-    script_server.seen.clear()
+    script_server.state.seen.clear()
     backends = []
 
     def backend(mode: str, **settings) -> OpenAIBackend:
@@ -159,7 +166,7 @@ def script(script_server):
         backends.append(OpenAIBackend(OpenAIConfig(server_url=url, model="spatialthinker", **settings)))
         return backends[-1]
 
-    backend.seen = script_server.seen
+    backend.seen = script_server.state.seen
     yield backend
     for created in backends:
         created.close()

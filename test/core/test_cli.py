@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import sample_relations
-from transformers_serve import free_port
+from spatialthinker_ros.testing.processes import free_port
 
 import spatialthinker_ros
 

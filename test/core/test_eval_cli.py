@@ -2,6 +2,7 @@
 backend, recordings in both storages, bad rows, the tiny checkpoint killed mid-run and resumed, Ctrl-C,
 `transformers serve`, and compare."""
 
+import dataclasses
 import json
 import re
 import signal
@@ -14,9 +15,9 @@ import pytest
 
 import eval_data
 from eval_data import EXPECTED, ROWS
-from transformers_serve import ScriptedHandler
+from spatialthinker_ros.testing.http_server import ScriptedHandler, local_http_server
 
-from spatialthinker_ros.harness import Process, local_http_server, wait_for
+from spatialthinker_ros.testing.processes import Process, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -113,18 +114,26 @@ def big_dataset(folder: Path, rows: int) -> Path:
     return path
 
 
+@dataclasses.dataclass
+class _GateState:
+    asked: list[str] = dataclasses.field(default_factory=list)
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    release: threading.Event = dataclasses.field(default_factory=threading.Event)
+    open: int = 0
+
+
 class _Gate(ScriptedHandler):
-    """An OpenAI-compatible server that answers the first `server.open` requests at once and holds the rest
-    until `server.release` is set: a run that is certainly mid-way when the test stops it."""
+    """An OpenAI-compatible server that answers the first `state.open` requests at once and holds the rest
+    until `state.release` is set: a run that is certainly mid-way when the test stops it."""
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         asked = re.search(r"Question (\d+):", json.dumps(body)).group(1)
-        with self.server.lock:
-            self.server.asked.append(f"q{asked}")
-            held = len(self.server.asked) > self.server.open
+        with self.server.state.lock:
+            self.server.state.asked.append(f"q{asked}")
+            held = len(self.server.state.asked) > self.server.state.open
         if held:
-            self.server.release.wait(60)
+            self.server.state.release.wait(60)
         text = "<observe> a mug </observe><scene> {\"objects\": []} </scene><think> left </think><answer> (A) left </answer>"
         payload = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                            "finish_reason": "stop"}],
@@ -137,11 +146,11 @@ class _Gate(ScriptedHandler):
 
 @pytest.fixture
 def gate():
-    with local_http_server(_Gate, asked=[], lock=threading.Lock(), release=threading.Event(), open=0) as server:
+    with local_http_server(_Gate, _GateState()) as server:
         try:
             yield server
         finally:
-            server.release.set()   # a held request lets go before the server shuts down
+            server.state.release.set()   # a held request lets go before the server shuts down
 
 
 def gated_run(path: Path, out: Path, gate) -> list[str]:
@@ -153,10 +162,10 @@ def gated_run(path: Path, out: Path, gate) -> list[str]:
 def test_killed_mid_run_resumes_without_asking_finished_rows(gate, tmp_path: Path):
     path, out = big_dataset(tmp_path, 12), tmp_path / "out"
     log = out / "predictions.jsonl"
-    gate.open = 3
+    gate.state.open = 3
     proc = Process(gated_run(path, out, gate), tmp_path / "eval.log", name="spatialthinker-eval")
     try:
-        wait_for(lambda: log.exists() and log.read_text().count("\n") == 3 and len(gate.asked) == 4, 120,
+        wait_for(lambda: log.exists() and log.read_text().count("\n") == 3 and len(gate.state.asked) == 4, 120,
                  "three predictions and the fourth request held", process=proc)
         proc.stop(signal.SIGKILL, timeout=30)
     finally:
@@ -165,11 +174,11 @@ def test_killed_mid_run_resumes_without_asking_finished_rows(gate, tmp_path: Pat
     assert [r["index"] for r in first] == ["q0", "q1", "q2"]
     with log.open("a") as handle:               # as if the kill had cut a line short
         handle.write('{"index": "q3", "categ')
-    gate.release.set()
-    asked_before = len(gate.asked)
+    gate.state.release.set()
+    asked_before = len(gate.state.asked)
     done = subprocess.run(gated_run(path, out, gate), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert sorted(gate.asked[asked_before:]) == sorted(f"q{i}" for i in range(3, 12))   # finished rows not asked
+    assert sorted(gate.state.asked[asked_before:]) == sorted(f"q{i}" for i in range(3, 12))   # finished rows not asked
     after = predictions(out)
     assert sorted(r["index"] for r in after) == sorted(f"q{i}" for i in range(12))        # each row once
     summary = json.loads((out / "summary.json").read_text())
@@ -179,7 +188,7 @@ def test_killed_mid_run_resumes_without_asking_finished_rows(gate, tmp_path: Pat
 def test_ctrl_c_stops_cleanly_and_keeps_finished_rows(gate, tmp_path: Path):
     path, out = big_dataset(tmp_path, 12), tmp_path / "out"
     log = out / "predictions.jsonl"
-    gate.open = 2
+    gate.state.open = 2
     # Process logs stdout and stderr together; the shell sends stdout to a file of its own and then execs the eval
     # (same pid, default SIGINT from Process), so the log is stderr alone: what a failed wait shows, and what the
     # assertions below read apart from stdout.
@@ -187,7 +196,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_finished_rows(gate, tmp_path: Path):
     proc = Process(["sh", "-c", 'exec "$@" > "$0"', str(stdout_path), *gated_run(path, out, gate)],
                    tmp_path / "eval.stderr", name="spatialthinker-eval")
     try:
-        wait_for(lambda: log.exists() and log.read_text().count("\n") == 2 and len(gate.asked) == 3, 120,
+        wait_for(lambda: log.exists() and log.read_text().count("\n") == 2 and len(gate.state.asked) == 3, 120,
                  "two predictions and the third request held", process=proc)
         returncode = proc.stop(signal.SIGINT, timeout=60)   # at once: the held request is not waited for
     finally:

@@ -1,11 +1,13 @@
-import sys
-from pathlib import Path
+"""The ROS tests' fixtures: a context, child processes stopped by pid, cameras, the node's client."""
+
+import json
 
 import pytest
+from node_requests import QUESTION, RESPONSE
 
-sys.path.insert(0, str(Path(__file__).parent))   # the test modules share fixtures by importing test_node
-
-from spatialthinker_ros.harness import FramePublisher, Processes, new_context  # noqa: E402
+from spatialthinker_ros.testing.camera import FakeCamera, FramePublisher
+from spatialthinker_ros.testing.node_client import NodeClient, new_context
+from spatialthinker_ros.testing.processes import Processes
 
 
 @pytest.fixture
@@ -27,3 +29,34 @@ def frames(ros_context):
     publisher = FramePublisher(ros_context)
     yield publisher
     publisher.close()
+
+
+@pytest.fixture
+def replay_file(tmp_path):
+    """Replay lines: QUESTION answered with RESPONSE, and "broken?" with a truncated answer."""
+    path = tmp_path / "replay.jsonl"
+    path.write_text(json.dumps({"question": QUESTION, "response": RESPONSE}) + "\n"
+                    + json.dumps({"question": "broken?", "response": "<observe>a cup</observe><scene>{'objects': "
+                                "[{'id': 'cup.1', 'bbox': [10, 20, 30, 40]}, {'id': 'pl"}) + "\n")
+    return path
+
+
+@pytest.fixture
+def client(ros_context):
+    c = NodeClient(ros_context)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def camera(ros_context):
+    """Makes FakeCameras (FakeCamera's arguments); all closed at teardown."""
+    streamers = []
+
+    def _camera(**kwargs):
+        streamers.append(FakeCamera(ros_context, **kwargs))
+        return streamers[-1]
+
+    yield _camera
+    for s in streamers:
+        s.close()

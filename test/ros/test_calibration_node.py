@@ -5,7 +5,7 @@ import pytest
 from lifecycle_msgs.msg import Transition
 
 from spatialthinker_ros.core.conformal import Calibration, CalibrationSetup
-from spatialthinker_ros.harness import node_command, wait_for
+from spatialthinker_ros.testing.processes import node_command, wait_for
 from test_node import E, OPTIONS, QUESTION, STARTUP, camera, client, replay_file, replay_params  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(180)

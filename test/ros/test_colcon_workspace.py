@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from sensor_msgs.msg import Image
 
-from spatialthinker_ros.harness import NodeClient
+from spatialthinker_ros.testing.node_client import NodeClient
 
 REPO = Path(__file__).resolve().parents[2]
 VENV = Path(sys.prefix)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from spatialthinker_ros.harness import node_command, spin_until
+from spatialthinker_ros.testing.node_client import spin_until
+from spatialthinker_ros.testing.processes import node_command
 from sensor_msgs.msg import CompressedImage
-from test_node import (CALL, E, OPTIONS, QUESTION, camera, client, replay_file,  # noqa: F401 (fixtures)
-                       replay_params)
+from node_requests import CALL, E, OPTIONS, QUESTION, replay_params
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -75,7 +75,7 @@ def test_an_idle_node_streamed_raw_1080p_with_depth_reuses_the_memory_of_old_fra
     # growing to a new high-water mark (one frame's pages; more often on a busy CPU, when more frames are held at
     # once) shows in a few: so the lower quartile, not the median.
     assert statistics.quantiles(per_frame, n=4)[0] < 20, f"page faults per 1080p frame, per second: {per_frame}"
-    assert "freed frame buffers kept for reuse" in proc.output()
+    assert client.stats[-1]["frame_memory"].startswith("freed frame buffers kept for reuse"), client.stats[-1]
 
 
 KEEP_AND_CHURN = """

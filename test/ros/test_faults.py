@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 from lifecycle_msgs.msg import Transition
 from transformers_serve import TransformersServe
-from spatialthinker_ros.harness import node_command, pattern_image, spin_future, spin_until
+from spatialthinker_ros.testing.camera import pattern_image
+from spatialthinker_ros.testing.node_client import spin_future, spin_until
+from spatialthinker_ros.testing.processes import node_command
 from sensor_msgs.msg import Image
-from test_node import CALL, E, OPTIONS, QUESTION, RESPONSE, client  # noqa: F401 (fixture)
+from node_requests import CALL, E, OPTIONS, QUESTION, RESPONSE
 
 from spatialthinker_ros.action import AskSpatial as AskSpatialAction
 from spatialthinker_ros.srv import AskSpatial
@@ -120,7 +122,7 @@ def test_server_frozen_killed_mid_request_and_restarted(spawn, client, server, t
     assert down_s < 2.0
 
     # back on the same port: the same node answers again
-    server.process.wait(timeout=10)
+    server.process.popen.wait(timeout=10)
     server.start()
     restarted, failed_after_restart = time.monotonic(), 0
     while not (response := client.ask(**ask)).success and time.monotonic() < restarted + 60:

@@ -7,7 +7,7 @@ import pytest
 from rclpy.action import ActionClient
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy, DurabilityPolicy
-from spatialthinker_ros.harness import spin_future, spin_until
+from spatialthinker_ros.testing.node_client import spin_future, spin_until
 from sensor_msgs.msg import Image
 
 from spatialthinker_ros.action import AskSpatial as AskSpatialAction

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 from rcl_interfaces.srv import ListParameters
-from spatialthinker_ros.harness import FakeCamera, NodeClient, node_command, node_executable, spin_future, spin_until
+from spatialthinker_ros.testing.camera import FakeCamera
+from spatialthinker_ros.testing.node_client import NodeClient, spin_future, spin_until
+from spatialthinker_ros.testing.processes import node_command, node_executable
 
 from spatialthinker_ros.launch_config import LAUNCH_ARGUMENTS, node_launch, ros_arguments
 from spatialthinker_ros.ros.parameters import BY_NAME, PARAMETERS, descriptor

@@ -109,9 +109,11 @@ import psutil  # noqa: E402
 from rclpy.qos import QoSProfile  # noqa: E402
 from rclpy.node import Node  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
-from test_node import E, RESPONSE  # noqa: E402
+from node_requests import E, RESPONSE  # noqa: E402
 
-from spatialthinker_ros.harness import FakeCamera, node_command, spin_future, spin_until  # noqa: E402
+from spatialthinker_ros.testing.camera import FakeCamera  # noqa: E402
+from spatialthinker_ros.testing.node_client import spin_future, spin_until  # noqa: E402
+from spatialthinker_ros.testing.processes import node_command  # noqa: E402
 from spatialthinker_ros.msg import SpatialAnswer  # noqa: E402
 from spatialthinker_ros.ros.stats import STATS_QOS  # noqa: E402
 from spatialthinker_ros.srv import AskSpatial  # noqa: E402

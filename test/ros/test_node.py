@@ -1,7 +1,6 @@
 """spatialthinker_node as a real process on an isolated graph: service, action, outputs, cameras, errors."""
 
 import itertools
-import json
 import time
 
 import numpy as np
@@ -11,60 +10,15 @@ from lifecycle_msgs.msg import Transition
 from sensor_msgs.msg import Image
 
 from spatialthinker_ros.action import AskSpatial as AskSpatialAction
-from spatialthinker_ros.harness import FakeCamera, NodeClient, node_command, spin_future, spin_until
+from spatialthinker_ros.testing.node_client import spin_future, spin_until
+from spatialthinker_ros.testing.processes import node_command
 from spatialthinker_ros.msg import SpatialAnswer
 from spatialthinker_ros.srv import AskSpatial
+from node_requests import CALL, E, OPTIONS, QUESTION, RESPONSE, replay_params
 
-E = AskSpatial.Response
 STARTUP = 60.0
-CALL = 30.0
 CLIENT_IDS = itertools.count()
-QUESTION = "Is the cup left or right of the plate?"
-OPTIONS = ["left of", "right of"]
-# Boxes in the pixels of the image the model is given: 320x240 (640x480 frames, max_input_pixels 76800).
-RESPONSE = (
-    "<observe>A cup and a plate on a table.</observe>\n"
-    '<scene>{"objects": [{"id": "cup.1", "bbox": [50, 50, 100, 100]}, {"id": "plate.1", "bbox": [150, 100, 250, 200]}],'
-    ' "relationships": [{"subject": "cup.1", "predicate": "left of", "object": "plate.1"}]}</scene>\n'
-    "<think>The cup's box is left of the plate's box.</think>\n<answer>(A) left of</answer>")
 K = [500.0, 0.0, 320.0, 0.0, 500.0, 240.0, 0.0, 0.0, 1.0]
-
-
-@pytest.fixture
-def replay_file(tmp_path):
-    path = tmp_path / "replay.jsonl"
-    path.write_text(json.dumps({"question": QUESTION, "response": RESPONSE}) + "\n"
-                    + json.dumps({"question": "broken?", "response": "<observe>a cup</observe><scene>{'objects': "
-                                "[{'id': 'cup.1', 'bbox': [10, 20, 30, 40]}, {'id': 'pl"}) + "\n")
-    return path
-
-
-def replay_params(replay_file, **extra):
-    """Node parameters for the replay backend. No frame age limit unless a test is about it: a loaded machine can
-    hold up the test's camera thread past the node's 1 s default."""
-    params = dict(backend="replay", replay_file=str(replay_file), max_input_pixels=320 * 240, max_image_age=0.0)
-    params.update(extra)
-    return params
-
-
-@pytest.fixture
-def client(ros_context):
-    c = NodeClient(ros_context)
-    yield c
-    c.close()
-
-
-@pytest.fixture
-def camera(ros_context):
-    streamers = []
-
-    def _camera(**kwargs):
-        streamers.append(FakeCamera(ros_context, **kwargs))
-        return streamers[-1]
-
-    yield _camera
-    for s in streamers:
-        s.close()
 
 
 def test_replay_answer_field_by_field_with_3d_markers_and_debug_image(spawn, client, camera, replay_file):
@@ -349,7 +303,8 @@ def test_lifecycle_transitions_free_the_model(spawn, client, camera, heavy_tiny_
     assert client.ask(question=QUESTION).error_code == E.ERROR_NOT_ACTIVE
     assert client.change_state(Transition.TRANSITION_CLEANUP)
     assert client.lifecycle_state() == "unconfigured"
-    assert spin_until(client.node, lambda: "model and its memory released" in proc.output(), CALL), proc.output()
+    assert spin_until(client.node, lambda: client.stats and client.stats[-1]["backend"]["state"] == "released",
+                      CALL), proc.output()
     freed = loaded - rss_mb(proc)
     assert freed > 0.7 * weights_mb, f"cleanup freed {freed:.0f} MB of a {weights_mb:.0f} MB model"
     # and it comes back

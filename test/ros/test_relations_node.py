@@ -7,12 +7,13 @@ import pytest
 import sample_relations
 from rcl_interfaces.srv import SetParameters
 from rclpy.parameter import Parameter
-from test_node import CALL, client  # noqa: F401 (client is a fixture)
+from node_requests import CALL
 
 from spatialthinker_ros.core.relations import VERDICT_COLOURS
 from spatialthinker_ros.core.types import RelationCheck
 from spatialthinker_ros.demo import load_sample, sample_camera as stream_sample
-from spatialthinker_ros.harness import NodeClient, node_command, spin_future, spin_until
+from spatialthinker_ros.testing.node_client import NodeClient, spin_future, spin_until
+from spatialthinker_ros.testing.processes import node_command
 from spatialthinker_ros.msg import SceneRelation
 
 pytestmark = pytest.mark.timeout(240)

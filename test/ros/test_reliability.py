@@ -18,13 +18,14 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from rclpy.qos import QoSProfile
-from spatialthinker_ros.harness import FakeCamera, NodeClient, Process, new_context, node_command, pattern_image, spin_until
+from spatialthinker_ros.testing.camera import FakeCamera, pattern_image
+from spatialthinker_ros.testing.node_client import NodeClient, new_context, spin_until
+from spatialthinker_ros.testing.processes import Process, node_command
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header
 from spatialthinker_ros.ros.node import WARN_THROTTLE_S
 from spatialthinker_ros.srv import AskSpatial
-from test_node import (CALL, E, OPTIONS, QUESTION, RESPONSE, camera, client,  # noqa: F401 (fixtures)
-                       replay_file, replay_params)
+from node_requests import CALL, E, OPTIONS, QUESTION, RESPONSE, replay_params
 
 pytestmark = pytest.mark.timeout(180)
 

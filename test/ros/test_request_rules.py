@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from sensor_msgs.msg import Image
 from spatialthinker_ros.core.request import ErrorCode
-from spatialthinker_ros.harness import node_command, pattern_image
+from spatialthinker_ros.testing.camera import pattern_image
+from spatialthinker_ros.testing.processes import node_command
 from spatialthinker_ros.ros.conversions import ERROR_CODES
 from spatialthinker_ros.srv import AskSpatial
-from test_node import E, OPTIONS, QUESTION, client, replay_file, replay_params  # noqa: F401 (fixtures)
+from node_requests import E, OPTIONS, QUESTION, replay_params
 
 pytestmark = pytest.mark.timeout(240)
 

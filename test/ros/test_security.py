@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -20,11 +21,13 @@ import pytest
 from rcl_interfaces.msg import Log, Parameter, ParameterEvent, ParameterType, ParameterValue
 from rcl_interfaces.srv import GetParameters, ListParameters, SetParameters
 from rclpy.qos import QoSProfile
-from transformers_serve import ScriptedHandler
-from spatialthinker_ros.harness import local_http_server, node_command, pattern_image, spin_future, spin_until
+from spatialthinker_ros.testing.http_server import ScriptedHandler, local_http_server
+from spatialthinker_ros.testing.camera import pattern_image
+from spatialthinker_ros.testing.node_client import spin_future, spin_until
+from spatialthinker_ros.testing.processes import node_command
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header
-from test_node import CALL, E, OPTIONS, QUESTION, RESPONSE, client  # noqa: F401 (fixture)
+from node_requests import CALL, E, OPTIONS, QUESTION, RESPONSE
 
 from spatialthinker_ros.action import AskSpatial as AskSpatialAction
 
@@ -89,14 +92,20 @@ def test_a_checkpoint_carrying_its_own_code_loads_without_running_it(spawn, clie
 # ----------------------------------------------------------------------------- the API key
 
 
+@dataclasses.dataclass
+class _KeyServerState:
+    seen: list[str] = dataclasses.field(default_factory=list)   # the Authorization header of every request
+    mode: str = "ok"                                             # how the next requests are answered
+
+
 class _Server(ScriptedHandler):
     """OpenAI-compatible enough: answers, or fails in ways that echo the Authorization header back."""
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         auth = self.headers.get("Authorization", "")
-        self.server.seen.append(auth)
-        mode = self.server.mode
+        self.server.state.seen.append(auth)
+        mode = self.server.state.mode
         if mode == "reject":
             return self._send(401, f'{{"error": "invalid api key {auth}"}}'.encode())
         if mode == "crash":
@@ -113,7 +122,7 @@ class _Server(ScriptedHandler):
 
 @pytest.fixture
 def key_server():
-    with local_http_server(_Server, seen=[], mode="ok") as server:
+    with local_http_server(_Server, _KeyServerState()) as server:
         yield server
 
 
@@ -134,7 +143,7 @@ def test_the_api_key_is_never_logged_published_or_answered(spawn, client, key_se
     answers: list = []
     ask = dict(question=QUESTION, options=OPTIONS, image=request_image(640, 480))
     for mode in ("ok", "reject", "crash", "ok"):
-        key_server.mode = mode
+        key_server.state.mode = mode
         response = client.ask(**ask)
         assert response.success == (mode == "ok"), (mode, response.message)
         answers.append(response)
@@ -144,7 +153,7 @@ def test_the_api_key_is_never_logged_published_or_answered(spawn, client, key_se
         assert result.success == (mode == "ok"), (mode, result.message)
         answers.append(result)
     assert "HTTP 401" in answers[2].message and "HTTP 500" in answers[4].message
-    assert key_server.seen and set(key_server.seen) == {f"Bearer {secret}"}, "the key was really sent"
+    assert key_server.state.seen and set(key_server.state.seen) == {f"Bearer {secret}"}, "the key was really sent"
     assert spin_until(node, lambda: len(client.answers) >= 4 and client.debug and client.markers, CALL)
     parameters = spin_future(node, node.create_client(ListParameters, "/spatialthinker/list_parameters").call_async(
         ListParameters.Request()), CALL)

@@ -14,7 +14,7 @@ from rclpy.qos import QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import Image
 
 from spatialthinker_ros.distro import PROFILE_VARIABLES, fastdds_profile_variable
-from spatialthinker_ros.harness import spin_until, spin_wait
+from spatialthinker_ros.testing.node_client import spin_until, spin_wait
 
 FRAMES = 60
 PUBLISHER = textwrap.dedent(f"""
