@@ -4,6 +4,7 @@ from spatialthinker_ros.srv import AskSpatial
 
 E = AskSpatial.Response
 CALL = 30.0
+STARTUP = 60.0
 QUESTION = "Is the cup left or right of the plate?"
 OPTIONS = ["left of", "right of"]
 # Boxes in the pixels of the image the model is given: 320x240 (640x480 frames, max_input_pixels 76800).

@@ -6,7 +6,7 @@ from lifecycle_msgs.msg import Transition
 
 from spatialthinker_ros.core.conformal import Calibration, CalibrationSetup
 from spatialthinker_ros.testing.processes import node_command, wait_for
-from test_node import E, OPTIONS, QUESTION, STARTUP, camera, client, replay_file, replay_params  # noqa: F401 (fixtures)
+from node_requests import E, OPTIONS, QUESTION, STARTUP, replay_params
 
 pytestmark = pytest.mark.timeout(180)
 

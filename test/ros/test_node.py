@@ -14,9 +14,8 @@ from spatialthinker_ros.testing.node_client import spin_future, spin_until
 from spatialthinker_ros.testing.processes import node_command
 from spatialthinker_ros.msg import SpatialAnswer
 from spatialthinker_ros.srv import AskSpatial
-from node_requests import CALL, E, OPTIONS, QUESTION, RESPONSE, replay_params
+from node_requests import CALL, E, OPTIONS, QUESTION, RESPONSE, STARTUP, replay_params
 
-STARTUP = 60.0
 CLIENT_IDS = itertools.count()
 K = [500.0, 0.0, 320.0, 0.0, 500.0, 240.0, 0.0, 0.0, 1.0]
 
