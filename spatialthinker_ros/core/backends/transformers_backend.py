@@ -179,7 +179,7 @@ class TransformersBackend:
         )
         letters = self._letter_tokens()
         probed = {row: len(r.offered_options) for row, r in enumerate(requests) if r.offered_options and not r.scene_only}
-        probe = _LetterProbe(letters, list(probed), prompt_length) if probed else None
+        probe = LetterProbe(letters, list(probed), prompt_length) if probed else None
         keys = [image_key(r.image) for r in requests]
         # one question: continue from the KV of an earlier prompt about the same image where the two prompts agree
         prompt_ids = inputs["input_ids"][0].tolist() if self.prompts is not None and len(requests) == 1 else None
@@ -237,7 +237,7 @@ class TransformersBackend:
             self._letters = LetterTokens(self._tokenizer)
         return self._letters
 
-    def _read_letters(self, probe: _LetterProbe, row: int, count: int, output: Any, attention_mask: torch.Tensor,
+    def _read_letters(self, probe: LetterProbe, row: int, count: int, output: Any, attention_mask: torch.Tensor,
                       rope_deltas: torch.Tensor) -> tuple[tuple[float, ...], str]:
         """Row's probabilities of its `count` offered letters at its answer's letter position, or () and why not.
 
@@ -492,7 +492,7 @@ class _LetterRecord:
     logits: torch.Tensor        # the step's scores of LetterTokens.ids(run)
 
 
-class _LetterProbe(LogitsProcessor):
+class LetterProbe(LogitsProcessor):
     """Keeps, for each probed row, the scores of the option-letter tokens at its answer's letter position
     (LetterPosition). Per step it reads only the last token of the rows still looking; it gathers a few dozen scores
     at the steps that may be the letter's and keeps nothing else (no per-step scores over the vocabulary)."""
