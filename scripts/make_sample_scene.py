@@ -244,9 +244,9 @@ def model_box(box: list[float], pad: float) -> list[int]:
 
 QUESTIONS = (
     dict(question="Where is the mug relative to the plate?", options=["left of", "right of", "behind", "in front of"],
-         answer="(A) left of"),
+         answer="(A) left of", option_probabilities=[0.82, 0.05, 0.09, 0.04]),
     dict(question="Which object is closest to the camera?", options=["the mug", "the plate", "the book"],
-         answer="(B) the plate"),
+         answer="(B) the plate", option_probabilities=[0.21, 0.66, 0.13]),
 )
 
 
@@ -340,7 +340,8 @@ def main(argv: list[str] | None = None) -> None:
     (args.output / "sample_scene.json").write_text(json.dumps(meta, indent=2) + "\n")
     with (args.output / "sample_replay.jsonl").open("w") as replay:
         for q, text in zip(QUESTIONS, responses(model_boxes)):
-            replay.write(json.dumps({"question": q["question"], "response": text}) + "\n")
+            replay.write(json.dumps({"question": q["question"], "response": text,
+                                     "option_probabilities": q["option_probabilities"]}) + "\n")
     for name in ("sample_scene.png", "sample_scene_depth.png", "sample_scene.json", "sample_replay.jsonl"):
         print(f"{args.output / name}: {(args.output / name).stat().st_size} bytes")
 

@@ -68,11 +68,19 @@ def response(reply: Optional[str]) -> str:
     return f"<observe> a table </observe>\n<scene> {scene} </scene>\n<think> looking </think>{answer}"
 
 
+def probabilities(row: Row) -> list[float]:
+    """Known option probabilities of a row: 0.6 on the correct option, the rest shared evenly."""
+    rest = 0.4 / (len(row.options) - 1)
+    return [0.6 if chr(65 + k) == row.key else rest for k in range(len(row.options))]
+
+
 def write_replay(path: Path, questions: list[str]) -> Path:
-    """Replay lines for the given questions (as the data writes them), ROWS[i]'s reply for the i-th."""
+    """Replay lines for the given questions (as the data writes them), ROWS[i]'s reply and probabilities for the
+    i-th."""
     with path.open("w") as out:
         for text, row in zip(questions, ROWS):
-            out.write(json.dumps({"question": text, "response": response(row.reply)}) + "\n")
+            out.write(json.dumps({"question": text, "response": response(row.reply),
+                                  "option_probabilities": probabilities(row)}) + "\n")
     return path
 
 

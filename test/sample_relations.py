@@ -42,5 +42,6 @@ SAMPLE_ANSWER = answer_about(MODEL_BOXES, TRIPLES)
 
 def write_replay(path: Path) -> Path:
     """A replay file answering QUESTION with SAMPLE_ANSWER."""
-    path.write_text(json.dumps({"question": QUESTION, "response": SAMPLE_ANSWER}) + "\n")
+    path.write_text(json.dumps({"question": QUESTION, "response": SAMPLE_ANSWER, "option_probabilities": [0.9, 0.1]})
+                    + "\n")
     return path

@@ -161,16 +161,35 @@ def finish_result(
         problems.extend(depth_problems)
     lossy = parsed.status is not AnswerStatus.COMPLETE or bool(problems)
     scene = check_scene(scene, config.relations, has_depth=depth is not None and intrinsics is not None)
+    probabilities, missing = option_probabilities(result, options, scene_only)
     parsed = replace(
         parsed,
         scene=scene,
-        problems=parsed.problems + tuple(problems) + tuple(contradictions(scene)),
+        problems=parsed.problems + tuple(problems) + tuple(contradictions(scene)) + missing,
         status=decide_status(parsed.answer, scene, parsed.scene_complete, scene_only, lossy),
+        option_probabilities=probabilities,
     )
     letters = [option_letter(i) for i in range(len(options))]
     prediction_set, coverage = answer_prediction_set(option_probabilities, letters, config.calibration)
     return SpatialResult(parsed=parsed, inference=result, prompt=request.prompt, model_image_size=model_size,
                          prediction_set=tuple(prediction_set), prediction_set_coverage=coverage)
+
+
+def option_probabilities(result: InferenceResult, options: Sequence[str],
+                         scene_only: bool) -> tuple[tuple[float, ...], tuple[str, ...]]:
+    """The backend's option probabilities when they fit the options answered, and why there are none otherwise.
+
+    The reason joins the answer's problems (status_message) without changing its status: the answer itself is
+    whole. A free-form question or a scene-only request has none and needs no reason."""
+    if not options or scene_only:
+        return (), ()
+    probabilities = result.option_probabilities
+    if not probabilities:
+        why = result.option_probabilities_note or "the backend gives no option probabilities"
+        return (), (f"no option probabilities: {why}",)
+    if len(probabilities) != len(options):
+        return (), (f"no option probabilities: the backend gave {len(probabilities)} for {len(options)} options",)
+    return tuple(probabilities), ()
 
 
 def _lift_scene(
@@ -194,7 +213,8 @@ def _lift_scene(
 def answer_dict(parsed: ParsedResponse, inference: InferenceResult, question: str,
                 options: Sequence[str]) -> dict[str, Any]:
     """A finished answer as JSON-ready data (the CLI's output, the demo's answer files): boxes in camera pixels,
-    positions and sizes in metres (None without depth), status as its lower-case name."""
+    positions and sizes in metres (None without depth), status as its lower-case name, option probabilities as a
+    list in option order like SpatialAnswer's ([] when none)."""
     objects = []
     for obj in parsed.scene.objects:
         box, p = obj.box, obj.position
@@ -211,6 +231,7 @@ def answer_dict(parsed: ParsedResponse, inference: InferenceResult, question: st
         "options": list(options),
         "answer": parsed.answer,
         "choice": parsed.choice,
+        "option_probabilities": [round(p, 6) for p in parsed.option_probabilities],
         "status": parsed.status.name.lower(),
         "status_message": parsed.status_message,
         "observation": parsed.observation,

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from spatialthinker_ros.core.prompt import Question
+from spatialthinker_ros.core.prompt import Question, answer_options
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,9 @@ class ParsedResponse:
     choice: str                  # option letter ("A".."Z") when the answer names one of the options, else ""
     status: AnswerStatus
     problems: tuple[str, ...] = ()
+    # The model's probability of each offered option, in option order, summing to 1 (InferenceResult's, checked
+    # against the options by pipeline.finish_result); () for a free-form question or when the backend has none.
+    option_probabilities: tuple[float, ...] = ()
 
     @property
     def status_message(self) -> str:
@@ -122,6 +125,14 @@ class InferenceRequest:
     request_id: str = ""
     asked: Optional[Question] = None   # the checked question and options the prompt states (for a retry)
 
+    @property
+    def offered_options(self) -> tuple[str, ...]:
+        """The options the answer chooses among, lettered A, B, ... in this order: those the prompt lists, else
+        those the question carries inline (prompt.answer_options); () for a free-form question."""
+        if self.asked is None:
+            return tuple(answer_options(self.question, ()))
+        return tuple(answer_options(self.asked.text, self.asked.options))
+
 
 @dataclass(frozen=True)
 class InferenceResult:
@@ -130,6 +141,11 @@ class InferenceResult:
     completion_tokens: int = 0
     model: str = ""
     seconds: float = 0.0         # wall time the backend spent on this request (a batch's time for each member)
+    # The model's probability of each of the request's offered_options, in that order, summing to 1: its next-token
+    # distribution at the answer's option letter, renormalised over the offered letters. () when there are none;
+    # then, for a question with options, option_probabilities_note says why.
+    option_probabilities: tuple[float, ...] = ()
+    option_probabilities_note: str = ""
 
 
 class BackendErrorKind(enum.Enum):

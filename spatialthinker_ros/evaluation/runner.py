@@ -42,6 +42,7 @@ class RowAnswer:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     objects: list[dict[str, Any]] = field(default_factory=list)
+    option_probabilities: Sequence[float] = ()   # in option order, summing to 1; () when the answer has none
     error: str = ""
     skipped: str = ""       # the row could not be asked (bad image, refused question): not scored
     image_size: Optional[tuple[int, int]] = None   # (width, height) of the row's image as loaded
@@ -104,6 +105,7 @@ def row_answer(parsed: ParsedResponse, inference: InferenceResult, latency_s: fl
         status=parsed.status.name.lower(), problems=list(parsed.problems), latency_s=latency_s,
         prompt_tokens=inference.prompt_tokens, completion_tokens=inference.completion_tokens,
         objects=[object_json(o) for o in parsed.scene.objects],
+        option_probabilities=tuple(parsed.option_probabilities),
     )
 
 
@@ -175,6 +177,7 @@ def record_for(item: EvalItem, answer: RowAnswer) -> dict[str, Any]:
         "index": item.index, "category": item.category, "question": item.question, "options": item.offered,
         "answer": item.answer, "output": answer.output, "parsed_answer": answer.parsed_answer,
         "choice": answer.choice, "correct": bool(answer.choice) and answer.choice == item.answer,
+        "option_probabilities": list(answer.option_probabilities),
         "status": answer.status, "problems": list(answer.problems), "latency_s": answer.latency_s,
         "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
         "objects": answer.objects, "image_size": list(answer.image_size) if answer.image_size else None,

@@ -86,7 +86,8 @@ def spatial_answer_msg(result: SpatialResult, header: Header, request_id: str, c
     parsed = result.parsed
     return SpatialAnswer(
         header=header, request_id=request_id, camera=camera, question=question, options=list(options),
-        answer=parsed.answer, choice=parsed.choice, observation=parsed.observation, reasoning=parsed.reasoning,
+        answer=parsed.answer, choice=parsed.choice, option_probabilities=list(parsed.option_probabilities),
+        observation=parsed.observation, reasoning=parsed.reasoning,
         scene_graph=scene_graph_msg(parsed.scene, header), status=int(parsed.status),
         status_message=parsed.status_message, raw_response=result.inference.text, model=result.inference.model,
         prompt_tokens=max(0, int(result.inference.prompt_tokens)),
@@ -115,7 +116,8 @@ def answer_from_msg(msg: SpatialAnswer) -> tuple[ParsedResponse, InferenceResult
     parsed = ParsedResponse(observation=msg.observation, scene=scene, scene_complete=bool(scene.objects),
                             reasoning=msg.reasoning, answer=msg.answer, choice=msg.choice,
                             status=AnswerStatus(msg.status),
-                            problems=tuple(p for p in msg.status_message.split("; ") if p))
+                            problems=tuple(p for p in msg.status_message.split("; ") if p),
+                            option_probabilities=tuple(float(p) for p in msg.option_probabilities))
     inference = InferenceResult(text=msg.raw_response, prompt_tokens=msg.prompt_tokens,
                                 completion_tokens=msg.completion_tokens, model=msg.model,
                                 seconds=msg.inference_time.sec + msg.inference_time.nanosec * 1e-9)

@@ -4,6 +4,8 @@ the behaviours a healthy server does not show (stop strings, errors, slowness, k
 import base64
 import dataclasses
 import json
+import logging
+import math
 import os
 import threading
 import time
@@ -26,9 +28,10 @@ SECRET = "sk-test-SECRET-0123456789"
 SCENE_OPEN = '<observe> a cup on a table </observe> <scene> {"objects": [{"id": "cup.1", "bbox": [1, 2, 3, 4]}]} '
 
 
-def _request(width: int = 640, height: int = 480, **kwargs) -> InferenceRequest:
+def _request(width: int = 640, height: int = 480, question: str = "q", **kwargs) -> InferenceRequest:
     image = np.random.default_rng(7).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    return InferenceRequest(image=image, prompt=f"Image size: {width} x {height}\n\nWhere is the cup?", question="q", **kwargs)
+    return InferenceRequest(image=image, prompt=f"Image size: {width} x {height}\n\nWhere is the cup?", question=question,
+                            **kwargs)
 
 
 # --- a real OpenAI-compatible server: `transformers serve` with the tiny checkpoint ---------------------------
@@ -145,8 +148,49 @@ class _Script(ScriptedHandler):
     def _garbage(self, body: dict) -> None:
         self._send(200, b"this is not json")
 
+    def _logprobs(self, body: dict) -> None:
+        """A vLLM-like server: the answer with its per-token logprobs (LOGPROBS_TOKENS), streamed or not."""
+        tokens = [{"token": token, "logprob": logprob, "bytes": list(token.encode()),
+                   "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top]}
+                  for token, logprob, top in LOGPROBS_TOKENS]
+        text = "".join(token for token, _, _ in LOGPROBS_TOKENS)
+        usage = {"prompt_tokens": 100, "completion_tokens": len(tokens), "total_tokens": 100 + len(tokens)}
+        if not body.get("stream"):
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop",
+                      "logprobs": {"content": tokens} if body.get("logprobs") else None}
+            self._send(200, json.dumps({"choices": [choice], "usage": usage}).encode())
+            return
+        events = [{"choices": [{"index": 0, "delta": {"content": token["token"]},
+                                "logprobs": {"content": [token]} if body.get("logprobs") else None}]}
+                  for token in tokens]
+        self._events(events + [{"choices": [], "usage": usage}, "[DONE]"])
+
+    def _refuse(self, body: dict) -> None:
+        """A server that refuses logprobs with an error, and answers without them."""
+        if "logprobs" in body:
+            self._send(400, b'{"error": "logprobs is not supported"}')
+            return
+        self._logprobs(body)
+
     def _streamerror(self, body: dict) -> None:
         self._events([{"error": "'Qwen2_5_VLProcessor' object has no attribute 'get_vocab'"}])
+
+
+def _top(*pairs, fill: int) -> list:
+    """Top alternatives: the given (token, probability) pairs, then `fill` others down to probability 0.001."""
+    fillers = [(f"w{i}", 0.01 - i * (0.009 / max(fill - 1, 1))) for i in range(fill)]
+    return [(token, math.log(p)) for token, p in list(pairs) + fillers]
+
+
+# "<answer> (B) right </answer>": at the letter, B and " B" (0.55 + 0.05), A 0.2; C and D are not in the top 20,
+# whose 20th holds 0.001
+LOGPROBS_TOKENS = [
+    ("<", 0.0, []), ("answer", 0.0, []), (">", 0.0, []), (" (", math.log(0.9), _top((" (", 0.9), fill=19)),
+    ("B", math.log(0.55), _top(("B", 0.55), ("A", 0.2), (" B", 0.05), fill=17)),
+    (")", 0.0, []), (" right", 0.0, []), (" </", 0.0, []), ("answer", 0.0, []), (">", 0.0, []),
+]
+EXPECTED_PROBABILITIES = [p / 0.802 for p in (0.2, 0.6, 0.001, 0.001)]
+OPTIONS_QUESTION = "Where is the cup? (A) left (B) right (C) behind (D) in front"
 
 
 @pytest.fixture(scope="module")
@@ -415,3 +459,58 @@ def test_real_server_sees_the_image_tokens_the_in_process_backend_uses(tiny_serv
     assert isinstance(served, InferenceResult) and isinstance(whole, InferenceResult), (served, whole)
     assert served.prompt_tokens == local.prompt_tokens
     assert whole.prompt_tokens > served.prompt_tokens + 30   # the server's own limit alone: 64 image tokens, not 16
+
+
+# --- option probabilities ------------------------------------------------------------------------------------------
+def _options_request(**kwargs) -> InferenceRequest:
+    return _request(question=OPTIONS_QUESTION, **kwargs)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_option_probabilities_are_read_at_the_letter_with_a_bound_for_letters_outside_the_top_20(script, stream):
+    backend = script("logprobs")
+    on_text = (lambda text, tokens: None) if stream else None
+    [result] = backend.generate([_options_request(on_text=on_text)])
+
+    assert result.text == "<answer> (B) right </answer>"
+    assert result.option_probabilities == pytest.approx(EXPECTED_PROBABILITIES, abs=1e-9)
+    assert result.option_probabilities_note == ""
+    [sent] = script.seen
+    assert (sent["body"]["logprobs"], sent["body"]["top_logprobs"]) == (True, 20)
+
+
+def test_free_form_questions_ask_for_no_logprobs(script):
+    [result] = script("logprobs").generate([_request()])
+    assert (result.option_probabilities, result.option_probabilities_note) == ((), "")
+    assert "logprobs" not in script.seen[0]["body"] and "top_logprobs" not in script.seen[0]["body"]
+
+
+def test_a_server_refusing_logprobs_still_answers_and_is_asked_without_them_from_then_on(script, caplog):
+    backend = script("refuse")
+    with caplog.at_level(logging.WARNING, logger="spatialthinker_ros.core.backends.openai_backend"):
+        first, second = backend.generate([_options_request(), _options_request()])
+        [third] = backend.generate([_options_request()])
+
+    for result in (first, second, third):
+        assert isinstance(result, InferenceResult) and result.text == "<answer> (B) right </answer>"
+        assert result.option_probabilities == ()
+        assert result.option_probabilities_note.startswith("the inference server refused logprobs (HTTP 400")
+    assert "logprobs" not in script.seen[-1]["body"]
+    assert len(script.seen) <= 5   # at most the two concurrent first requests were refused
+    [line] = [r for r in caplog.records if "no option probabilities" in r.getMessage()]
+    assert "refused logprobs" in line.getMessage()
+
+
+def test_real_server_answers_without_option_probabilities_and_says_why_once(tiny_server, tiny_checkpoint, caplog):
+    backend = _served_backend(tiny_server, tiny_checkpoint)
+    try:
+        with caplog.at_level(logging.WARNING, logger="spatialthinker_ros.core.backends.openai_backend"):
+            first, second = backend.generate([_options_request(), _options_request()])
+            [third] = backend.generate([_options_request()])
+    finally:
+        backend.close()
+    for result in (first, second, third):
+        assert isinstance(result, InferenceResult) and result.text, result
+        assert result.option_probabilities == ()
+        assert "returned no logprobs" in result.option_probabilities_note
+    assert len([r for r in caplog.records if "no option probabilities" in r.getMessage()]) == 1

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from spatialthinker_ros.core.backends.replay_backend import ReplayBackend, ReplayConfig
+from spatialthinker_ros.core.prompt import Question
 from spatialthinker_ros.core.types import BackendError, BackendErrorKind, InferenceRequest, InferenceResult
 
 pytestmark = pytest.mark.timeout(30)
@@ -224,3 +225,64 @@ def test_malformed_failure_lines_are_rejected_at_load(tmp_path: Path, record: di
     with pytest.raises(ValueError) as raised:
         ReplayBackend(ReplayConfig(str(path)))
     assert f"{path}:2:" in str(raised.value) and problem in str(raised.value)
+
+
+# ------------------------------------------------------------------------------------------ option probabilities
+def _probabilities_file(tmp_path: Path, probabilities) -> Path:
+    path = tmp_path / "probabilities.jsonl"
+    path.write_text(json.dumps({"question": QUESTION, "response": RESPONSE, "option_probabilities": probabilities})
+                    + "\n" + json.dumps({"question": "How many cups?", "response": "<answer> 2 </answer>"}) + "\n",
+                    encoding="utf-8")
+    return path
+
+
+def test_option_probabilities_of_a_line_are_read_and_renormalised(tmp_path: Path):
+    backend = ReplayBackend(ReplayConfig(str(_probabilities_file(tmp_path, [0.2, 0.5, 0.2, 0.104]))))
+    [result] = backend.generate([_request(QUESTION)])   # four options inline in the question
+    assert result.option_probabilities == pytest.approx([0.2 / 1.004, 0.5 / 1.004, 0.2 / 1.004, 0.104 / 1.004])
+    assert sum(result.option_probabilities) == pytest.approx(1.0, abs=1e-12)
+    assert result.option_probabilities_note == ""
+
+
+def test_option_probabilities_follow_the_options_list_too(tmp_path: Path):
+    path = tmp_path / "listed.jsonl"
+    path.write_text(json.dumps({"question": "Where is it?", "response": "<answer> (A) left </answer>",
+                                "option_probabilities": [0.75, 0.25]}) + "\n", encoding="utf-8")
+    [result] = ReplayBackend(ReplayConfig(str(path))).generate(
+        [_request("Where is it?", asked=Question("Where is it?", ("left", "right")))])
+    assert result.option_probabilities == (0.75, 0.25)
+
+
+def test_option_probabilities_that_do_not_fit_the_options_are_left_out_with_the_reason(tmp_path: Path):
+    backend = ReplayBackend(ReplayConfig(str(_probabilities_file(tmp_path, [0.5, 0.5]))))
+    [mismatched] = backend.generate([_request(QUESTION)])
+    assert mismatched.option_probabilities == ()
+    assert mismatched.option_probabilities_note == "the replay line has 2 option_probabilities for 4 options"
+    [free_form] = backend.generate([_request("How many cups?")])
+    assert (free_form.option_probabilities, free_form.option_probabilities_note) == ((), "")
+    [without] = ReplayBackend(ReplayConfig(str(_failures_file(tmp_path, {"question": QUESTION, "response": RESPONSE})))
+                              ).generate([_request(QUESTION)])
+    assert without.option_probabilities == () and without.option_probabilities_note == (
+        "the replay line has no option_probabilities")
+
+
+@pytest.mark.parametrize(("probabilities", "problem"), [
+    ([0.5, 0.6], "must sum to 1 (within 0.01), not 1.1"),
+    ([1.2, -0.2], "finite and non-negative"),
+    ([0.0, 0.0], "all zero"),
+    ([], "a non-empty list of numbers"),
+    ("0.5 0.5", "a non-empty list of numbers"),
+    ([0.5, True], "a non-empty list of numbers"),
+    ([0.5, "0.5"], "a non-empty list of numbers"),
+])
+def test_malformed_option_probabilities_are_rejected_at_load(tmp_path: Path, probabilities, problem: str):
+    with pytest.raises(ValueError) as raised:
+        ReplayBackend(ReplayConfig(str(_probabilities_file(tmp_path, probabilities))))
+    assert ":1:" in str(raised.value) and problem in str(raised.value)
+
+
+def test_non_finite_option_probabilities_are_rejected_at_load(tmp_path: Path):
+    path = tmp_path / "nan.jsonl"
+    path.write_text('{"question": "q", "response": "r", "option_probabilities": [NaN, 1.0]}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="finite and non-negative"):
+        ReplayBackend(ReplayConfig(str(path)))

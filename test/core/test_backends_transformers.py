@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import weakref
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from spatialthinker_ros.core.backends.base import GenerationConfig
 from spatialthinker_ros.core.backends.transformers_backend import TransformersBackend, TransformersConfig
+from spatialthinker_ros.core.prompt import Question
 from spatialthinker_ros.core.types import BackendError, BackendErrorKind, InferenceRequest, InferenceResult
 
 pytestmark = pytest.mark.timeout(120)
@@ -411,3 +413,144 @@ def test_more_requests_than_the_batch_size_is_a_caller_bug(backend: Transformers
 def test_invalid_settings_are_rejected(settings):
     with pytest.raises(ValueError):
         TransformersConfig(**settings)
+
+
+# ------------------------------------------------------------------------------------------ option probabilities
+OPTIONS = ("left of", "right of", "behind", "in front of")
+
+
+def _options_request(width: int, height: int, seed: int = 0, question: str = "Where is the cup?") -> InferenceRequest:
+    request = _request(width, height, seed)
+    return InferenceRequest(image=request.image, prompt=f"{request.prompt} {question}", question=question,
+                            asked=Question(question, OPTIONS))
+
+
+def _forcing(backend: TransformersBackend, monkeypatch, answers: list[str]) -> None:
+    """Makes row i of every batch write answers[i] and end; the backend's own processors run first, on the model's
+    scores (a forcing processor runs after them)."""
+    tokenizer = backend.processor.tokenizer
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    sequences = [tokenizer.encode(text, add_special_tokens=False) + [eos] for text in answers]
+    original = backend.model.generate
+
+    class Force(LogitsProcessor):
+        def __init__(self):
+            self._start = None
+
+        def __call__(self, input_ids, scores):
+            self._start = self._start or input_ids.shape[1]
+            forced = torch.full_like(scores, -math.inf)
+            for row in range(scores.shape[0]):
+                sequence = sequences[row]
+                forced[row, sequence[min(input_ids.shape[1] - self._start, len(sequence) - 1)]] = 0.0
+            return forced
+
+    def generate(*args, **kwargs):
+        if kwargs.get("max_new_tokens") == 1:   # the backend's extra step after a missing letter: not forced
+            return original(*args, **kwargs)
+        own = list(kwargs.pop("logits_processor", None) or [])
+        return original(*args, logits_processor=LogitsProcessorList(own + [Force()]), **kwargs)
+
+    monkeypatch.setattr(backend.model, "generate", generate)
+
+
+def _direct_letter_probabilities(backend: TransformersBackend, request: InferenceRequest, written: str) -> list[float]:
+    """One plain forward pass over the prompt and `written` (the answer up to the letter), no cache: the model's
+    distribution of the next token, summed per option letter over every token that writes just that letter."""
+    tokenizer = backend.processor.tokenizer
+    inputs = backend.prepare_inputs([request])
+    ids = torch.cat([inputs["input_ids"], torch.tensor([tokenizer.encode(written, add_special_tokens=False)])], 1)
+    with torch.inference_mode():
+        logits = backend.model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs["pixel_values"],
+                               image_grid_thw=inputs["image_grid_thw"]).logits[0, -1]
+    probabilities = torch.softmax(logits.double(), -1)
+    run = written[written.rfind("<answer") + len("<answer"):]
+    masses = []
+    for letter in "ABCD":
+        ids = [i for i in range(len(tokenizer)) if re.fullmatch(r">[\s(]*" + letter, run + tokenizer.decode([i]))]
+        masses.append(float(probabilities[ids].sum()))
+    return [m / sum(masses) for m in masses]
+
+
+@pytest.fixture
+def letters_backend(tiny_checkpoint: Path):
+    backend = _backend(tiny_checkpoint, generation=GenerationConfig(max_new_tokens=48))
+    yield backend
+    backend.close()
+
+
+LETTER_ANSWER = "<observe> a cup </observe> <answer> (B) right of </answer>"
+
+
+def test_option_probabilities_equal_a_direct_forward_pass_at_the_letter(letters_backend, monkeypatch):
+    request = _options_request(640, 480)
+    _forcing(letters_backend, monkeypatch, [LETTER_ANSWER])
+
+    [result] = letters_backend.generate([request])
+
+    expected = _direct_letter_probabilities(letters_backend, request, LETTER_ANSWER[:LETTER_ANSWER.index("B")])
+    assert result.text == LETTER_ANSWER and result.option_probabilities_note == ""
+    assert result.option_probabilities == pytest.approx(expected, abs=1e-4)
+    assert sum(result.option_probabilities) == pytest.approx(1.0)
+
+
+def test_option_probabilities_in_a_batch_equal_each_row_alone(letters_backend, monkeypatch):
+    answers = [LETTER_ANSWER, "<answer>C</answer>", "<observe> x </observe>"]
+    requests = [_options_request(640, 480, seed=1), _options_request(320, 240, seed=2, question="Which one?"),
+                _options_request(224, 224, seed=3)]
+    _forcing(letters_backend, monkeypatch, answers)
+
+    first, second, third = letters_backend.generate(requests)
+
+    assert first.option_probabilities == pytest.approx(
+        _direct_letter_probabilities(letters_backend, requests[0], LETTER_ANSWER[:LETTER_ANSWER.index("B")]), abs=1e-4)
+    assert second.option_probabilities == pytest.approx(
+        _direct_letter_probabilities(letters_backend, requests[1], "<answer>"), abs=1e-4)
+    assert third.option_probabilities == () and "no <answer> tag" in third.option_probabilities_note
+
+
+def test_option_probabilities_with_the_prompt_cache_on_and_off(letters_backend, monkeypatch):
+    _forcing(letters_backend, monkeypatch, [LETTER_ANSWER])
+    first = _options_request(640, 480, seed=5)
+    follow_up = _options_request(640, 480, seed=5, question="Where is the plate?")
+    letters_backend.generate([first])
+    reused = letters_backend.prompts.stats().hits
+
+    [continued] = letters_backend.generate([follow_up])
+    assert letters_backend.prompts.stats().hits > reused   # continued from the first prompt's KV
+    letters_backend.forget()
+    [whole] = letters_backend.generate([follow_up])
+
+    expected = _direct_letter_probabilities(letters_backend, follow_up, LETTER_ANSWER[:LETTER_ANSWER.index("B")])
+    assert continued.option_probabilities == pytest.approx(expected, abs=1e-4)
+    assert whole.option_probabilities == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("answer", ["<answer> cat </answer>", "<answer>cat</answer>", "<answer>"])
+def test_without_a_letter_the_distribution_is_read_as_if_a_parenthesis_followed(letters_backend, monkeypatch,
+                                                                                  answer):
+    request = _options_request(640, 480, seed=7)
+    other = _options_request(320, 240, seed=8)
+    _forcing(letters_backend, monkeypatch, [answer, LETTER_ANSWER])
+    extra_steps = []
+    original = letters_backend.model.generate
+    monkeypatch.setattr(letters_backend.model, "generate",
+                        lambda *a, **k: extra_steps.append(k["max_new_tokens"]) or original(*a, **k))
+
+    result, beside = letters_backend.generate([request, other])   # in a batch: the row's own slice of the cache
+
+    # the letter position follows "<answer>" in each (" cat" is one token): the card's " (" is put after it
+    assert extra_steps == [48, 1]
+    assert result.option_probabilities == pytest.approx(
+        _direct_letter_probabilities(letters_backend, request, "<answer> ("), abs=1e-4)
+    assert beside.option_probabilities == pytest.approx(
+        _direct_letter_probabilities(letters_backend, other, LETTER_ANSWER[:LETTER_ANSWER.index("B")]), abs=1e-4)
+
+
+def test_free_form_and_scene_only_requests_are_not_probed(letters_backend, monkeypatch):
+    _forcing(letters_backend, monkeypatch, [LETTER_ANSWER, LETTER_ANSWER])
+    scene = _options_request(640, 480)
+    scene.scene_only = True
+    free, scene_result = letters_backend.generate([_request(640, 480), scene])
+    assert (free.option_probabilities, free.option_probabilities_note) == ((), "")
+    assert (scene_result.option_probabilities, scene_result.option_probabilities_note) == ((), "")

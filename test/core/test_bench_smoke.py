@@ -54,3 +54,13 @@ def test_gpu_latency_tiny_runs_both_paths_on_the_same_prompt_with_forced_lengths
     assert (one_frame["images_encoded_shared"], one_frame["images_encoded_separate"]) == (1, 2)
     assert one_frame["follow_up_prompt_tokens_reused"] > 391   # the follow-up prefilled only its question
     assert report["decode_bytes_per_token"] < report["weight_bytes"]
+
+
+@pytest.mark.timeout(120)
+def test_option_probabilities_bench_times_both_kinds_and_the_probe_alone(tmp_path: Path):
+    out = tmp_path / "option_probabilities.json"
+    _run("option_probabilities", "--new-tokens", "8", "--repeats", "1", "--json", str(out), timeout=110)
+    report = json.loads(out.read_text())
+    assert set(report["median_ms"]) == {"with_options", "free_form"}
+    assert all(math.isfinite(v) and v > 0 for v in report["median_ms"].values())
+    assert 0 < report["probe_alone_us_per_step"] and 0 < report["probe_alone_share_of_answer"] < 1

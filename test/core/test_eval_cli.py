@@ -53,6 +53,8 @@ def test_replay_gives_exact_accuracies_in_every_format(builder, tmp_path: Path):
     assert [r["correct"] for r in rows] == [row.correct for row in ROWS]
     assert [r["choice"] for r in rows] == ["A", "B", "C", "", "A", "A", "", "A", "B"]
     assert rows[3]["problems"] == ["answer does not name one of the options"]
+    assert [row["option_probabilities"] for row in rows] == [pytest.approx(eval_data.probabilities(r))
+                                                             for r in eval_data.ROWS]
     # the summary table printed on stdout
     assert "| **overall** | 9 | 6 | 66.7 % |" in done.stdout
     # a rerun asks nothing again

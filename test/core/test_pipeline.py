@@ -100,11 +100,16 @@ def test_pipeline_config_is_validated(kwargs):
         PipelineConfig(**kwargs)
 
 
+def answered(**fields) -> InferenceResult:
+    """The backend's result with option probabilities for OPTIONS (none would be named in the problems)."""
+    return InferenceResult(option_probabilities=(0.9, 0.1), **fields)
+
+
 # ---- finish_result --------------------------------------------------------------------------------------
 
 def test_boxes_come_back_in_camera_pixels_without_depth():
     request = prepare_request(camera_image(), "Where is the laptop relative to the mug?", OPTIONS, HALF_SIZE)
-    result = InferenceResult(text=response(MUG_LAPTOP, RIGHT_OF), completion_tokens=90, model="m")
+    result = answered(text=response(MUG_LAPTOP, RIGHT_OF), completion_tokens=90, model="m")
     finished = finish_result(request, result, OPTIONS, (1280, 960))
     assert finished.model_image_size == (640, 480)
     assert finished.prompt == request.prompt and finished.inference is result
@@ -119,7 +124,7 @@ def test_boxes_come_back_in_camera_pixels_without_depth():
 
 def test_objects_are_lifted_with_depth_at_another_resolution():
     request = prepare_request(camera_image(), "Where is the laptop relative to the mug?", OPTIONS, HALF_SIZE)
-    finished = finish_result(request, InferenceResult(text=response(MUG_LAPTOP, RIGHT_OF)), OPTIONS, (1280, 960),
+    finished = finish_result(request, answered(text=response(MUG_LAPTOP, RIGHT_OF)), OPTIONS, (1280, 960),
                              depth=DepthImage.from_metres(depth_640()), intrinsics=K640)
     assert finished.parsed.status is AnswerStatus.COMPLETE and finished.parsed.problems == ()
     mug, laptop = (o.position for o in finished.scene.objects)
@@ -135,7 +140,7 @@ def test_geometry_losses_turn_complete_into_partial():
     depth = depth_640()
     depth[150:300, 300:500] = np.nan     # the laptop's screen reflects: no depth
     request = prepare_request(camera_image(), "Where is the laptop relative to the mug?", OPTIONS, HALF_SIZE)
-    finished = finish_result(request, InferenceResult(text=response(objects, relations)), OPTIONS, (1280, 960),
+    finished = finish_result(request, answered(text=response(objects, relations)), OPTIONS, (1280, 960),
                              depth=DepthImage.from_metres(depth), intrinsics=K640)
     parsed = finished.parsed
     assert parsed.status is AnswerStatus.PARTIAL and parsed.choice == "B"
@@ -152,7 +157,7 @@ def test_geometry_losses_turn_complete_into_partial():
 
 def test_depth_without_intrinsics_is_reported():
     request = prepare_request(camera_image(640, 480), "Where?", OPTIONS)
-    finished = finish_result(request, InferenceResult(text=response(MUG_LAPTOP)), OPTIONS, (640, 480),
+    finished = finish_result(request, answered(text=response(MUG_LAPTOP)), OPTIONS, (640, 480),
                              depth=DepthImage.from_metres(depth_640()))
     assert finished.parsed.problems == ("a depth image came without camera intrinsics: no 3D positions",)
     assert finished.parsed.status is AnswerStatus.PARTIAL
@@ -161,7 +166,7 @@ def test_depth_without_intrinsics_is_reported():
 def test_parse_problems_are_kept_and_all_dropped_objects_without_answer_is_no_answer():
     request = prepare_request(camera_image(640, 480), "Where?", OPTIONS)
     text = response([{"id": "lamp.1", "bbox": [700, 10, 760, 90]}]).split("<think>")[0]
-    finished = finish_result(request, InferenceResult(text=text), OPTIONS, (640, 480))
+    finished = finish_result(request, answered(text=text), OPTIONS, (640, 480))
     assert finished.parsed.status is AnswerStatus.NO_ANSWER
     assert finished.parsed.problems[:2] == ("no <think> section", "no <answer> section")
     assert finished.parsed.problems[2].startswith("objects dropped because")
@@ -169,7 +174,7 @@ def test_parse_problems_are_kept_and_all_dropped_objects_without_answer_is_no_an
 
 def test_scene_only_request_is_complete_without_think_and_answer():
     request = prepare_request(camera_image(), "Find the mug and the laptop.", [], HALF_SIZE, scene_only=True)
-    finished = finish_result(request, InferenceResult(text=response(MUG_LAPTOP, RIGHT_OF, scene_only=True)), [],
+    finished = finish_result(request, answered(text=response(MUG_LAPTOP, RIGHT_OF, scene_only=True)), [],
                              (1280, 960), depth=DepthImage.from_metres(depth_640()), intrinsics=K640)
     assert finished.parsed.status is AnswerStatus.COMPLETE and finished.parsed.problems == ()
     assert finished.parsed.answer == "" and finished.parsed.choice == ""
@@ -180,10 +185,29 @@ def test_streamed_scene_of_a_full_request_reads_as_scene_only():
     request = prepare_request(camera_image(), "Where is the laptop relative to the mug?", OPTIONS, HALF_SIZE)
     full = response(MUG_LAPTOP, RIGHT_OF)
     partial = full[: full.index("</scene>") + len("</scene>")] + "\n<think>The lap"
-    streamed = finish_result(request, InferenceResult(text=partial), OPTIONS, (1280, 960), scene_only=True)
+    streamed = finish_result(request, answered(text=partial), OPTIONS, (1280, 960), scene_only=True)
     assert streamed.parsed.status is AnswerStatus.COMPLETE
     assert streamed.parsed.problems == ("<think> not closed (output truncated?)",)
     assert [o.box.x_max for o in streamed.scene.objects] == [300, 1000]
-    as_asked = finish_result(request, InferenceResult(text=partial), OPTIONS, (1280, 960))
+    as_asked = finish_result(request, answered(text=partial), OPTIONS, (1280, 960))
     assert as_asked.parsed.status is AnswerStatus.PARTIAL
     assert as_asked.parsed.problems == ("<think> not closed (output truncated?)", "no <answer> section")
+
+
+def test_option_probabilities_are_carried_or_their_absence_explained():
+    request = prepare_request(np.zeros((480, 640, 3), np.uint8), "Where is the mug?", OPTIONS)
+    text = response(MUG_LAPTOP, RIGHT_OF)
+    carried = finish_result(request, answered(text=text), OPTIONS, (640, 480))
+    assert carried.parsed.option_probabilities == (0.9, 0.1) and carried.parsed.problems == ()
+    absent = finish_result(request, InferenceResult(text=text, option_probabilities_note="the server said no"),
+                           OPTIONS, (640, 480))
+    assert absent.parsed.option_probabilities == ()
+    assert absent.parsed.status_message == "no option probabilities: the server said no"
+    assert absent.parsed.status is carried.parsed.status   # the answer itself is whole
+    wrong = finish_result(request, InferenceResult(text=text, option_probabilities=(0.2, 0.3, 0.5)), OPTIONS,
+                          (640, 480))
+    assert wrong.parsed.option_probabilities == ()
+    assert wrong.parsed.status_message == "no option probabilities: the backend gave 3 for 2 options"
+    free_form = finish_result(prepare_request(np.zeros((480, 640, 3), np.uint8), "What is it?", []),
+                              InferenceResult(text=text, option_probabilities=(1.0,)), [], (640, 480))
+    assert (free_form.parsed.option_probabilities, free_form.parsed.problems) == ((), ())

@@ -33,9 +33,11 @@ def frames(ros_context):
 
 @pytest.fixture
 def replay_file(tmp_path):
-    """Replay lines: QUESTION answered with RESPONSE, and "broken?" with a truncated answer."""
+    """Replay lines: QUESTION answered with RESPONSE (option probabilities 0.8 and 0.2), and "broken?" with a
+    truncated answer."""
     path = tmp_path / "replay.jsonl"
-    path.write_text(json.dumps({"question": QUESTION, "response": RESPONSE}) + "\n"
+    path.write_text(json.dumps({"question": QUESTION, "response": RESPONSE, "option_probabilities": [0.8, 0.2]})
+                    + "\n"
                     + json.dumps({"question": "broken?", "response": "<observe>a cup</observe><scene>{'objects': "
                                 "[{'id': 'cup.1', 'bbox': [10, 20, 30, 40]}, {'id': 'pl"}) + "\n")
     return path

@@ -36,6 +36,8 @@ def test_every_interface_imports_with_documented_fields():
                  "inference_time"):
         assert name in answer_fields, name
     assert answer_fields["inference_time"] == "builtin_interfaces/Duration"
+    assert (answer_fields["option_probabilities"], answer_fields["prediction_set"],
+            answer_fields["prediction_set_coverage"]) == ("sequence<float>", "sequence<string>", "float")
     assert (SpatialAnswer.STATUS_COMPLETE, SpatialAnswer.STATUS_PARTIAL, SpatialAnswer.STATUS_NO_ANSWER) == (0, 1, 2)
     request_fields = AskSpatial.Request.get_fields_and_field_types()
     assert request_fields == {"question": "string", "options": "sequence<string>", "camera": "string",

@@ -30,6 +30,10 @@ def test_replay_answer_field_by_field_with_3d_markers_and_debug_image(spawn, cli
     assert answer.observation == "A cup and a plate on a table." and "left of the plate" in answer.reasoning
     assert answer.question == QUESTION and list(answer.options) == OPTIONS and answer.camera == "default"
     assert answer.raw_response == RESPONSE and answer.model == "replay"
+    # the replayed option probabilities, in option order; no calibration: no prediction set
+    assert list(answer.option_probabilities) == pytest.approx([0.8, 0.2])
+    assert list(answer.prediction_set) == [] and answer.prediction_set_coverage == 0.0
+    assert answer.status_message == ""
     # the answer's header is the source frame's header
     assert answer.header.frame_id == "camera_color_optical_frame"
     assert (answer.header.stamp.sec, answer.header.stamp.nanosec) in cam.published_stamps

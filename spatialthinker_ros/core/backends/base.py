@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import re
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Sequence, Union
 
@@ -18,6 +20,58 @@ def cut_after_scene_end(text: str) -> str:
     """End a scene-only answer exactly at its first "</scene>", however far past it the backend stopped."""
     end = text.find(SCENE_END_TAG)
     return text if end < 0 else text[: end + len(SCENE_END_TAG)]
+
+
+# The text since the answer tag opened, while it is still only "<answer", its ">", and whitespace or "(": the next
+# token writes the option letter (group 1 is that run; "" right after "<answer").
+_ANSWER_RUN = re.compile(r"<answer(>?[\s(]*)$")
+_ANSWER_TAIL_CHARS = 24   # enough to hold "<answer" and a run of spaces and "(" after it
+# How one token may write the letter L after a run: "L", " L", "(L", " (L", with ">" first right after "<answer".
+LETTER_FORMS = ("", " ", "(", " (")
+
+
+def letter_written(run: str, piece: str) -> str:
+    """The option letter a token writes at the letter position after `run`, or "" when it writes none."""
+    match = re.fullmatch(r">[\s(]*([A-Z])", run + piece)
+    return match.group(1) if match else ""
+
+
+class LetterPosition:
+    """Follows an answer token by token to its option letter's position: the first token after "<answer>" that is
+    not whitespace or "(" (the card writes "<answer> (B) cat </answer>"; "<answer>B</answer>" occurs too).
+
+    Before a token is fed, `run` is not None when that token is at the letter position if it leaves the run (the
+    answer tag's text so far); once a token left it, `found` is True and `letter_run` is the run it followed."""
+
+    def __init__(self) -> None:
+        self._tail = ""
+        self.run: Optional[str] = None
+        self.found = False
+        self.letter_run = ""
+
+    def feed(self, piece: str) -> None:
+        if self.found:
+            return
+        self._tail = (self._tail + piece)[-_ANSWER_TAIL_CHARS:]
+        run, match = self.run, _ANSWER_RUN.search(self._tail)
+        if match:
+            self.run = match.group(1)
+        elif run is not None:
+            if (run + piece).startswith(">"):   # the tag was closed: this token sat at the letter position
+                self.found, self.letter_run = True, run
+            self.run = None                     # or "<answer" began another word: look on
+
+
+def renormalised(weights: Sequence[float]) -> tuple[float, ...]:
+    """Option probabilities from non-negative weights (probabilities of the letters before renormalising over the
+    offered ones): scaled to sum to 1. ValueError when a weight is negative or not finite, or all are zero."""
+    values = [float(w) for w in weights]
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise ValueError(f"option probabilities must be finite and non-negative, not {values}")
+    total = math.fsum(values)
+    if total <= 0:
+        raise ValueError("option probabilities are all zero")
+    return tuple(v / total for v in values)
 
 
 class TextSink:

@@ -4,13 +4,23 @@ Requests of one generate() call go out concurrently, so the server's continuous 
 Frames are sent no larger than `max_pixels`, at the size Qwen2.5-VL's processor would resize them to
 (request.model_image_size): a server with its default processor settings would otherwise turn a 1080p frame
 into 2,691 image tokens where the in-process backend uses 1,222.
+
+Option probabilities: a request with options asks for `logprobs` with the top 20 alternatives per token (vLLM and
+SGLang return them; vLLM's `--max-logprobs` must allow 20) and reads them at the answer's option letter
+(base.LetterPosition). An offered letter missing from those 20 is given the 20th's probability, the most it can
+have, before renormalising over the offered letters: an upper bound, so a prediction set includes an option the
+server did not list rather than drop it. A server that refuses logprobs, or answers without them (`transformers
+serve`), is asked without them from then on, for the backend's lifetime, and one log line says so.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
+import math
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,8 +30,9 @@ import cv2
 import httpx
 import numpy as np
 
-from spatialthinker_ros.core.backends.base import (DEFAULT_MAX_PIXELS, SCENE_END_TAG, GenerationConfig, TextSink,
-                                                   cut_after_scene_end)
+from spatialthinker_ros.core.backends.base import (DEFAULT_MAX_PIXELS, SCENE_END_TAG, GenerationConfig, LetterPosition,
+                                                   TextSink, cut_after_scene_end, letter_written, renormalised)
+from spatialthinker_ros.core.prompt import option_letter
 from spatialthinker_ros.core.request import PATCH, model_image_size
 from spatialthinker_ros.core.text import excerpt
 from spatialthinker_ros.core.types import BackendError, BackendErrorKind, InferenceRequest, InferenceResult
@@ -29,6 +40,12 @@ from spatialthinker_ros.core.validation import validate_server_url
 
 _IMAGE_FORMATS = ("jpeg", "png")
 _SHOWN = 300   # characters of a server's error text kept in a message
+TOP_LOGPROBS = 20   # alternatives asked for per token: the most the OpenAI API allows
+_LOGPROBS_FIELDS = ("logprobs", "top_logprobs")
+
+log = logging.getLogger(__name__)
+# A server's reply: text, finish_reason, usage, and the per-token logprobs (None when it sent none)
+_Reply = tuple[str, Optional[str], dict[str, Any], Optional[list[dict[str, Any]]]]
 
 
 @dataclass(frozen=True)
@@ -81,6 +98,8 @@ class OpenAIBackend:
         )
         self._pool = ThreadPoolExecutor(config.max_concurrency, thread_name_prefix="spatialthinker-openai")
         self._closed = False
+        self._no_logprobs = ""   # why this server gives no option probabilities; "" while it may
+        self._no_logprobs_lock = threading.Lock()
 
     def generate(self, requests: Sequence[InferenceRequest]) -> list[Union[InferenceResult, BackendError]]:
         if len(requests) > self.max_batch_size:
@@ -100,10 +119,15 @@ class OpenAIBackend:
         sink = TextSink(request.on_text)
         try:
             body = self._body(request)
-            if request.on_text:
-                text, finish_reason, usage = self._stream(body, sink, started + self.config.timeout_s)
-            else:
-                text, finish_reason, usage = self._complete(body)
+            try:
+                text, finish_reason, usage, letters = self._send(body, request, sink, started)
+            except httpx.HTTPStatusError as exc:
+                if "logprobs" not in body or "logprobs" not in exc.response.text:
+                    raise
+                self._stop_logprobs(f"the inference server refused logprobs (HTTP {exc.response.status_code}: "
+                                    f"{excerpt(exc.response.text, _SHOWN)})")
+                body = {key: value for key, value in body.items() if key not in _LOGPROBS_FIELDS}
+                text, finish_reason, usage, letters = self._send(body, request, sink, started)
         except BackendError as error:
             return BackendError(error.kind, self._scrub(str(error)))
         except Exception as exc:
@@ -116,13 +140,45 @@ class OpenAIBackend:
             text = cut_after_scene_end(text)
         completion_tokens = int(usage.get("completion_tokens", 0))
         sink(text, completion_tokens)
+        probabilities, note = self._option_probabilities(request, body, letters)
         return InferenceResult(
             text=text,
             prompt_tokens=int(usage.get("prompt_tokens", 0)),
             completion_tokens=completion_tokens,
             model=self.model_name,
             seconds=time.perf_counter() - started,
+            option_probabilities=probabilities,
+            option_probabilities_note=note,
         )
+
+    def _send(self, body: dict[str, Any], request: InferenceRequest, sink: TextSink, started: float) -> _Reply:
+        if request.on_text:
+            return self._stream(body, sink, started + self.config.timeout_s)
+        return self._complete(body)
+
+    def _option_probabilities(self, request: InferenceRequest, body: dict[str, Any],
+                              tokens: Optional[list[dict[str, Any]]]) -> tuple[tuple[float, ...], str]:
+        if not request.offered_options or request.scene_only:
+            return (), ""
+        if "logprobs" not in body:
+            return (), self._no_logprobs
+        if not tokens:
+            self._stop_logprobs("the inference server returned no logprobs (transformers serve does not support "
+                                "them; vLLM and SGLang do)")
+            return (), self._no_logprobs
+        try:
+            return letter_probabilities(tokens, len(request.offered_options))
+        except (KeyError, TypeError, ValueError) as exc:
+            return (), f"the inference server's logprobs are malformed: {excerpt(exc, _SHOWN)}"
+
+    def _stop_logprobs(self, why: str) -> None:
+        """Asks this server for no more logprobs; says so once."""
+        with self._no_logprobs_lock:
+            if self._no_logprobs:
+                return
+            self._no_logprobs = why
+        log.warning("no option probabilities from %s: %s; asking without logprobs from now on",
+                    self.config.server_url, why)
 
     def _body(self, request: InferenceRequest) -> dict[str, Any]:
         generation = self.config.generation
@@ -156,19 +212,21 @@ class OpenAIBackend:
         if request.on_text:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
+        if request.offered_options and not request.scene_only and not self._no_logprobs:
+            body["logprobs"] = True
+            body["top_logprobs"] = TOP_LOGPROBS
         return body
 
-    def _complete(self, body: dict[str, Any]) -> tuple[str, Optional[str], dict[str, Any]]:
+    def _complete(self, body: dict[str, Any]) -> _Reply:
         response = self._client.post(self._endpoint, json=body).raise_for_status()
         data = response.json()
         choice = data["choices"][0]
-        return choice["message"]["content"] or "", choice.get("finish_reason"), data.get("usage") or {}
+        tokens = (choice.get("logprobs") or {}).get("content")
+        return choice["message"]["content"] or "", choice.get("finish_reason"), data.get("usage") or {}, tokens
 
-    def _stream(
-        self, body: dict[str, Any], sink: TextSink, deadline: float
-    ) -> tuple[str, Optional[str], dict[str, Any]]:
+    def _stream(self, body: dict[str, Any], sink: TextSink, deadline: float) -> _Reply:
         """Reads server-sent events; the sink gets the text after every delta (one delta is about one token)."""
-        text, finish_reason, usage, deltas = "", None, {}, 0
+        text, finish_reason, usage, deltas, tokens = "", None, {}, 0, []
         with self._client.stream("POST", self._endpoint, json=body) as response:
             if not response.is_success:
                 response.read()   # the error body goes into the message
@@ -188,12 +246,13 @@ class OpenAIBackend:
                 usage = chunk.get("usage") or usage
                 for choice in chunk.get("choices") or ():
                     finish_reason = choice.get("finish_reason") or finish_reason
+                    tokens.extend((choice.get("logprobs") or {}).get("content") or ())
                     delta = (choice.get("delta") or {}).get("content")
                     if delta:
                         text += delta
                         deltas += 1
                         sink(text, deltas)
-        return text, finish_reason, usage or {"completion_tokens": deltas}
+        return text, finish_reason, usage or {"completion_tokens": deltas}, tokens or None
 
     def _classify(self, exc: Exception) -> tuple[BackendErrorKind, str]:
         url = self.config.server_url
@@ -215,6 +274,42 @@ class OpenAIBackend:
 
     def _scrub(self, message: str) -> str:
         return message.replace(self._api_key, "***") if self._api_key else message
+
+
+def letter_probabilities(tokens: list[dict[str, Any]], count: int) -> tuple[tuple[float, ...], str]:
+    """The first `count` option letters' probabilities from an OpenAI `logprobs.content` list (one entry per
+    generated token: token, logprob, top_logprobs), or () and why not. Letters missing from the top alternatives
+    get the smallest listed probability (the module doc says why)."""
+    position = LetterPosition()
+    for entry in tokens:
+        run = position.run
+        position.feed(entry["token"])
+        if position.found:
+            break
+    else:
+        if position.run is not None:
+            return (), "the answer was cut off at its option letter"
+        return (), "the answer has no <answer> tag to read the option letter's probabilities at"
+    if not letter_written(run, entry["token"]):
+        return (), "the model wrote no option letter after <answer>"
+    alternatives = [(alt["token"], float(alt["logprob"])) for alt in entry.get("top_logprobs") or ()]
+    listed = dict(alternatives)
+    listed.setdefault(entry["token"], float(entry["logprob"]))
+    masses = [0.0] * count
+    seen = [False] * count
+    for token, logprob in listed.items():
+        letter = letter_written(run, token)
+        index = ord(letter) - ord("A") if letter else count
+        if index < count:
+            masses[index] += math.exp(logprob)
+            seen[index] = True
+    if not all(seen):
+        bound = math.exp(min(logprob for _, logprob in alternatives)) if alternatives else 0.0
+        masses = [mass if was_seen else bound for mass, was_seen in zip(masses, seen)]
+    try:
+        return renormalised(masses), ""
+    except ValueError:
+        return (), f"no offered letter ({option_letter(0)}..{option_letter(count - 1)}) has a probability"
 
 
 def encode_image(image: np.ndarray, image_format: str = "jpeg", jpeg_quality: int = 90) -> str:

@@ -16,21 +16,32 @@ Other keys are ignored (e.g. "source"), except two that rehearse failures determ
 "raise", which makes generate() raise for the whole batch, as a backend bug would (the scheduler then fails
 that batch with "failed"). "times" (an integer >= 1) fails only the first N requests that match the line,
 counted per backend (so a node's `configure` starts the count again); it needs a "response" for afterwards.
+
+A line may carry the model's option probabilities, in option order, so planners can rehearse low-confidence
+answers:
+
+    {"question": "...", "response": "...", "option_probabilities": [0.55, 0.45]}
+
+They must be finite and non-negative and sum to 1 within 0.01 (a malformed file is refused when loaded); they are
+then renormalised to sum to exactly 1. They apply only when the request offers as many options as the list holds
+(the answer then carries none, and says why).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from spatialthinker_ros.core.backends.base import TextSink, cut_after_scene_end
+from spatialthinker_ros.core.backends.base import TextSink, cut_after_scene_end, renormalised
 from spatialthinker_ros.core.types import BackendError, BackendErrorKind, InferenceRequest, InferenceResult
 
 # Streaming consumers get the text in this many growing pieces, the last one being the whole answer.
 _STREAM_CHUNKS = 4
+_SUM_TOLERANCE = 0.01   # how far a line's option probabilities may sum from 1 (rounded values written by hand)
 RAISE = "raise"   # "error" value that makes generate() raise instead of answering with a BackendError
 ERROR_NAMES = tuple(kind.value for kind in BackendErrorKind) + (RAISE,)
 
@@ -62,6 +73,7 @@ class ReplayRecord:
     response: Optional[str]
     error: Optional[str] = None
     times: Optional[int] = None
+    option_probabilities: Optional[tuple[float, ...]] = None   # in option order, summing to 1
 
 
 class ReplayBackend:
@@ -109,6 +121,7 @@ class ReplayBackend:
         if request.scene_only:
             text = cut_after_scene_end(text)
         tokens = len(text.split())
+        probabilities, note = self._option_probabilities(request)
         if request.on_text:
             sink = TextSink(request.on_text)
             for chunk in range(1, _STREAM_CHUNKS + 1):
@@ -119,7 +132,20 @@ class ReplayBackend:
             completion_tokens=tokens,
             model=self.model_name,
             seconds=time.perf_counter() - started,
+            option_probabilities=probabilities,
+            option_probabilities_note=note,
         )
+
+    def _option_probabilities(self, request: InferenceRequest) -> tuple[tuple[float, ...], str]:
+        offered = len(request.offered_options)
+        recorded = self._records[request.question].option_probabilities
+        if not offered or request.scene_only:
+            return (), ""
+        if recorded is None:
+            return (), "the replay line has no option_probabilities"
+        if len(recorded) != offered:
+            return (), f"the replay line has {len(recorded)} option_probabilities for {offered} options"
+        return recorded, ""
 
 
 def load_replay_file(path: Path) -> dict[str, ReplayRecord]:
@@ -147,12 +173,15 @@ def _record(record: object) -> Union[ReplayRecord, str]:
     if not isinstance(record, dict) or not isinstance(record.get("question"), str):
         return 'expected an object with string "question" and "response"'
     response, error, times = record.get("response"), record.get("error"), record.get("times")
+    probabilities = _probabilities(record.get("option_probabilities"))
+    if isinstance(probabilities, str):
+        return probabilities
     if error is None:
         if not isinstance(response, str):
             return 'expected an object with string "question" and "response"'
         if times is not None:
             return '"times" needs an "error"'
-        return ReplayRecord(response)
+        return ReplayRecord(response, option_probabilities=probabilities)
     if error not in ERROR_NAMES:
         return f'"error" must be one of {", ".join(ERROR_NAMES)}, not {error!r}'
     if times is not None and (isinstance(times, bool) or not isinstance(times, int) or times < 1):
@@ -161,4 +190,20 @@ def _record(record: object) -> Union[ReplayRecord, str]:
         return '"response" must be a string'
     if times is not None and response is None:
         return '"times" needs a "response" to answer with after the failures'
-    return ReplayRecord(response, error, times)
+    return ReplayRecord(response, error, times, probabilities)
+
+
+def _probabilities(value: object) -> Union[tuple[float, ...], str, None]:
+    """A line's "option_probabilities" renormalised to sum to 1, or why they are malformed (None when absent)."""
+    if value is None:
+        return None
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(p, (int, float)) and not isinstance(p, bool) for p in value)):
+        return f'"option_probabilities" must be a non-empty list of numbers, not {value!r}'
+    try:
+        probabilities = renormalised(value)
+    except ValueError as exc:
+        return f'"option_probabilities": {exc}'
+    if abs(math.fsum(value) - 1) > _SUM_TOLERANCE:
+        return f'"option_probabilities" must sum to 1 (within {_SUM_TOLERANCE}), not {math.fsum(value):g}'
+    return probabilities

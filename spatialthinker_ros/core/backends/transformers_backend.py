@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import inspect
 import logging
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -24,6 +25,9 @@ from packaging.version import Version
 from transformers import (
     AutoConfig,
     AutoProcessor,
+    DynamicCache,
+    LogitsProcessor,
+    LogitsProcessorList,
     Qwen2_5_VLForConditionalGeneration,
     StoppingCriteria,
     StoppingCriteriaList,
@@ -32,7 +36,9 @@ from transformers.generation import BaseStreamer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import is_flash_attn_2_available
 
-from spatialthinker_ros.core.backends.base import SCENE_END_TAG, GenerationConfig, TextSink, cut_after_scene_end
+from spatialthinker_ros.core.backends.base import (LETTER_FORMS, SCENE_END_TAG, GenerationConfig, LetterPosition,
+                                                   TextSink, cut_after_scene_end, letter_written, renormalised)
+from spatialthinker_ros.core.prompt import option_letter
 from spatialthinker_ros.core.backends.settings import TransformersConfig
 from spatialthinker_ros.core.text import excerpt
 from spatialthinker_ros.core.types import BackendError, BackendErrorKind, InferenceRequest, InferenceResult
@@ -88,6 +94,7 @@ class TransformersBackend:
         # a static cache (compile) cannot continue from another cache
         self.prompts: Optional[PromptCache] = (
             PromptCache(_PROMPTS_KEPT) if _PROMPT_REUSE and _PRECOMPUTED_IMAGES and not config.compile else None)
+        self._letters: Optional[LetterTokens] = None   # made at the first question with options
         self._eos_ids = _token_ids(self._model.generation_config.eos_token_id)
         self._end_ids = self._eos_ids | _token_ids(self._model.generation_config.pad_token_id)
         log.info(
@@ -170,6 +177,9 @@ class TransformersBackend:
             if any(r.on_text for r in requests)
             else None
         )
+        letters = self._letter_tokens()
+        probed = {row: len(r.offered_options) for row, r in enumerate(requests) if r.offered_options and not r.scene_only}
+        probe = LetterProbe(letters, list(probed), prompt_length) if probed else None
         keys = [image_key(r.image) for r in requests]
         # one question: continue from the KV of an earlier prompt about the same image where the two prompts agree
         prompt_ids = inputs["input_ids"][0].tolist() if self.prompts is not None and len(requests) == 1 else None
@@ -188,11 +198,15 @@ class TransformersBackend:
             **model_inputs,
             **self._generate_kwargs,
             stopping_criteria=StoppingCriteriaList([scene_stop]) if scene_stop else None,
+            logits_processor=LogitsProcessorList([probe]) if probe else None,
             streamer=streamer,
             return_dict_in_generate=True,
         )
+        rope_deltas = self._model.model.rope_deltas
+        readings = {row: self._read_letters(probe, row, count, output, inputs["attention_mask"], rope_deltas)
+                    for row, count in probed.items()}
         if prompt_ids:
-            self.prompts.store(keys[0], prompt_ids, output.past_key_values, self._model.model.rope_deltas)
+            self.prompts.store(keys[0], prompt_ids, output.past_key_values, rope_deltas)
         seconds = time.perf_counter() - started
         prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
         stopped_at = scene_stop.stopped_at if scene_stop else {}
@@ -204,6 +218,7 @@ class TransformersBackend:
                 text = cut_after_scene_end(text)
             if streamer:
                 streamer.finish(row, text, count)
+            probabilities, note = readings.get(row, ((), ""))
             results.append(
                 InferenceResult(
                     text=text,
@@ -211,9 +226,64 @@ class TransformersBackend:
                     completion_tokens=count,
                     model=self.model_name,
                     seconds=seconds,
+                    option_probabilities=probabilities,
+                    option_probabilities_note=note,
                 )
             )
         return results
+
+    def _letter_tokens(self) -> LetterTokens:
+        if self._letters is None:
+            self._letters = LetterTokens(self._tokenizer)
+        return self._letters
+
+    def _read_letters(self, probe: LetterProbe, row: int, count: int, output: Any, attention_mask: torch.Tensor,
+                      rope_deltas: torch.Tensor) -> tuple[tuple[float, ...], str]:
+        """Row's probabilities of its `count` offered letters at its answer's letter position, or () and why not.
+
+        Where the model wrote no letter there, the letter distribution is read one step further, as if it had
+        written "(" (the card's "<answer> (B) ..."): one more step continued from the generation's KV cache."""
+        record = probe.records.get(row)
+        if record is None:
+            return (), "the answer has no <answer> tag to read the option letter's probabilities at"
+        sequence = output.sequences[row]
+        column = probe.prompt_length + record.step
+        if column >= sequence.shape[0]:
+            return (), "the answer was cut off at its option letter"
+        chosen = int(sequence[column])
+        letters = probe.letters
+        position = LetterPosition()
+        position.feed("<answer" + record.run)
+        position.feed(letters.piece(chosen))
+        if not position.found:
+            return (), "the answer was cut off at its option letter"
+        if chosen not in letters.ids(record.run) and not record.run.endswith("("):
+            if not _PROMPT_REUSE or self.config.compile:
+                return (), ("the model wrote no option letter after <answer>, and this setup cannot continue from "
+                            "the generation's cache to read one (transformers >= 5.23 without compile can)")
+            suffix = (">" if not record.run else "") + ("(" if record.run.endswith((" ", "\n")) else " (")
+            logits = self._letter_logits_after(output, row, column, suffix, attention_mask, rope_deltas,
+                                               letters.ids(record.run + suffix))
+            record = _LetterRecord(record.step, record.run + suffix, logits)
+        return letters.probabilities(record.run, record.logits.tolist(), count)
+
+    def _letter_logits_after(self, output: Any, row: int, column: int, suffix: str, attention_mask: torch.Tensor,
+                             rope_deltas: torch.Tensor, ids: list[int]) -> torch.Tensor:
+        """The scores of `ids` after the row's first `column` tokens and then `suffix`: one generate step from the
+        row's slice of the generation's KV cache (which holds every column before the last generated token)."""
+        cache = DynamicCache([(layer.keys[row:row + 1, :, :column], layer.values[row:row + 1, :, :column])
+                              for layer in output.past_key_values.layers])
+        suffix_ids = torch.tensor(self._tokenizer.encode(suffix, add_special_tokens=False),
+                                  device=output.sequences.device)
+        ids_in = torch.cat([output.sequences[row, :column], suffix_ids])[None]
+        prompt_mask = attention_mask[row]
+        mask = torch.cat([prompt_mask, prompt_mask.new_ones(ids_in.shape[1] - prompt_mask.shape[0])])[None]
+        first = _FirstScores(ids)
+        self._model.model.rope_deltas = rope_deltas[row:row + 1]
+        self._model.generate(input_ids=ids_in, attention_mask=mask, past_key_values=cache, max_new_tokens=1,
+                             do_sample=False, temperature=None, top_p=None, top_k=None,
+                             logits_processor=LogitsProcessorList([first]))
+        return first.logits
 
     def _classify(self, exc: Exception) -> tuple[BackendErrorKind, str]:
         if isinstance(exc, torch.cuda.OutOfMemoryError) or (
@@ -366,6 +436,104 @@ def image_key(image: Any) -> bytes:
     figure: bench/README.md)."""
     pixels = np.ascontiguousarray(image)
     return hashlib.sha256(pixels.data).digest() + repr((pixels.shape, pixels.dtype.str)).encode()
+
+
+class LetterTokens:
+    """The tokenizer's single tokens that write an option letter, by the run of the answer tag before them, and each
+    token's text (decoded once, on first sight)."""
+
+    def __init__(self, tokenizer: Any):
+        self._tokenizer = tokenizer
+        self._pieces: dict[int, str] = {}
+        self._by_run: dict[str, tuple[list[int], list[tuple[int, int]]]] = {}
+
+    def piece(self, token: int) -> str:
+        text = self._pieces.get(token)
+        if text is None:
+            text = self._pieces[token] = self._tokenizer.decode([token])
+        return text
+
+    def segments(self, run: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Every letter's token ids after `run`, concatenated A..Z, and each letter's (start, end) in that list."""
+        if run not in self._by_run:
+            ids: list[int] = []
+            spans = []
+            for index in range(26):
+                start = len(ids)
+                for form in LETTER_FORMS:
+                    piece = (">" if not run else "") + form + option_letter(index)
+                    encoded = self._tokenizer.encode(piece, add_special_tokens=False)
+                    if (len(encoded) == 1 and encoded[0] not in ids[start:] and self.piece(encoded[0]) == piece
+                            and letter_written(run, piece)):
+                        ids.append(encoded[0])
+                spans.append((start, len(ids)))
+            self._by_run[run] = (ids, spans)
+        return self._by_run[run]
+
+    def ids(self, run: str) -> list[int]:
+        return self.segments(run)[0]
+
+    def probabilities(self, run: str, logits: list[float], count: int) -> tuple[tuple[float, ...], str]:
+        """The first `count` letters' probabilities, renormalised over them, from the scores of ids(run)."""
+        spans = self.segments(run)[1][:count]
+        if any(start == end for start, end in spans):
+            missing = [option_letter(i) for i, (start, end) in enumerate(spans) if start == end]
+            return (), f"the tokenizer has no single token for option letter(s) {', '.join(missing)}"
+        top = max(logits[: spans[-1][1]])   # scores are logits: shift by the largest before exponentiating
+        if not math.isfinite(top):
+            return (), "every offered option letter had zero probability at the letter position"
+        masses = [math.fsum(math.exp(v - top) for v in logits[start:end]) for start, end in spans]
+        return renormalised(masses), ""
+
+
+@dataclass(frozen=True)
+class _LetterRecord:
+    step: int                   # generated tokens before the letter position
+    run: str                    # the answer tag's text before it (see LetterPosition)
+    logits: torch.Tensor        # the step's scores of LetterTokens.ids(run)
+
+
+class LetterProbe(LogitsProcessor):
+    """Keeps, for each probed row, the scores of the option-letter tokens at its answer's letter position
+    (LetterPosition). Per step it reads only the last token of the rows still looking; it gathers a few dozen scores
+    at the steps that may be the letter's and keeps nothing else (no per-step scores over the vocabulary)."""
+
+    def __init__(self, letters: LetterTokens, rows: list[int], prompt_length: int):
+        self.letters = letters
+        self.prompt_length = prompt_length
+        self.records: dict[int, _LetterRecord] = {}
+        self._positions = {row: LetterPosition() for row in rows}
+        self._looking = list(rows)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = input_ids.shape[1] - self.prompt_length
+        if step > 0 and self._looking:
+            for row, token in zip(list(self._looking), input_ids[self._looking, -1].tolist()):
+                position = self._positions[row]
+                position.feed(self.letters.piece(token))
+                if position.found:
+                    self._looking.remove(row)
+                elif position.run is None:
+                    self.records.pop(row, None)   # "<answer" began another word
+        for row in self._looking:
+            run = self._positions[row].run
+            if run is not None:
+                ids = torch.tensor(self.letters.ids(run), dtype=torch.long, device=scores.device)
+                self.records[row] = _LetterRecord(step, run, scores[row, ids].float())
+        return scores
+
+
+class _FirstScores(LogitsProcessor):
+    """The first step's scores of some token ids (row 0)."""
+
+    def __init__(self, ids: list[int]):
+        self._ids = ids
+        self.logits: Optional[torch.Tensor] = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.logits is None:
+            self.logits = scores[0, torch.tensor(self._ids, dtype=torch.long, device=scores.device)].float()
+        return scores
 
 
 class _SceneStop(StoppingCriteria):
