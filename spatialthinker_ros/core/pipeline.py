@@ -137,7 +137,6 @@ def finish_result(
     intrinsics: Optional[CameraIntrinsics] = None,
     scene_only: Optional[bool] = None,
     config: PipelineConfig = PipelineConfig(),
-    option_probabilities: Sequence[float] = (),
 ) -> SpatialResult:
     """The parsed answer with boxes in `camera_size` pixels and, given depth (registered to the camera
     image) and intrinsics, a 3D position per object. Geometry losses join the parse problems. Every relation
@@ -146,8 +145,8 @@ def finish_result(
 
     `scene_only` defaults to what the request asked; True also reads the scene from the streamed, partial
     text of a full request as soon as its scene is closed. Without `options` the answer is matched against
-    the options the question carries inline, if any (prompt.answer_options). `option_probabilities` (in option
-    order) give the prediction set under config.calibration.
+    the options the question carries inline, if any (prompt.answer_options). The backend's option probabilities
+    give the prediction set under config.calibration.
     """
     scene_only = request.scene_only if scene_only is None else scene_only
     model_size = (request.image.shape[1], request.image.shape[0])
@@ -170,7 +169,7 @@ def finish_result(
         option_probabilities=probabilities,
     )
     letters = [option_letter(i) for i in range(len(options))]
-    prediction_set, coverage = answer_prediction_set(option_probabilities, letters, config.calibration)
+    prediction_set, coverage = answer_prediction_set(probabilities, letters, config.calibration)
     return SpatialResult(parsed=parsed, inference=result, prompt=request.prompt, model_image_size=model_size,
                          prediction_set=tuple(prediction_set), prediction_set_coverage=coverage)
 

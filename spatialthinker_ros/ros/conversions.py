@@ -87,6 +87,7 @@ def spatial_answer_msg(result: SpatialResult, header: Header, request_id: str, c
     return SpatialAnswer(
         header=header, request_id=request_id, camera=camera, question=question, options=list(options),
         answer=parsed.answer, choice=parsed.choice, option_probabilities=list(parsed.option_probabilities),
+        prediction_set=list(result.prediction_set), prediction_set_coverage=float(result.prediction_set_coverage),
         observation=parsed.observation, reasoning=parsed.reasoning,
         scene_graph=scene_graph_msg(parsed.scene, header), status=int(parsed.status),
         status_message=parsed.status_message, raw_response=result.inference.text, model=result.inference.model,

@@ -188,18 +188,18 @@ def test_finish_result_gives_the_calibrated_set_of_the_answer():
     image = np.zeros((56, 56, 3), np.uint8)
     options = ["left of", "right of", "behind"]
     request = prepare_request(image, "Where is the cup?", options)
-    output = InferenceResult(text="<answer> (A) left of </answer>")
+
+    def output(*probabilities: float) -> InferenceResult:
+        return InferenceResult(text="<answer> (A) left of </answer>", option_probabilities=probabilities)
+
     calibrated = PipelineConfig(calibration=Calibration(threshold=0.75, coverage=0.9, n=100, setup=SETUP))
-    result = finish_result(request, output, options, camera_size=(56, 56), config=calibrated,
-                           option_probabilities=[0.6, 0.3, 0.1])
+    result = finish_result(request, output(0.6, 0.3, 0.1), options, camera_size=(56, 56), config=calibrated)
     assert (result.prediction_set, result.prediction_set_coverage) == (("A", "B"), 0.9)
     # no calibration, no probabilities, or probabilities for other options: no set, coverage 0
-    for config, probabilities in ((PipelineConfig(), [0.6, 0.3, 0.1]), (calibrated, []), (calibrated, [0.6, 0.4])):
-        result = finish_result(request, output, options, camera_size=(56, 56), config=config,
-                               option_probabilities=probabilities)
+    for config, probabilities in ((PipelineConfig(), (0.6, 0.3, 0.1)), (calibrated, ()), (calibrated, (0.6, 0.4))):
+        result = finish_result(request, output(*probabilities), options, camera_size=(56, 56), config=config)
         assert (result.prediction_set, result.prediction_set_coverage) == ((), 0.0)
     # options inline in the question count as options
     inline = prepare_request(image, "Where is the cup? (A) left (B) right", [])
-    result = finish_result(inline, output, [], camera_size=(56, 56), config=calibrated,
-                           option_probabilities=[0.2, 0.8])
+    result = finish_result(inline, output(0.2, 0.8), [], camera_size=(56, 56), config=calibrated)
     assert result.prediction_set == ("B",)
