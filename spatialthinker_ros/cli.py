@@ -1,6 +1,6 @@
 """spatialthinker-ask: one spatial question about one image file, answered as JSON on stdout, without ROS.
 
-It runs the node's own pipeline (prepare_request -> backend -> finish_result) under the node's own request rules
+It runs the node's own ask flow (core/ask.py: prepare -> backend -> one retry after out of memory -> finish) under the node's own request rules
 (core/request.py: the same bad request gets the same error code and message), so what it prints is what the
 node would answer for the same frame: try a model, a server, a prompt style or a depth setup here first. Options
 that set one of the node's parameters have its name (--max-pixels is max_pixels, ...) and its default.
@@ -32,11 +32,12 @@ from spatialthinker_ros.core.backends.openai_backend import OpenAIConfig
 from spatialthinker_ros.core.backends.settings import DEFAULT_MODEL, TransformersConfig, applies_to, backend_settings
 from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage
 from spatialthinker_ros.core.images import decode_quietly, decode_rgb
-from spatialthinker_ros.core.pipeline import (PipelineConfig, answer_dict, check_image, finish_result, prepare_request,
-                                              smaller_request)
+from spatialthinker_ros.core.ask import AskFlow
+from spatialthinker_ros.core.pipeline import PipelineConfig, answer_dict, check_image
 from spatialthinker_ros.core.prompt import STYLES, PromptConfig
 from spatialthinker_ros.core.relations import RelationCheckConfig
-from spatialthinker_ros.core.request import ErrorCode, RequestError, answered, check_question, depth_aspect_mismatch
+from spatialthinker_ros.core.request import ErrorCode, RequestError, check_question, depth_aspect_mismatch
+from spatialthinker_ros.core.sources import Source
 from spatialthinker_ros.core.types import BackendError, InferenceRequest, InferenceResult, SpatialResult
 from spatialthinker_ros.core.validation import validate_model_reference
 
@@ -192,22 +193,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     loading = time.perf_counter()
     backend = load_backend(args.backend, settings)
     load_seconds = time.perf_counter() - loading
-    config = config.for_backend(backend)
+    retrying = lambda smaller: logging.getLogger(PROG).warning("out of memory: retrying with a smaller image")
     try:
-        request = prepare_request(rgb, args.question, args.options, config, scene_only=args.scene_only, asked=asked)
-        outcome = generate(backend, request, args.timeout)
-        smaller = smaller_request(request, rgb, config, outcome)
-        if smaller is not None:
-            logging.getLogger(PROG).warning("out of memory: retrying with a smaller image")
-            request, outcome = smaller, generate(backend, smaller, args.timeout)
+        flow = AskFlow(Source(rgb, depth=depth, intrinsics=intrinsics), args.question, args.options,
+                       config.for_backend(backend), scene_only=args.scene_only, asked=asked, on_retry=retrying)
+        while flow.pending:
+            flow.record(generate(backend, flow.request, args.timeout))
     except _Abandoned:
         raise                          # the overrunning generation still uses the model: process exit frees it
     except BaseException:
         backend.close()
         raise
     backend.close()
-    result = finish_result(request, answered(outcome, backend.name), args.options, camera_size=(width, height),
-                           depth=depth, intrinsics=intrinsics, config=config)
+    result = flow.finish(backend.name)
     if args.annotate is not None:
         write_annotated(args.annotate, rgb, result)
     return answer_dict(result.parsed, result.inference, args.question, args.options) | {

@@ -21,7 +21,7 @@ from rclpy.qos import QoSProfile
 from spatialthinker_ros.harness import FakeCamera, NodeClient, Process, new_context, node_command, pattern_image, spin_until
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header
-from spatialthinker_ros.ros.node import WARN_THROTTLE_S
+from spatialthinker_ros.ros.throttle import WARN_THROTTLE_S
 from spatialthinker_ros.srv import AskSpatial
 from test_node import (CALL, E, OPTIONS, QUESTION, RESPONSE, camera, client,  # noqa: F401 (fixtures)
                        replay_file, replay_params)
