@@ -1,8 +1,8 @@
 """spatialthinker-ask: one spatial question about one image file, answered as JSON on stdout, without ROS.
 
-It runs the node's own ask flow (core/ask.py: prepare -> backend -> one retry after out of memory -> finish) under the node's own request rules
-(core/request.py: the same bad request gets the same error code and message), so what it prints is what the
-node would answer for the same frame: try a model, a server, a prompt style or a depth setup here first. Options
+It runs the node's own ask flow (core/ask.py: prepare -> backend -> one retry after out of memory -> finish)
+under the node's own request rules (core/request.py: the same bad request gets the same error code and message),
+so what it prints is what the node would answer for the same frame: try a model, a server, a prompt style or a depth setup here first. Options
 that set one of the node's parameters have its name (--max-pixels is max_pixels, ...) and its default.
 
 Exit codes: 0 answered (whatever the answer's status), 2 bad usage or input, 3 the backend failed,

@@ -12,8 +12,9 @@ import ctypes
 import os
 import platform
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Callable, Optional, Union
 
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 from spatialthinker_ros.core.geometry import CameraIntrinsics
@@ -60,6 +61,13 @@ def topic_prefix(camera: str) -> str:
     return "" if camera == "default" else f"{camera}/"
 
 
+def camera_qos(reliability: str) -> QoSProfile:
+    """Depth 1: only the latest frame matters. Best effort is what camera drivers publish (sensor data QoS); a
+    reliable subscriber would receive nothing from them."""
+    policy = ReliabilityPolicy.BEST_EFFORT if reliability == "best_effort" else ReliabilityPolicy.RELIABLE
+    return QoSProfile(depth=1, reliability=policy, history=HistoryPolicy.KEEP_LAST)
+
+
 @dataclass(eq=False)   # a frame is itself: comparing by value would compare whole images
 class CameraFrame:
     """One received message with its time (core/sources.py's Timed)."""
@@ -91,6 +99,29 @@ class CameraInput:
     def colour(self) -> Optional[CameraFrame]:
         """The newest colour frame."""
         return self.colours[-1] if self.colours else None
+
+    def subscribe(self, node, qos: QoSProfile, use_depth: bool, group, warn: Callable[[str, str], None],
+                  now: Callable[[], float], max_age: Callable[[], float]) -> list:
+        """The subscriptions feeding this camera (colour; depth and CameraInfo with use_depth). Refused messages are
+        warned about, throttled per camera and kind."""
+        prefix = topic_prefix(self.name)
+        feeds: list[tuple[Any, str, str, str, Callable[[Any], Optional[str]]]] = [
+            (CompressedImage if self.topic.endswith("/compressed") else Image, self.topic, "colour", "frame dropped",
+             lambda msg: self.offer_colour(msg, now(), max_age()))]
+        if use_depth:
+            feeds += [(Image, f"{prefix}depth", "depth", "depth dropped", lambda msg: self.offer_depth(msg, now())),
+                      (CameraInfo, f"{prefix}camera_info", "info", "CameraInfo ignored", self.offer_info)]
+
+        def feeding(key: str, dropped: str, offer: Callable[[Any], Optional[str]]) -> Callable[[Any], None]:
+            def callback(msg) -> None:
+                reason = offer(msg)
+                if reason:
+                    warn(key, f"camera '{self.name}': {dropped}: {reason}")
+            return callback
+
+        return [node.create_subscription(msg_type, topic, feeding(f"{kind}/{self.name}", dropped, offer), qos,
+                                         callback_group=group)
+                for msg_type, topic, kind, dropped, offer in feeds]
 
     def forget_frames(self) -> None:
         """Drop every kept frame (the node stopped listening: they would only grow old)."""

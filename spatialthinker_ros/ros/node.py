@@ -16,7 +16,6 @@ import collections
 import concurrent.futures
 import dataclasses
 import gc
-import threading
 import time
 import types
 import uuid
@@ -25,9 +24,9 @@ from typing import Callable, Mapping, Optional
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos import QoSProfile
 from rclpy.task import Future
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+from sensor_msgs.msg import Image
 from visualization_msgs.msg import MarkerArray
 
 from spatialthinker_ros.action import AskSpatial as AskSpatialAction
@@ -35,7 +34,6 @@ from spatialthinker_ros.core.annotate import draw_scene
 from spatialthinker_ros.core.ask import AskFlow
 from spatialthinker_ros.core.backends import create_backend
 from spatialthinker_ros.core.backends.settings import backend_settings
-from spatialthinker_ros.core.parsing import scene_text_complete
 from spatialthinker_ros.core.pipeline import PipelineConfig
 from spatialthinker_ros.core.prompt import PromptConfig
 from spatialthinker_ros.core.request import ErrorCode, RequestError, check_question
@@ -44,7 +42,8 @@ from spatialthinker_ros.core.sources import (Source, SourceSettings, camera_sour
                                              request_source)
 from spatialthinker_ros.core.types import BackendError, InferenceRequest, InferenceResult, SpatialResult
 from spatialthinker_ros.msg import SceneGraph, SpatialAnswer
-from spatialthinker_ros.ros.cameras import CameraInput, topic_prefix
+from spatialthinker_ros.ros.cameras import CameraInput, camera_qos, topic_prefix
+from spatialthinker_ros.ros.feedback import feedback_sink, goal_feedback
 from spatialthinker_ros.ros.conversions import fill_response, rgb_to_image_msg, scene_graph_msg, spatial_answer_msg
 from spatialthinker_ros.ros.parameters import PARAMETERS, check_parameters, descriptor
 from spatialthinker_ros.ros.replies import ReplyCourier
@@ -53,7 +52,6 @@ from spatialthinker_ros.ros.throttle import ThrottledWarnings
 from spatialthinker_ros.ros.visualization import scene_markers
 from spatialthinker_ros.srv import AskSpatial
 
-FEEDBACK_EVERY_TOKENS = 16
 BACKEND_IDLE_WAIT_S = 600.0    # a generation that is already running cannot be interrupted; wait for it
 SHUTDOWN_WAIT_S = 5.0          # ...but not when the process exits: its memory goes with it (launch escalates at 5 s)
 REQUEST_QUEUE_DEPTH = 1000     # requests (all callers together) that may arrive faster than they are taken
@@ -151,24 +149,11 @@ class SpatialThinkerNode(LifecycleNode):
         return super().on_configure(state)
 
     def _subscribe_cameras(self) -> None:
-        p = self._param
-        # Depth 1: only the latest frame matters. Best effort is what camera drivers publish (sensor data QoS);
-        # a reliable subscriber would receive nothing from them.
-        reliability = (ReliabilityPolicy.BEST_EFFORT if p("image_reliability") == "best_effort"
-                       else ReliabilityPolicy.RELIABLE)
-        qos = QoSProfile(depth=1, reliability=reliability, history=HistoryPolicy.KEEP_LAST)
+        qos = camera_qos(self._param("image_reliability"))
         for camera in self._cameras.values():
-            prefix, c = topic_prefix(camera.name), camera
-            topics = [(CompressedImage if c.topic.endswith("/compressed") else Image, c.topic, "colour", "frame dropped",
-                       lambda msg, c=c: c.offer_colour(msg, self._now(), self._param("max_image_age")))]
-            if p("use_depth"):
-                topics += [(Image, f"{prefix}depth", "depth", "depth dropped",
-                            lambda msg, c=c: c.offer_depth(msg, self._now())),
-                           (CameraInfo, f"{prefix}camera_info", "info", "CameraInfo ignored", c.offer_info)]
-            for msg_type, topic, kind, dropped, offer in topics:
-                self._camera_subscriptions.append(self.create_subscription(
-                    msg_type, topic, self._offering(f"{kind}/{c.name}", f"camera '{c.name}': {dropped}", offer), qos,
-                    callback_group=self._group))
+            self._camera_subscriptions += camera.subscribe(
+                self, qos, self._param("use_depth"), self._group, self._warn_throttled, self._now,
+                lambda: self._param("max_image_age"))
 
     def _unsubscribe_cameras(self) -> None:
         for subscription in self._camera_subscriptions:
@@ -176,14 +161,6 @@ class SpatialThinkerNode(LifecycleNode):
         self._camera_subscriptions.clear()
         for camera in self._cameras.values():
             camera.forget_frames()
-
-    def _offering(self, key: str, dropped: str, offer: Callable[[object], Optional[str]]) -> Callable[[object], None]:
-        """A subscription callback handing each message to its camera, warning (throttled) about refused ones."""
-        def callback(msg) -> None:
-            reason = offer(msg)
-            if reason:
-                self._warn_throttled(key, f"{dropped}: {reason}")
-        return callback
 
     def _now(self) -> float:
         return self.get_clock().now().nanoseconds * 1e-9
@@ -275,15 +252,7 @@ class SpatialThinkerNode(LifecycleNode):
 
     async def _on_ask_goal(self, goal_handle):
         request_id = bytes(goal_handle.goal_id.uuid).hex()
-
-        def feedback(stage: int, tokens: int, graph: Optional[SceneGraph]) -> None:
-            if goal_handle.is_active:
-                message = AskSpatialAction.Feedback(stage=stage, tokens_generated=tokens)
-                if graph is not None:
-                    message.scene_graph = graph
-                goal_handle.publish_feedback(message)
-
-        outcome = await self._answer(goal_handle.request, request_id, feedback)
+        outcome = await self._answer(goal_handle.request, request_id, goal_feedback(goal_handle))
         self._publish_stats()
         result = fill_response(AskSpatialAction.Result(), outcome)
         if goal_handle.is_cancel_requested:
@@ -315,7 +284,8 @@ class SpatialThinkerNode(LifecycleNode):
             asked = check_question(request.question, options, self._pipeline.prompt)   # before frames are converted
             source = self._source(request)
             flow = AskFlow(source, request.question, options, self._request_config(), scene_only=request.scene_only,
-                           request_id=request_id, asked=asked, on_text=self._feedback_sink(feedback, lambda: flow),
+                           request_id=request_id, asked=asked,
+                           on_text=feedback_sink(feedback, self._post, lambda text: self._partial_scene(flow, text)),
                            on_retry=lambda smaller: self.get_logger().warning(
                                f"request {request_id}: out of memory, retrying with a smaller image"))
             if feedback:
@@ -335,26 +305,6 @@ class SpatialThinkerNode(LifecycleNode):
             return RequestError(f"internal error: {type(exc).__name__}: {exc}", ErrorCode.BACKEND)
         finally:
             self.requests_in_progress -= 1
-
-    def _feedback_sink(self, feedback, flow: Callable[[], AskFlow]):
-        """The request's on_text for an action goal (None for the service): the scene graph as soon as it is
-        complete, then progress every FEEDBACK_EVERY_TOKENS tokens. Runs on the worker thread."""
-        if feedback is None:
-            return None
-        scene_sent = threading.Event()
-        progress = {"tokens": -FEEDBACK_EVERY_TOKENS}
-
-        def on_text(text: str, tokens: int) -> None:
-            if not scene_sent.is_set() and scene_text_complete(text):
-                scene_sent.set()
-                self._post(lambda: feedback(AskSpatialAction.Feedback.STAGE_SCENE_READY, tokens,
-                                            self._partial_scene(flow(), text)))
-            elif tokens - progress["tokens"] >= FEEDBACK_EVERY_TOKENS:
-                progress["tokens"] = tokens
-                stage = (AskSpatialAction.Feedback.STAGE_SCENE_READY if scene_sent.is_set()
-                         else AskSpatialAction.Feedback.STAGE_GENERATING)
-                self._post(lambda: feedback(stage, tokens, None))
-        return on_text
 
     async def _run(self, attempt: InferenceRequest, feedback) -> InferenceResult | BackendError:
         """Queue the request and wait for the worker, without blocking the executor. The scheduler's refusals
