@@ -2,7 +2,7 @@
 
     python bench/_node_probe.py STATUS_FILE --ros-args -p ...
 
-Runs `spatialthinker_ros.ros.node.main`, which hands it the node it made (its `on_node` hook). On SIGUSR1 (sent by the benchmark at window boundaries, a few
+Runs `spatialthinker_ros.ros.main.main` unchanged, given the node through its on_node hook. On SIGUSR1 (sent by the benchmark at window boundaries, a few
 times per run) it writes CameraInput.frames_received to STATUS_FILE; nothing runs periodically in the node, so
 its CPU figure is its own. Without it the benchmark could not tell whether the node received as many frames as
 the bare subscriber it is compared with.
@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from spatialthinker_ros.ros import node as node_module
+from spatialthinker_ros.ros.main import main as node_main
 
 
 def main() -> int:
@@ -35,7 +35,7 @@ def main() -> int:
         tmp.replace(status)
 
     signal.signal(signal.SIGUSR1, write_status)
-    return node_module.main(args=[sys.argv[0], *sys.argv[2:]], on_node=created.append)
+    return node_main(args=[sys.argv[0], *sys.argv[2:]], on_node=created.append)
 
 
 if __name__ == "__main__":

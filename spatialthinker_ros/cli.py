@@ -1,8 +1,8 @@
 """spatialthinker-ask: one spatial question about one image file, answered as JSON on stdout, without ROS.
 
-It runs the node's own pipeline (prepare_request -> backend -> finish_result) under the node's own request rules
-(core/request.py: the same bad request gets the same error code and message), so what it prints is what the
-node would answer for the same frame: try a model, a server, a prompt style or a depth setup here first. Options
+It runs the node's own ask flow (core/ask.py: prepare -> backend -> one retry after out of memory -> finish)
+under the node's own request rules (core/request.py: the same bad request gets the same error code and message),
+so what it prints is what the node would answer for the same frame: try a model, a server, a prompt style or a depth setup here first. Options
 that set one of the node's parameters have its name (--max-pixels is max_pixels, ...) and its default.
 
 Exit codes: 0 answered (whatever the answer's status), 2 bad usage or input, 3 the backend failed,
@@ -26,18 +26,20 @@ from typing import Any, Optional, Sequence
 import cv2
 import numpy as np
 
-from spatialthinker_ros.core.backends import BACKEND_NAMES, create_backend
-from spatialthinker_ros.core.backends.base import Backend, GenerationConfig
+from spatialthinker_ros.core.backends import create_backend
+from spatialthinker_ros.core.backends.base import Backend
 from spatialthinker_ros.core.backends.openai_backend import OpenAIConfig
 from spatialthinker_ros.core.backends.settings import DEFAULT_MODEL, TransformersConfig, applies_to, backend_settings
 from spatialthinker_ros.core.conformal import Calibration, CalibrationError, CalibrationSetup, load_calibration
+from spatialthinker_ros.core.config import BY_NAME as PARAMETERS_BY_NAME
 from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage
 from spatialthinker_ros.core.images import decode_quietly, decode_rgb
-from spatialthinker_ros.core.pipeline import (PipelineConfig, answer_dict, check_image, finish_result, prepare_request,
-                                              smaller_request)
-from spatialthinker_ros.core.prompt import STYLES, PromptConfig
+from spatialthinker_ros.core.ask import AskFlow
+from spatialthinker_ros.core.pipeline import PipelineConfig, answer_dict, check_image
+from spatialthinker_ros.core.prompt import PromptConfig
 from spatialthinker_ros.core.relations import RelationCheckConfig
-from spatialthinker_ros.core.request import ErrorCode, RequestError, answered, check_question, depth_aspect_mismatch
+from spatialthinker_ros.core.request import ErrorCode, RequestError, check_question, depth_aspect_mismatch
+from spatialthinker_ros.core.sources import Source
 from spatialthinker_ros.core.types import BackendError, InferenceRequest, InferenceResult, SpatialResult
 from spatialthinker_ros.core.validation import validate_model_reference
 
@@ -74,20 +76,14 @@ exit codes: 0 answered (see "status" in the JSON), 2 bad usage or input file, 3 
 def add_model_arguments(parser: argparse.ArgumentParser, prompt_group: argparse._ArgumentGroup) -> None:
     """The prompt and backend options, shared with spatialthinker-eval (read back by setting_values and
     pipeline_config)."""
-    prompt_group.add_argument("--prompt-style", choices=STYLES, default="model_card",
-                     help="model_card: the model card's template (default); training: the training prompt")
-    prompt_group.add_argument("--max-input-pixels", type=int, default=PipelineConfig().max_input_pixels, metavar="N",
-                     help="larger images are downscaled (aspect kept) before the model sees them; the prompt "
-                          "states that size and boxes are mapped back to the image's pixels (default %(default)d)")
-    prompt_group.add_argument("--max-question-chars", type=int, default=PromptConfig().max_question_chars, metavar="N",
-                     help="longer questions are refused (default %(default)d)")
-    prompt_group.add_argument("--max-request-image-pixels", type=int, default=PipelineConfig().max_request_image_pixels,
-                     metavar="N", help="larger images are refused (default %(default)d)")
+    setting_option(prompt_group, "prompt_style")
+    setting_option(prompt_group, "max_input_pixels", "the prompt states that size and boxes are mapped back to the "
+                   "image's pixels")
+    setting_option(prompt_group, "max_question_chars")
+    setting_option(prompt_group, "max_request_image_pixels")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--backend", choices=BACKEND_NAMES, default="transformers",
-                       help="transformers: load the model in this process; openai: an OpenAI-compatible server; "
-                            "replay: recorded answers from --replay-file (default %(default)s)")
+    setting_option(model, "backend", "replay answers from --replay-file")
     model.add_argument("--model", metavar="M",
                        help=f"transformers: hub id or checkpoint directory; openai: the name the server serves "
                             f"the model under (default {DEFAULT_MODEL})")
@@ -98,8 +94,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, prompt_group: argparse.
                             f"any, goes in ${OpenAIConfig().api_key_env}, never in the URL")
     model.add_argument("--replay-file", type=Path, metavar="F",
                        help='replay: JSON Lines of {"question": ..., "response": ...}; the question must match exactly')
-    model.add_argument("--max-new-tokens", type=int, default=GenerationConfig().max_new_tokens, metavar="N",
-                       help="generation limit (default %(default)d, as the authors' evaluation)")
+    setting_option(model, "max_new_tokens", "as the authors' evaluation")
+    setting_option(model, "min_pixels", "transformers: the image processor's, as the node sends it")
     model.add_argument("--max-pixels", type=int, metavar="N",
                        help="the image processor's max_pixels (image tokens = pixels / 784): transformers applies "
                             "it in-process; openai sends larger frames downscaled to it, and the prompt states "
@@ -107,6 +103,16 @@ def add_model_arguments(parser: argparse.ArgumentParser, prompt_group: argparse.
     model.add_argument("--timeout", type=float, metavar="S",
                        help="give up when no answer arrives within S seconds once the model is loaded "
                             f"(default: no limit; openai: {OpenAIConfig().timeout_s:g} s per request)")
+
+
+def setting_option(group: argparse._ArgumentGroup, name: str, more: str = "") -> None:
+    """The option --NAME for the node parameter NAME: its type, default, choices and description (core/config.py),
+    plus what the option adds (`more`)."""
+    spec = PARAMETERS_BY_NAME[name]
+    text = "; ".join(part for part in (spec.description, more) if part)
+    group.add_argument(f"--{name.replace('_', '-')}", type=spec.type, default=spec.default,
+                       choices=spec.choices or None, metavar=None if spec.choices else name.split("_")[-1].upper(),
+                       help=f"{text} (default {spec.default}; node parameter {name})".replace("%", "%%"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,8 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="depth image registered to --image (same viewpoint and field of view, any resolution): "
                             "16-bit PNG/TIFF (units of --depth-scale), or .npy (float: metres, integer: units of "
                             "--depth-scale); needs --fx --fy --cx --cy")
-    depth.add_argument("--depth-scale", type=float, default=0.001, metavar="M",
-                       help="metres per unit of integer depth (default %(default)s: millimetres)")
+    setting_option(depth, "depth_scale", "of 16-bit files and integer .npy arrays")
     for name, what in (("fx", "focal length x"), ("fy", "focal length y"), ("cx", "principal point x"),
                        ("cy", "principal point y")):
         depth.add_argument(f"--{name}", type=float, metavar="PX", help=f"{what}, in pixels of --image")
@@ -142,10 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with depth, check each relation of the scene graph against the 3D positions: "
                             "consistent, contradicted, uncertain (within the margin) or not checked, with the "
                             "measured quantities (default: on)")
-    depth.add_argument("--relation-margin", type=float, default=RelationCheckConfig().margin_m, metavar="M",
-                       help="metres a position difference must exceed, plus object extents and depth noise, for a "
-                            "relation to be consistent or contradicted (default %(default)s, the node's "
-                            "relation_margin)")
+    setting_option(depth, "relation_margin", "relations within it are uncertain")
 
     out = parser.add_argument_group("output")
     out.add_argument("--annotate", type=Path, metavar="OUT.png",
@@ -196,22 +198,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     loading = time.perf_counter()
     backend = load_backend(args.backend, settings)
     load_seconds = time.perf_counter() - loading
-    config = config.for_backend(backend)
+    retrying = lambda smaller: logging.getLogger(PROG).warning("out of memory: retrying with a smaller image")
     try:
-        request = prepare_request(rgb, args.question, args.options, config, scene_only=args.scene_only, asked=asked)
-        outcome = generate(backend, request, args.timeout)
-        smaller = smaller_request(request, rgb, config, outcome)
-        if smaller is not None:
-            logging.getLogger(PROG).warning("out of memory: retrying with a smaller image")
-            request, outcome = smaller, generate(backend, smaller, args.timeout)
+        flow = AskFlow(Source(rgb, depth=depth, intrinsics=intrinsics), args.question, args.options,
+                       config.for_backend(backend), scene_only=args.scene_only, asked=asked, on_retry=retrying)
+        while flow.pending:
+            flow.record(generate(backend, flow.request, args.timeout))
     except _Abandoned:
         raise                          # the overrunning generation still uses the model: process exit frees it
     except BaseException:
         backend.close()
         raise
     backend.close()
-    result = finish_result(request, answered(outcome, backend.name), args.options, camera_size=(width, height),
-                           depth=depth, intrinsics=intrinsics, config=config)
+    result = flow.finish(backend.name)
     if args.annotate is not None:
         write_annotated(args.annotate, rgb, result)
     return answer_dict(result.parsed, result.inference, args.question, args.options) | {
@@ -261,6 +260,8 @@ def setting_values(args: argparse.Namespace) -> dict[str, Any]:
         if args.replay_file is None:
             raise UsageError("--backend replay needs --replay-file")
         return dict(replay_file=str(args.replay_file))
+    if args.min_pixels != PARAMETERS_BY_NAME["min_pixels"].default and args.backend not in applies_to("min_pixels"):
+        raise UsageError(f"--min-pixels only applies to --backend {' or '.join(applies_to('min_pixels'))}")
     try:
         model = validate_model_reference(args.model or DEFAULT_MODEL)
     except ValueError as exc:
@@ -268,7 +269,7 @@ def setting_values(args: argparse.Namespace) -> dict[str, Any]:
     if args.backend == "transformers" and model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
         raise UsageError(f"--model {model}: no such checkpoint directory")
     return dict(model=model, device=args.device, server_url=args.server_url, max_new_tokens=args.max_new_tokens,
-                server_timeout=args.timeout, max_pixels=args.max_pixels)
+                server_timeout=args.timeout, max_pixels=args.max_pixels, min_pixels=args.min_pixels)
 
 
 def load_backend(name: str, settings: dict[str, Any]) -> Backend:

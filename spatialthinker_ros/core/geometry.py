@@ -16,6 +16,7 @@ import numpy as np
 
 from spatialthinker_ros.core.types import Box, Position3D, SceneGraph
 
+DEFAULT_DEPTH_SCALE = 0.001   # metres per unit of integer depth: millimetres, what depth cameras publish
 _INTEGER_ENCODINGS = ("16UC1", "mono16")
 _METRE_ENCODINGS = ("32FC1",)
 _MAX_SAMPLES = 65536   # depth pixels read per box region; a strided sample is as good as all of them
@@ -112,7 +113,7 @@ class DepthImage:
         """16UC1 / mono16 are millimetres unless `depth_scale` (metres per unit) says otherwise, for sensors that
         use another unit; 32FC1 is metres (REP 118) whatever depth_scale says, so one setting serves both."""
         if encoding in _INTEGER_ENCODINGS:
-            scale = 0.001 if depth_scale is None else depth_scale
+            scale = DEFAULT_DEPTH_SCALE if depth_scale is None else depth_scale
         elif encoding in _METRE_ENCODINGS:
             scale = 1.0
         else:

@@ -15,7 +15,7 @@ import numpy as np
 
 from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage
 from spatialthinker_ros.core.request import ImageError, check_image_pixels
-from spatialthinker_ros.core.request import check_image_layout as check_layout
+from spatialthinker_ros.core.request import check_raw_layout
 from spatialthinker_ros.core.text import excerpt
 
 # encoding -> (channels, dtype, conversion of the HxWxC array to RGB, or None when already RGB)
@@ -36,8 +36,8 @@ JPEG_SIGNATURE = b"\xff\xd8\xff"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def check_image_layout(msg: Any, layouts: dict, max_pixels: int) -> tuple[int, np.dtype]:
-    """O(1) checks that make a later zero-copy view safe (request.check_image_layout). Returns (channels, dtype)."""
-    return check_layout(msg.width, msg.height, msg.step, len(msg.data), msg.encoding, layouts, max_pixels)
+    """O(1) checks that make a later zero-copy view safe (request.check_raw_layout). Returns (channels, dtype)."""
+    return check_raw_layout(msg.width, msg.height, msg.step, len(msg.data), msg.encoding, layouts, max_pixels)
 
 
 def _view(msg: Any, channels: int, dtype: np.dtype) -> np.ndarray:
@@ -108,6 +108,13 @@ def compressed_to_rgb(msg: Any, max_pixels: int) -> np.ndarray:
                          "could not be decoded")
     check_image_pixels(decoded.shape[1], decoded.shape[0], max_pixels)
     return cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
+
+
+def colour_to_rgb(msg: Any, max_pixels: int) -> np.ndarray:
+    """A colour frame, Image or CompressedImage (the one with a `format`), -> RGB uint8 HxWx3."""
+    if hasattr(msg, "format"):
+        return compressed_to_rgb(msg, max_pixels)
+    return image_to_rgb(msg, max_pixels)
 
 
 def depth_image(msg: Any, depth_scale: float, max_pixels: int) -> DepthImage:

@@ -104,7 +104,7 @@ def check_question(question: str, options: Sequence[str], config: PromptConfig =
 
 
 # ------------------------------------------------------------------------------------------------ images
-def check_image_layout(width: int, height: int, step: int, data_length: int, encoding: str,
+def check_raw_layout(width: int, height: int, step: int, data_length: int, encoding: str,
                        layouts: Mapping[str, tuple[int, np.dtype]], max_pixels: int) -> tuple[int, np.dtype]:
     """O(1) checks of a raw image's fields that make a zero-copy view of its data safe.
 

@@ -31,6 +31,8 @@ _log = logging.getLogger(__name__)
 TicketState = Literal["queued", "running", "done"]
 _Outcome = Union[InferenceResult, Exception]
 
+DEFAULT_QUEUE_SIZE = 8   # requests waiting for the model (node: queue_size)
+
 
 class SchedulerError(RequestError):
     """Base of the scheduler's own outcomes, so callers can tell them apart from a BackendError; each carries the
@@ -145,7 +147,7 @@ class RequestScheduler:
     generate()), never while a generate() may still run on the worker thread.
     """
 
-    def __init__(self, backend: Backend, queue_size: int = 8, batch_window_s: float = 0.0):
+    def __init__(self, backend: Backend, queue_size: int = DEFAULT_QUEUE_SIZE, batch_window_s: float = 0.0):
         """`queue_size` bounds the requests waiting (the batch in flight is not counted). With `batch_window_s`
         > 0, the worker waits up to that long for a batch to fill before calling the backend."""
         if queue_size < 1:

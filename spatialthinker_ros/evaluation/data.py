@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, S
 
 import numpy as np
 
-from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage
 from spatialthinker_ros.core.images import decode_rgb
 from spatialthinker_ros.core.parsing import choose_option
 from spatialthinker_ros.core.prompt import answer_options, option_letter
+from spatialthinker_ros.core.sources import Source
 
 if TYPE_CHECKING:
     from spatialthinker_ros.evaluation.recordings import RecordingCache
@@ -49,15 +49,6 @@ class BadRowError(ValueError):
 
 
 @dataclass(frozen=True)
-class Frame:
-    """What one row shows the model: RGB uint8 HxWx3, and depth with intrinsics when a recording has them."""
-
-    rgb: np.ndarray
-    depth: Optional[DepthImage] = None
-    intrinsics: Optional[CameraIntrinsics] = None
-
-
-@dataclass(frozen=True)
 class EvalItem:
     """One multiple-choice question. `options` is the list the data gives; () when the question carries its
     options inline. `answer` is the correct letter. `load` reads the image (raises BadRowError)."""
@@ -67,7 +58,7 @@ class EvalItem:
     options: tuple[str, ...]
     answer: str
     category: str
-    load: Callable[[], Frame] = field(repr=False, compare=False)
+    load: Callable[[], Source] = field(repr=False, compare=False)
 
     @property
     def offered(self) -> list[str]:
@@ -215,7 +206,7 @@ def _read_jsonl(path: Path, recordings: Optional["RecordingCache"]) -> Iterator[
             except ValueError as exc:
                 yield BadRow(index, str(exc))
                 continue
-            load: Union[Callable[[], Frame], str] = lambda where=where: recordings.frame(where)
+            load: Union[Callable[[], Source], str] = lambda where=where: recordings.frame(where)
         else:
             load = _image_loader(None, record.get("image"), path.parent)
         yield _item(index, record.get("question"), [str(o) for o in options], record.get("answer"),
@@ -229,7 +220,7 @@ _READERS = {"vlmevalkit": _read_vlmevalkit, "cvbench": _read_cvbench, "stvqa": _
 
 
 def _item(index: str, question: Any, options: list[str], answer: Any, category: Any,
-          load: Union[Callable[[], Frame], str]) -> Row:
+          load: Union[Callable[[], Source], str]) -> Row:
     """The item, or the BadRow saying why it cannot be asked."""
     if _empty(question) or not str(question).strip():
         return BadRow(index, "no question")
@@ -251,7 +242,7 @@ def _prefixed(row: Row, prefix: str) -> Row:
     return replace(row, index=prefix + row.index) if prefix else row
 
 
-def _image_loader(image: Any, image_path: Any, folder: Path) -> Union[Callable[[], Frame], str]:
+def _image_loader(image: Any, image_path: Any, folder: Path) -> Union[Callable[[], Source], str]:
     """A loader for embedded bytes (base64 text, bytes, or a {"bytes", "path"} struct) or a file path; a str
     is the reason there is no image."""
     if isinstance(image, dict):
@@ -259,28 +250,28 @@ def _image_loader(image: Any, image_path: Any, folder: Path) -> Union[Callable[[
         image = image.get("bytes")
     if isinstance(image, (bytes, bytearray, memoryview)) and len(image):
         data = bytes(image)
-        return lambda: Frame(decode_image(data))
+        return lambda: Source(decode_image(data))
     if isinstance(image, str) and image.strip():
         text = image
 
-        def from_base64() -> Frame:
+        def from_base64() -> Source:
             try:
                 data = base64.b64decode(text, validate=False)
             except (binascii.Error, ValueError) as exc:
                 raise BadRowError(f"image is not valid base64 ({exc})") from None
-            return Frame(decode_image(data))
+            return Source(decode_image(data))
 
         return from_base64
     if not _empty(image_path) and str(image_path).strip():
         file = Path(str(image_path))
         file = file if file.is_absolute() else folder / file
 
-        def from_file() -> Frame:
+        def from_file() -> Source:
             try:
                 data = file.read_bytes()
             except OSError as exc:
                 raise BadRowError(f"cannot read image {file}: {exc.strerror or exc}") from None
-            return Frame(decode_image(data))
+            return Source(decode_image(data))
 
         return from_file
     return "no image (neither embedded nor a path)"

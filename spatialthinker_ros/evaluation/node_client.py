@@ -11,7 +11,8 @@ import rclpy
 from rclpy.executors import SingleThreadedExecutor
 from std_msgs.msg import Header
 
-from spatialthinker_ros.evaluation.data import EvalItem, Frame
+from spatialthinker_ros.core.sources import Source
+from spatialthinker_ros.evaluation.data import EvalItem
 from spatialthinker_ros.evaluation.runner import RowAnswer, row_answer
 from spatialthinker_ros.ros.conversions import answer_from_msg, rgb_to_image_msg
 from spatialthinker_ros.srv import AskSpatial
@@ -47,10 +48,10 @@ class NodeAnswerer:
         except Exception:   # the context was shut down under it (close)
             pass
 
-    def answer(self, rows: Sequence[tuple[EvalItem, Frame]]) -> list[RowAnswer]:
+    def answer(self, rows: Sequence[tuple[EvalItem, Source]]) -> list[RowAnswer]:
         return [self._ask(item, frame) for item, frame in rows]
 
-    def _ask(self, item: EvalItem, frame: Frame) -> RowAnswer:
+    def _ask(self, item: EvalItem, frame: Source) -> RowAnswer:
         request = AskSpatial.Request(question=item.question, options=list(item.options),
                                      image=rgb_to_image_msg(frame.rgb, Header(frame_id="eval")))
         done = threading.Event()

@@ -1,8 +1,9 @@
 """Frames from ROS 2 recordings without ROS: rosbag2 folders, bare .mcap and .db3 files, read with `rosbags`.
 
 A row names a colour topic and a time in seconds from the start of the recording; the colour frame logged
-nearest that time is used. A depth frame is paired with it as the node pairs them: the one whose header
-stamp is closest to the colour frame's, if within the tolerance (stamps of zero fall back to log time).
+nearest that time is used. A depth frame is paired with it by the node's own rules (core/sources.py): the one
+whose header stamp is closest to the colour frame's, if within the tolerance (stamps of zero fall back to log
+time), and only when it shows the colour frame's field of view (same aspect); otherwise the row has no depth.
 The CameraInfo logged nearest the colour frame gives the intrinsics. Decoding is core/images.py's, the
 node's own; frames larger than the pipeline takes by default (MAX_REQUEST_IMAGE_PIXELS) are refused before
 they are decoded, so a corrupt size cannot allocate gigabytes.
@@ -17,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from spatialthinker_ros.evaluation.data import BadRowError, Frame
-from spatialthinker_ros.core.images import (ImageError, compressed_to_rgb, depth_image, image_to_rgb,
-                                            intrinsics_from_camera_info)
-from spatialthinker_ros.core.request import DEPTH_SYNC_TOLERANCE_S, MAX_REQUEST_IMAGE_PIXELS
+from spatialthinker_ros.core.geometry import DEFAULT_DEPTH_SCALE
+from spatialthinker_ros.core.images import ImageError, colour_to_rgb, depth_image, intrinsics_from_camera_info
+from spatialthinker_ros.core.request import DEPTH_SYNC_TOLERANCE_S, MAX_REQUEST_IMAGE_PIXELS, depth_aspect_mismatch
+from spatialthinker_ros.core.sources import Source, closest_in_time
+from spatialthinker_ros.evaluation.data import BadRowError
 
 COLOUR_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
 DEPTH_TYPE = "sensor_msgs/msg/Image"
@@ -37,7 +39,7 @@ class RecordingFrame:
     time: float
     depth_topic: str = ""
     camera_info_topic: str = ""
-    depth_scale: float = 0.001
+    depth_scale: float = DEFAULT_DEPTH_SCALE
 
     @classmethod
     def from_row(cls, row: dict[str, Any], folder: Path) -> "RecordingFrame":
@@ -54,7 +56,7 @@ class RecordingFrame:
             raise ValueError('"depth_topic" needs "camera_info_topic" (3D positions need the intrinsics)')
         return cls(bag=bag if bag.is_absolute() else folder / bag, topic=topic, time=float(time),
                    depth_topic=row.get("depth_topic") or "", camera_info_topic=row.get("camera_info_topic") or "",
-                   depth_scale=float(row.get("depth_scale", 0.001)))
+                   depth_scale=float(row.get("depth_scale", DEFAULT_DEPTH_SCALE)))
 
 
 class _Recording:
@@ -79,7 +81,7 @@ class _Recording:
     def close(self) -> None:
         self._reader.close()
 
-    def frame(self, where: RecordingFrame) -> Frame:
+    def frame(self, where: RecordingFrame) -> Source:
         duration = self._reader.end_time - self.start
         if where.time * 1e9 > duration + 1e9:
             raise BadRowError(f"time {where.time:g} s is past the end of recording {self.path} "
@@ -88,7 +90,7 @@ class _Recording:
             colour_time, colour = self._nearest(where.topic, self.start + round(where.time * 1e9), COLOUR_TYPES)
             rgb = self._decode_colour(where.topic, colour)
             if not where.camera_info_topic:
-                return Frame(rgb)
+                return Source(rgb)
             _, info = self._nearest(where.camera_info_topic, colour_time, (INFO_TYPE,))
             try:
                 intrinsics = intrinsics_from_camera_info(info)
@@ -97,12 +99,14 @@ class _Recording:
             depth = None
             if where.depth_topic:
                 depth_msg = self._paired_depth(where.depth_topic, colour_time, colour)
-                if depth_msg is not None:
+                colour_size = (rgb.shape[1], rgb.shape[0])
+                if depth_msg is not None and not depth_aspect_mismatch(colour_size, (depth_msg.width,
+                                                                                      depth_msg.height)):
                     try:
                         depth = depth_image(depth_msg, where.depth_scale, MAX_REQUEST_IMAGE_PIXELS)
                     except ImageError as exc:
                         raise BadRowError(f"{where.depth_topic}: {exc}") from None
-            return Frame(rgb, depth, intrinsics)
+            return Source(rgb, depth=depth, intrinsics=intrinsics)
 
     def _connections(self, topic: str, types: tuple[str, ...]) -> list:
         connections = [c for c in self._reader.connections if c.topic == topic]
@@ -139,20 +143,22 @@ class _Recording:
 
     def _decode_colour(self, topic: str, msg: Any) -> Any:
         try:
-            if hasattr(msg, "format"):
-                return compressed_to_rgb(msg, MAX_REQUEST_IMAGE_PIXELS)
-            return image_to_rgb(msg, MAX_REQUEST_IMAGE_PIXELS)
+            return colour_to_rgb(msg, MAX_REQUEST_IMAGE_PIXELS)
         except ImageError as exc:
             raise BadRowError(f"{topic}: {exc}") from None
 
     def _paired_depth(self, topic: str, colour_time: int, colour: Any) -> Optional[Any]:
         window = round(PAIRING_WINDOW_S * 1e9)
-        candidates = self._read(topic, (DEPTH_TYPE,), colour_time - window, colour_time + window + 1)
-        target = _stamp(colour, colour_time)
-        best = min(candidates, key=lambda c: abs(_stamp(c[1], c[0]) - target), default=None)
-        if best is None or abs(_stamp(best[1], best[0]) - target) > DEPTH_SYNC_TOLERANCE_S:
-            return None
-        return best[1]
+        candidates = [_Logged(msg, _stamp(msg, time))
+                      for time, msg in self._read(topic, (DEPTH_TYPE,), colour_time - window, colour_time + window + 1)]
+        best = closest_in_time(candidates, _stamp(colour, colour_time), DEPTH_SYNC_TOLERANCE_S)
+        return None if best is None else best.msg
+
+
+@dataclass(frozen=True)
+class _Logged:
+    msg: Any
+    time: float   # seconds: the header stamp (core/sources.py's Timed)
 
 
 def _stamp(msg: Any, log_time: int) -> float:
@@ -168,7 +174,7 @@ class RecordingCache:
         self._open: dict[Path, _Recording] = {}
         self._lock = threading.Lock()
 
-    def frame(self, where: RecordingFrame) -> Frame:
+    def frame(self, where: RecordingFrame) -> Source:
         """The row's frame, or BadRowError saying why there is none."""
         return self._recording(where.bag).frame(where)
 

@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Protocol, Sequence
 
 from spatialthinker_ros.core.backends.base import Backend
-from spatialthinker_ros.evaluation.data import BadRow, BadRowError, EvalItem, Frame
-from spatialthinker_ros.evaluation.scoring import is_scored, latest_records
-from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, prepare_request
+from spatialthinker_ros.core.ask import AskFlow
+from spatialthinker_ros.core.pipeline import PipelineConfig
 from spatialthinker_ros.core.request import RequestError
+from spatialthinker_ros.core.sources import Source
+from spatialthinker_ros.evaluation.data import BadRow, BadRowError, EvalItem
+from spatialthinker_ros.evaluation.scoring import is_scored, latest_records
 from spatialthinker_ros.core.types import BackendError, InferenceResult, ParsedResponse, SceneObject
 
 
@@ -54,44 +56,45 @@ class Answerer(Protocol):
     batch_size: int
     concurrency: int
 
-    def answer(self, rows: Sequence[tuple[EvalItem, Frame]]) -> list[RowAnswer]: ...
+    def answer(self, rows: Sequence[tuple[EvalItem, Source]]) -> list[RowAnswer]: ...
 
     def close(self) -> None:
         """Free what answering held (a model, connections)."""
 
 
 class PipelineAnswerer:
-    """The node's pipeline in this process: prepare_request -> backend.generate -> finish_result."""
+    """The node's ask flow in this process (core/ask.py), rows batched: prepare -> backend.generate -> one retry
+    of the rows that ran out of memory, on a smaller image -> finish."""
 
     def __init__(self, backend: Backend, config: PipelineConfig, batch_size: int, concurrency: int):
         self.backend, self.config = backend, config
         self.batch_size, self.concurrency = batch_size, concurrency
 
-    def answer(self, rows: Sequence[tuple[EvalItem, Frame]]) -> list[RowAnswer]:
+    def answer(self, rows: Sequence[tuple[EvalItem, Source]]) -> list[RowAnswer]:
         answers: list[Optional[RowAnswer]] = [None] * len(rows)
-        asked = []
-        for i, (item, frame) in enumerate(rows):
+        flows: list[tuple[int, AskFlow]] = []
+        for i, (item, source) in enumerate(rows):
             try:
-                asked.append((i, prepare_request(frame.rgb, item.question, list(item.options), self.config)))
+                flows.append((i, AskFlow(source, item.question, list(item.options), self.config)))
             except RequestError as exc:
                 answers[i] = RowAnswer(skipped=f"refused: {exc}")
-        if asked:
-            started = time.perf_counter()
+        started = time.perf_counter()
+        while pending := [flow for _, flow in flows if flow.pending]:
             try:
-                outcomes: list[Any] = self.backend.generate([request for _, request in asked])
+                outcomes: list[Any] = self.backend.generate([flow.request for flow in pending])
             except Exception as exc:   # a backend bug fails this batch, never the run
-                outcomes = [exc] * len(asked)
-            seconds = time.perf_counter() - started
-            for (i, request), outcome in zip(asked, outcomes):
-                item, frame = rows[i]
-                if isinstance(outcome, BaseException):
-                    kind = f" ({outcome.kind.value})" if isinstance(outcome, BackendError) else ""
-                    answers[i] = RowAnswer(error=f"{type(outcome).__name__}{kind}: {outcome}", latency_s=seconds)
-                    continue
-                result = finish_result(request, outcome, list(item.options),
-                                       camera_size=(frame.rgb.shape[1], frame.rgb.shape[0]), depth=frame.depth,
-                                       intrinsics=frame.intrinsics, config=self.config)
-                answers[i] = row_answer(result.parsed, result.inference, result.inference.seconds)
+                outcomes = [exc] * len(pending)
+            for flow, outcome in zip(pending, outcomes):
+                flow.record(outcome)
+        seconds = time.perf_counter() - started
+        for i, flow in flows:
+            outcome = flow.outcome
+            if isinstance(outcome, BaseException):
+                kind = f" ({outcome.kind.value})" if isinstance(outcome, BackendError) else ""
+                answers[i] = RowAnswer(error=f"{type(outcome).__name__}{kind}: {outcome}", latency_s=seconds)
+                continue
+            result = flow.finish(self.backend.name)
+            answers[i] = row_answer(result.parsed, result.inference, result.inference.seconds)
         return [a if a is not None else RowAnswer(error="no answer") for a in answers]
 
     def close(self) -> None:

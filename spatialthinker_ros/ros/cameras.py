@@ -1,19 +1,20 @@
 """Per-camera input state: the latest colour frames, recent depth frames and the latest CameraInfo.
 
 Callbacks only keep references (and run O(1) layout checks); frames are converted when a request uses them,
-so an idle node costs little more than the transport itself.
+so an idle node costs little more than the transport itself. Which frame a request uses, and the depth paired
+with it, is decided in core/sources.py.
 """
 
 from __future__ import annotations
 
 import collections
 import ctypes
-import math
 import os
 import platform
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Callable, Optional, Union
 
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 from spatialthinker_ros.core.geometry import CameraIntrinsics
@@ -74,8 +75,17 @@ def topic_prefix(camera: str) -> str:
     return "" if camera == "default" else f"{camera}/"
 
 
+def camera_qos(reliability: str) -> QoSProfile:
+    """Depth 1: only the latest frame matters. Best effort is what camera drivers publish (sensor data QoS); a
+    reliable subscriber would receive nothing from them."""
+    policy = ReliabilityPolicy.BEST_EFFORT if reliability == "best_effort" else ReliabilityPolicy.RELIABLE
+    return QoSProfile(depth=1, reliability=policy, history=HistoryPolicy.KEEP_LAST)
+
+
 @dataclass(eq=False)   # a frame is itself: comparing by value would compare whole images
-class Frame:
+class CameraFrame:
+    """One received message with its time (core/sources.py's Timed)."""
+
     msg: Union[Image, CompressedImage]
     stamp: float          # header stamp, seconds (ROS time)
     received: float       # node clock at receipt, seconds (used when the driver leaves stamps at zero)
@@ -88,22 +98,51 @@ class Frame:
 class CameraInput:
     """State of one camera. Accessed from the executor thread only."""
 
-    def __init__(self, name: str, max_pixels: int):
+    def __init__(self, name: str, topic: str, max_pixels: int):
         self.name = name
+        self.topic = topic        # where its colour frames arrive (fully resolved), for the "no frame yet" error
         self.max_pixels = max_pixels
-        self.colours: collections.deque[Frame] = collections.deque(maxlen=COLOUR_FRAMES_KEPT)
-        self.depth: collections.deque[Frame] = collections.deque(maxlen=DEPTH_FRAMES_KEPT)
+        self.colours: collections.deque[CameraFrame] = collections.deque(maxlen=COLOUR_FRAMES_KEPT)
+        self.depth: collections.deque[CameraFrame] = collections.deque(maxlen=DEPTH_FRAMES_KEPT)
         self.intrinsics: Optional[CameraIntrinsics] = None   # of the latest usable CameraInfo
         self.frames_received = 0
         self.frames_dropped = 0
         self.frames_decoded = 0   # by requests that used a frame (~/stats)
 
     @property
-    def colour(self) -> Optional[Frame]:
+    def colour(self) -> Optional[CameraFrame]:
         """The newest colour frame."""
         return self.colours[-1] if self.colours else None
 
-    def discard(self, frame: Frame) -> None:
+    def subscribe(self, node, qos: QoSProfile, use_depth: bool, group, warn: Callable[[str, str], None],
+                  now: Callable[[], float], max_age: Callable[[], float]) -> list:
+        """The subscriptions feeding this camera (colour; depth and CameraInfo with use_depth). Refused messages are
+        warned about, throttled per camera and kind."""
+        prefix = topic_prefix(self.name)
+        feeds: list[tuple[Any, str, str, str, Callable[[Any], Optional[str]]]] = [
+            (CompressedImage if self.topic.endswith("/compressed") else Image, self.topic, "colour", "frame dropped",
+             lambda msg: self.offer_colour(msg, now(), max_age()))]
+        if use_depth:
+            feeds += [(Image, f"{prefix}depth", "depth", "depth dropped", lambda msg: self.offer_depth(msg, now())),
+                      (CameraInfo, f"{prefix}camera_info", "info", "CameraInfo ignored", self.offer_info)]
+
+        def feeding(key: str, dropped: str, offer: Callable[[Any], Optional[str]]) -> Callable[[Any], None]:
+            def callback(msg) -> None:
+                reason = offer(msg)
+                if reason:
+                    warn(key, f"camera '{self.name}': {dropped}: {reason}")
+            return callback
+
+        return [node.create_subscription(msg_type, topic, feeding(f"{kind}/{self.name}", dropped, offer), qos,
+                                         callback_group=group)
+                for msg_type, topic, kind, dropped, offer in feeds]
+
+    def forget_frames(self) -> None:
+        """Drop every kept frame (the node stopped listening: they would only grow old)."""
+        self.colours.clear()
+        self.depth.clear()
+
+    def discard(self, frame: CameraFrame) -> None:
         """Never offer an unusable frame twice."""
         if frame in self.colours:
             self.colours.remove(frame)
@@ -112,7 +151,7 @@ class CameraInput:
         """Keep msg as the latest frame. Returns why it was dropped instead, or None."""
         self.frames_received += 1
         reason = self._check_colour(msg)
-        frame = Frame(msg, stamp_seconds(msg.header), now)
+        frame = CameraFrame(msg, stamp_seconds(msg.header), now)
         if reason is None and self.colour is not None and frame.stamp > 0 and frame.stamp < self.colour.stamp:
             kept_is_fresh = max_age <= 0 or now - self.colour.time <= max_age
             if kept_is_fresh:   # a stale kept frame is replaced: the source clock was reset (e.g. a bag loop)
@@ -139,7 +178,7 @@ class CameraInput:
             check_image_layout(msg, DEPTH_LAYOUTS, self.max_pixels)
         except ImageError as exc:
             return f"depth {exc}"
-        self.depth.append(Frame(msg, stamp_seconds(msg.header), now))
+        self.depth.append(CameraFrame(msg, stamp_seconds(msg.header), now))
         return None
 
     def offer_info(self, msg: CameraInfo) -> Optional[str]:
@@ -149,21 +188,3 @@ class CameraInput:
         except ValueError as exc:
             return str(exc)
         return None
-
-    def newest_paired(self, tolerance: float, oldest: float = -math.inf) -> tuple[Optional[Frame], Optional[Frame]]:
-        """The newest colour frame not older than `oldest` that has a depth frame within tolerance, and that depth
-        frame; when none has, the newest colour frame and None."""
-        for colour in reversed(self.colours):
-            if colour.time < oldest:
-                break
-            depth = self.depth_for(colour, tolerance)
-            if depth is not None:
-                return colour, depth
-        return self.colour, None
-
-    def depth_for(self, colour: Frame, tolerance: float) -> Optional[Frame]:
-        """The kept depth frame closest in time to the colour frame, if within tolerance."""
-        best = min(self.depth, key=lambda d: abs(d.time - colour.time), default=None)
-        if best is None or abs(best.time - colour.time) > tolerance:
-            return None
-        return best

@@ -114,7 +114,7 @@ def node_executable() -> list[str]:
         return [str(executable)]
     if shutil.which("spatialthinker_node"):
         return [str(shutil.which("spatialthinker_node"))]
-    return [sys.executable, "-m", "spatialthinker_ros.ros.node"]
+    return [sys.executable, "-m", "spatialthinker_ros.ros.main"]
 
 
 def node_command(*ros_args: str, **params: Any) -> list[str]:

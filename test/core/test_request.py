@@ -9,7 +9,7 @@ from spatialthinker_ros.core.backends.base import GenerationConfig
 from spatialthinker_ros.core.pipeline import PipelineConfig, answer_dict, finish_result, prepare_request, smaller_request
 from spatialthinker_ros.core.prompt import PromptConfig
 from spatialthinker_ros.core.request import (ErrorCode, ImageError, InvalidRequest, RequestError, answered,
-                                             check_image_layout, check_image_age, check_question, depth_aspect_mismatch,
+                                             check_raw_layout, check_image_age, check_question, depth_aspect_mismatch,
                                              max_image_age, model_image_size, oom_retry_pixels, smart_resize)
 from spatialthinker_ros.core.scheduling import QueueFull, RequestCancelled, RequestTimeout, SchedulerStopped
 from spatialthinker_ros.core.text import excerpt
@@ -45,7 +45,7 @@ def test_every_refusal_is_a_request_error_with_its_code():
 
 def test_image_layout_and_pixel_cap():
     layouts = {"rgb8": (3, np.uint8), "16uc1": (1, np.uint16)}
-    assert check_image_layout(4, 2, 14, 28, "RGB8", layouts, 100) == (3, np.dtype(np.uint8))
+    assert check_raw_layout(4, 2, 14, 28, "RGB8", layouts, 100) == (3, np.dtype(np.uint8))
     for args, message in [((4, 2, 12, 24, "yuv", layouts, 100), "unsupported encoding 'yuv'"),
                           ((0, 2, 12, 24, "rgb8", layouts, 100), "zero size"),
                           ((40, 20, 120, 2400, "rgb8", layouts, 100), "exceeds the 100-pixel limit"),
@@ -53,10 +53,10 @@ def test_image_layout_and_pixel_cap():
                           ((4, 2, 6, 12, "16UC1", layouts, 100), "step 6 is smaller"),
                           ((4, 2, 8, 17, "16UC1", layouts, 100), "data holds 17 bytes")]:
         if message is None:
-            check_image_layout(*args)
+            check_raw_layout(*args)
         else:
             with pytest.raises(ImageError, match=message):
-                check_image_layout(*args)
+                check_raw_layout(*args)
 
 
 def test_the_processor_limit_follows_qwens_smart_resize():

@@ -331,3 +331,23 @@ def test_concurrent_requests_share_one_generate(spawn, client, camera, tiny_chec
     largest_batch = max(times.count(t) for t in times)
     assert largest_batch >= 3, times
     assert len({r.answer.request_id for r in responses}) == 6
+
+
+def test_camera_subscriptions_exist_only_while_active(spawn, client, replay_file):
+    proc = spawn(node_command(**replay_params(replay_file), autostart=False), name="node")
+    client.wait_for_service(proc)
+
+    def subscribed(topic: str) -> int:
+        return sum(info.node_name == "spatialthinker" for info in client.node.get_subscriptions_info_by_topic(topic))
+
+    def topics_subscribed() -> int:
+        return sum(subscribed(topic) for topic in ("/image", "/depth", "/camera_info"))
+
+    assert topics_subscribed() == 0, "an unconfigured node subscribes to no camera"
+    assert client.change_state(Transition.TRANSITION_CONFIGURE)
+    assert client.lifecycle_state() == "inactive" and topics_subscribed() == 0, "an inactive node costs nothing"
+    assert client.change_state(Transition.TRANSITION_ACTIVATE)
+    assert spin_until(client.node, lambda: topics_subscribed() == 3, CALL), "active: image, depth and camera_info"
+    assert client.change_state(Transition.TRANSITION_DEACTIVATE)
+    assert spin_until(client.node, lambda: topics_subscribed() == 0, CALL), "deactivated: subscriptions destroyed"
+    assert proc.alive()

@@ -23,7 +23,7 @@ from spatialthinker_ros.testing.node_client import NodeClient, new_context, spin
 from spatialthinker_ros.testing.processes import Process, node_command
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header
-from spatialthinker_ros.ros.node import WARN_THROTTLE_S
+from spatialthinker_ros.ros.throttle import WARN_THROTTLE_S
 from spatialthinker_ros.srv import AskSpatial
 from node_requests import CALL, E, OPTIONS, QUESTION, RESPONSE, replay_params
 

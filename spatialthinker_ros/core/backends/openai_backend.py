@@ -32,6 +32,7 @@ import numpy as np
 
 from spatialthinker_ros.core.backends.base import (DEFAULT_MAX_PIXELS, SCENE_END_TAG, GenerationConfig, LetterPosition,
                                                    TextSink, cut_after_scene_end, letter_written, renormalised)
+from spatialthinker_ros.core.backends.settings import DEFAULT_MODEL
 from spatialthinker_ros.core.prompt import option_letter
 from spatialthinker_ros.core.request import PATCH, model_image_size
 from spatialthinker_ros.core.text import excerpt
@@ -53,7 +54,7 @@ class OpenAIConfig:
     """Where the server is and how to talk to it. The API key itself lives only in the environment."""
 
     server_url: str = "http://127.0.0.1:8000/v1"
-    model: str = "OX-PIXL/SpatialThinker-7B"     # the name the server serves the model under
+    model: str = DEFAULT_MODEL                   # the name the server serves the model under
     api_key_env: str = "SPATIALTHINKER_API_KEY"  # name of the environment variable holding the key
     timeout_s: float = 120.0                     # longest wait for a whole answer
     connect_timeout_s: float = 5.0

@@ -59,7 +59,7 @@ class TransformersConfig:
     device: str = "auto"                         # auto | cpu | cuda | cuda:N (auto = cuda when available)
     dtype: str = "auto"                          # auto (bf16 on cuda, fp32 on cpu) | bfloat16 | float16 | float32
     attn_implementation: str = "auto"            # auto = flash_attention_2 when installed and on cuda, else sdpa
-    min_pixels: Optional[int] = None             # None keeps the checkpoint's preprocessor setting
+    min_pixels: Optional[int] = QWEN_MIN_PIXELS  # Qwen2.5-VL's own; None keeps the checkpoint's preprocessor setting
     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS   # the processor's limit (base.DEFAULT_MAX_PIXELS says why)
     quantization: str = "none"                   # none | 4bit | 8bit (bitsandbytes, cuda only)
     max_batch_size: int = 8
