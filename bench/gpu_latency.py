@@ -153,7 +153,8 @@ class Forced:
         original = self.original = self.model.generate
 
         def generate(*args, **kwargs):
-            return original(*args, logits_processor=LogitsProcessorList([ForceText(self.ids, self.eos)]), **kwargs)
+            own = list(kwargs.pop("logits_processor", None) or [])   # the backend's letter probe, if any
+            return original(*args, logits_processor=LogitsProcessorList(own + [ForceText(self.ids, self.eos)]), **kwargs)
         self.model.generate = generate
         return self
 

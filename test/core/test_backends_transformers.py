@@ -89,7 +89,8 @@ def forced_backend(tiny_checkpoint: Path, monkeypatch):
 
     def generate(*args, **kwargs):
         backend.calls += 1
-        return original(*args, logits_processor=LogitsProcessorList([force]), **kwargs)
+        own = list(kwargs.pop("logits_processor", None) or [])   # the backend's letter probe, if any
+        return original(*args, logits_processor=LogitsProcessorList(own + [force]), **kwargs)
 
     monkeypatch.setattr(backend.model, "generate", generate)
     yield backend
@@ -236,8 +237,9 @@ def test_a_follow_up_question_prefills_only_the_part_of_its_prompt_that_differs(
     first_scores = _FirstScores()
     original = backend.model.generate
     monkeypatch.setattr(backend.model, "generate",
-                        lambda *args, **kwargs: original(*args, logits_processor=LogitsProcessorList([first_scores]),
-                                                         **kwargs))
+                        lambda *args, logits_processor=None, **kwargs: original(
+                            *args, logits_processor=LogitsProcessorList([*(logits_processor or []), first_scores]),
+                            **kwargs))
     first = _request(640, 480, seed=41)
     follow_up = InferenceRequest(image=first.image.copy(), question="q",
                                  prompt=first.prompt.replace("the cup relative to the plate", "the plate"))

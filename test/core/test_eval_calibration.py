@@ -56,11 +56,14 @@ def assert_png(path: Path) -> None:
 def test_run_reports_calibration_figures_exactly_and_draws_both_pictures(tmp_path: Path):
     path, questions = eval_data.project_jsonl(tmp_path)
     replay = eval_data.write_replay(tmp_path / "replay.jsonl", questions)
+    lines = [json.loads(line) for line in replay.read_text().splitlines()]
+    replay.write_text("".join(json.dumps({k: v for k, v in line.items() if k != "option_probabilities"}) + "\n"
+                              for line in lines))
     out = tmp_path / "out"
     command = ("run", path, "--out", out, "--backend", "replay", "--replay-file", replay, "--no-progress")
     done = run_eval(*command)
     assert done.returncode == 0, done.stderr
-    # this branch's replay lines carry no probabilities: no figures, a reason, no pictures
+    # replay lines without probabilities: no figures, a reason, no pictures
     calibration = json.loads((out / "summary.json").read_text())["calibration"]
     assert calibration["rows"] == 0 and calibration["ece"] is None and calibration["brier"] is None
     assert calibration["rows_left_out"] == {"no probabilities": 9}
@@ -219,8 +222,9 @@ def test_ask_checks_the_calibration_against_its_settings_and_prints_the_set(tmp_
     done = subprocess.run([*command, "--calibration", str(path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     answer = json.loads(done.stdout)
-    # replay lines on this branch carry no option probabilities: no calibrated set
-    assert answer["choice"] and (answer["prediction_set"], answer["prediction_set_coverage"]) == ([], 0.0)
+    # the recorded probabilities are 0.82, 0.05, 0.09, 0.04: only A reaches 1 - 0.6
+    assert answer["option_probabilities"] == [0.82, 0.05, 0.09, 0.04]
+    assert answer["choice"] == "A" and (answer["prediction_set"], answer["prediction_set_coverage"]) == (["A"], 0.9)
 
     refused = subprocess.run([*command[:-1], "1003520", "--calibration", str(path)], capture_output=True, text=True,
                              timeout=120)
