@@ -36,7 +36,7 @@ from spatialthinker_ros.core.pipeline import (PipelineConfig, answer_dict, check
                                               smaller_request)
 from spatialthinker_ros.core.prompt import STYLES, PromptConfig
 from spatialthinker_ros.core.relations import RelationCheckConfig
-from spatialthinker_ros.core.request import ErrorCode, RequestError, answered, check_question, depth_aspect_mismatch
+from spatialthinker_ros.core.request import ErrorCode, ImageError, RequestError, answered, check_question, depth_aspect_mismatch
 from spatialthinker_ros.core.types import BackendError, InferenceRequest, InferenceResult, SpatialResult
 from spatialthinker_ros.core.validation import validate_model_reference
 
@@ -108,6 +108,22 @@ def add_model_arguments(parser: argparse.ArgumentParser, prompt_group: argparse.
                             f"(default: no limit; openai: {OpenAIConfig().timeout_s:g} s per request)")
 
 
+def add_depth_arguments(parser: argparse.ArgumentParser, title: str) -> argparse._ArgumentGroup:
+    """--depth, --depth-scale and the intrinsics, read back by read_depth_and_intrinsics (shared with
+    spatialthinker_camera)."""
+    depth = parser.add_argument_group(title)
+    depth.add_argument("--depth", type=Path, metavar="FILE",
+                       help="depth image registered to --image (same viewpoint and field of view, any resolution): "
+                            "16-bit PNG/TIFF (units of --depth-scale), or .npy (float: metres, integer: units of "
+                            "--depth-scale); needs --fx --fy --cx --cy")
+    depth.add_argument("--depth-scale", type=float, default=0.001, metavar="M",
+                       help="metres per unit of integer depth (default %(default)s: millimetres)")
+    for name, what in (("fx", "focal length x"), ("fy", "focal length y"), ("cx", "principal point x"),
+                       ("cy", "principal point y")):
+        depth.add_argument(f"--{name}", type=float, metavar="PX", help=f"{what}, in pixels of --image")
+    return depth
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -127,16 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop once the scene graph is complete (no reasoning or answer): faster")
     add_model_arguments(parser, ask)
 
-    depth = parser.add_argument_group("3D positions (optional)")
-    depth.add_argument("--depth", type=Path, metavar="FILE",
-                       help="depth image registered to --image (same viewpoint and field of view, any resolution): "
-                            "16-bit PNG/TIFF (units of --depth-scale), or .npy (float: metres, integer: units of "
-                            "--depth-scale); needs --fx --fy --cx --cy")
-    depth.add_argument("--depth-scale", type=float, default=0.001, metavar="M",
-                       help="metres per unit of integer depth (default %(default)s: millimetres)")
-    for name, what in (("fx", "focal length x"), ("fy", "focal length y"), ("cx", "principal point x"),
-                       ("cy", "principal point y")):
-        depth.add_argument(f"--{name}", type=float, metavar="PX", help=f"{what}, in pixels of --image")
+    depth = add_depth_arguments(parser, "3D positions (optional)")
     depth.add_argument("--check-relations", action=argparse.BooleanOptionalAction, default=True,
                        help="with depth, check each relation of the scene graph against the 3D positions: "
                             "consistent, contradicted, uncertain (within the margin) or not checked, with the "
@@ -168,6 +175,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except RequestError as exc:        # the node answers these with the same code and message
         return _fail(f"error ({exc.code.value}): {exc}",
                      EXIT_USAGE if exc.code is ErrorCode.INVALID_REQUEST else EXIT_BACKEND)
+    except BackendError as exc:        # loading failed: no CUDA, a hub model neither cached nor downloadable, ...
+        return _fail(f"backend error ({exc.kind.value}): {exc}", EXIT_BACKEND)
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERRUPTED)
 
@@ -182,10 +191,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(exc) from None
     config = pipeline_config(args, relations=relations)
     asked = check_question(args.question, args.options, config.prompt)
-    rgb = read_image(args.image)
+    rgb = read_image(args.image, config.max_request_image_pixels)
     check_image(rgb, config)
     height, width = rgb.shape[:2]
-    depth, intrinsics = read_depth_and_intrinsics(args, (width, height))
+    depth, intrinsics = read_depth_and_intrinsics(args, (width, height), config.max_request_image_pixels)
     if args.annotate is not None:
         check_writable_image(args.annotate)
 
@@ -308,16 +317,20 @@ def _read_bytes(path: Path, what: str) -> bytes:
     return data
 
 
-def read_image(path: Path) -> np.ndarray:
-    """RGB uint8 HxWx3 (OpenCV reads BGR; grey and 16-bit images are converted)."""
-    rgb = decode_rgb(_read_bytes(path, "image"))
+def read_image(path: Path, max_pixels: int) -> np.ndarray:
+    """RGB uint8 HxWx3 (OpenCV reads BGR; grey and 16-bit images are converted). A file whose header declares
+    over `max_pixels` is refused before it is decoded."""
+    try:
+        rgb = decode_rgb(_read_bytes(path, "image"), max_pixels)
+    except ImageError as exc:
+        raise UsageError(f"image file {path}: {exc}") from None
     if rgb is None:
         raise UsageError(f"cannot decode image file {path}: corrupt, or not a format OpenCV reads "
                          "(PNG, JPEG, BMP, TIFF, WebP, ...)")
     return rgb
 
 
-def read_depth(path: Path, depth_scale: float) -> DepthImage:
+def read_depth(path: Path, depth_scale: float, max_pixels: int) -> DepthImage:
     """The depth of a 16-bit image (units of depth_scale metres) or a .npy array (float: metres)."""
     if path.suffix.lower() == ".npy":
         _read_bytes(path, "depth")
@@ -326,7 +339,10 @@ def read_depth(path: Path, depth_scale: float) -> DepthImage:
         except (ValueError, OSError, EOFError) as exc:
             raise UsageError(f"cannot load depth file {path} as a numpy array: {exc}") from None
     else:
-        depth = decode_quietly(_read_bytes(path, "depth"), cv2.IMREAD_UNCHANGED)
+        try:
+            depth = decode_quietly(_read_bytes(path, "depth"), cv2.IMREAD_UNCHANGED, max_pixels=max_pixels)
+        except ImageError as exc:
+            raise UsageError(f"depth file {path}: {exc}") from None
         if depth is None:
             raise UsageError(f"cannot decode depth file {path}: corrupt, or not a 16-bit PNG/TIFF or .npy")
     if depth.ndim == 3 and depth.shape[2] == 1:
@@ -349,7 +365,7 @@ def read_depth(path: Path, depth_scale: float) -> DepthImage:
 
 
 def read_depth_and_intrinsics(
-    args: argparse.Namespace, image_size: tuple[int, int]
+    args: argparse.Namespace, image_size: tuple[int, int], max_pixels: int
 ) -> tuple[Optional[DepthImage], Optional[CameraIntrinsics]]:
     given = {name: getattr(args, name) for name in ("fx", "fy", "cx", "cy") if getattr(args, name) is not None}
     if args.depth is None:
@@ -359,7 +375,7 @@ def read_depth_and_intrinsics(
     missing = [name for name in ("fx", "fy", "cx", "cy") if name not in given]
     if missing:
         raise UsageError(f"--depth needs the camera intrinsics: --{' --'.join(missing)} missing")
-    depth = read_depth(args.depth, args.depth_scale)
+    depth = read_depth(args.depth, args.depth_scale, max_pixels)
     width, height = image_size
     mismatch = depth_aspect_mismatch(image_size, (depth.shape[1], depth.shape[0]))
     if mismatch:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Sequence
 import cv2
 import numpy as np
 
-from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage, lift_box, map_scene
+from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage, clamped_boxes, lift_box, map_scene
 from spatialthinker_ros.core.parsing import decide_status, parse_response
 from spatialthinker_ros.core.backends.base import Backend
 from spatialthinker_ros.core.prompt import PromptConfig, Question, answer_options, build_prompt
@@ -155,11 +155,12 @@ def finish_result(
         scene, depth_problems = _lift_scene(scene, depth, intrinsics, config)
         problems.extend(depth_problems)
     lossy = parsed.status is not AnswerStatus.COMPLETE or bool(problems)
+    notes = clamped_boxes(parsed.scene)   # said, without changing the status: nothing was lost
     scene = check_scene(scene, config.relations, has_depth=depth is not None and intrinsics is not None)
     parsed = replace(
         parsed,
         scene=scene,
-        problems=parsed.problems + tuple(problems) + tuple(contradictions(scene)),
+        problems=parsed.problems + tuple(problems) + tuple(notes) + tuple(contradictions(scene)),
         status=decide_status(parsed.answer, scene, parsed.scene_complete, scene_only, lossy),
     )
     return SpatialResult(parsed=parsed, inference=result, prompt=request.prompt, model_image_size=model_size)

@@ -44,8 +44,8 @@ from spatialthinker_ros.core.parsing import scene_text_complete
 from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, prepare_request, smaller_request
 from spatialthinker_ros.core.prompt import PromptConfig
 from spatialthinker_ros.core.request import (ErrorCode, ImageError, RequestError, answered, check_frame_id,
-                                             check_image_age, check_question, depth_aspect_mismatch, max_image_age,
-                                             request_image_error)
+                                             check_image_age, check_question, depth_aspect_mismatch, internal_error,
+                                             max_image_age, request_image_error)
 from spatialthinker_ros.core.scheduling import RequestScheduler, Ticket
 from spatialthinker_ros.core.text import excerpt
 from spatialthinker_ros.core.types import BackendError, InferenceRequest, InferenceResult, SpatialResult
@@ -62,6 +62,7 @@ from spatialthinker_ros.srv import AskSpatial
 FEEDBACK_EVERY_TOKENS = 16
 WARN_THROTTLE_S = 5.0
 BACKEND_IDLE_WAIT_S = 600.0    # a generation that is already running cannot be interrupted; wait for it
+ACTIVATE_WAIT_S = 5.0          # activating waits this long for it, then fails (callbacks wait meanwhile)
 SHUTDOWN_WAIT_S = 5.0          # ...but not when the process exits: its memory goes with it (launch escalates at 5 s)
 SHUTDOWN_DRAIN_S = 2.0         # on SIGINT/SIGTERM, time for the answers to pending callers to go out
 SPIN_PERIOD_S = 0.1            # the executor wakes at least this often, so a signal is seen promptly
@@ -224,7 +225,12 @@ class SpatialThinkerNode(LifecycleNode):
         return callback
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._wait_backend_idle()
+        # A second worker must never run on a backend that is still inside generate(): activation fails, the
+        # node stays inactive, and activating again once that generation ends works.
+        if not self._wait_backend_idle(ACTIVATE_WAIT_S):
+            self.get_logger().error("cannot activate: the backend is still generating the answer to a request "
+                                    "taken before the last deactivation; activate again once it has finished")
+            return TransitionCallbackReturn.FAILURE
         self._scheduler = RequestScheduler(self._backend, queue_size=self._param("queue_size"))
         self._active = True
         self.get_logger().info("active: answering on ~/ask and ~/ask_action")
@@ -367,8 +373,8 @@ class SpatialThinkerNode(LifecycleNode):
                 self._warn_throttled(f"request/{failure.code.value}", f"request {request_id} failed: {failure}")
             return failure
         except Exception as exc:   # a bug must still answer the caller, and never stop the node
-            self.get_logger().error(f"request {request_id}: unexpected {type(exc).__name__}: {exc}")
-            return RequestError(f"internal error: {type(exc).__name__}: {exc}", ErrorCode.BACKEND)
+            self.get_logger().error(f"request {request_id}: unexpected {type(exc).__name__}: {excerpt(exc, 2000)}")
+            return internal_error(exc)
         finally:
             self.requests_in_progress -= 1
 

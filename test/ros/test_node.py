@@ -359,6 +359,36 @@ def test_lifecycle_transitions_free_the_model(spawn, client, camera, heavy_tiny_
     assert proc.alive()
 
 
+def test_activate_fails_while_a_generation_still_runs_and_works_once_it_ended(spawn, client, replay_file):
+    """Deactivating cannot interrupt a generation; activating while it still runs must fail (never a second worker
+    on a busy backend), with the reason, and a later activate works."""
+    latency = 15.0   # well over the node's 5 s activation wait, even on a loaded machine
+    proc = spawn(node_command(**replay_params(replay_file, replay_latency=latency)), name="node")
+    client.wait_for_action(proc)
+    image = Image(width=64, height=48, encoding="rgb8", step=64 * 3, data=bytes(64 * 48 * 3))
+    stages = []
+    started = time.monotonic()
+    sending = client.action.send_goal_async(AskSpatialAction.Goal(question=QUESTION, options=OPTIONS, image=image),
+                                            feedback_callback=lambda m: stages.append(m.feedback.stage))
+    assert spin_until(client.node, lambda: AskSpatialAction.Feedback.STAGE_GENERATING in stages, CALL), stages
+    assert client.change_state(Transition.TRANSITION_DEACTIVATE)
+    getting = sending.result().get_result_async()
+    assert spin_until(client.node, getting.done, CALL)
+    assert getting.result().result.error_code == E.ERROR_NOT_ACTIVE
+    assert not client.change_state(Transition.TRANSITION_ACTIVATE)
+    assert time.monotonic() - started < latency, "the generation ended before the activation was tried: too slow"
+    assert "cannot activate: the backend is still generating" in proc.output(), proc.tail()
+    assert client.lifecycle_state() == "inactive"
+    assert client.ask(question=QUESTION, image=image).error_code == E.ERROR_NOT_ACTIVE
+    deadline = started + latency + CALL
+    while not client.change_state(Transition.TRANSITION_ACTIVATE):   # each try waits up to 5 s for the backend
+        assert time.monotonic() < deadline, proc.tail()
+    assert client.lifecycle_state() == "active"
+    response = client.ask(question=QUESTION, options=OPTIONS, image=image, timeout=CALL + latency)
+    assert response.success, response.message
+    assert proc.alive()
+
+
 def test_concurrent_requests_share_one_generate(spawn, client, camera, tiny_checkpoint):
     camera(width=320, height=240)
     proc = spawn(node_command(backend="transformers", model=str(tiny_checkpoint), device="cpu", max_new_tokens=32,
