@@ -41,6 +41,7 @@ from spatialthinker_ros.core.types import BackendError, InferenceRequest, Infere
 from spatialthinker_ros.core.validation import validate_model_reference
 
 PROG = "spatialthinker-ask"
+DATA_DIR = Path(__file__).resolve().parent / "data"   # the bundled sample scene
 EXIT_OK, EXIT_USAGE, EXIT_BACKEND, EXIT_INTERRUPTED = 0, 2, 3, 130
 _FLAT = re.compile(r"([\[{])\n\s+([^\[\]{}]*?)\n\s*([\]}])")   # a list or object holding no other
 _BACKEND_ONLY = ("model", "device", "server_url", "replay_file", "max_pixels")   # options some backends ignore
@@ -63,8 +64,7 @@ examples:
   spatialthinker-ask --backend replay --replay-file $DATA/sample_replay.jsonl --image $DATA/sample_scene.png \\
       --question "Where is the mug relative to the plate?" --options "left of" "right of" "behind" "in front of" \\
       --depth $DATA/sample_scene_depth.png --fx 525 --fy 525 --cx 319.5 --cy 239.5 --annotate out.png
-  (DATA is the installed package's data folder: python -c "import spatialthinker_ros, os; \\
-   print(os.path.join(os.path.dirname(spatialthinker_ros.__file__), 'data'))")
+  (first DATA=$(spatialthinker-ask --data-dir): the installed package's data folder)
 
 exit codes: 0 answered (see "status" in the JSON), 2 bad usage or input file, 3 backend error, 130 interrupted
 """
@@ -157,7 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--annotate", type=Path, metavar="OUT.png",
                      help="also save the image with boxes, ids, depths and relations drawn on it")
     out.add_argument("-v", "--verbose", action="store_true", help="log model loading and library warnings")
+    out.add_argument("--data-dir", action=_PrintDataDir,
+                     help="print the folder of the bundled sample scene (image, depth, replay file) and exit")
     return parser
+
+
+class _PrintDataDir(argparse.Action):
+    def __init__(self, option_strings: Sequence[str], dest: str, help: Optional[str] = None):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(DATA_DIR)
+        parser.exit()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -423,6 +434,13 @@ def quiet_libraries(verbose: bool, prog: str = PROG) -> None:
     start with `prog`, the command that printed them."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format=f"{prog}: %(levelname)s: %(name)s: %(message)s")
+    # huggingface_hub prints its records (download retries, ...) through the stderr handler it adds on import AND
+    # passes them on to ours: each line came twice, once without the prefix. Ours alone prints them.
+    import huggingface_hub.utils.logging  # noqa: F401 - adds that handler now, so it can be removed
+
+    hub = logging.getLogger("huggingface_hub")
+    for handler in list(hub.handlers):
+        hub.removeHandler(handler)
     if not verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
