@@ -225,6 +225,37 @@ def test_compressed_input(spawn, client, camera, replay_file):
     assert response.answer.scene_graph.objects[1].x_max == pytest.approx(500)
 
 
+def vm_peak_mb(proc) -> float:
+    """The process's peak resident memory (VmHWM) in MB."""
+    status = open(f"/proc/{proc.pid}/status").read()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
+
+def test_a_compressed_frame_declaring_too_many_pixels_is_dropped_before_decoding(spawn, client, frames, replay_file,
+                                                                               tmp_path):
+    """A 50 KB PNG whose header declares 20000 x 20000 pixels would be 1.2 GB once decoded: the node reads the size
+    from the header and refuses the frame first."""
+    from PIL import Image as PillowImage
+    from sensor_msgs.msg import CompressedImage
+
+    PillowImage.new("1", (20000, 20000)).save(tmp_path / "bomb.png")
+    bomb = (tmp_path / "bomb.png").read_bytes()
+    frames.set("image/compressed", CompressedImage, lambda header: CompressedImage(header=header, format="png",
+                                                                                   data=bomb))
+    proc = spawn(node_command(**replay_params(replay_file, image_transport="compressed")), name="node")
+    client.wait_for_service(proc)
+    before = vm_peak_mb(proc)
+    deadline = time.monotonic() + STARTUP
+    response = client.ask(question=QUESTION, options=OPTIONS)
+    while "has not delivered a frame" in response.message:     # until a frame arrived
+        assert time.monotonic() < deadline, f"no frame reached the node: {proc.tail()}"
+        response = client.ask(question=QUESTION, options=OPTIONS)
+    assert response.error_code == E.ERROR_NO_IMAGE and "is unusable" in response.message, response.message
+    assert vm_peak_mb(proc) - before < 300, "the frame was decoded"
+    assert "header declares more than" in response.message and "pixel limit" in response.message, response.message
+    assert proc.alive()
+
+
 def test_two_cameras_selected_per_request(spawn, client, camera, replay_file):
     camera(prefix="left/", width=640, height=480, frame_id="left_optical")
     camera(prefix="right/", width=1280, height=960, frame_id="right_optical")
