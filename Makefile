@@ -38,7 +38,8 @@ setup: ## venv + pinned dependencies (ROS 2 $(ROS_DISTRO) wheels, model stack, c
 	$(PY) -m pip install --quiet --no-deps -r $(LOCK)
 	$(PY) -m pip check
 	$(PY) scripts/fix_wheel_cmake_paths.py
-	@echo "setup: building the message, service and action interfaces (C++ and Python) and installing the package into $(VENV): about a minute the first time, log in $(BUILD).log"
+	@echo "setup: building the message, service and action interfaces (C++ and Python) and installing the"
+	@echo "       package into $(VENV): about a minute the first time, log in $(BUILD).log"
 	$(MAKE) --no-print-directory build
 	@echo 'setup: done. Next: `make demo$(DISTRO_ARG)` (offline, about a minute), then "Try it offline" in README.md'
 

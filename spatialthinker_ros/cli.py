@@ -36,7 +36,8 @@ from spatialthinker_ros.core.pipeline import (PipelineConfig, answer_dict, check
                                               smaller_request)
 from spatialthinker_ros.core.prompt import STYLES, PromptConfig
 from spatialthinker_ros.core.relations import RelationCheckConfig
-from spatialthinker_ros.core.request import ErrorCode, ImageError, RequestError, answered, check_question, depth_aspect_mismatch
+from spatialthinker_ros.core.request import (ErrorCode, ImageError, RequestError, answered, check_question,
+                                             depth_aspect_mismatch)
 from spatialthinker_ros.core.types import BackendError, InferenceRequest, InferenceResult, SpatialResult
 from spatialthinker_ros.core.validation import validate_model_reference
 

@@ -36,8 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", required=True, type=Path, metavar="FILE",
                         help="colour image (PNG, JPEG, BMP, TIFF, WebP, ...)")
-    parser.add_argument("--rate", type=float, default=10.0, metavar="HZ", help="frames per second (default %(default)s)")
-    parser.add_argument("--frame-id", default="camera_color_optical_frame", help="header.frame_id (default %(default)s)")
+    parser.add_argument("--rate", type=float, default=10.0, metavar="HZ",
+                        help="frames per second (default %(default)s)")
+    parser.add_argument("--frame-id", default="camera_color_optical_frame",
+                        help="header.frame_id (default %(default)s)")
     parser.add_argument("--compressed", choices=("jpeg", "png"),
                         help="publish image/compressed in this format instead of raw rgb8 on image")
     cli.add_depth_arguments(parser, "depth (optional): also publish depth and camera_info")
