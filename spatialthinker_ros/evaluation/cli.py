@@ -144,7 +144,7 @@ def run_command(args: argparse.Namespace) -> int:
         raise cli.UsageError("the data selection holds no rows" + (" of those categories" if args.categories else ""))
     args.out.mkdir(parents=True, exist_ok=True)
     setup = _setup(args, dataset)
-    _check_same_setup(args.out / "run.json", setup)
+    _check_same_setup(args.out, setup)
     try:
         log = PredictionLog(args.out / "predictions.jsonl")
     except ValueError as exc:           # not a predictions file
@@ -265,15 +265,30 @@ def _setup(args: argparse.Namespace, dataset: Dataset) -> dict[str, Any]:
     }
 
 
-def _check_same_setup(path: Path, setup: dict[str, Any]) -> None:
+def _check_same_setup(folder: Path, setup: dict[str, Any]) -> None:
+    """A folder's rows all come from one setup. A run that finished no row (it failed to load its backend, say)
+    is replaced by a rerun with other settings: it has nothing to mix in."""
+    path, predictions = folder / "run.json", folder / "predictions.jsonl"
     if path.exists():
         previous = json.loads(path.read_text())
         differ = [k for k in SETUP_KEYS if previous.get(k) != setup.get(k)]
-        if differ:
-            raise cli.UsageError(f"{path.parent} holds a run with other settings ({', '.join(differ)}: "
-                                 f"{', '.join(repr(previous.get(k)) for k in differ)}); use another --out")
-    else:
-        path.write_text(json.dumps(setup, indent=2) + "\n")
+        if not differ:
+            return
+        if _holds_answers(predictions):
+            changes = "; ".join(f"{k}: {previous.get(k)!r} there, {setup.get(k)!r} now" for k in differ)
+            raise cli.UsageError(f"{folder} holds a run with other settings ({changes}); use another --out")
+        predictions.unlink(missing_ok=True)   # only failed or skipped rows of the other setup
+    path.write_text(json.dumps(setup, indent=2) + "\n")
+
+
+def _holds_answers(predictions: Path) -> bool:
+    """Whether predictions.jsonl answers any row (a file that is not one counts as holding answers: it is kept)."""
+    if not predictions.exists():
+        return False
+    try:
+        return any(is_finished(record) for record in read_predictions(predictions))
+    except (ValueError, OSError):
+        return True
 
 
 def compare_command(args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, S
 import numpy as np
 
 from spatialthinker_ros.core.images import decode_rgb
+from spatialthinker_ros.core.request import MAX_REQUEST_IMAGE_PIXELS, ImageError
 from spatialthinker_ros.core.parsing import choose_option
 from spatialthinker_ros.core.prompt import answer_options, option_letter
 from spatialthinker_ros.core.sources import Source
@@ -281,7 +282,10 @@ def decode_image(data: bytes) -> np.ndarray:
     """Encoded image bytes -> RGB uint8 HxWx3, or BadRowError."""
     if not data:
         raise BadRowError("the image is empty")
-    rgb = decode_rgb(data)
+    try:
+        rgb = decode_rgb(data, MAX_REQUEST_IMAGE_PIXELS)   # the pipeline then applies the run's own limit
+    except ImageError as exc:
+        raise BadRowError(f"the image ({len(data)} bytes) cannot be used: {exc}") from None
     if rgb is None:
         raise BadRowError(f"the image ({len(data)} bytes) cannot be decoded")
     return rgb

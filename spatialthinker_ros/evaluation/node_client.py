@@ -14,7 +14,7 @@ from std_msgs.msg import Header
 from spatialthinker_ros.core.sources import Source
 from spatialthinker_ros.evaluation.data import EvalItem
 from spatialthinker_ros.evaluation.runner import RowAnswer, row_answer
-from spatialthinker_ros.ros.conversions import answer_from_msg, rgb_to_image_msg
+from spatialthinker_ros.ros.conversions import answer_from_msg, error_code_name, rgb_to_image_msg
 from spatialthinker_ros.srv import AskSpatial
 
 
@@ -65,7 +65,8 @@ class NodeAnswerer:
         latency = time.perf_counter() - started
         response = future.result()
         if response is None or not response.success:
-            why = f"error {response.error_code}: {response.message}" if response is not None else "no response"
+            why = (f"{error_code_name(response.error_code)}: {response.message}" if response is not None
+                   else "no response")
             return RowAnswer(error=f"{self.service} {why}", latency_s=latency)
         parsed, inference = answer_from_msg(response.answer)
         return row_answer(parsed, inference, latency)

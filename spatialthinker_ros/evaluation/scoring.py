@@ -14,7 +14,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
+from spatialthinker_ros.core.text import excerpt
+
 Z95 = 1.959963984540054   # two-sided 95 % normal quantile
+LISTED_ROWS = 50          # unmatched, failed and skipped rows summary.md lists by index (summary.json: all)
 
 
 def wilson_interval(correct: int, total: int, z: float = Z95) -> tuple[float, float]:
@@ -70,6 +73,8 @@ def summarize(records: dict[str, dict[str, Any]], total: int, wall_seconds: Opti
     latencies = sorted(r["latency_s"] for r in scored if r.get("latency_s") is not None and not r.get("error"))
     tokens = [r["completion_tokens"] for r in scored if r.get("completion_tokens") and not r.get("error")]
     problems = Counter(_problem_kind(p) for r in scored for p in r.get("problems", []))
+    failed = [r for r in scored if r.get("error")]
+    unmatched = [r for r in scored if not r.get("choice") and not r.get("error")]   # a failure is counted once
     summary: dict[str, Any] = dict(meta or {})
     summary.update({
         "total": total,
@@ -82,7 +87,7 @@ def summarize(records: dict[str, dict[str, Any]], total: int, wall_seconds: Opti
         "macro_accuracy": macro,
         # An approximation: exact when the categories are of equal size.
         "macro_ci95": list(wilson_interval(round(macro * len(scored)), len(scored))),
-        "unmatched": sum(1 for r in scored if not r.get("choice")),
+        "unmatched": len(unmatched),
         "categories": categories,
         "status": dict(Counter(r.get("status", "error") for r in scored)),
         "errors": sum(1 for r in scored if r.get("error")),
@@ -90,10 +95,19 @@ def summarize(records: dict[str, dict[str, Any]], total: int, wall_seconds: Opti
         "latency_s": {"p50": _percentile(latencies, 50), "p95": _percentile(latencies, 95)},
         "tokens_per_answer": sum(tokens) / len(tokens) if tokens else None,
         "throughput_rows_per_s": (answered_this_run / wall_seconds) if wall_seconds and answered_this_run else None,
-        "unmatched_rows": [r["index"] for r in scored if not r.get("choice")],
+        "unmatched_rows": [r["index"] for r in unmatched],
+        "unmatched_reasons": [{"index": r["index"], "reason": _unmatched_reason(r)} for r in unmatched],
+        "failed_rows": [{"index": r["index"], "reason": r["error"]} for r in failed],
         "skipped_rows": [{"index": r["index"], "reason": r["skipped"]} for r in skipped],
     })
     return summary
+
+
+def _unmatched_reason(record: dict[str, Any]) -> str:
+    answer = record.get("parsed_answer")
+    if answer:
+        return f"the answer {excerpt(answer)!r} names no option"
+    return f"no answer (status {record.get('status', '?')})"
 
 
 def _accuracy(correct: int, total: int) -> dict[str, Any]:
@@ -142,10 +156,21 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     if summary["parser_problems"]:
         lines += ["", "| parser problem | times |", "|---|---:|",
                   *[f"| {kind.replace('|', '/')} | {count} |" for kind, count in summary["parser_problems"].items()]]
-    if summary["skipped_rows"]:
-        lines += ["", "| skipped row | reason |", "|---|---|",
-                  *[f"| {r['index']} | {r['reason'].replace('|', '/')} |" for r in summary["skipped_rows"]]]
+    for what, rows in (("unmatched row", summary["unmatched_reasons"]), ("failed row", summary["failed_rows"]),
+                       ("skipped row", summary["skipped_rows"])):
+        lines += _listed_rows(what, rows)
     return "\n".join(lines) + "\n"
+
+
+def _listed_rows(what: str, rows: Sequence[dict[str, Any]]) -> list[str]:
+    """A table of the first LISTED_ROWS rows and their reasons, saying how many more summary.json holds."""
+    if not rows:
+        return []
+    lines = ["", f"| {what} ({len(rows)}) | reason |", "|---|---|",
+             *[f"| {r['index']} | {excerpt(r['reason'], 200).replace('|', '/')} |" for r in rows[:LISTED_ROWS]]]
+    if len(rows) > LISTED_ROWS:
+        lines.append(f"| ... | {len(rows) - LISTED_ROWS} more in summary.json |")
+    return lines
 
 
 def _row(name: str, figures: dict[str, Any]) -> str:

@@ -7,14 +7,16 @@ core's error codes become AskSpatial's.
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 from builtin_interfaces.msg import Duration
-from sensor_msgs.msg import Image
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header
 
 from spatialthinker_ros.core.images import (  # noqa: F401 - re-exported for the ROS layer
     COLOUR_LAYOUTS, DEPTH_LAYOUTS, check_compressed, check_image_layout, compressed_to_rgb, depth_image,
     image_to_rgb, intrinsics_from_camera_info)
+from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage
 from spatialthinker_ros.core.request import ErrorCode, RequestError
 from spatialthinker_ros.core.types import (AnswerStatus, Box, InferenceResult, ParsedResponse, Position3D,
                                            RelationCheck, SceneGraph, SceneObject, SceneRelation, SpatialResult)
@@ -38,6 +40,14 @@ ERROR_CODES = {
 }
 
 
+def error_code_name(code: int) -> str:
+    """AskSpatial's name for an error code (ERROR_BACKEND, ...): what a person can look up, unlike the number."""
+    for name in dir(AskSpatial.Response):
+        if name.startswith("ERROR_") and getattr(AskSpatial.Response, name) == code:
+            return name
+    return f"unknown error code {code}"
+
+
 def fill_response(response, outcome: SpatialAnswer | RequestError):
     """An AskSpatial service response or action result with the answer, or with the error's code and message."""
     if isinstance(outcome, RequestError):
@@ -54,6 +64,42 @@ def rgb_to_image_msg(rgb: np.ndarray, header: Header) -> Image:
                 step=rgb.shape[1] * 3)
     msg.data = np.ascontiguousarray(rgb, dtype=np.uint8).tobytes()
     return msg
+
+
+def rgb_to_compressed_msg(rgb: np.ndarray, header: Header, image_format: str = "jpeg",
+                          jpeg_quality: int = 95) -> CompressedImage:
+    """RGB uint8 HxWx3 as a JPEG or PNG CompressedImage (what image_transport's compressed plugin sends)."""
+    if image_format not in ("jpeg", "png"):
+        raise ValueError(f"compressed format must be jpeg or png, not {image_format!r}")
+    params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality] if image_format == "jpeg" else []
+    ok, encoded = cv2.imencode(f".{'jpg' if image_format == 'jpeg' else 'png'}",
+                               cv2.cvtColor(np.ascontiguousarray(rgb, dtype=np.uint8), cv2.COLOR_RGB2BGR), params)
+    if not ok:
+        raise ValueError(f"cannot encode the image as {image_format}")
+    return CompressedImage(header=header, format=image_format, data=encoded.tobytes())
+
+
+def depth_to_image_msg(depth: DepthImage, header: Header) -> Image:
+    """A depth image as a camera driver sends it (REP 118): 16UC1 millimetres when that is what it holds, else
+    32FC1 metres. Little-endian, like every sensor this runs on."""
+    if depth.raw.dtype == np.uint16 and depth.scale == 0.001:
+        data, encoding = depth.raw.astype("<u2"), "16UC1"
+    else:
+        data, encoding = depth.metres().astype("<f4"), "32FC1"
+    height, width = data.shape
+    msg = Image(header=header, height=height, width=width, encoding=encoding, is_bigendian=0,
+                step=width * data.itemsize)
+    msg.data = np.ascontiguousarray(data).tobytes()
+    return msg
+
+
+def camera_info_msg(intrinsics: CameraIntrinsics, header: Header) -> CameraInfo:
+    """Pinhole CameraInfo without distortion (the inverse of intrinsics_from_camera_info)."""
+    i = intrinsics
+    k = [i.fx, 0.0, i.cx, 0.0, i.fy, i.cy, 0.0, 0.0, 1.0]
+    return CameraInfo(header=header, width=i.width, height=i.height, distortion_model="plumb_bob", d=[0.0] * 5,
+                      k=k, r=[1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
+                      p=[i.fx, 0.0, i.cx, 0.0, 0.0, i.fy, i.cy, 0.0, 0.0, 0.0, 1.0, 0.0])
 
 
 def scene_graph_msg(scene: SceneGraph, header: Header) -> SceneGraphMsg:

@@ -37,10 +37,11 @@ from spatialthinker_ros.core.backends.settings import backend_settings
 from spatialthinker_ros.core.conformal import CalibrationError, CalibrationSetup, load_calibration
 from spatialthinker_ros.core.pipeline import PipelineConfig
 from spatialthinker_ros.core.prompt import PromptConfig
-from spatialthinker_ros.core.request import ErrorCode, RequestError, check_question
+from spatialthinker_ros.core.request import ErrorCode, RequestError, check_question, internal_error
 from spatialthinker_ros.core.scheduling import RequestScheduler, Ticket
 from spatialthinker_ros.core.sources import (Source, SourceSettings, camera_source, choose_camera, has_request_image,
                                              request_source)
+from spatialthinker_ros.core.text import excerpt
 from spatialthinker_ros.core.types import BackendError, InferenceRequest, InferenceResult, SpatialResult
 from spatialthinker_ros.msg import SceneGraph, SpatialAnswer
 from spatialthinker_ros.ros.cameras import CameraInput, camera_qos, topic_prefix
@@ -54,6 +55,7 @@ from spatialthinker_ros.ros.visualization import scene_markers
 from spatialthinker_ros.srv import AskSpatial
 
 BACKEND_IDLE_WAIT_S = 600.0    # a generation that is already running cannot be interrupted; wait for it
+ACTIVATE_WAIT_S = 5.0          # activating waits this long for it, then fails (callbacks wait meanwhile)
 SHUTDOWN_WAIT_S = 5.0          # ...but not when the process exits: its memory goes with it (launch escalates at 5 s)
 REQUEST_QUEUE_DEPTH = 1000     # requests (all callers together) that may arrive faster than they are taken
 
@@ -178,7 +180,12 @@ class SpatialThinkerNode(LifecycleNode):
         return self.get_clock().now().nanoseconds * 1e-9
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._wait_backend_idle()
+        # A second worker must never run on a backend that is still inside generate(): activation fails, the
+        # node stays inactive, and activating again once that generation ends works.
+        if not self._wait_backend_idle(ACTIVATE_WAIT_S):
+            self.get_logger().error("cannot activate: the backend is still generating the answer to a request "
+                                    "taken before the last deactivation; activate again once it has finished")
+            return TransitionCallbackReturn.FAILURE
         self._scheduler = RequestScheduler(self._backend, queue_size=self._param("queue_size"))
         self._subscribe_cameras()
         self._active = True
@@ -317,8 +324,8 @@ class SpatialThinkerNode(LifecycleNode):
                 self._warn_throttled(f"request/{failure.code.value}", f"request {request_id} failed: {failure}")
             return failure
         except Exception as exc:   # a bug must still answer the caller, and never stop the node
-            self.get_logger().error(f"request {request_id}: unexpected {type(exc).__name__}: {exc}")
-            return RequestError(f"internal error: {type(exc).__name__}: {exc}", ErrorCode.BACKEND)
+            self.get_logger().error(f"request {request_id}: unexpected {type(exc).__name__}: {excerpt(exc, 2000)}")
+            return internal_error(exc)
         finally:
             self.requests_in_progress -= 1
 

@@ -49,6 +49,11 @@ class FakeCamera:
         from rclpy.node import Node
         from rclpy.qos import qos_profile_sensor_data
         from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+        from std_msgs.msg import Header
+
+        from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage
+        from spatialthinker_ros.ros.conversions import (camera_info_msg, depth_to_image_msg, rgb_to_compressed_msg,
+                                                        rgb_to_image_msg)
 
         self.rgb = pattern_image(width, height) if rgb is None else np.ascontiguousarray(rgb)
         height, width = self.rgb.shape[:2]
@@ -59,32 +64,23 @@ class FakeCamera:
         self.node = Node(f"fake_camera_{os.getpid()}_{id(self)}", context=context)
         qos = qos_profile_sensor_data
         if compressed:
-            import cv2
-
-            ok, jpeg = cv2.imencode(".jpg", self.rgb[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
-            if not ok:
-                raise ValueError("cannot encode the camera image as JPEG")
-            self._colour = CompressedImage(format="jpeg", data=jpeg.tobytes())
+            self._colour = rgb_to_compressed_msg(self.rgb, Header(), jpeg_quality=jpeg_quality)
             self.colour_pub = self.node.create_publisher(CompressedImage, f"{prefix}image/compressed", qos)
         else:
-            self._colour = Image(height=height, width=width, encoding="rgb8", step=width * 3)
-            self._colour.data = self.rgb.tobytes()   # bytes, not an ndarray: rosidl checks an ndarray element by element
+            self._colour = rgb_to_image_msg(self.rgb, Header())
             self.colour_pub = self.node.create_publisher(Image, f"{prefix}image", qos)
         self._depth = self._info = None
         if depth_m is not None:
             dh, dw = depth_m.shape
             if depth_encoding == "16UC1":
-                data, step = np.rint(depth_m * 1000).astype("<u2").tobytes(), dw * 2
+                depth = DepthImage(np.rint(depth_m * 1000).astype(np.uint16), 0.001)
             elif depth_encoding == "32FC1":
-                data, step = depth_m.astype("<f4").tobytes(), dw * 4
+                depth = DepthImage.from_metres(depth_m.astype(np.float32))
             else:
                 raise ValueError(f"depth_encoding must be 16UC1 or 32FC1, not {depth_encoding!r}")
-            self._depth = Image(height=dh, width=dw, encoding=depth_encoding, step=step)
-            self._depth.data = data
+            self._depth = depth_to_image_msg(depth, Header())
             k = list(k) if k is not None else [500.0, 0.0, dw / 2, 0.0, 500.0, dh / 2, 0.0, 0.0, 1.0]
-            self._info = CameraInfo(width=dw, height=dh, distortion_model="plumb_bob", d=[0.0] * 5, k=k,
-                                    r=[1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
-                                    p=[k[0], 0.0, k[2], 0.0, 0.0, k[4], k[5], 0.0, 0.0, 0.0, 1.0, 0.0])
+            self._info = camera_info_msg(CameraIntrinsics.from_k(k, dw, dh), Header())
             self.depth_pub = self.node.create_publisher(Image, f"{prefix}depth", qos)
             self.info_pub = self.node.create_publisher(CameraInfo, f"{prefix}camera_info", qos)
         self._publishers = [p for p in (self.colour_pub, getattr(self, "depth_pub", None),

@@ -128,6 +128,13 @@ def test_missing_replay_file_is_rejected_naming_it(tmp_path: Path):
         ReplayBackend(ReplayConfig(str(tmp_path / "missing.jsonl")))
 
 
+@pytest.mark.parametrize("unset", ["", "  "])
+def test_an_unset_replay_file_is_called_unset_not_missing(unset: str):
+    with pytest.raises(ValueError, match="^replay_file is not set") as refused:
+        ReplayBackend(ReplayConfig(replay_file=unset))
+    assert "does not exist" not in str(refused.value)
+
+
 def test_batch_limit_and_settings_are_checked(replay_file: Path):
     backend = ReplayBackend(ReplayConfig(str(replay_file), max_batch_size=2))
     with pytest.raises(ValueError, match="exceed max_batch_size 2"):

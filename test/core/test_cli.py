@@ -2,8 +2,10 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import cv2
@@ -13,6 +15,7 @@ import sample_relations
 from spatialthinker_ros.testing.processes import free_port
 
 import spatialthinker_ros
+from spatialthinker_ros.harness import local_http_server
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -204,3 +207,108 @@ def test_errors_are_one_clear_line_with_the_documented_exit_code(case, code, mes
     assert last.startswith("spatialthinker-ask: ") and message in last, done.stderr
     if case != "unknown option":            # argparse's own errors come after the usage lines
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+# ---- a model that cannot load, hub messages, the data folder ---------------------------------------------------
+
+def test_a_model_that_cannot_load_is_one_line_and_exit_3(tiny_checkpoint: Path):
+    """As --help promises for a backend error, also when it happens while loading the model."""
+    import torch
+
+    cases = {"hub model offline (not cached)": ["--device", "cpu"]}
+    if not torch.cuda.is_available():
+        cases["--device cuda without CUDA"] = ["--model", tiny_checkpoint, "--device", "cuda"]
+    for case, args in cases.items():
+        done = ask("--image", IMAGE, "--question", "Where is the mug?", *args)     # the suite runs HF_HUB_OFFLINE=1
+        assert done.returncode == 3, (case, done.stderr)
+        assert done.stdout == "" and "Traceback" not in done.stderr, (case, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("spatialthinker-ask: backend error (unavailable): "), lines
+
+
+class FlakyHub(BaseHTTPRequestHandler):
+    """A model hub whose first file downloads fail with 503 (the client retries), then have no such file (404)."""
+
+    def _answer(self) -> None:
+        downloads = "/resolve/" in self.path
+        self.server.downloads += downloads
+        self.send_response(503 if downloads and self.server.downloads <= 3 else 404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD = _answer
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_hub_retry_warnings_are_printed_once_each(tmp_path: Path):
+    with local_http_server(FlakyHub, downloads=0) as hub:
+        env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{hub.server_port}", HF_HUB_OFFLINE="0",
+                   TRANSFORMERS_OFFLINE="0", HF_HOME=str(tmp_path / "hf-home"))
+        done = subprocess.run([str(ASK), "--image", str(IMAGE), "--question", "q", "--device", "cpu"],
+                              capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 3, done.stderr
+    retries = [line for line in done.stderr.splitlines() if "Retrying in" in line]
+    assert retries and len(retries) == len(set(retries)), done.stderr      # each retry once
+    assert all(line.startswith("spatialthinker-ask: ") for line in done.stderr.splitlines()), done.stderr
+
+
+def test_the_data_folder_line_of_the_help_works_outside_the_venv(tmp_path: Path):
+    """--help says DATA=$(spatialthinker-ask --data-dir); a shell without the venv's python on PATH runs it."""
+    assert "DATA=$(spatialthinker-ask --data-dir)" in ask("--help").stdout
+    shell = f'DATA=$("{ASK}" --data-dir) && ls "$DATA"'
+    done = subprocess.run(["/bin/sh", "-c", shell], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert {"sample_scene.png", "sample_scene_depth.png", "sample_replay.jsonl"} <= set(done.stdout.split())
+
+
+# ---- an image that declares more pixels than the limit ---------------------------------------------------------
+
+def declaring_png(path: Path, width: int = 20000, height: int = 20000) -> Path:
+    """A PNG of at most 50 KB whose header declares width x height pixels (20000 x 20000: 1.2 GB as colour)."""
+    from PIL import Image
+
+    Image.new("1", (width, height)).save(path)
+    assert path.stat().st_size < 200_000
+    return path
+
+
+def peak_rss_mb(script: str) -> tuple[str, float]:
+    """Runs a python script in a fresh process; its stdout and its peak resident memory in MB (VmHWM: unlike
+    ru_maxrss, it does not carry the parent's peak over the exec)."""
+    code = (f"{script}\nimport re\n"
+            "print(int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)) / 1024)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    *lines, peak = done.stdout.strip().splitlines()
+    return "\n".join(lines), float(peak)
+
+
+@pytest.mark.parametrize("as_what, side, named", [
+    ("--image", 20000, "more than 178956970 pixels"),   # over twice Pillow's own limit: Pillow refuses it
+    ("--image", 9000, "9000x9000 pixels"),     # 243 MB as colour, under Pillow's limit, over ours (16.7 M)
+    ("--depth", 20000, "more than 178956970 pixels"),
+])
+def test_an_image_file_declaring_too_many_pixels_is_refused_before_it_is_decoded(as_what, side, named, tmp_path):
+    bomb = declaring_png(tmp_path / "bomb.png", side, side)
+    image = bomb if as_what == "--image" else IMAGE
+    depth = ["--depth", str(bomb), *map(str, INTRINSICS)] if as_what == "--depth" else []
+    argv = ["--backend", "replay", "--replay-file", str(REPLAY), "--image", str(image),
+            "--question", WHERE["question"], *depth]
+    out, peak = peak_rss_mb(f"import contextlib, io, sys\nfrom spatialthinker_ros import cli\n"
+                            f"err = io.StringIO()\nwith contextlib.redirect_stderr(err):\n"
+                            f"    code = cli.main({argv!r})\nprint(code, err.getvalue().strip())")
+    assert out.startswith("2 spatialthinker-ask: error: "), out
+    assert f"header declares {named}" in out and "bomb.png" in out, out
+    assert peak < 200, f"peak {peak:.0f} MB: the image was decoded"
+
+
+def test_an_evaluation_row_image_declaring_too_many_pixels_is_a_bad_row_before_decoding(tmp_path: Path):
+    bomb = declaring_png(tmp_path / "bomb.png")
+    out, peak = peak_rss_mb("from spatialthinker_ros.evaluation.data import BadRowError, decode_image\n"
+                            f"try:\n    decode_image(open({str(bomb)!r}, 'rb').read())\n"
+                            "except BadRowError as exc:\n    print(exc)")
+    assert "header declares more than 178956970 pixels" in out, out
+    assert peak < 200, f"peak {peak:.0f} MB: the image was decoded"

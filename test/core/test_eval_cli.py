@@ -259,6 +259,20 @@ def test_compare_two_runs_and_refuse_mixing_setups(tmp_path: Path):
     assert figures[0]["p_value"] == 0.25 and figures[0]["only_b"] == 3
     mixed = run_eval("run", path, "--out", tmp_path / "a", "--backend", "replay", "--replay-file", replay_b)
     assert mixed.returncode == 2 and "holds a run with other settings (replay_file" in mixed.stderr
+    assert f"{str(replay_a)!r} there, {str(replay_b)!r} now" in mixed.stderr, mixed.stderr
+
+
+def test_a_run_that_answered_no_row_is_replaced_by_a_rerun_with_other_settings(tmp_path: Path):
+    path, questions = eval_data.vlmevalkit_tsv(tmp_path)
+    replay = eval_data.write_replay(tmp_path / "replay.jsonl", questions)
+    out = tmp_path / "out"
+    failed = run_eval("run", path, "--out", out, "--backend", "replay", "--replay-file", tmp_path / "typo.jsonl")
+    assert failed.returncode == 2 and "typo.jsonl" in failed.stderr, failed.stderr
+    assert (out / "run.json").exists(), "the failed run left its settings behind"
+    done = run_eval("run", path, "--out", out, "--backend", "replay", "--replay-file", replay, "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "run.json").read_text())["replay_file"] == str(replay)
+    assert json.loads((out / "summary.json").read_text())["correct"] == EXPECTED["correct"]
 
 
 def test_usage_errors_are_one_line(tmp_path: Path):

@@ -51,7 +51,10 @@ def test_summary_figures():
                                           "ci95": list(wilson_interval(1, 2))}
     assert summary["categories"]["b"]["accuracy"] == 0.5
     assert summary["macro_accuracy"] == 0.5
-    assert summary["unmatched"] == 2 and summary["unmatched_rows"] == ["1", "6"]
+    # the failed request (6) is counted and listed once, as failed, not also as an answer naming no option
+    assert summary["unmatched"] == 1 and summary["unmatched_rows"] == ["1"]
+    assert summary["unmatched_reasons"] == [{"index": "1", "reason": "no answer (status no_answer)"}]
+    assert summary["failed_rows"] == [{"index": "6", "reason": "timeout"}]
     assert summary["errors"] == 1 and summary["status"] == {"complete": 4, "no_answer": 1, "error": 1}
     assert summary["parser_problems"] == {"no <answer> section": 1, "object # dropped: x #": 1}
     assert summary["latency_s"] == {"p50": pytest.approx(0.3), "p95": pytest.approx(0.5)}   # errors excluded
@@ -60,6 +63,19 @@ def test_summary_figures():
     assert summary["skipped_rows"] == [{"index": "5", "reason": "no image"}]
     markdown = summary_markdown(summary)
     assert "| **overall** | 6 | 3 | 50.0 % |" in markdown and "| 5 | no image |" in markdown
+    assert "| answer names no option (wrong) | 1 |" in markdown and "| request failed (wrong) | 1 |" in markdown
+    assert "| 1 | no answer (status no_answer) |" in markdown and "| 6 | timeout |" in markdown
+
+
+def test_summary_md_lists_the_first_50_unmatched_and_failed_rows_with_the_total():
+    records = {str(i): record(str(i), "a", False, choice="", parsed_answer=f"banana {i}") for i in range(60)}
+    records |= {str(i): record(str(i), "a", False, choice="", status="error", error=f"no reply {i}")
+                for i in range(60, 63)}
+    markdown = summary_markdown(summarize(records, total=63))
+    assert "| unmatched row (60) | reason |" in markdown and "| failed row (3) | reason |" in markdown
+    assert "| 49 | the answer 'banana 49' names no option |" in markdown
+    assert "| 50 |" not in markdown and "| ... | 10 more in summary.json |" in markdown
+    assert all(f"| {i} | no reply {i} |" in markdown for i in range(60, 63))
 
 
 def test_compare_two_known_prediction_sets():

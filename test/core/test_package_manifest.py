@@ -18,8 +18,9 @@ ROSDEP_KEYS = {
     "visualization_msgs": "visualization_msgs", "builtin_interfaces": "builtin_interfaces",
     "rcl_interfaces": "rcl_interfaces", "lifecycle_msgs": "lifecycle_msgs", "action_msgs": "action_msgs",
     "ament_index_python": "ament_index_python", "launch": "launch", "launch_ros": "launch_ros",
-    "numpy": "python3-numpy", "cv2": "python3-opencv", "packaging": "python3-packaging",
+    "numpy": "python3-numpy", "cv2": "python3-opencv", "packaging": "python3-packaging", "PIL": "python3-pil",
     "transformers": "python3-transformers-pip", "tokenizers": "python3-transformers-pip",
+    "huggingface_hub": "python3-transformers-pip",
     "torch": None, "torchvision": None, "accelerate": None, "json_repair": None, "httpx": None,
     "pyarrow": None, "rosbags": None, "tqdm": None, "matplotlib": "python3-matplotlib",   # spatialthinker-eval
 }

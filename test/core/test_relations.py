@@ -279,3 +279,20 @@ def test_the_debug_drawing_colours_relations_by_their_check_and_labels_the_reaso
     assert verdict_label(contradicted) == "left of (contradicted: a.1 x=+0.30 m, b.1 x=-0.20 m)"
     assert verdict_label(replace(contradicted, check=C.CONSISTENT)) == "left of (consistent)"
     assert verdict_label(replace(contradicted, check=C.NOT_CHECKED)) == "left of"
+
+
+def test_labels_near_the_right_edge_stay_inside_the_image():
+    """As the demo's relation label "in front of (uncertain: ...)" did, labels at a box or arrow near the right
+    edge must move in rather than run off: drawn on the image and on the same image widened to the right, the
+    labels cover as many pixels."""
+    objects = (SceneObject("plate.1", "plate", Box(20, 60, 100, 140)),
+               SceneObject("bookshelf.12", "bookshelf", Box(200, 60, 239, 140)))
+    relation = SceneRelation("plate.1", "in front of", "bookshelf.12", C.UNCERTAIN, "dz 0.09 m")
+    scene = SceneGraph(objects, (relation,), (240, 200))
+
+    def drawn(width: int) -> int:    # up to 480 pixels wide the text has the same size
+        canvas = draw_scene(np.full((200, width, 3), 90, np.uint8), scene)
+        return int((canvas != 90).any(axis=2).sum())
+
+    inside, unbounded = drawn(240), drawn(480)
+    assert inside >= 0.97 * unbounded, f"{unbounded - inside} label pixels fell off the right edge"

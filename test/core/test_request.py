@@ -128,3 +128,13 @@ def test_backend_settings_are_built_from_the_node_parameter_names():
 def test_excerpt_bounds_any_text_and_says_how_long_it_was():
     assert excerpt("a  b\n c") == "a b c"
     assert excerpt("x" * 100, 10) == "xxxxxxxxxx... (100 characters)"
+
+
+def test_an_unexpected_exception_becomes_a_bounded_reply():
+    """A bug's exception may quote a whole input (a frame's bytes, a model's output): its reply stays bounded."""
+    from spatialthinker_ros.core.request import MAX_INTERNAL_ERROR_CHARS, internal_error
+
+    error = internal_error(ValueError("could not convert " + "x" * 1_000_000))
+    assert error.code is ErrorCode.BACKEND
+    assert str(error).startswith("internal error: ValueError: could not convert xxx")
+    assert len(str(error)) < MAX_INTERNAL_ERROR_CHARS + 100

@@ -92,3 +92,22 @@ def test_eval_reports_a_node_that_is_not_there(tmp_path):
     done = subprocess.run([str(EVAL), "run", str(path), "--out", str(tmp_path / "out"), "--node", "nobody",
                            "--timeout", "5"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 3 and "no service /nobody/ask" in done.stderr
+
+
+def test_eval_names_the_nodes_error_code_and_counts_a_failed_row_once(spawn, dataset, tmp_path):
+    path, replay = dataset
+    lines = replay.read_text().splitlines(keepends=True)
+    first = json.loads(lines[0])["question"]
+    replay.write_text("".join(lines[1:]))                 # the first row's question has no recorded answer
+    proc = spawn(node_command(backend="replay", replay_file=str(replay)), name="node")
+    out = tmp_path / "out"
+    done = subprocess.run([str(EVAL), "run", str(path), "--out", str(out), "--node", "spatialthinker",
+                           "--no-progress"], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, (done.stderr, proc.output())
+    [failed] = [r for r in map(json.loads, (out / "predictions.jsonl").read_text().splitlines()) if r.get("error")]
+    assert failed["question"].startswith(first[:40])
+    assert "/spatialthinker/ask ERROR_BACKEND: " in failed["error"] and "error 6" not in failed["error"], failed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["errors"] == 1 and summary["failed_rows"] == [{"index": failed["index"], "reason": failed["error"]}]
+    assert failed["index"] not in summary["unmatched_rows"], "a failed request is counted once, as failed"
+    assert f"| {failed['index']} | /spatialthinker/ask ERROR_BACKEND: " in (out / "summary.md").read_text()

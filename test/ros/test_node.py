@@ -182,6 +182,37 @@ def test_compressed_input(spawn, client, camera, replay_file):
     assert response.answer.scene_graph.objects[1].x_max == pytest.approx(500)
 
 
+def vm_peak_mb(proc) -> float:
+    """The process's peak resident memory (VmHWM) in MB."""
+    status = open(f"/proc/{proc.pid}/status").read()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
+
+def test_a_compressed_frame_declaring_too_many_pixels_is_dropped_before_decoding(spawn, client, frames, replay_file,
+                                                                               tmp_path):
+    """A 50 KB PNG whose header declares 20000 x 20000 pixels would be 1.2 GB once decoded: the node reads the size
+    from the header and refuses the frame first."""
+    from PIL import Image as PillowImage
+    from sensor_msgs.msg import CompressedImage
+
+    PillowImage.new("1", (20000, 20000)).save(tmp_path / "bomb.png")
+    bomb = (tmp_path / "bomb.png").read_bytes()
+    frames.set("image/compressed", CompressedImage, lambda header: CompressedImage(header=header, format="png",
+                                                                                   data=bomb))
+    proc = spawn(node_command(**replay_params(replay_file, image_transport="compressed")), name="node")
+    client.wait_for_service(proc)
+    before = vm_peak_mb(proc)
+    deadline = time.monotonic() + STARTUP
+    response = client.ask(question=QUESTION, options=OPTIONS)
+    while "has not delivered a frame" in response.message:     # until a frame arrived
+        assert time.monotonic() < deadline, f"no frame reached the node: {proc.tail()}"
+        response = client.ask(question=QUESTION, options=OPTIONS)
+    assert response.error_code == E.ERROR_NO_IMAGE and "is unusable" in response.message, response.message
+    assert vm_peak_mb(proc) - before < 300, "the frame was decoded"
+    assert "header declares more than" in response.message and "pixel limit" in response.message, response.message
+    assert proc.alive()
+
+
 def test_two_cameras_selected_per_request(spawn, client, camera, replay_file):
     camera(prefix="left/", width=640, height=480, frame_id="left_optical")
     camera(prefix="right/", width=1280, height=960, frame_id="right_optical")
@@ -314,6 +345,36 @@ def test_lifecycle_transitions_free_the_model(spawn, client, camera, heavy_tiny_
     assert client.change_state(Transition.TRANSITION_CONFIGURE)
     assert client.change_state(Transition.TRANSITION_ACTIVATE)
     assert client.ask_until_ready(proc, question=QUESTION).success
+    assert proc.alive()
+
+
+def test_activate_fails_while_a_generation_still_runs_and_works_once_it_ended(spawn, client, replay_file):
+    """Deactivating cannot interrupt a generation; activating while it still runs must fail (never a second worker
+    on a busy backend), with the reason, and a later activate works."""
+    latency = 15.0   # well over the node's 5 s activation wait, even on a loaded machine
+    proc = spawn(node_command(**replay_params(replay_file, replay_latency=latency)), name="node")
+    client.wait_for_action(proc)
+    image = Image(width=64, height=48, encoding="rgb8", step=64 * 3, data=bytes(64 * 48 * 3))
+    stages = []
+    started = time.monotonic()
+    sending = client.action.send_goal_async(AskSpatialAction.Goal(question=QUESTION, options=OPTIONS, image=image),
+                                            feedback_callback=lambda m: stages.append(m.feedback.stage))
+    assert spin_until(client.node, lambda: AskSpatialAction.Feedback.STAGE_GENERATING in stages, CALL), stages
+    assert client.change_state(Transition.TRANSITION_DEACTIVATE)
+    getting = sending.result().get_result_async()
+    assert spin_until(client.node, getting.done, CALL)
+    assert getting.result().result.error_code == E.ERROR_NOT_ACTIVE
+    assert not client.change_state(Transition.TRANSITION_ACTIVATE)
+    assert time.monotonic() - started < latency, "the generation ended before the activation was tried: too slow"
+    assert "cannot activate: the backend is still generating" in proc.output(), proc.tail()
+    assert client.lifecycle_state() == "inactive"
+    assert client.ask(question=QUESTION, image=image).error_code == E.ERROR_NOT_ACTIVE
+    deadline = started + latency + CALL
+    while not client.change_state(Transition.TRANSITION_ACTIVATE):   # each try waits up to 5 s for the backend
+        assert time.monotonic() < deadline, proc.tail()
+    assert client.lifecycle_state() == "active"
+    response = client.ask(question=QUESTION, options=OPTIONS, image=image, timeout=CALL + latency)
+    assert response.success, response.message
     assert proc.alive()
 
 

@@ -86,6 +86,9 @@ class ReplayBackend:
         self.config = config
         self.model_name = config.model
         self.max_batch_size = config.max_batch_size
+        if not config.replay_file.strip():    # Path("") would be the current folder: "replay file . does not exist"
+            raise ValueError("replay_file is not set: the replay backend needs a JSON Lines file of recorded "
+                             "answers (node parameter replay_file, command-line --replay-file)")
         self._records = load_replay_file(Path(config.replay_file))
         self._matches: dict[str, int] = {}   # question -> requests matched so far (generate runs on one thread)
 
