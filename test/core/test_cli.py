@@ -1,5 +1,6 @@
 """spatialthinker-ask as installed, run as a user runs it: a subprocess on files, JSON on stdout, one-line errors."""
 
+import dataclasses
 import json
 import math
 import os
@@ -15,7 +16,7 @@ import sample_relations
 from spatialthinker_ros.testing.processes import free_port
 
 import spatialthinker_ros
-from spatialthinker_ros.harness import local_http_server
+from spatialthinker_ros.testing.http_server import local_http_server
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -226,13 +227,18 @@ def test_a_model_that_cannot_load_is_one_line_and_exit_3(tiny_checkpoint: Path):
         assert len(lines) == 1 and lines[0].startswith("spatialthinker-ask: backend error (unavailable): "), lines
 
 
+@dataclasses.dataclass
+class HubState:
+    downloads: int = 0   # file downloads asked for so far
+
+
 class FlakyHub(BaseHTTPRequestHandler):
     """A model hub whose first file downloads fail with 503 (the client retries), then have no such file (404)."""
 
     def _answer(self) -> None:
         downloads = "/resolve/" in self.path
-        self.server.downloads += downloads
-        self.send_response(503 if downloads and self.server.downloads <= 3 else 404)
+        self.server.state.downloads += downloads
+        self.send_response(503 if downloads and self.server.state.downloads <= 3 else 404)
         self.send_header("Content-Length", "0")
         self.end_headers()
 
@@ -243,7 +249,7 @@ class FlakyHub(BaseHTTPRequestHandler):
 
 
 def test_hub_retry_warnings_are_printed_once_each(tmp_path: Path):
-    with local_http_server(FlakyHub, downloads=0) as hub:
+    with local_http_server(FlakyHub, HubState()) as hub:
         env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{hub.server_port}", HF_HUB_OFFLINE="0",
                    TRANSFORMERS_OFFLINE="0", HF_HOME=str(tmp_path / "hf-home"))
         done = subprocess.run([str(ASK), "--image", str(IMAGE), "--question", "q", "--device", "cpu"],

@@ -10,7 +10,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from spatialthinker_ros.harness import WaitFailed, pattern_image, spin_until
+from spatialthinker_ros.testing.camera import pattern_image
+from spatialthinker_ros.testing.node_client import spin_until
+from spatialthinker_ros.testing.processes import WaitFailed
 
 pytestmark = pytest.mark.timeout(240)
 
