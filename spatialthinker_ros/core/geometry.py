@@ -23,7 +23,8 @@ DEPTH_NOISE_PER_M = 0.005   # sigma_z = k * z^2: stereo / structured-light noise
 # The depth layers of a box and the choice among them (choose_layer says how they are used).
 _MIN_BIN_WIDTH = 1e-4   # 1/m: the 1/z bin width when the noise model is switched off (per_m = 0)
 _SPARSE_BIN = 0.002     # share of a box's samples below which a 1/z bin counts as empty
-_GAP_BINS = 2           # empty 1/z bins (noise sigmas) that separate two layers: a gap clearly beyond the noise
+_GAP_BINS = 2           # empty 1/z bins in a row (noise sigmas) that separate two layers: one sigma is not enough
+                        # where a steep surface is sampled sparsely (a table seen from above, a strided 1080p box)
 _CLEAR_SHARE = 0.25     # share of the central region's valid samples that makes a layer a candidate
 _CORE = 0.4             # the centre core: this fraction of the central region, in each direction
 _CENTRE_SHARE = 1 / 3   # share of the core's valid samples that means a layer reaches the centre
@@ -237,7 +238,7 @@ def lift_box(
 
 @dataclass(frozen=True)
 class DepthLayers:
-    """The surfaces in a set of depth samples: runs of occupied 1/z bins one noise sigma wide, split where more than
+    """The surfaces in a set of depth samples: runs of occupied 1/z bins one noise sigma wide, split where at least
     _GAP_BINS bins in a row are empty (a gap clearly larger than the noise at that range). Layer 0 is the nearest."""
 
     labels: np.ndarray   # per sample: its layer, or -1 for a sample in a sparse bin (no surface)
