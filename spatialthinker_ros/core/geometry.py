@@ -25,6 +25,8 @@ _MIN_BIN_WIDTH = 1e-4   # 1/m: the 1/z bin width when the noise model is switche
 _SPARSE_BIN = 0.002     # share of a box's samples below which a 1/z bin counts as empty
 _GAP_BINS = 2           # empty 1/z bins in a row (noise sigmas) that separate two layers: one sigma is not enough
                         # where a steep surface is sampled sparsely (a table seen from above, a strided 1080p box)
+_VALLEY = 0.5          # a 1/z bin this far below the surfaces on both sides separates them ...
+_PEAK = 0.01           # ... when each holds at least this share of the samples in one bin
 _CLEAR_SHARE = 0.25     # share of the central region's valid samples that makes a layer a candidate
 _CORE = 0.4             # the centre core: this fraction of the central region, in each direction
 _CENTRE_SHARE = 1 / 3   # share of the core's valid samples that means a layer reaches the centre
@@ -239,7 +241,8 @@ def lift_box(
 @dataclass(frozen=True)
 class DepthLayers:
     """The surfaces in a set of depth samples: runs of occupied 1/z bins one noise sigma wide, split where at least
-    _GAP_BINS bins in a row are empty (a gap clearly larger than the noise at that range). Layer 0 is the nearest."""
+    _GAP_BINS bins in a row are empty (a gap clearly larger than the noise at that range) or at the bottom of a
+    valley between two surfaces a few sigmas apart (_valleys). Layer 0 is the nearest."""
 
     labels: np.ndarray   # per sample: its layer, or -1 for a sample in a sparse bin (no surface)
     count: int           # number of layers
@@ -247,16 +250,35 @@ class DepthLayers:
 
 def depth_layers(depths: np.ndarray, noise_per_m: float = DEPTH_NOISE_PER_M) -> DepthLayers:
     """The surfaces among `depths` (metres, all valid). A bin holding fewer than _SPARSE_BIN of the samples counts
-    as empty, so isolated readings (mixed pixels at edges, speckle) neither bridge two surfaces nor form one."""
+    as empty, so isolated readings (mixed pixels at edges, speckle) neither bridge two surfaces nor form one; the
+    samples in empty and valley bins belong to no layer."""
     inverse = np.reciprocal(depths, dtype=np.float32)
     inverse = inverse.max() - inverse
     inverse *= np.float32(1 / max(noise_per_m, _MIN_BIN_WIDTH))
     bins = inverse.astype(np.int64)                               # bin 0 holds the nearest sample
-    occupied = np.flatnonzero(np.bincount(bins) >= max(1.0, _SPARSE_BIN * depths.size))
-    starts = np.concatenate(([True], np.diff(occupied) > _GAP_BINS))
+    counts = np.bincount(bins)
+    valley = _valleys(counts, depths.size)
+    occupied = np.flatnonzero((counts >= max(1.0, _SPARSE_BIN * depths.size)) & ~valley)
+    valleys_before = np.cumsum(valley)[occupied]
+    starts = np.concatenate(([True], (np.diff(occupied) > _GAP_BINS) | (np.diff(valleys_before) > 0)))
     first, last = occupied[starts], occupied[np.concatenate((starts[1:], [True]))]
     layer = np.searchsorted(first, bins, side="right") - 1
     return DepthLayers(labels=np.where(bins <= last[layer], layer, -1), count=int(first.size))
+
+
+def _valleys(counts: np.ndarray, total: int) -> np.ndarray:
+    """The 1/z bins at the bottom of a valley between two surfaces whose noise tails overlap (a few sigmas apart, no
+    empty bin between them): a local minimum of the smoothed counts below _VALLEY of the lower of the highest counts
+    on either side, both of those substantial (_PEAK of all samples). The smoothing over 5 bins keeps the comb that
+    millimetre depth makes in 1/z bins (empty bins between full ones) from passing for valleys."""
+    padded = np.concatenate(([0, 0], counts, [0, 0])).astype(np.float64)
+    smooth = (3 * counts + 2 * (padded[1:-3] + padded[3:-1]) + padded[:-4] + padded[4:]) / 9   # 1-2-3-2-1
+    left = np.maximum.accumulate(smooth)
+    right = np.maximum.accumulate(smooth[::-1])[::-1]
+    lower_peak = np.minimum(left, right)
+    padded = np.concatenate(([np.inf], smooth, [np.inf]))
+    bottom = (smooth <= padded[:-2]) & (smooth <= padded[2:])
+    return bottom & (smooth < _VALLEY * lower_peak) & (lower_peak >= _PEAK * total)
 
 
 @dataclass(frozen=True)

@@ -281,7 +281,7 @@ def test_the_sample_scene_gives_each_relation_its_verdict_and_names_the_contradi
     result = finish(rgb, depth_mm, SAMPLE_ANSWER)
     assert [r.check.name for r in result.scene.relations] == EXPECTED
     contradicted = result.scene.relations[1]
-    assert contradicted.check_note.startswith("book.1 z=1.08 m, plate.1 z=0.79 m (difference 0.28 m")
+    assert contradicted.check_note.startswith("book.1 z=1.08 m, plate.1 z=0.78 m (difference 0.30 m")
     # the answer is untouched; the status still says how complete the output was; the message names it
     assert (result.parsed.answer, result.parsed.choice, result.parsed.status) == ("(A) left of", "A",
                                                                                    AnswerStatus.COMPLETE)
