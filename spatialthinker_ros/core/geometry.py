@@ -154,7 +154,7 @@ class DepthImage:
         return metres
 
 
-def depth_noise(z, per_m: float = DEPTH_NOISE_PER_M):
+def depth_noise(z: float | np.ndarray, per_m: float = DEPTH_NOISE_PER_M) -> float | np.ndarray:
     """One standard deviation of the depth noise at range `z` metres (float or array): per_m * z^2, the model of
     stereo and structured-light cameras. In inverse depth (1/z) that noise is the constant per_m, which is why the
     layers of a box are found on a 1/z histogram with bins of that width."""
@@ -203,7 +203,7 @@ def lift_box(
     if (k.width, k.height) != (depth_w, depth_h):
         k = k.scaled(depth_w, depth_h)
 
-    region, rows, cols = _sampled_grid(depth, mapped)
+    region, rows, cols, step = _sampled_grid(depth, mapped)
     # Each sampled line's place in the box: -1 at the left/top edge, +1 at the right/bottom edge.
     col_zones = _line_zones(((cols + 0.5) - (mapped.x_min + mapped.x_max) / 2) / (mapped.width / 2), shrink)
     row_zones = _line_zones(((rows + 0.5) - (mapped.y_min + mapped.y_max) / 2) / (mapped.height / 2), shrink)
@@ -223,7 +223,6 @@ def lift_box(
     surface_depths = np.sort(depths[mine])
     p10, p16, surface, p84, p90 = (float(surface_depths[int(q * (surface_depths.size - 1) + 0.5)])
                                    for q in (0.1, 0.16, 0.5, 0.84, 0.9))
-    step = int(rows[1] - rows[0]) if rows.size > 1 else 1        # the same in both directions
     col_lo, col_hi = _pixel_extent(np.bincount(col_of[mine], minlength=cols.size), cols, step)
     row_lo, row_hi = _pixel_extent(np.bincount(row_of[mine], minlength=rows.size), rows, step)
     size_x = (col_hi - col_lo) * surface / k.fx
@@ -257,6 +256,8 @@ def depth_layers(depths: np.ndarray, noise_per_m: float = DEPTH_NOISE_PER_M) -> 
     inverse *= np.float32(1 / max(noise_per_m, _MIN_BIN_WIDTH))
     bins = inverse.astype(np.int64)                               # bin 0 holds the nearest sample
     counts = np.bincount(bins)
+    if counts.max() < _SPARSE_BIN * depths.size:     # readings scattered over every range: no surface stands out
+        return DepthLayers(labels=np.zeros(depths.size, np.int64), count=1)
     valley = _valleys(counts, depths.size)
     occupied = np.flatnonzero((counts >= max(1.0, _SPARSE_BIN * depths.size)) & ~valley)
     valleys_before = np.cumsum(valley)[occupied]
@@ -359,14 +360,14 @@ def _pixel_span(lo: float, hi: float, limit: int) -> tuple[int, int]:
     return start, stop
 
 
-def _sampled_grid(depth: DepthImage, box: Box) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _sampled_grid(depth: DepthImage, box: Box) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """The box's depths in metres, strided to at most ~_MAX_SAMPLES (only the sampled pixels are converted), with
-    the row and column index of each sampled line."""
+    the row and column index of each sampled line and the stride (the same in both directions)."""
     rows = _pixel_span(box.y_min, box.y_max, depth.shape[0])
     cols = _pixel_span(box.x_min, box.x_max, depth.shape[1])
     step = max(1, math.ceil(math.sqrt((rows[1] - rows[0]) * (cols[1] - cols[0]) / _MAX_SAMPLES)))
     region = depth.metres(slice(*rows, step), slice(*cols, step))
-    return region, np.arange(*rows, step), np.arange(*cols, step)
+    return region, np.arange(*rows, step), np.arange(*cols, step), step
 
 
 def _pixel_extent(per_line: np.ndarray, lines: np.ndarray, step: int) -> tuple[float, float]:

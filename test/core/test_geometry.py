@@ -383,6 +383,8 @@ def test_layers_split_only_where_the_gap_exceeds_the_noise():
     two = depth_layers(np.concatenate([near, near + 10 * sigma]).astype(np.float32))
     assert two.count == 2 and (two.labels[:4000] != 1).all() and (two.labels[4000:] != 0).all()
     assert (two.labels >= 0).mean() > 0.99     # the rest: a stray tail reading in a sparse bin, in no layer
+    scattered = depth_layers(1 / np.linspace(1 / 20, 1 / 0.2, 100_000, dtype=np.float32))   # 0.1 % in each 1/z bin
+    assert scattered.count == 1 and (scattered.labels == 0).all()
 
 
 @settings(max_examples=80, deadline=None)
