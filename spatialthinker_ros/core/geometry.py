@@ -18,7 +18,7 @@ from spatialthinker_ros.core.types import Box, Position3D, SceneGraph
 
 _INTEGER_ENCODINGS = ("16UC1", "mono16")
 _METRE_ENCODINGS = ("32FC1",)
-_MAX_SAMPLES = 16384   # depth pixels read per box; a strided sample is as good as all of them
+_MAX_SAMPLES = 12000   # depth pixels read per box; a strided sample is as good as all of them
 DEPTH_NOISE_PER_M = 0.005   # sigma_z = k * z^2: stereo / structured-light noise, about RealSense D4xx class
 # The depth layers of a box and the choice among them (choose_layer says how they are used).
 _MIN_BIN_WIDTH = 1e-4   # 1/m: the 1/z bin width when the noise model is switched off (per_m = 0)
@@ -263,8 +263,10 @@ def depth_layers(depths: np.ndarray, noise_per_m: float = DEPTH_NOISE_PER_M) -> 
     valleys_before = np.cumsum(valley)[occupied]
     starts = np.concatenate(([True], (np.diff(occupied) > _GAP_BINS) | (np.diff(valleys_before) > 0)))
     first, last = occupied[starts], occupied[np.concatenate((starts[1:], [True]))]
-    layer = np.searchsorted(first, bins, side="right") - 1
-    return DepthLayers(labels=np.where(bins <= last[layer], layer, -1), count=int(first.size))
+    every_bin = np.arange(counts.size)
+    layer = np.searchsorted(first, every_bin, side="right") - 1
+    layer_of_bin = np.where((layer >= 0) & (every_bin <= last[layer]), layer, -1)
+    return DepthLayers(labels=layer_of_bin[bins], count=int(first.size))
 
 
 def _valleys(counts: np.ndarray, total: int) -> np.ndarray:
