@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spatialthinker_ros.core.geometry import (CameraIntrinsics, DepthImage, depth_layers, depth_noise, lift_box, map_box,
-                                              map_scene)
+from spatialthinker_ros.core.geometry import (CameraIntrinsics, DepthImage, depth_layers, depth_noise, lift_box,
+                                              map_box, map_scene)
 from spatialthinker_ros.core.types import Box, SceneGraph, SceneObject, SceneRelation
 
 K640 = CameraIntrinsics(fx=500.0, fy=520.0, cx=319.5, cy=239.5, width=640, height=480)
