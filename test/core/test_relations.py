@@ -12,7 +12,7 @@ from sample_relations import DATA, EXPECTED, META, MODEL_BOXES, SAMPLE_ANSWER, a
 
 from spatialthinker_ros.core.annotate import draw_scene
 from spatialthinker_ros.core.geometry import DEPTH_NOISE_PER_M, CameraIntrinsics, DepthImage, depth_noise
-from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, prepare_request
+from spatialthinker_ros.core.pipeline import PipelineConfig, answer_dict, finish_result, prepare_request
 from spatialthinker_ros.core.relations import (VERDICT_COLOURS, RelationCheckConfig, check_scene, checked_predicate,
                                                contradictions, margin, normalise_predicate, verdict_label)
 from spatialthinker_ros.core.types import (AnswerStatus, Box, InferenceResult, Position3D, RelationCheck,
@@ -198,6 +198,8 @@ def test_an_ambiguous_lift_through_the_pipeline_makes_its_relations_uncertain():
     assert mug.ambiguous and mug.z == pytest.approx(1.5)
     assert result.scene.relations[0].check is C.UNCERTAIN
     assert "mug.1 holds two depth surfaces" in result.scene.relations[0].check_note
+    as_json = answer_dict(result.parsed, result.inference, "Where is the mug?", ["left of", "right of"])["objects"]
+    assert [(o["depth_ambiguous"], o["depth_spread_m"]) for o in as_json] == [(True, 0.0), (False, 0.0)]
 
 
 # ---- property: mirroring the scene ---------------------------------------------------------------------------
