@@ -25,13 +25,13 @@ _MIN_BIN_WIDTH = 1e-4   # 1/m: the 1/z bin width when the noise model is switche
 _SPARSE_BIN = 0.002     # share of a box's samples below which a 1/z bin counts as empty
 _GAP_BINS = 2           # empty 1/z bins in a row (noise sigmas) that separate two layers: one sigma is not enough
                         # where a steep surface is sampled sparsely (a table seen from above, a strided 1080p box)
-_VALLEY = 0.5            # a 1/z bin this far below the surfaces on both sides separates them ...
+_VALLEY = 0.5           # a 1/z bin this far below the surfaces on both sides separates them ...
 _PEAK = 0.01            # ... when each holds at least this share of the samples in one bin
 _CLEAR_SHARE = 0.25     # share of the central region's valid samples that makes a layer a candidate
 _CORE = 0.4             # the centre core: this fraction of the central region, in each direction
 _CENTRE_SHARE = 1 / 3   # share of the core's valid samples that means a layer reaches the centre
 _ENCLOSE_SHARE = 0.1    # share of each quadrant's valid samples that a layer enclosing the centre holds
-_AMBIGUOUS_RATIO = 0.6  # a rival holding this much of the chosen layer's central share makes the choice a guess
+_AMBIGUOUS_RATIO = 0.6  # a rival holding this much of the chosen layer's share makes the choice a guess
 
 
 def map_box(box: Box, from_size: tuple[int, int], to_size: tuple[int, int]) -> Optional[Box]:
