@@ -19,7 +19,20 @@ from spatialthinker_ros.core.types import Box, Position3D, SceneGraph
 DEFAULT_DEPTH_SCALE = 0.001   # metres per unit of integer depth: millimetres, what depth cameras publish
 _INTEGER_ENCODINGS = ("16UC1", "mono16")
 _METRE_ENCODINGS = ("32FC1",)
-_MAX_SAMPLES = 65536   # depth pixels read per box region; a strided sample is as good as all of them
+_MAX_SAMPLES = 12000   # depth pixels read per box; a strided sample is as good as all of them
+DEPTH_NOISE_PER_M = 0.005   # sigma_z = k * z^2: stereo / structured-light noise, about RealSense D4xx class
+# The depth layers of a box and the choice among them (choose_layer says how they are used).
+_MIN_BIN_WIDTH = 1e-4   # 1/m: the 1/z bin width when the noise model is switched off (per_m = 0)
+_SPARSE_BIN = 0.002     # share of a box's samples below which a 1/z bin counts as empty
+_GAP_BINS = 2           # empty 1/z bins in a row (noise sigmas) that separate two layers: one sigma is not enough
+                        # where a steep surface is sampled sparsely (a table seen from above, a strided 1080p box)
+_VALLEY = 0.5           # a 1/z bin this far below the surfaces on both sides separates them ...
+_PEAK = 0.01            # ... when each holds at least this share of the samples in one bin
+_CLEAR_SHARE = 0.25     # share of the central region's valid samples that makes a layer a candidate
+_CORE = 0.4             # the centre core: this fraction of the central region, in each direction
+_CENTRE_SHARE = 1 / 3   # share of the core's valid samples that means a layer reaches the centre
+_ENCLOSE_SHARE = 0.1    # share of each quadrant's valid samples that a layer enclosing the centre holds
+_AMBIGUOUS_RATIO = 0.6  # a rival holding this much of the chosen layer's share makes the choice a guess
 
 
 def map_box(box: Box, from_size: tuple[int, int], to_size: tuple[int, int]) -> Optional[Box]:
@@ -156,6 +169,13 @@ class DepthImage:
         return metres
 
 
+def depth_noise(z: float | np.ndarray, per_m: float = DEPTH_NOISE_PER_M) -> float | np.ndarray:
+    """One standard deviation of the depth noise at range `z` metres (float or array): per_m * z^2, the model of
+    stereo and structured-light cameras. In inverse depth (1/z) that noise is the constant per_m, which is why the
+    layers of a box are found on a 1/z histogram with bins of that width."""
+    return per_m * z * z
+
+
 def lift_box(
     box: Box,
     depth: DepthImage,
@@ -164,6 +184,7 @@ def lift_box(
     min_valid_fraction: float = 0.05,
     max_depth: float = 20.0,
     shrink: float = 0.5,
+    depth_noise_per_m: float = DEPTH_NOISE_PER_M,
 ) -> Optional[Position3D]:
     """Where the object in `box` is, in metres, or None when the depth inside the box is too sparse.
 
@@ -173,12 +194,19 @@ def lift_box(
     intrinsics.width x intrinsics.height (normally the CameraInfo paired with the depth image) and are
     scaled to the depth image's size when that differs.
 
-    Robustness: the surface depth is the median of the valid depths in the central `shrink` fraction of the
-    box (in each direction), which keeps the background that boxes include at their edges out of it; at
-    least `min_valid_fraction` of that region must be valid (finite, 0 < d <= max_depth). The depth extent is
-    the 10th-90th percentile spread of the whole box, capped at the smaller of the metric width and height
-    because the whole box also sees background. The returned centre lies half that extent behind the
-    visible surface; x/y sizes are the box back-projected at the surface depth.
+    A model's box is loose: besides the object it holds the background and sometimes a nearer object. The box's
+    depth is read as a set of surfaces (depth_layers), one is chosen as the object's (choose_layer), and
+    everything returned comes from that surface alone, so the depth is never a value between two surfaces:
+
+    - the surface depth is the median of the layer's depths; the centre lies half the layer's depth extent (its
+      10th-90th percentile range, capped at the smaller metric width and height) behind it;
+    - x/y are the centre of the layer's pixel extent (its 1st-99th percentile span of columns and rows)
+      back-projected at the surface depth, and the sizes that extent back-projected there;
+    - depth_spread is the layer's depth spread, and ambiguous says whether another surface of similar share
+      could as well have been the object.
+
+    At least `min_valid_fraction` of the central `shrink` region of the box (in each direction) must be valid
+    (finite, 0 < d <= max_depth).
     """
     if not 0 < shrink <= 1:
         raise ValueError(f"shrink must be in (0, 1], not {shrink}")
@@ -190,22 +218,149 @@ def lift_box(
     if (k.width, k.height) != (depth_w, depth_h):
         k = k.scaled(depth_w, depth_h)
 
-    inner_region = _sampled_region(depth, _shrunk(mapped, shrink))
-    inner = _valid(inner_region, max_depth)
-    if inner.size == 0 or inner.size < min_valid_fraction * inner_region.size:
+    region, rows, cols, step = _sampled_grid(depth, mapped)
+    # Each sampled line's place in the box: -1 at the left/top edge, +1 at the right/bottom edge.
+    col_zones = _line_zones(((cols + 0.5) - (mapped.x_min + mapped.x_max) / 2) / (mapped.width / 2), shrink)
+    row_zones = _line_zones(((rows + 0.5) - (mapped.y_min + mapped.y_max) / 2) / (mapped.height / 2), shrink)
+    if not (col_zones & _CENTRAL).any() or not (row_zones & _CENTRAL).any():   # thinner than the sampling step
+        col_zones, row_zones = col_zones | _CENTRAL, row_zones | _CENTRAL
+    valid = (region > 0) & (region <= max_depth)
+    central_valid = int(valid[np.ix_(row_zones & _CENTRAL > 0, col_zones & _CENTRAL > 0)].sum())
+    central_total = int((row_zones & _CENTRAL > 0).sum()) * int((col_zones & _CENTRAL > 0).sum())
+    if central_valid == 0 or central_valid < min_valid_fraction * central_total:
         return None
-    surface = float(np.median(inner))
-    whole = _valid(_sampled_region(depth, mapped), max_depth)
-    p10, p90 = np.percentile(whole if whole.size else inner, (10, 90))
-    size_x = mapped.width * surface / k.fx
-    size_y = mapped.height * surface / k.fy
-    size_z = min(float(p90 - p10), size_x, size_y)
+    row_of, col_of = np.nonzero(valid)
+    depths = region[row_of, col_of]
+    layers = depth_layers(depths, depth_noise_per_m)
+    zones = row_zones[row_of] * _ZONES_PER_AXIS + col_zones[col_of]
+    choice = choose_layer(layers, zones)
+    mine = layers.labels == choice.layer
+    surface_depths = np.sort(depths[mine])
+    p10, p16, surface, p84, p90 = (float(surface_depths[int(q * (surface_depths.size - 1) + 0.5)])
+                                   for q in (0.1, 0.16, 0.5, 0.84, 0.9))
+    col_lo, col_hi = _pixel_extent(np.bincount(col_of[mine], minlength=cols.size), cols, step)
+    row_lo, row_hi = _pixel_extent(np.bincount(row_of[mine], minlength=rows.size), rows, step)
+    size_x = (col_hi - col_lo) * surface / k.fx
+    size_y = (row_hi - row_lo) * surface / k.fy
+    size_z = min(p90 - p10, size_x, size_y)
     z = surface + size_z / 2
-    u = (mapped.x_min + mapped.x_max) / 2 - 0.5
-    v = (mapped.y_min + mapped.y_max) / 2 - 0.5
+    u = (col_lo + col_hi) / 2 - 0.5     # the span's pixel-edge centre, as a pixel-centre coordinate
+    v = (row_lo + row_hi) / 2 - 0.5
     return Position3D(
-        x=(u - k.cx) * z / k.fx, y=(v - k.cy) * z / k.fy, z=z, size_x=size_x, size_y=size_y, size_z=size_z
+        x=(u - k.cx) * z / k.fx, y=(v - k.cy) * z / k.fy, z=z, size_x=size_x, size_y=size_y, size_z=size_z,
+        depth_spread=(p84 - p16) / 2, ambiguous=choice.ambiguous,
     )
+
+
+@dataclass(frozen=True)
+class DepthLayers:
+    """The surfaces in a set of depth samples: runs of occupied 1/z bins one noise sigma wide, split where at least
+    _GAP_BINS bins in a row are empty (a gap clearly larger than the noise at that range) or at the bottom of a
+    valley between two surfaces a few sigmas apart (_valleys). Layer 0 is the nearest."""
+
+    labels: np.ndarray   # per sample: its layer, or -1 for a sample in a sparse bin (no surface)
+    count: int           # number of layers
+
+
+def depth_layers(depths: np.ndarray, noise_per_m: float = DEPTH_NOISE_PER_M) -> DepthLayers:
+    """The surfaces among `depths` (metres, all valid). A bin holding fewer than _SPARSE_BIN of the samples counts
+    as empty, so isolated readings (mixed pixels at edges, speckle) neither bridge two surfaces nor form one; the
+    samples in empty and valley bins belong to no layer."""
+    inverse = np.reciprocal(depths, dtype=np.float32)
+    inverse = inverse.max() - inverse
+    inverse *= np.float32(1 / max(noise_per_m, _MIN_BIN_WIDTH))
+    bins = inverse.astype(np.int64)                               # bin 0 holds the nearest sample
+    counts = np.bincount(bins)
+    if counts.max() < _SPARSE_BIN * depths.size:     # readings scattered over every range: no surface stands out
+        return DepthLayers(labels=np.zeros(depths.size, np.int64), count=1)
+    valley = _valleys(counts, depths.size)
+    occupied = np.flatnonzero((counts >= max(1.0, _SPARSE_BIN * depths.size)) & ~valley)
+    valleys_before = np.cumsum(valley)[occupied]
+    starts = np.concatenate(([True], (np.diff(occupied) > _GAP_BINS) | (np.diff(valleys_before) > 0)))
+    first, last = occupied[starts], occupied[np.concatenate((starts[1:], [True]))]
+    every_bin = np.arange(counts.size)
+    layer = np.searchsorted(first, every_bin, side="right") - 1
+    layer_of_bin = np.where((layer >= 0) & (every_bin <= last[layer]), layer, -1)
+    return DepthLayers(labels=layer_of_bin[bins], count=int(first.size))
+
+
+def _valleys(counts: np.ndarray, total: int) -> np.ndarray:
+    """The 1/z bins at the bottom of a valley between two surfaces whose noise tails overlap (a few sigmas apart, no
+    empty bin between them): a local minimum of the smoothed counts below _VALLEY of the lower of the highest counts
+    on either side, both of those substantial (_PEAK of all samples). The smoothing over 5 bins keeps the comb that
+    millimetre depth makes in 1/z bins (empty bins between full ones) from passing for valleys."""
+    padded = np.concatenate(([0, 0], counts, [0, 0])).astype(np.float64)
+    smooth = (3 * counts + 2 * (padded[1:-3] + padded[3:-1]) + padded[:-4] + padded[4:]) / 9   # 1-2-3-2-1
+    left = np.maximum.accumulate(smooth)
+    right = np.maximum.accumulate(smooth[::-1])[::-1]
+    lower_peak = np.minimum(left, right)
+    padded = np.concatenate(([np.inf], smooth, [np.inf]))
+    bottom = (smooth <= padded[:-2]) & (smooth <= padded[2:])
+    return bottom & (smooth < _VALLEY * lower_peak) & (lower_peak >= _PEAK * total)
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    layer: int           # index into DepthLayers (0 = nearest)
+    ambiguous: bool      # another surface of similar share could as well be the object
+
+
+# Zones of a box, per axis (columns and rows alike): bit 1 the right/lower half, bit 2 the central `shrink` region,
+# bit 4 the centre core. A sample's zone is row_zone * _ZONES_PER_AXIS + column_zone.
+_HIGH_HALF, _CENTRAL, _CORE_ZONE = 1, 2, 4
+_ZONES_PER_AXIS = 8
+_ZONE_ROW, _ZONE_COL = np.divmod(np.arange(_ZONES_PER_AXIS ** 2), _ZONES_PER_AXIS)
+_IN_CENTRAL = (_ZONE_ROW & _CENTRAL > 0) & (_ZONE_COL & _CENTRAL > 0)
+_IN_CORE = (_ZONE_ROW & _CORE_ZONE > 0) & (_ZONE_COL & _CORE_ZONE > 0)
+_QUADRANT = (_ZONE_COL & _HIGH_HALF) * 2 + (_ZONE_ROW & _HIGH_HALF)
+
+
+def _line_zones(place: np.ndarray, shrink: float) -> np.ndarray:
+    """The zone bits of sampled lines at `place` (-1 at one edge of the box, +1 at the other)."""
+    distance = np.abs(place)
+    return ((place > 0) * _HIGH_HALF + (distance <= shrink) * _CENTRAL
+            + (distance <= _CORE * shrink) * _CORE_ZONE).astype(np.int64)
+
+
+def choose_layer(layers: DepthLayers, zones: np.ndarray) -> LayerChoice:
+    """The object's surface among the layers of a box, from each sample's zone in the box (see _line_zones).
+
+    Candidates hold a clear share (_CLEAR_SHARE) of the central region's samples, or enclose the centre (a ring,
+    a mug's rim: present in all four quadrants). Among them the nearest that reaches the centre (holds
+    _CENTRE_SHARE of the centre core's samples, or encloses it) wins; when none does, the nearest candidate;
+    when no layer is a candidate, the largest. So a thin occluder at the box's edge, which holds little of the
+    central region and not its centre, never wins. The choice is ambiguous when another layer holds a similar
+    share (at least _AMBIGUOUS_RATIO of the chosen one's, of the central region or of the whole box), unless it
+    is only a farther background around the chosen one, or is neither a candidate nor nearer.
+    """
+    n = max(layers.count, 1)
+    zone_count = _ZONES_PER_AXIS ** 2
+    counts = np.bincount((layers.labels + 1) * zone_count + zones, minlength=(n + 1) * zone_count)
+    counts = counts.reshape(n + 1, zone_count)                      # row 0: samples in no layer
+    totals = counts.sum(axis=0)
+
+    def shares(in_zone: np.ndarray) -> np.ndarray:
+        return counts[1:, in_zone].sum(axis=1) / max(int(totals[in_zone].sum()), 1)
+
+    box_share, central_share = shares(np.ones(zone_count, bool)), shares(_IN_CENTRAL)
+    core_share = shares(_IN_CORE)
+    quadrants = np.stack([shares(_QUADRANT == q) for q in range(4)], axis=1)
+    quadrant_seen = np.array([totals[_QUADRANT == q].sum() > 0 for q in range(4)])
+    encloses = np.all((quadrants >= _ENCLOSE_SHARE) | ~quadrant_seen, axis=1) & (box_share > 0)
+    candidate = (central_share >= _CLEAR_SHARE) | encloses
+    reaches = candidate & ((core_share >= _CENTRE_SHARE) | encloses)
+    if reaches.any():
+        chosen = int(np.argmax(reaches))                           # layers are ordered nearest first
+    elif candidate.any():
+        chosen = int(np.argmax(candidate))
+    else:
+        chosen = int(np.argmax(box_share)) if layers.count else 0
+    order = np.arange(n)
+    similar = ((central_share >= _AMBIGUOUS_RATIO * central_share[chosen])
+               | (box_share >= _AMBIGUOUS_RATIO * box_share[chosen]))
+    rivals = similar & (candidate | (order < chosen)) & (order != chosen) & (box_share > 0)
+    background = (order > chosen) & encloses
+    return LayerChoice(layer=chosen, ambiguous=bool(np.any(rivals & ~background)))
 
 
 def _checked_size(size: tuple[int, int]) -> tuple[int, int]:
@@ -215,11 +370,6 @@ def _checked_size(size: tuple[int, int]) -> tuple[int, int]:
     return width, height
 
 
-def _shrunk(box: Box, shrink: float) -> Box:
-    dx, dy = box.width * (1 - shrink) / 2, box.height * (1 - shrink) / 2
-    return Box(box.x_min + dx, box.y_min + dy, box.x_max - dx, box.y_max - dy)
-
-
 def _pixel_span(lo: float, hi: float, limit: int) -> tuple[int, int]:
     """Indices [start, stop) of the pixels whose centres lie in [lo, hi]; at least one pixel."""
     start = min(max(math.ceil(lo - 0.5), 0), limit - 1)
@@ -227,14 +377,21 @@ def _pixel_span(lo: float, hi: float, limit: int) -> tuple[int, int]:
     return start, stop
 
 
-def _sampled_region(depth: DepthImage, box: Box) -> np.ndarray:
-    """The box's depths in metres, strided to at most ~_MAX_SAMPLES: only the sampled pixels are converted."""
+def _sampled_grid(depth: DepthImage, box: Box) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The box's depths in metres, strided to at most ~_MAX_SAMPLES (only the sampled pixels are converted), with
+    the row and column index of each sampled line and the stride (the same in both directions)."""
     rows = _pixel_span(box.y_min, box.y_max, depth.shape[0])
     cols = _pixel_span(box.x_min, box.x_max, depth.shape[1])
     step = max(1, math.ceil(math.sqrt((rows[1] - rows[0]) * (cols[1] - cols[0]) / _MAX_SAMPLES)))
-    return depth.metres(slice(*rows, step), slice(*cols, step))
+    region = depth.metres(slice(*rows, step), slice(*cols, step))
+    return region, np.arange(*rows, step), np.arange(*cols, step), step
 
 
-def _valid(depths: np.ndarray, max_depth: float) -> np.ndarray:
-    """The readings to trust, flattened (NaN compares false, so it drops out here too)."""
-    return depths[(depths > 0) & (depths <= max_depth)]
+def _pixel_extent(per_line: np.ndarray, lines: np.ndarray, step: int) -> tuple[float, float]:
+    """Pixel-edge span [lo, hi) of a layer from its sample count per sampled line, leaving out a stray 1 % at either
+    end; a sampled line stands for the `step` pixels up to the next one."""
+    cumulative = np.cumsum(per_line)
+    total = int(cumulative[-1])
+    first = int(np.searchsorted(cumulative, total * 0.01, side="left"))
+    last = int(np.searchsorted(cumulative, total * 0.99, side="right"))
+    return float(lines[first]), float(lines[min(last, lines.size - 1)]) + step

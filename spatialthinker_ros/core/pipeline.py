@@ -200,7 +200,7 @@ def _lift_scene(
         position = lift_box(
             obj.box, depth, intrinsics, scene.image_size,
             min_valid_fraction=config.min_valid_depth_fraction, max_depth=config.max_depth_m,
-            shrink=config.depth_box_shrink,
+            shrink=config.depth_box_shrink, depth_noise_per_m=config.relations.depth_noise_per_m,
         )
         if position is None:
             no_depth.append(obj.id)
@@ -225,6 +225,8 @@ def answer_dict(parsed: ParsedResponse, inference: InferenceResult, question: st
             "position_m": None if p is None else {"x": round(p.x, 4), "y": round(p.y, 4), "z": round(p.z, 4)},
             "size_m": None if p is None else {"x": round(p.size_x, 4), "y": round(p.size_y, 4),
                                               "z": round(p.size_z, 4)},
+            "depth_spread_m": None if p is None else round(p.depth_spread, 4),
+            "depth_ambiguous": None if p is None else p.ambiguous,
         })
     return {
         "question": question,

@@ -26,7 +26,7 @@ What is not checked, and says so in the note (`NOT_CHECKED`):
 Margin rule. A difference counts only beyond a margin; within it the verdict is `UNCERTAIN`, never a
 contradiction. Along the checked axis, for subject s and object o:
 
-    margin = margin_m + extent_fraction * (half_extent_s + half_extent_o) + noise_s + noise_o
+    margin = margin_m + extent_fraction * (half_extent_s + half_extent_o) + error_s + error_o
 
 - `margin_m` (node parameter `relation_margin`, CLI `--relation-margin`, default 0.02 m): registration and
   calibration error, and how much of a difference is worth a verdict at all;
@@ -34,7 +34,13 @@ contradiction. Along the checked axis, for subject s and object o:
   along that axis (x: the box's metric width; z: the depth spread inside the box; 0 = unknown adds nothing);
 - depth noise of stereo and structured-light cameras grows with the square of range: sigma_z = k * z^2 with k =
   `depth_noise_per_m` (0.005 per metre: 5 mm at 1 m, 2 cm at 2 m, about RealSense D4xx class). On z that is the
-  noise itself; on x, which is computed as (u - cx) * z / fx, a depth error scales x by the same ratio: k * |x| * z.
+  noise itself; on x, which is computed as (u - cx) * z / fx, a depth error scales x by the same ratio: k * |x| * z;
+- the depth spread of the surface each position was taken from (Position3D.depth_spread, ~1 sigma of its depths)
+  adds to that noise the same way: error = noise + spread on z, (noise + spread) * |x| / z on x.
+
+Ambiguous positions. When the lift could not tell which of two depth surfaces of similar share in a box is the
+object (Position3D.ambiguous), every checked relation naming that object is `UNCERTAIN`, whatever the numbers say,
+and the note says why.
 
 The check never changes the model's answer and never drops a relation; it only fills SceneRelation.check and
 check_note, and the pipeline names contradicted relations in the status message.
@@ -48,6 +54,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Mapping, Optional
 
+from spatialthinker_ros.core.geometry import DEPTH_NOISE_PER_M, depth_noise
 from spatialthinker_ros.core.types import Position3D, RelationCheck, SceneGraph, SceneObject, SceneRelation
 
 
@@ -58,7 +65,7 @@ class RelationCheckConfig:
     enabled: bool = True
     margin_m: float = 0.02
     extent_fraction: float = 0.25
-    depth_noise_per_m: float = 0.005
+    depth_noise_per_m: float = DEPTH_NOISE_PER_M
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.margin_m) and self.margin_m >= 0):
@@ -168,13 +175,19 @@ def margin(axis: str, subject: Position3D, obj: Position3D, config: RelationChec
     """Metres a difference along `axis` must exceed to count (the module docstring's rule)."""
     if axis == "x":
         half_extents = (subject.size_x + obj.size_x) / 2
-        noise = config.depth_noise_per_m * (abs(subject.x) * subject.z + abs(obj.x) * obj.z)
+        error = sum(_depth_error(p, config) * abs(p.x) / p.z for p in (subject, obj) if p.z > 0)
     elif axis == "z":
         half_extents = (subject.size_z + obj.size_z) / 2
-        noise = config.depth_noise_per_m * (subject.z ** 2 + obj.z ** 2)
+        error = _depth_error(subject, config) + _depth_error(obj, config)
     else:
         raise ValueError(f"axis must be 'x' or 'z', not {axis!r}")
-    return config.margin_m + config.extent_fraction * half_extents + noise
+    return config.margin_m + config.extent_fraction * half_extents + error
+
+
+def _depth_error(position: Position3D, config: RelationCheckConfig) -> float:
+    """How far the measured depth of a position may be off: the sensor's noise at its range plus the spread of the
+    surface it was taken from."""
+    return depth_noise(position.z, config.depth_noise_per_m) + position.depth_spread
 
 
 def _verdict(relation: SceneRelation, objects: Mapping[str, SceneObject], config: RelationCheckConfig,
@@ -206,6 +219,10 @@ def _verdict(relation: SceneRelation, objects: Mapping[str, SceneObject], config
     value = "{:+.2f}" if axis == "x" else "{:.2f}"
     note = (f"{relation.subject} {axis}={value.format(s_value)} m, {relation.object} {axis}={value.format(o_value)} m"
             f" (difference {abs(difference):.2f} m, margin {allowed:.2f} m)")
+    ambiguous = [name for name, p in ((relation.subject, s), (relation.object, o)) if p.ambiguous]
+    if ambiguous:
+        return RelationCheck.UNCERTAIN, (f"{note}; uncertain: the box of {' and of '.join(ambiguous)} holds two depth "
+                                         "surfaces of similar share, so which one is the object is a guess")
     if abs(difference) <= allowed:
         return RelationCheck.UNCERTAIN, note
     agrees = (difference < 0) == (predicate.sign < 0)

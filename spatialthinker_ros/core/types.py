@@ -37,7 +37,8 @@ class Box:
 
 @dataclass(frozen=True)
 class Position3D:
-    """Box centre and approximate extent in the camera optical frame (z forward, x right, y down), metres."""
+    """Centre and approximate extent of the object's depth surface in the camera optical frame (z forward, x right,
+    y down), metres; how the surface was chosen is in geometry.lift_box."""
 
     x: float
     y: float
@@ -45,6 +46,8 @@ class Position3D:
     size_x: float
     size_y: float
     size_z: float
+    depth_spread: float = 0.0    # half the 16th-84th percentile range of the surface's depths (~1 sigma); 0: none
+    ambiguous: bool = False      # another depth surface in the box held a similar share: the choice was a guess
 
 
 @dataclass(frozen=True)

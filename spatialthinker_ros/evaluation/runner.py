@@ -118,6 +118,8 @@ def object_json(obj: SceneObject) -> dict[str, Any]:
     entry: dict[str, Any] = {"id": obj.id, "box": [round(v, 2) for v in (box.x_min, box.y_min, box.x_max, box.y_max)]}
     if position is not None:
         entry["position_m"] = [round(position.x, 4), round(position.y, 4), round(position.z, 4)]
+        entry["depth_spread_m"] = round(position.depth_spread, 4)
+        entry["depth_ambiguous"] = position.ambiguous
     return entry
 
 

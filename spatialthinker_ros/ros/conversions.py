@@ -113,6 +113,7 @@ def scene_graph_msg(scene: SceneGraph, header: Header) -> SceneGraphMsg:
             p = obj.position
             out.position.x, out.position.y, out.position.z = float(p.x), float(p.y), float(p.z)
             out.size.x, out.size.y, out.size.z = float(p.size_x), float(p.size_y), float(p.size_z)
+            out.depth_spread, out.depth_ambiguous = float(p.depth_spread), bool(p.ambiguous)
         objects.append(out)
     msg.objects = objects
     msg.relations = [SceneRelationMsg(subject=r.subject, predicate=r.predicate, object=r.object,
@@ -148,7 +149,8 @@ def scene_graph_from_msg(msg: SceneGraphMsg) -> SceneGraph:
     for o in msg.objects:
         position = None
         if o.has_position:
-            position = Position3D(o.position.x, o.position.y, o.position.z, o.size.x, o.size.y, o.size.z)
+            position = Position3D(o.position.x, o.position.y, o.position.z, o.size.x, o.size.y, o.size.z,
+                                  depth_spread=o.depth_spread, ambiguous=o.depth_ambiguous)
         objects.append(SceneObject(id=o.id, label=o.label, box=Box(o.x_min, o.y_min, o.x_max, o.y_max),
                                    position=position))
     relations = tuple(SceneRelation(r.subject, r.predicate, r.object, RelationCheck(r.check), r.check_note)

@@ -141,7 +141,7 @@ def test_relations_true_false_and_borderline_are_checked_against_the_depth(tmp_p
     assert [(r["subject"], r["predicate"], r["object"]) for r in relations] == sample_relations.TRIPLES
     assert [r["check"] for r in relations] == [v.lower() for v in sample_relations.EXPECTED]
     contradicted = relations[1]
-    assert contradicted["check_note"].startswith("book.1 z=1.06 m, plate.1 z=0.79 m")
+    assert contradicted["check_note"].startswith("book.1 z=1.08 m, plate.1 z=0.78 m")
     assert result["status_message"] == f"depth contradicts book.1 in front of plate.1: {contradicted['check_note']}"
     assert (result["answer"], result["choice"], result["status"]) == ("(A) left of", "A", "complete")
     assert relations[3]["check_note"] == "vertical relation: the camera frame does not know which way gravity points"

@@ -4,7 +4,11 @@ import time
 import numpy as np
 import pytest
 
-from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage, lift_box, map_box, map_scene
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spatialthinker_ros.core.geometry import (CameraIntrinsics, DepthImage, depth_layers, depth_noise, lift_box,
+                                              map_box, map_scene)
 from spatialthinker_ros.core.types import Box, SceneGraph, SceneObject, SceneRelation
 
 K640 = CameraIntrinsics(fx=500.0, fy=520.0, cx=319.5, cy=239.5, width=640, height=480)
@@ -145,14 +149,12 @@ def test_lift_flat_object_gives_the_pinhole_point():
     assert position.size_z == 0.0
 
 
-def test_lift_loose_box_ignores_background_for_depth_and_caps_extent():
-    loose = Box(180, 80, 320, 220)   # 20 px of wall (3 m) around the object (1.5 m) on every side
+def test_lift_loose_box_takes_position_and_extent_from_the_object_surface_alone():
+    loose = Box(160, 80, 320, 220)   # wall (3 m) around the object (1.5 m), 40 px of it on the left, 20 elsewhere
     position = lift_box(loose, DepthImage.from_metres(scene_depth()), K640, (640, 480))
-    size_x, size_y = 140 * 1.5 / 500, 140 * 1.5 / 520
-    assert position.size_x == pytest.approx(size_x)
-    assert position.size_z == pytest.approx(size_y)        # 1.5 m wall-to-object spread, capped
-    x, y, z = expected_position(loose, 1.5 + size_y / 2)   # centre half the extent behind the surface
-    assert (position.x, position.y, position.z) == pytest.approx((x, y, z))
+    assert (position.x, position.y, position.z) == pytest.approx(expected_position(OBJECT, 1.5))
+    assert (position.size_x, position.size_y, position.size_z) == pytest.approx((100 * 1.5 / 500, 100 * 1.5 / 520, 0))
+    assert position.depth_spread == 0.0 and not position.ambiguous
 
 
 def test_16uc1_and_32fc1_give_the_same_position():
@@ -188,7 +190,9 @@ def test_invalid_pixels_are_ignored():
     depth[103:200:4, 200:250] = 50.0          # beyond max_depth
     position = lift_box(OBJECT, DepthImage.from_metres(depth), K640, (640, 480))
     assert position.z == pytest.approx(1.5)
-    assert position.x == pytest.approx(expected_position(OBJECT, 1.5)[0])
+    # The only valid readings of the object are rows 103::4 of its right half: x and size_x are theirs.
+    assert position.x == pytest.approx(expected_position(Box(250, 100, 300, 200), 1.5)[0])
+    assert position.size_x == pytest.approx(50 * 1.5 / 500)
 
 
 def test_too_few_valid_pixels_give_none():
@@ -238,7 +242,160 @@ def test_full_hd_box_is_fast():
     for _ in range(10):
         position = lift_box(Box(0, 0, 1920, 1080), DepthImage.from_metres(depth), k, (1920, 1080))
     assert (time.perf_counter() - start) / 10 < 0.05
-    # Uniform 0.5-5 m: median 2.75 m; the 0.95-4.55 m spread is capped at the metric box height.
-    assert position.size_z == pytest.approx(position.size_y)
-    assert position.z == pytest.approx(2.75 + position.size_y / 2, abs=0.03)
-    assert abs(position.x) < 0.01 and abs(position.y) < 0.01
+    # Uniform 0.5-5 m: noise at every range; whatever layer is chosen lies within it and spans the frame.
+    assert 0.5 <= position.z - position.size_z / 2 <= 5.0 and position.depth_spread > 0
+    assert abs(position.x) < 0.05 and abs(position.y) < 0.05
+
+
+# ---- loose boxes: the depth in a box as surfaces (issue 21) ---------------------------------------------------
+# A 100 x 100 px box at the image centre (fx = 500): the object, a wall behind it and what else each scene needs.
+
+BOX = Box(270, 190, 370, 290)
+K_LOOSE = CameraIntrinsics(fx=500.0, fy=500.0, cx=319.5, cy=239.5, width=640, height=480)
+
+
+def loose_scene(paint, wall=2.0):
+    """A wall at `wall` m with `paint(region)` drawing the object (and anything else) into the box's pixels."""
+    depth = np.full((480, 640), wall, np.float32)
+    paint(depth[190:290, 270:370])
+    return depth
+
+
+def realsense(depth, seed=0, holes=0.2):
+    """Noise of depth_noise(z) and a share of readings lost, as a 16UC1 frame."""
+    rng = np.random.default_rng(seed)
+    noisy = depth + rng.standard_normal(depth.shape).astype(np.float32) * depth_noise(depth)
+    noisy[rng.random(depth.shape) < holes] = 0
+    return DepthImage.from_sensor((noisy * 1000).astype(np.uint16), "16UC1")
+
+
+def surface_of(position):
+    return position.z - position.size_z / 2
+
+
+def lifted(depth, box=BOX):
+    frame = depth if isinstance(depth, DepthImage) else DepthImage.from_metres(depth)
+    return lift_box(box, frame, K_LOOSE, (640, 480))
+
+
+@pytest.mark.parametrize("coverage", [0.2, 0.25, 0.4, 0.6, 0.8, 1.0])
+def test_an_object_covering_part_of_its_box_gives_its_own_surface(coverage):
+    side = int(round(100 * math.sqrt(coverage)))
+    start = (100 - side) // 2
+
+    def paint(region):
+        region[start:start + side, start:start + side] = 1.0
+
+    position = lifted(loose_scene(paint))
+    assert surface_of(position) == pytest.approx(1.0)
+    assert position.size_x == pytest.approx(side * 1.0 / 500)
+    assert not position.ambiguous
+
+
+@pytest.mark.parametrize("rows, expected, ambiguous", [
+    (60, 1.0, True),    # the issue's rows: the old rule gave 1.10, 1.65 (between the two) and 2.20 m
+    (50, 1.0, True),
+    (40, 2.0, True),    # the object along one edge reads as an occluder in front of the wall: marked, not hidden
+])
+def test_an_object_filling_the_lower_part_of_its_box_is_a_surface_never_the_gap(rows, expected, ambiguous):
+    def paint(region):
+        region[100 - rows:] = 1.0
+
+    position = lifted(loose_scene(paint))
+    assert surface_of(position) == pytest.approx(expected)
+    assert position.ambiguous is ambiguous
+
+
+@pytest.mark.parametrize("hole", [0.1, 0.2, 0.3])
+def test_a_hollow_object_gives_its_rim_not_what_shows_through_the_hole(hole):
+    side = int(round(100 * math.sqrt(hole)))
+    start = (100 - side) // 2
+
+    def paint(region):   # a mug's rim seen from above, the floor 2 m away through its opening
+        region[:] = 1.0
+        region[start:start + side, start:start + side] = 2.0
+
+    position = lifted(loose_scene(paint))
+    assert surface_of(position) == pytest.approx(1.0)
+    assert (position.x, position.y) == pytest.approx((0.0, 0.0), abs=1e-9)
+    assert not position.ambiguous
+
+
+@pytest.mark.parametrize("shape", ["bottle", "chair leg"])
+def test_a_thin_object_in_a_wide_box(shape):
+    def paint(region):   # 20 px wide (4 cm at 1 m) in a 100 px box
+        if shape == "bottle":
+            offset = (np.arange(20) + 0.5 - 10) / 10
+            region[5:95, 40:60] = 1.0 + 0.02 * (1 - np.sqrt(1 - offset ** 2))
+        else:
+            region[:, 40:60] = 1.0
+
+    position = lifted(realsense(loose_scene(paint)))
+    assert surface_of(position) == pytest.approx(1.0, abs=0.01)
+    assert position.size_x == pytest.approx(0.04, abs=0.004)
+
+
+def test_a_thin_occluder_at_the_box_edge_never_wins():
+    def paint(region):
+        region[:] = 1.5
+        region[:, :15] = 0.8      # a chair leg in front of the left edge of the box
+
+    position = lifted(loose_scene(paint, wall=3.0))
+    assert surface_of(position) == pytest.approx(1.5)
+    assert not position.ambiguous
+    assert position.x == pytest.approx((327.0 - 319.5) * 1.5 / 500)    # the centre of the visible 85 px
+
+
+def test_a_near_thing_over_half_the_box_is_marked_ambiguous():
+    def paint(region):            # the issue's scene: the old rule returned 1.65 m, between the two
+        region[:] = 1.5
+        region[:, :45] = 0.8
+
+    position = lifted(loose_scene(paint))
+    assert surface_of(position) == pytest.approx(1.5)
+    assert position.ambiguous
+
+
+def test_an_object_on_a_sloped_table_gives_its_front_within_3_cm():
+    rows = np.arange(480, dtype=np.float32)[:, None]
+    depth = np.broadcast_to(1.0 + (270 - rows) * 0.004, (480, 640)).copy()   # the table: 4 mm farther per row up
+    depth[rows[:, 0] < 120] = 3.0                                            # the wall behind it
+    depth[210:270, 295:345] = 1.0                                            # a box standing on the table at 1 m
+    position = lifted(realsense(depth))
+    assert surface_of(position) == pytest.approx(1.0, abs=0.03)
+
+
+@pytest.mark.parametrize("z", [0.5, 1.0, 2.0, 3.0])
+def test_noise_and_holes_at_every_range_stay_within_the_bound(z):
+    def paint(region):
+        region[15:85, 15:85] = z  # half the box
+
+    position = lifted(realsense(loose_scene(paint, wall=z + 0.5), seed=int(z * 10)))
+    assert abs(surface_of(position) - z) <= max(0.03, 2 * depth_noise(z))
+    assert position.depth_spread == pytest.approx(depth_noise(z), rel=0.3)   # the spread is the noise here
+
+
+def test_layers_split_only_where_the_gap_exceeds_the_noise():
+    rng = np.random.default_rng(3)
+    sigma = depth_noise(2.0)
+    near = 2.0 + sigma * rng.standard_normal(4000)
+    assert depth_layers(np.concatenate([near, near + 1.5 * sigma]).astype(np.float32)).count == 1
+    two = depth_layers(np.concatenate([near, near + 10 * sigma]).astype(np.float32))
+    assert two.count == 2 and (two.labels[:4000] != 1).all() and (two.labels[4000:] != 0).all()
+    assert (two.labels >= 0).mean() > 0.99     # the rest: a stray tail reading in a sparse bin, in no layer
+    scattered = depth_layers(1 / np.linspace(1 / 20, 1 / 0.2, 100_000, dtype=np.float32))   # 0.1 % in each 1/z bin
+    assert scattered.count == 1 and (scattered.labels == 0).all()
+
+
+@settings(max_examples=80, deadline=None)
+@given(near=st.floats(0.5, 2.5), gap=st.floats(0.1, 1.5), rows=st.integers(0, 100), cols=st.integers(0, 100),
+       seed=st.integers(0, 1000))
+def test_the_returned_depth_is_never_between_two_surfaces(near, gap, rows, cols, seed):
+    """Any split of the box between a near and a far surface, with noise and holes: the depth is on one of them."""
+    def paint(region):
+        region[100 - rows:, :cols] = near
+
+    position = lifted(realsense(loose_scene(paint, wall=near + gap), seed=seed))
+    surface = surface_of(position)
+    bound = max(0.03, 2 * depth_noise(surface))
+    assert min(abs(surface - near), abs(surface - (near + gap))) <= bound, surface

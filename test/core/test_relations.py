@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from sample_relations import DATA, EXPECTED, META, MODEL_BOXES, SAMPLE_ANSWER, answer_about
 
 from spatialthinker_ros.core.annotate import draw_scene
-from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage
-from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, prepare_request
+from spatialthinker_ros.core.geometry import DEPTH_NOISE_PER_M, CameraIntrinsics, DepthImage, depth_noise
+from spatialthinker_ros.core.pipeline import PipelineConfig, answer_dict, finish_result, prepare_request
 from spatialthinker_ros.core.relations import (VERDICT_COLOURS, RelationCheckConfig, check_scene, checked_predicate,
                                                contradictions, margin, normalise_predicate, verdict_label)
 from spatialthinker_ros.core.types import (AnswerStatus, Box, InferenceResult, Position3D, RelationCheck,
@@ -144,6 +144,64 @@ def test_invalid_settings_are_refused(settings_, message):
         RelationCheckConfig(**settings_)
 
 
+def test_the_depth_spread_of_each_surface_widens_the_margin_on_both_axes():
+    spread = [replace(o, position=replace(o.position, depth_spread=0.05))
+              for o in (located("cup.1", 0.4, 1.0, size_z=0.0), located("bowl.1", 0.55, 1.1, size_z=0.0))]
+    plain = [located("cup.1", 0.4, 1.0, size_z=0.0), located("bowl.1", 0.55, 1.1, size_z=0.0)]
+    relations = [("cup.1", "in front of", "bowl.1"), ("cup.1", "left of", "bowl.1")]
+    assert [r.check for r in verdicts(plain, relations, NO_NOISE)] == [C.CONSISTENT, C.CONSISTENT]
+    # z: 0.10 m apart against 0.02 + 0.05 + 0.05 = 0.12 m; x: 0.02 + 0.25 * 0.1 + 0.05 * (0.4 / 1.0 + 0.55 / 1.1)
+    front, left = verdicts(spread, relations, NO_NOISE)
+    assert front.check is C.UNCERTAIN and "margin 0.12 m" in front.check_note
+    assert margin("x", spread[0].position, spread[1].position, NO_NOISE) == pytest.approx(
+        0.02 + 0.25 * 0.1 + 0.05 * (0.4 / 1.0 + 0.55 / 1.1))
+    assert left.check is C.CONSISTENT       # 0.15 m apart against a 0.09 m margin
+
+
+def test_the_noise_model_is_the_lifts():
+    """One rule for depth noise: the margin's noise term is geometry.depth_noise at the configured constant."""
+    config = RelationCheckConfig(margin_m=0.0, extent_fraction=0.0)
+    here = Position3D(0.3, 0, 2.0, 0, 0, 0)
+    assert config.depth_noise_per_m == DEPTH_NOISE_PER_M
+    assert margin("z", here, here, config) == pytest.approx(2 * depth_noise(2.0))
+    assert margin("x", here, here, config) == pytest.approx(2 * depth_noise(2.0) * 0.3 / 2.0)
+
+
+def test_relations_of_an_ambiguous_object_are_uncertain_with_the_reason():
+    cup = located("cup.1", -0.5, 1.0)
+    bowl = replace(located("bowl.1", 0.5, 2.0), position=replace(located("bowl.1", 0.5, 2.0).position,
+                                                                 ambiguous=True))
+    plate = located("plate.1", 0.6, 2.0)
+    left, front, other = verdicts([cup, bowl, plate], [("cup.1", "left of", "bowl.1"),
+                                                        ("cup.1", "in front of", "bowl.1"),
+                                                        ("cup.1", "left of", "plate.1")])
+    for relation in (left, front):          # a metre apart, and still no verdict: which surface is the bowl?
+        assert relation.check is C.UNCERTAIN
+        assert relation.check_note.startswith("cup.1 ")
+        assert "the box of bowl.1 holds two depth surfaces of similar share" in relation.check_note
+    assert other.check is C.CONSISTENT
+
+
+def test_an_ambiguous_lift_through_the_pipeline_makes_its_relations_uncertain():
+    """A mug half hidden by a nearer thing over the left 45 % of its box, and a plate clearly right of it."""
+    rgb = np.zeros((480, 640, 3), np.uint8)
+    depth = np.full((480, 640), 3.0, np.float32)
+    depth[100:200, 100:200] = 1.5
+    depth[:, 100:145] = 0.8
+    depth[100:200, 400:500] = 1.5
+    text = answer_about({"mug.1": [100, 100, 200, 200], "plate.1": [400, 100, 500, 200]},
+                        [("mug.1", "left of", "plate.1")])
+    request = prepare_request(rgb, "Where is the mug?", ["left of", "right of"])
+    result = finish_result(request, InferenceResult(text=text), ["left of", "right of"], (640, 480),
+                           depth=DepthImage.from_metres(depth), intrinsics=SAMPLE_K)
+    mug = result.scene.objects[0].position
+    assert mug.ambiguous and mug.z == pytest.approx(1.5)
+    assert result.scene.relations[0].check is C.UNCERTAIN
+    assert "mug.1 holds two depth surfaces" in result.scene.relations[0].check_note
+    as_json = answer_dict(result.parsed, result.inference, "Where is the mug?", ["left of", "right of"])["objects"]
+    assert [(o["depth_ambiguous"], o["depth_spread_m"]) for o in as_json] == [(True, 0.0), (False, 0.0)]
+
+
 # ---- property: mirroring the scene ---------------------------------------------------------------------------
 
 PREDICATES = ["left of", "right of", "to the left of", "in front of", "behind", "on top of", "next to"]
@@ -226,7 +284,7 @@ def test_the_sample_scene_gives_each_relation_its_verdict_and_names_the_contradi
     result = finish(rgb, depth_mm, SAMPLE_ANSWER)
     assert [r.check.name for r in result.scene.relations] == EXPECTED
     contradicted = result.scene.relations[1]
-    assert contradicted.check_note.startswith("book.1 z=1.06 m, plate.1 z=0.79 m (difference 0.27 m")
+    assert contradicted.check_note.startswith("book.1 z=1.08 m, plate.1 z=0.78 m (difference 0.30 m")
     # the answer is untouched; the status still says how complete the output was; the message names it
     assert (result.parsed.answer, result.parsed.choice, result.parsed.status) == ("(A) left of", "A",
                                                                                    AnswerStatus.COMPLETE)

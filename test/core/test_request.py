@@ -110,7 +110,7 @@ def test_answer_dict_is_the_json_form_of_an_answer():
     data = answer_dict(result.parsed, result.inference, "Where is the mug?", ["left of", "right of"])
     assert (data["answer"], data["choice"], data["status"]) == ("(A) left of", "A", "complete")
     assert data["objects"] == [{"id": "mug.1", "label": "mug", "box": [20.0, 40.0, 60.0, 80.0], "position_m": None,
-                                "size_m": None}]
+                                "size_m": None, "depth_spread_m": None, "depth_ambiguous": None}]
     assert (data["image_size"], data["seconds"], data["model"]) == ([1280, 960], 0.123, "m")
 
 

@@ -22,8 +22,10 @@ TIMEOUT = 20.0
 def test_every_interface_imports_with_documented_fields():
     obj = SceneObject()
     assert set(obj.get_fields_and_field_types()) == {
-        "id", "label", "x_min", "y_min", "x_max", "y_max", "has_position", "position", "size"}
+        "id", "label", "x_min", "y_min", "x_max", "y_max", "has_position", "position", "size", "depth_spread",
+        "depth_ambiguous"}
     assert SceneObject.get_fields_and_field_types()["position"] == "geometry_msgs/Point"
+    assert (obj.depth_spread, obj.depth_ambiguous) == (0.0, False)
     assert SceneRelation.get_fields_and_field_types() == {"subject": "string", "predicate": "string",
                                                           "object": "string", "check": "uint8", "check_note": "string"}
     for check in RelationCheck:      # the core's verdicts are the message's constants
@@ -69,6 +71,7 @@ def sample_graph() -> SceneGraph:
     cup = SceneObject(id="cup.1", label="cup", x_min=10.5, y_min=20.0, x_max=110.0, y_max=220.25, has_position=True)
     cup.position.x, cup.position.y, cup.position.z = 0.1, -0.2, 1.5
     cup.size.x, cup.size.y, cup.size.z = 0.08, 0.1, 0.05
+    cup.depth_spread, cup.depth_ambiguous = 0.012, True
     plate = SceneObject(id="plate.1", label="plate", x_min=300.0, y_min=200.0, x_max=500.0, y_max=300.0)
     graph.objects = [cup, plate]
     graph.relations = [SceneRelation(subject="cup.1", predicate="left of", object="plate.1",
@@ -94,6 +97,7 @@ def test_scene_graph_round_trip_between_processes(ros_context, peer):
     echoed = received[0]
     assert echoed == sent
     assert echoed.objects[0].position.z == pytest.approx(1.5)
+    assert (echoed.objects[0].depth_spread, echoed.objects[0].depth_ambiguous) == (pytest.approx(0.012), True)
     assert echoed.relations[0].predicate == "left of"
     assert echoed.relations[0].check == SceneRelation.CHECK_CONTRADICTED
     node.destroy_node()

@@ -50,11 +50,13 @@ def test_the_node_checks_every_relation_of_an_answer_about_the_sample_scene(spaw
     answer = ask(client, proc)
     graph = answer.scene_graph
     assert all(o.has_position for o in graph.objects)
+    # each surface's depth spread (sensor-free sample: the objects' own relief), none of them a coin toss
+    assert all(0 < o.depth_spread < 0.1 and not o.depth_ambiguous for o in graph.objects)
     assert [(r.subject, r.predicate, r.object) for r in graph.relations] == sample_relations.TRIPLES
     assert [r.check for r in graph.relations] == [CHECKS[v] for v in sample_relations.EXPECTED]
     assert all(r.check_note for r in graph.relations)
     contradicted = graph.relations[1]
-    assert contradicted.check_note.startswith("book.1 z=1.06 m, plate.1 z=0.79 m (difference 0.27 m, margin ")
+    assert contradicted.check_note.startswith("book.1 z=1.08 m, plate.1 z=0.78 m (difference 0.30 m, margin ")
     assert graph.relations[0].check_note.startswith("mug.1 x=-0.21 m, plate.1 x=+0.08 m")
     # the model's answer is untouched; the status message names the contradiction
     assert (answer.answer, answer.choice, answer.status) == ("(A) left of", "A", answer.STATUS_COMPLETE)
