@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor
 
 from spatialthinker_ros.core.backends.base import GenerationConfig
 from spatialthinker_ros.core.backends.transformers_backend import TransformersBackend, TransformersConfig
@@ -76,20 +76,26 @@ class _ForceText(LogitsProcessor):
         return forced
 
 
+class _Forcing:
+    """For TransformersBackend.set_logits_processors: a fresh _ForceText of FORCED per generate call; `calls`
+    counts them."""
+
+    def __init__(self, backend: TransformersBackend):
+        tokenizer = backend.processor.tokenizer
+        self._ids = tokenizer.encode(FORCED, add_special_tokens=False)
+        self._eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.calls = 0
+
+    def __call__(self) -> list[LogitsProcessor]:
+        self.calls += 1
+        return [_ForceText(self._ids, self._eos)]
+
+
 @pytest.fixture
-def forced_backend(tiny_checkpoint: Path, monkeypatch):
-    """A backend whose model writes FORCED; `calls` counts model.generate calls."""
+def forced_backend(tiny_checkpoint: Path):
+    """A backend whose model writes FORCED."""
     backend = _backend(tiny_checkpoint, generation=GenerationConfig(max_new_tokens=64))
-    tokenizer = backend.processor.tokenizer
-    force = _ForceText(tokenizer.encode(FORCED, add_special_tokens=False), tokenizer.convert_tokens_to_ids("<|im_end|>"))
-    original = backend.model.generate
-    backend.calls = 0
-
-    def generate(*args, **kwargs):
-        backend.calls += 1
-        return original(*args, logits_processor=LogitsProcessorList([force]), **kwargs)
-
-    monkeypatch.setattr(backend.model, "generate", generate)
+    backend.set_logits_processors(_Forcing(backend))
     yield backend
     backend.close()
 
@@ -125,14 +131,15 @@ def test_max_pixels_bounds_the_image_tokens(backend: TransformersBackend, tiny_c
     assert result.prompt_tokens == _text_tokens(backend, request) + 12
 
 
-def test_batch_of_three_sizes_in_one_generate_call_matches_each_alone(backend: TransformersBackend, monkeypatch):
+def test_batch_of_three_sizes_in_one_generate_call_matches_each_alone(backend: TransformersBackend):
     requests = [_request(640, 480, seed=1), _request(40, 30, seed=2), _request(300, 500, seed=3)]
     alone = [backend.generate([request])[0] for request in requests]
     calls = []
-    original = backend.model.generate
-    monkeypatch.setattr(backend.model, "generate", lambda *a, **k: calls.append(1) or original(*a, **k))
-
-    batched = backend.generate(requests)
+    backend.set_logits_processors(lambda: calls.append(1) or [])   # asked once per model.generate call
+    try:
+        batched = backend.generate(requests)
+    finally:
+        backend.set_logits_processors(None)
 
     assert len(calls) == 1
     assert len(batched) == 3
@@ -163,9 +170,11 @@ class _PatchCounter:
 
 
 @pytest.fixture
-def sharing_backend(tiny_checkpoint: Path):
-    """A backend of its own: what it has encoded before a test is part of what the test checks."""
-    backend = _backend(tiny_checkpoint, generation=GenerationConfig(max_new_tokens=16, min_new_tokens=16))
+def sharing_backend(tiny_checkpoint: Path, request):
+    """A backend of its own: what it has encoded before a test is part of what the test checks. Indirect
+    parametrization gives further TransformersConfig settings."""
+    backend = _backend(tiny_checkpoint, generation=GenerationConfig(max_new_tokens=16, min_new_tokens=16),
+                       **getattr(request, "param", {}))
     counter = _PatchCounter(backend)
     yield backend, counter
     counter.remove()
@@ -198,9 +207,11 @@ def test_questions_about_one_frame_in_a_batch_encode_it_once(sharing_backend, mo
     assert [r.prompt_tokens for r in shared] == [r.prompt_tokens for r in separate]
 
 
+# prompt KV reuse off (as with compile=True, or transformers < 5.23): the tower's cache still serves
+@pytest.mark.parametrize("sharing_backend", [{"reuse_prompts": False}], indirect=True)
 def test_a_follow_up_question_about_a_recent_frame_reuses_its_encoding(sharing_backend):
     backend, counter = sharing_backend
-    backend.prompts = None   # prompt KV reuse off (compile=True, transformers < 5.23): the tower's cache still serves
+    assert backend.cache_stats()["prompts"] is None
     request = _request(640, 480, seed=21)
     [first] = backend.generate([request])
     assert counter.take() == 54 * 4
@@ -229,13 +240,10 @@ class _FirstScores(LogitsProcessor):
         return scores
 
 
-def test_a_follow_up_question_prefills_only_the_part_of_its_prompt_that_differs(sharing_backend, monkeypatch):
+def test_a_follow_up_question_prefills_only_the_part_of_its_prompt_that_differs(sharing_backend):
     backend, counter = sharing_backend
     first_scores = _FirstScores()
-    original = backend.model.generate
-    monkeypatch.setattr(backend.model, "generate",
-                        lambda *args, **kwargs: original(*args, logits_processor=LogitsProcessorList([first_scores]),
-                                                         **kwargs))
+    backend.set_logits_processors(lambda: [first_scores])
     first = _request(640, 480, seed=41)
     follow_up = InferenceRequest(image=first.image.copy(), question="q",
                                  prompt=first.prompt.replace("the cup relative to the plate", "the plate"))
@@ -264,10 +272,12 @@ def test_scene_only_row_stops_right_after_the_scene_while_full_row_goes_on(force
     tokenizer = forced_backend.processor.tokenizer
     forced_ids = tokenizer.encode(FORCED, add_special_tokens=False)
     scene_tokens = next(n for n in range(1, len(forced_ids)) if "</scene>" in tokenizer.decode(forced_ids[:n]))
+    forcing = _Forcing(forced_backend)
+    forced_backend.set_logits_processors(forcing)
 
     scene, full = forced_backend.generate([_request(640, 480, scene_only=True), _request(320, 240)])
 
-    assert forced_backend.calls == 1
+    assert forcing.calls == 1   # one model.generate for both rows
     assert scene.text == SCENE_PART
     assert scene.completion_tokens == scene_tokens == 19
     assert full.text == FORCED
@@ -326,12 +336,15 @@ def test_static_cache_option_gives_the_same_answer(backend: TransformersBackend,
         (RuntimeError("shape mismatch in rotary embedding"), "FAILED", "shape mismatch"),
     ],
 )
-def test_generate_errors_become_one_backend_error_per_request(backend, monkeypatch, error, kind, phrase):
-    def fail(*args, **kwargs):
+def test_generate_errors_become_one_backend_error_per_request(backend, error, kind, phrase):
+    def fail(input_ids, scores):   # raised inside model.generate, on its first step
         raise error
 
-    monkeypatch.setattr(backend.model, "generate", fail)
-    results = backend.generate([_request(64, 64), _request(64, 64, scene_only=True)])
+    backend.set_logits_processors(lambda: [fail])
+    try:
+        results = backend.generate([_request(64, 64), _request(64, 64, scene_only=True)])
+    finally:
+        backend.set_logits_processors(None)
     assert len(results) == 2
     for result in results:
         assert isinstance(result, BackendError)
