@@ -71,9 +71,9 @@ exit codes: 0 answered (see "status" in the JSON), 2 bad usage or input file, 3 
 """
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, prompt_group: argparse._ArgumentGroup) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, prompt_group: Any) -> None:
     """The prompt and backend options, shared with spatialthinker-eval (read back by setting_values and
-    pipeline_config)."""
+    pipeline_config). `prompt_group`: an argument group of `parser` (argparse keeps its class private)."""
     prompt_group.add_argument("--prompt-style", choices=STYLES, default="model_card",
                      help="model_card: the model card's template (default); training: the training prompt")
     prompt_group.add_argument("--max-input-pixels", type=int, default=PipelineConfig().max_input_pixels, metavar="N",
