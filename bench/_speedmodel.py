@@ -170,12 +170,12 @@ def model_config(shape: str, dtype: torch.dtype):
 
 def build_model(shape: str, device: str, dtype: torch.dtype, attn_implementation: str = "sdpa"):
     """Random weights initialised directly on `device` (no CPU copy, no meta-device buffers to rebuild)."""
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, GenerationConfig
 
     config = model_config(shape, dtype)
     torch.manual_seed(0)
-    with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(
+    with torch.device(device):   # a Qwen2_5_VLForConditionalGeneration
+        model = AutoModelForImageTextToText.from_config(
             config, attn_implementation=attn_implementation, **{DTYPE_ARG: dtype})
     # SpatialThinker-7B's generation_config.json: {"eos_token_id": 151645, "pad_token_id": 151643} (greedy).
     model.generation_config = GenerationConfig(eos_token_id=151645, pad_token_id=151643, bos_token_id=151643)

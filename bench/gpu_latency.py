@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 from PIL import Image
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor
 
 from bench._common import machine, table, write_results
 from bench._speedmodel import CARD_EXAMPLE_RESPONSE, SHORT_RESPONSE, build_speed_model, decode_weight_bytes
@@ -52,6 +52,7 @@ from spatialthinker_ros.core.parsing import scene_text_complete
 from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, prepare_request
 from spatialthinker_ros.core.types import BackendError
 
+CARD_ATTENTION = "sdpa"   # transformers' default: the model card's code names none
 QUESTION = "Where is the cat relative to the couch?"
 OPTIONS = ["on top of", "in front of", "behind", "beside"]
 CARD_QUESTION = "Where is the cat relative to the couch? (A) on top of (B) in front of (C) behind (D) beside"
@@ -143,23 +144,14 @@ class ForceText(LogitsProcessor):
         return forced
 
 
-class Forced:
-    """Context manager: model.generate writes the given text (a fresh ForceText per call)."""
-
-    def __init__(self, model, ids: list[int], eos: int):
-        self.model, self.ids, self.eos = model, ids, eos
-
-    def __enter__(self):
-        original = self.original = self.model.generate
-
-        def generate(*args, **kwargs):
-            own = list(kwargs.pop("logits_processor", None) or [])   # the backend's letter probe, if any
-            return original(*args, logits_processor=LogitsProcessorList(own + [ForceText(self.ids, self.eos)]), **kwargs)
-        self.model.generate = generate
-        return self
-
-    def __exit__(self, *exc):
-        del self.model.generate    # back to the class method
+@contextmanager
+def forced(backend: TransformersBackend, ids: list[int], eos: int) -> Iterator[None]:
+    """The backend's generate calls write the given text (a fresh ForceText per call), then decode freely again."""
+    backend.set_logits_processors(lambda: [ForceText(ids, eos)])
+    try:
+        yield
+    finally:
+        backend.set_logits_processors(None)
 
 
 @contextmanager
@@ -233,14 +225,25 @@ def reset_peak(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def set_attention(model, implementation: str) -> None:
-    current = getattr(model.config, "_attn_implementation", None)
-    if current == implementation:
-        return
-    if not hasattr(model, "set_attn_implementation"):
-        raise RuntimeError(f"this transformers cannot switch attention {current} -> {implementation} in place; "
-                           "rerun with --attn sdpa")
-    model.set_attn_implementation(implementation)
+class Attention:
+    """The attention implementation each model runs, as built or as switched here (transformers offers no public
+    getter): the one model shared by both paths is switched in place only when the path about to run wants another."""
+
+    def __init__(self) -> None:
+        self._current: dict[int, str] = {}
+
+    def built(self, model: Any, implementation: str) -> None:
+        self._current[id(model)] = implementation
+
+    def use(self, model: Any, implementation: str) -> None:
+        current = self._current.get(id(model))
+        if current == implementation:
+            return
+        if not hasattr(model, "set_attn_implementation"):
+            raise RuntimeError(f"this transformers cannot switch attention {current} -> {implementation} in place; "
+                               "rerun with --attn sdpa")
+        model.set_attn_implementation(implementation)
+        self._current[id(model)] = implementation
 
 
 def bandwidth(device: str) -> dict:
@@ -275,7 +278,8 @@ class Bench:
     card_processor: Any
     backend: TransformersBackend
     generation: GenerationConfig
-    card_attention: str = "sdpa"
+    attention: Attention
+    card_attention: str = CARD_ATTENTION
 
     @property
     def ours_model(self) -> Any:
@@ -283,16 +287,16 @@ class Bench:
 
     def run_card(self, image: Image.Image, new_tokens: int):
         if self.ours_model is self.card_model:
-            set_attention(self.card_model, self.card_attention)
+            self.attention.use(self.card_model, self.card_attention)
         return card_answer(self.card_model, self.card_processor, image, CARD_QUESTION, new_tokens)
 
     def run_ours(self, rgb: np.ndarray, **kwargs):
         if self.ours_model is self.card_model:
-            set_attention(self.card_model, self.backend.attn_implementation)
+            self.attention.use(self.card_model, self.backend.attn_implementation)
         return ours_answer(self.backend, rgb, **kwargs)
 
     def run_ours_batch(self, frames: list[np.ndarray]):
-        set_attention(self.ours_model, self.backend.attn_implementation)
+        self.attention.use(self.ours_model, self.backend.attn_implementation)
         return ours_batch(self.backend, frames)
 
     def frame(self) -> np.ndarray:
@@ -304,6 +308,7 @@ def load(args: argparse.Namespace, device: str, timer: Timer) -> Bench:
     generation = GenerationConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
     config = TransformersConfig(model=args.checkpoint or "speed-model", device=device, attn_implementation=args.attn,
                                 generation=generation, local_files_only=True)
+    attention = Attention()
     if args.checkpoint:
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
@@ -311,15 +316,17 @@ def load(args: argparse.Namespace, device: str, timer: Timer) -> Bench:
                                                                         device_map="auto")
         card_processor = AutoProcessor.from_pretrained(args.checkpoint)
         backend = TransformersBackend(config)
+        attention.built(backend.model, backend.attn_implementation)   # the card's model is never switched
     else:
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
         card_model, card_processor = build_speed_model("tiny" if args.tiny else "7b", device, dtype,
-                                                       attn_implementation="sdpa")
+                                                       attn_implementation=CARD_ATTENTION)
+        attention.built(card_model, CARD_ATTENTION)
         backend = TransformersBackend(config, loaded=(card_model, card_processor))
         if backend.dtype != str(card_model.dtype).removeprefix("torch."):
             raise RuntimeError(f"backend wants {backend.dtype}, the speed model is {card_model.dtype}")
-        set_attention(card_model, backend.attn_implementation)
-    return Bench(args, device, timer, card_model, card_processor, backend, generation)
+        attention.use(card_model, backend.attn_implementation)
+    return Bench(args, device, timer, card_model, card_processor, backend, generation, attention)
 
 
 def phase_sizes(b: Bench, size: str) -> dict:
@@ -378,7 +385,7 @@ def phase_roofline(b: Bench, ours_decode_ms_per_token: float, per_token_bytes: i
 def phase_vision_tower(b: Bench) -> float:
     """The vision tower alone on one frame (what a kept encoding saves each further question)."""
     rgb = b.frame()
-    set_attention(b.ours_model, b.backend.attn_implementation)
+    b.attention.use(b.ours_model, b.backend.attn_implementation)
     inputs = b.backend.prepare_inputs([prepare_request(rgb, QUESTION, OPTIONS, PipelineConfig())]).to(b.ours_model.device)
     visual = getattr(getattr(b.ours_model, "model", b.ours_model), "visual", None) or b.ours_model.visual
     pixels = inputs["pixel_values"].to(next(visual.parameters()).dtype)
@@ -468,7 +475,7 @@ def phase_scene_only(b: Bench) -> dict:
         to_scene.append(marks.get("scene", float("nan")))
         return result
 
-    with Forced(b.ours_model, script, eos), generation(b.backend, b.generation, max_new_tokens=len(script) + 16,
+    with forced(b.backend, script, eos), generation(b.backend, b.generation, max_new_tokens=len(script) + 16,
                                                        min_new_tokens=0):
         seconds, values = b.timer.rounds({"scene": lambda: b.run_ours(rgb, scene_only=True)[0], "full": full})
     scene_result, full_result = values["scene"], values["full"]

@@ -9,8 +9,10 @@ sides of the race are exercised, for the service and for the action (goal accept
 
 `--busy N` runs N CPU-bound processes beside it. `--reply-wait-ms MS` gives the node's reply writers that
 `max_blocking_time` (through a copy of the shipped Fast DDS profile): a short wait stands in for a machine whose
-discovery is slower than the wait, which is how the race shows on a loaded machine. Every node the run started
-is searched for rclpy's "failed to send response" warning and the node's own lost-reply log line.
+discovery is slower than the wait, which is how the race shows on a loaded machine. What the node itself saw comes
+from its ~/stats reply counters (spatialthinker_ros/ros/stats.py), read before each node stops: service replies
+the transport dropped, resent and abandoned. The action server's drops are not counted there (rclpy sends those
+replies itself: ros/replies.py); they show as lost goal acceptances and results on the caller's side.
 
     python -m bench.reply_loss --mode restart --runs 30 --busy 4
     python bench/reply_loss.py --mode fresh --runs 60 --parallel 4 --busy 4 --reply-wait-ms 0
@@ -29,13 +31,15 @@ from pathlib import Path
 
 from spatialthinker_ros.distro import fastdds_profile_variable
 from spatialthinker_ros.testing.isolation import isolate_ros, large_images_profile
-from spatialthinker_ros.testing.node_client import new_context, spin_until
+from spatialthinker_ros.testing.node_client import NodeStats, new_context, spin_until
 from spatialthinker_ros.testing.processes import Process, Processes, node_command
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "reply_loss.json"   # every run appended, with its --label
 REPLY_TIMEOUT_S = 10.0        # replies here come in milliseconds (the node has no frame); 10 s means lost
 STARTUP_TIMEOUT_S = 120.0
+SETTLE_TIMEOUT_S = 20.0       # a dropped reply is resent for at most ros/replies.RESEND_FOR_S (10 s)
+REPLY_COUNTERS = ("dropped", "resent", "abandoned")
 
 
 def node_profile(scratch: Path, reply_wait_ms: int | None) -> Path:
@@ -75,9 +79,10 @@ def caller_outcome(output: str) -> dict:
 
 # ----------------------------------------------------------------------------- caller side (rclpy from here on)
 class Caller:
-    """One ROS node with a service client and an action client, asking the moment both are found."""
+    """One ROS node with a service client and an action client, asking the moment both are found; with `stats`,
+    it also receives the node's ~/stats."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, stats: bool = False):
         import rclpy
         from rclpy.action import ActionClient
 
@@ -89,6 +94,7 @@ class Caller:
         self.srv_type, self.action_type = AskSpatial, AskAction
         self.service = self.node.create_client(AskSpatial, "/spatialthinker/ask")
         self.action = ActionClient(self.node, AskAction, "/spatialthinker/ask_action")
+        self.stats = NodeStats(self.node) if stats else None
 
     def found(self, timeout: float) -> bool:
         return spin_until(self.node, lambda: self.service.service_is_ready() and self.action.server_is_ready(),
@@ -111,6 +117,16 @@ class Caller:
         # a result is only asked for once the goal's acceptance has arrived
         return {"service": call.done(), "goal": goal.done(), "result": result[0].done() if result else None}
 
+    def node_replies(self) -> dict[str, int]:
+        """The node's reply counters once no reply waits for a resend (~/stats; counted since the node started).
+        SystemExit if the node published none, or still had replies pending after SETTLE_TIMEOUT_S."""
+        received = self.stats.received
+        settled = spin_until(self.node, lambda: bool(received) and received[-1]["replies"]["pending"] == 0,
+                             SETTLE_TIMEOUT_S)
+        if not settled:
+            raise SystemExit(f"the node's ~/stats did not settle: {received[-1] if received else 'none received'}")
+        return {counter: self.stats.replies(counter) for counter in REPLY_COUNTERS}
+
     def close(self) -> None:
         import rclpy
 
@@ -132,46 +148,42 @@ def caller_process() -> int:
         caller.close()
 
 
-def tally(outcomes: list[dict], node_logs: list[str]) -> dict:
-    from spatialthinker_ros.ros.replies import REPLY_RESENT, SEND_TIMEOUT, dropped_reply_lines
-
-    lines = [line for log in node_logs for line in dropped_reply_lines(log)]
+def tally(outcomes: list[dict], node_replies: list[dict[str, int]]) -> dict:
+    """What the callers saw, and the service replies the nodes counted (summed over the nodes started)."""
     asked = [o for o in outcomes if o.get("found")]
     lost = {kind: sum(1 for o in asked if o[kind] is False) for kind in ("service", "goal", "result")}
     return {"asked": len(asked), "not_found": len(outcomes) - len(asked), "lost": lost,
-            "drops_logged": sum(SEND_TIMEOUT in line for line in lines),
-            "resent_by_node": sum(REPLY_RESENT in line for line in lines)}
+            "node_replies": {counter: sum(r[counter] for r in node_replies) for counter in REPLY_COUNTERS}}
 
 
 def run_restart(args, processes: Processes, scratch: Path, profile: Path) -> dict:
-    caller = Caller("reply_loss_long_lived_caller")
-    outcomes, logs = [], []
+    caller = Caller("reply_loss_long_lived_caller", stats=True)
+    outcomes, counted = [], []
     try:
         for i in range(args.runs):
+            caller.stats.received.clear()   # the counters of the node about to start only
             node = start_node(processes, scratch, profile)
             try:
                 outcomes.append({"found": caller.found(STARTUP_TIMEOUT_S)})
                 if outcomes[-1]["found"]:
                     outcomes[-1].update(caller.ask_both())
+                    counted.append(caller.node_replies())
             finally:
                 node.stop()
-                logs.append(node.output())
             # the next node must be found anew, not the one just stopped
             spin_until(caller.node, lambda: not caller.service.service_is_ready(), 10.0)
             print(f"restart {i + 1}/{args.runs}: {outcomes[-1]}", flush=True)
     finally:
         caller.close()
-    return tally(outcomes, logs)
+    return tally(outcomes, counted)
 
 
 def run_fresh(args, processes: Processes, scratch: Path, profile: Path) -> dict:
     node = start_node(processes, scratch, profile)
     outcomes = []
+    probe = Caller("reply_loss_probe", stats=True)   # finds the node, then reads its counters at the end
     try:
-        probe = Caller("reply_loss_probe")
-        found = probe.found(STARTUP_TIMEOUT_S)
-        probe.close()
-        if not found:
+        if not probe.found(STARTUP_TIMEOUT_S):
             raise SystemExit("node did not come up:\n" + node.output())
         pending: list[Process] = []   # stopped by `processes` on any exit, a timeout included
         started = 0
@@ -185,9 +197,11 @@ def run_fresh(args, processes: Processes, scratch: Path, profile: Path) -> dict:
             waiting.stop()   # it has exited: closes its log
             outcomes.append(caller_outcome(waiting.output()))
             print(f"caller {len(outcomes)}/{args.runs}: {outcomes[-1]}", flush=True)
+        counted = probe.node_replies()
     finally:
+        probe.close()
         node.stop()
-    return tally(outcomes, [node.output()])
+    return tally(outcomes, [counted])
 
 
 def main() -> int:
@@ -199,6 +213,7 @@ def main() -> int:
     parser.add_argument("--reply-wait-ms", type=int, default=None,
                         help="the node's reply writers' max_blocking_time (default: the shipped profile's)")
     parser.add_argument("--label", default="", help="what this run measures (e.g. the commit), kept in the results")
+    parser.add_argument("--json", type=Path, default=RESULTS, help="results file; each run is appended")
     parser.add_argument("--caller", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.caller:
@@ -215,8 +230,8 @@ def main() -> int:
                       reply_wait_ms=args.reply_wait_ms, seconds=round(time.monotonic() - began, 1),
                       label=args.label, date=time.strftime("%Y-%m-%d"), load_average=os.getloadavg())
         print(json.dumps(result))
-        runs = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
-        RESULTS.write_text(json.dumps(runs + [result], indent=1) + "\n")
+        runs = json.loads(args.json.read_text()) if args.json.exists() else []
+        args.json.write_text(json.dumps(runs + [result], indent=1) + "\n")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0

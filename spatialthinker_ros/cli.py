@@ -73,9 +73,9 @@ exit codes: 0 answered (see "status" in the JSON), 2 bad usage or input file, 3 
 """
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, prompt_group: argparse._ArgumentGroup) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, prompt_group: Any) -> None:
     """The prompt and backend options, shared with spatialthinker-eval (read back by setting_values and
-    pipeline_config)."""
+    pipeline_config). `prompt_group`: an argument group of `parser` (argparse keeps its class private)."""
     setting_option(prompt_group, "prompt_style")
     setting_option(prompt_group, "max_input_pixels", "the prompt states that size and boxes are mapped back to the "
                    "image's pixels")
@@ -105,9 +105,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, prompt_group: argparse.
                             f"(default: no limit; openai: {OpenAIConfig().timeout_s:g} s per request)")
 
 
-def setting_option(group: argparse._ArgumentGroup, name: str, more: str = "") -> None:
+def setting_option(group: Any, name: str, more: str = "") -> None:
     """The option --NAME for the node parameter NAME: its type, default, choices and description (core/config.py),
-    plus what the option adds (`more`)."""
+    plus what the option adds (`more`). `group`: an argparse parser or argument group."""
     spec = PARAMETERS_BY_NAME[name]
     text = "; ".join(part for part in (spec.description, more) if part)
     group.add_argument(f"--{name.replace('_', '-')}", type=spec.type, default=spec.default,
@@ -115,7 +115,7 @@ def setting_option(group: argparse._ArgumentGroup, name: str, more: str = "") ->
                        help=f"{text} (default {spec.default}; node parameter {name})".replace("%", "%%"))
 
 
-def add_depth_arguments(parser: argparse.ArgumentParser, title: str) -> argparse._ArgumentGroup:
+def add_depth_arguments(parser: argparse.ArgumentParser, title: str) -> Any:
     """--depth, --depth-scale and the intrinsics, read back by read_depth_and_intrinsics (shared with
     spatialthinker_camera)."""
     depth = parser.add_argument_group(title)

@@ -140,6 +140,10 @@ class Ticket:
         return self._scheduler._cancel(self)
 
 
+def _log_thread_error(error: BaseException) -> None:
+    _log.error("a request scheduler thread died", exc_info=error)
+
+
 class RequestScheduler:
     """Queues requests from any thread and feeds them, batched, to one backend on one worker thread.
 
@@ -147,9 +151,12 @@ class RequestScheduler:
     generate()), never while a generate() may still run on the worker thread.
     """
 
-    def __init__(self, backend: Backend, queue_size: int = DEFAULT_QUEUE_SIZE, batch_window_s: float = 0.0):
+    def __init__(self, backend: Backend, queue_size: int = DEFAULT_QUEUE_SIZE, batch_window_s: float = 0.0,
+                 on_thread_error: Optional[Callable[[BaseException], None]] = None):
         """`queue_size` bounds the requests waiting (the batch in flight is not counted). With `batch_window_s`
-        > 0, the worker waits up to that long for a batch to fill before calling the backend."""
+        > 0, the worker waits up to that long for a batch to fill before calling the backend. `on_thread_error`
+        is told of an exception that ended one of the scheduler's threads (a bug: every request still waiting is
+        then answered with SchedulerStopped); by default it is logged."""
         if queue_size < 1:
             raise ValueError(f"queue_size must be at least 1, got {queue_size}")
         if backend.max_batch_size < 1:
@@ -166,8 +173,11 @@ class RequestScheduler:
         self._stop_reason: Optional[str] = None
         self._counts: Counter[str] = Counter()
         self._max_depth = 0
-        self._worker = threading.Thread(target=self._work, name="spatialthinker-scheduler", daemon=True)
-        self._watchdog = threading.Thread(target=self._watch, name="spatialthinker-deadlines", daemon=True)
+        self._on_thread_error = on_thread_error or _log_thread_error
+        self._worker = threading.Thread(target=self._reporting(self._work), name="spatialthinker-scheduler",
+                                        daemon=True)
+        self._watchdog = threading.Thread(target=self._reporting(self._watch), name="spatialthinker-deadlines",
+                                          daemon=True)
         self._worker.start()
         self._watchdog.start()
 
@@ -231,6 +241,15 @@ class RequestScheduler:
                 batches=self._counts["batches"],
                 max_queue_depth=self._max_depth,
             )
+
+    def _reporting(self, target: Callable[[], None]) -> Callable[[], None]:
+        """`target` for a thread of the scheduler: an exception that ends it goes to on_thread_error."""
+        def run() -> None:
+            try:
+                target()
+            except BaseException as error:
+                self._on_thread_error(error)
+        return run
 
     # -- resolution: decided under the lock (exactly once per ticket), delivered outside it -----------------
 

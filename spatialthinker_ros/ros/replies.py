@@ -32,7 +32,7 @@ from rclpy.node import Node
 from rclpy.service import Service
 
 SEND_TIMEOUT = "failed to send response (timeout)"   # rclpy's RuntimeWarning when rmw dropped a reply
-# What the node's log lines (for humans) about dropped replies contain
+# What the node's log lines (for humans) about dropped replies say; programs read the counters on ~/stats
 REPLY_DELAYED = "reply not sent yet"   # a send was dropped; it is sent again
 REPLY_RESENT = "reply re-sent"         # it went out on a later send
 REPLY_LOST = "reply lost"              # its caller will never get it
@@ -70,13 +70,6 @@ def send_went_out(send: Callable[[], Any]) -> tuple[bool, str]:
             return False, str(warning)
         raise
     return True, ""
-
-
-def dropped_reply_lines(log: str) -> list[str]:
-    """The lines of a node's log about replies the transport dropped: rclpy's warning and this module's lines.
-    A caller waiting for a reply can stop waiting once one of them contains REPLY_LOST."""
-    marks = (SEND_TIMEOUT, REPLY_DELAYED, REPLY_RESENT, REPLY_LOST)
-    return [line for line in log.splitlines() if any(mark in line for mark in marks)]
 
 
 class ReplyCourier:

@@ -106,15 +106,26 @@ class Processes:
         self.stop_all()
 
 
+def installed_executable(name: str) -> Optional[Path]:
+    """One of this package's executables, as installed WITH the imported package: in bin/ of the prefix it was
+    installed into (the venv of `make setup`, or a colcon workspace's install/spatialthinker_ros, where `colcon test`
+    runs the tests), else beside this Python, else on PATH; None if none is found."""
+    package = Path(__file__).resolve().parents[1]
+    for prefix in package.parents[:5]:   # <prefix>/lib/python3.X/site-packages/spatialthinker_ros, or deeper
+        if (prefix / "bin" / name).is_file():
+            return prefix / "bin" / name
+    beside = Path(sys.executable).parent / name
+    if beside.is_file():
+        return beside
+    found = shutil.which(name)
+    return Path(found) if found else None
+
+
 def node_executable() -> list[str]:
-    """What starts the node: the installed spatialthinker_node (next to this Python, else on PATH), else its
-    module run by this Python."""
-    executable = Path(sys.executable).parent / "spatialthinker_node"
-    if executable.is_file():
-        return [str(executable)]
-    if shutil.which("spatialthinker_node"):
-        return [str(shutil.which("spatialthinker_node"))]
-    return [sys.executable, "-m", "spatialthinker_ros.ros.main"]
+    """What starts the node: the installed spatialthinker_node (installed_executable), else its module run by this
+    Python."""
+    executable = installed_executable("spatialthinker_node")
+    return [str(executable)] if executable is not None else [sys.executable, "-m", "spatialthinker_ros.ros.main"]
 
 
 def node_command(*ros_args: str, **params: Any) -> list[str]:

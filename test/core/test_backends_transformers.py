@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor
 
 from spatialthinker_ros.core.backends.base import GenerationConfig
 from spatialthinker_ros.core.backends.transformers_backend import TransformersBackend, TransformersConfig
@@ -78,21 +78,26 @@ class _ForceText(LogitsProcessor):
         return forced
 
 
+class _Forcing:
+    """For TransformersBackend.set_logits_processors: a fresh _ForceText of FORCED per generate call; `calls`
+    counts them."""
+
+    def __init__(self, backend: TransformersBackend):
+        tokenizer = backend.processor.tokenizer
+        self._ids = tokenizer.encode(FORCED, add_special_tokens=False)
+        self._eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.calls = 0
+
+    def __call__(self) -> list[LogitsProcessor]:
+        self.calls += 1
+        return [_ForceText(self._ids, self._eos)]
+
+
 @pytest.fixture
-def forced_backend(tiny_checkpoint: Path, monkeypatch):
-    """A backend whose model writes FORCED; `calls` counts model.generate calls."""
+def forced_backend(tiny_checkpoint: Path):
+    """A backend whose model writes FORCED."""
     backend = _backend(tiny_checkpoint, generation=GenerationConfig(max_new_tokens=64))
-    tokenizer = backend.processor.tokenizer
-    force = _ForceText(tokenizer.encode(FORCED, add_special_tokens=False), tokenizer.convert_tokens_to_ids("<|im_end|>"))
-    original = backend.model.generate
-    backend.calls = 0
-
-    def generate(*args, **kwargs):
-        backend.calls += 1
-        own = list(kwargs.pop("logits_processor", None) or [])   # the backend's letter probe, if any
-        return original(*args, logits_processor=LogitsProcessorList(own + [force]), **kwargs)
-
-    monkeypatch.setattr(backend.model, "generate", generate)
+    backend.set_logits_processors(_Forcing(backend))
     yield backend
     backend.close()
 
@@ -128,14 +133,15 @@ def test_max_pixels_bounds_the_image_tokens(backend: TransformersBackend, tiny_c
     assert result.prompt_tokens == _text_tokens(backend, request) + 12
 
 
-def test_batch_of_three_sizes_in_one_generate_call_matches_each_alone(backend: TransformersBackend, monkeypatch):
+def test_batch_of_three_sizes_in_one_generate_call_matches_each_alone(backend: TransformersBackend):
     requests = [_request(640, 480, seed=1), _request(40, 30, seed=2), _request(300, 500, seed=3)]
     alone = [backend.generate([request])[0] for request in requests]
     calls = []
-    original = backend.model.generate
-    monkeypatch.setattr(backend.model, "generate", lambda *a, **k: calls.append(1) or original(*a, **k))
-
-    batched = backend.generate(requests)
+    backend.set_logits_processors(lambda: calls.append(1) or [])   # asked once per model.generate call
+    try:
+        batched = backend.generate(requests)
+    finally:
+        backend.set_logits_processors(None)
 
     assert len(calls) == 1
     assert len(batched) == 3
@@ -166,9 +172,11 @@ class _PatchCounter:
 
 
 @pytest.fixture
-def sharing_backend(tiny_checkpoint: Path):
-    """A backend of its own: what it has encoded before a test is part of what the test checks."""
-    backend = _backend(tiny_checkpoint, generation=GenerationConfig(max_new_tokens=16, min_new_tokens=16))
+def sharing_backend(tiny_checkpoint: Path, request):
+    """A backend of its own: what it has encoded before a test is part of what the test checks. Indirect
+    parametrization gives further TransformersConfig settings."""
+    backend = _backend(tiny_checkpoint, generation=GenerationConfig(max_new_tokens=16, min_new_tokens=16),
+                       **getattr(request, "param", {}))
     counter = _PatchCounter(backend)
     yield backend, counter
     counter.remove()
@@ -201,9 +209,11 @@ def test_questions_about_one_frame_in_a_batch_encode_it_once(sharing_backend, mo
     assert [r.prompt_tokens for r in shared] == [r.prompt_tokens for r in separate]
 
 
+# prompt KV reuse off (as with compile=True, or transformers < 5.23): the tower's cache still serves
+@pytest.mark.parametrize("sharing_backend", [{"reuse_prompts": False}], indirect=True)
 def test_a_follow_up_question_about_a_recent_frame_reuses_its_encoding(sharing_backend):
     backend, counter = sharing_backend
-    backend.prompts = None   # prompt KV reuse off (compile=True, transformers < 5.23): the tower's cache still serves
+    assert backend.cache_stats()["prompts"] is None
     request = _request(640, 480, seed=21)
     [first] = backend.generate([request])
     assert counter.take() == 54 * 4
@@ -232,14 +242,10 @@ class _FirstScores(LogitsProcessor):
         return scores
 
 
-def test_a_follow_up_question_prefills_only_the_part_of_its_prompt_that_differs(sharing_backend, monkeypatch):
+def test_a_follow_up_question_prefills_only_the_part_of_its_prompt_that_differs(sharing_backend):
     backend, counter = sharing_backend
     first_scores = _FirstScores()
-    original = backend.model.generate
-    monkeypatch.setattr(backend.model, "generate",
-                        lambda *args, logits_processor=None, **kwargs: original(
-                            *args, logits_processor=LogitsProcessorList([*(logits_processor or []), first_scores]),
-                            **kwargs))
+    backend.set_logits_processors(lambda: [first_scores])
     first = _request(640, 480, seed=41)
     follow_up = InferenceRequest(image=first.image.copy(), question="q",
                                  prompt=first.prompt.replace("the cup relative to the plate", "the plate"))
@@ -268,10 +274,12 @@ def test_scene_only_row_stops_right_after_the_scene_while_full_row_goes_on(force
     tokenizer = forced_backend.processor.tokenizer
     forced_ids = tokenizer.encode(FORCED, add_special_tokens=False)
     scene_tokens = next(n for n in range(1, len(forced_ids)) if "</scene>" in tokenizer.decode(forced_ids[:n]))
+    forcing = _Forcing(forced_backend)
+    forced_backend.set_logits_processors(forcing)
 
     scene, full = forced_backend.generate([_request(640, 480, scene_only=True), _request(320, 240)])
 
-    assert forced_backend.calls == 1
+    assert forcing.calls == 1   # one model.generate for both rows
     assert scene.text == SCENE_PART
     assert scene.completion_tokens == scene_tokens == 19
     assert full.text == FORCED
@@ -330,12 +338,15 @@ def test_static_cache_option_gives_the_same_answer(backend: TransformersBackend,
         (RuntimeError("shape mismatch in rotary embedding"), "FAILED", "shape mismatch"),
     ],
 )
-def test_generate_errors_become_one_backend_error_per_request(backend, monkeypatch, error, kind, phrase):
-    def fail(*args, **kwargs):
+def test_generate_errors_become_one_backend_error_per_request(backend, error, kind, phrase):
+    def fail(input_ids, scores):   # raised inside model.generate, on its first step
         raise error
 
-    monkeypatch.setattr(backend.model, "generate", fail)
-    results = backend.generate([_request(64, 64), _request(64, 64, scene_only=True)])
+    backend.set_logits_processors(lambda: [fail])
+    try:
+        results = backend.generate([_request(64, 64), _request(64, 64, scene_only=True)])
+    finally:
+        backend.set_logits_processors(None)
     assert len(results) == 2
     for result in results:
         assert isinstance(result, BackendError)
@@ -427,13 +438,12 @@ def _options_request(width: int, height: int, seed: int = 0, question: str = "Wh
                             asked=Question(question, OPTIONS))
 
 
-def _forcing(backend: TransformersBackend, monkeypatch, answers: list[str]) -> None:
-    """Makes row i of every batch write answers[i] and end; the backend's own processors run first, on the model's
-    scores (a forcing processor runs after them)."""
+def _forcing(backend: TransformersBackend, answers: list[str]) -> None:
+    """Makes row i of every batch write answers[i] and end (set_logits_processors: after the backend's letter probe,
+    which reads the model's own scores; not in the probe's extra step after a missing letter)."""
     tokenizer = backend.processor.tokenizer
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     sequences = [tokenizer.encode(text, add_special_tokens=False) + [eos] for text in answers]
-    original = backend.model.generate
 
     class Force(LogitsProcessor):
         def __init__(self):
@@ -447,13 +457,7 @@ def _forcing(backend: TransformersBackend, monkeypatch, answers: list[str]) -> N
                 forced[row, sequence[min(input_ids.shape[1] - self._start, len(sequence) - 1)]] = 0.0
             return forced
 
-    def generate(*args, **kwargs):
-        if kwargs.get("max_new_tokens") == 1:   # the backend's extra step after a missing letter: not forced
-            return original(*args, **kwargs)
-        own = list(kwargs.pop("logits_processor", None) or [])
-        return original(*args, logits_processor=LogitsProcessorList(own + [Force()]), **kwargs)
-
-    monkeypatch.setattr(backend.model, "generate", generate)
+    backend.set_logits_processors(lambda: [Force()])
 
 
 def _direct_letter_probabilities(backend: TransformersBackend, request: InferenceRequest, written: str) -> list[float]:
@@ -484,9 +488,9 @@ def letters_backend(tiny_checkpoint: Path):
 LETTER_ANSWER = "<observe> a cup </observe> <answer> (B) right of </answer>"
 
 
-def test_option_probabilities_equal_a_direct_forward_pass_at_the_letter(letters_backend, monkeypatch):
+def test_option_probabilities_equal_a_direct_forward_pass_at_the_letter(letters_backend):
     request = _options_request(640, 480)
-    _forcing(letters_backend, monkeypatch, [LETTER_ANSWER])
+    _forcing(letters_backend, [LETTER_ANSWER])
 
     [result] = letters_backend.generate([request])
 
@@ -496,11 +500,11 @@ def test_option_probabilities_equal_a_direct_forward_pass_at_the_letter(letters_
     assert sum(result.option_probabilities) == pytest.approx(1.0)
 
 
-def test_option_probabilities_in_a_batch_equal_each_row_alone(letters_backend, monkeypatch):
+def test_option_probabilities_in_a_batch_equal_each_row_alone(letters_backend):
     answers = [LETTER_ANSWER, "<answer>C</answer>", "<observe> x </observe>"]
     requests = [_options_request(640, 480, seed=1), _options_request(320, 240, seed=2, question="Which one?"),
                 _options_request(224, 224, seed=3)]
-    _forcing(letters_backend, monkeypatch, answers)
+    _forcing(letters_backend, answers)
 
     first, second, third = letters_backend.generate(requests)
 
@@ -511,8 +515,8 @@ def test_option_probabilities_in_a_batch_equal_each_row_alone(letters_backend, m
     assert third.option_probabilities == () and "no <answer> tag" in third.option_probabilities_note
 
 
-def test_option_probabilities_with_the_prompt_cache_on_and_off(letters_backend, monkeypatch):
-    _forcing(letters_backend, monkeypatch, [LETTER_ANSWER])
+def test_option_probabilities_with_the_prompt_cache_on_and_off(letters_backend):
+    _forcing(letters_backend, [LETTER_ANSWER])
     first = _options_request(640, 480, seed=5)
     follow_up = _options_request(640, 480, seed=5, question="Where is the plate?")
     letters_backend.generate([first])
@@ -533,7 +537,7 @@ def test_without_a_letter_the_distribution_is_read_as_if_a_parenthesis_followed(
                                                                                   answer):
     request = _options_request(640, 480, seed=7)
     other = _options_request(320, 240, seed=8)
-    _forcing(letters_backend, monkeypatch, [answer, LETTER_ANSWER])
+    _forcing(letters_backend, [answer, LETTER_ANSWER])
     extra_steps = []
     original = letters_backend.model.generate
     monkeypatch.setattr(letters_backend.model, "generate",
@@ -549,8 +553,8 @@ def test_without_a_letter_the_distribution_is_read_as_if_a_parenthesis_followed(
         _direct_letter_probabilities(letters_backend, other, LETTER_ANSWER[:LETTER_ANSWER.index("B")]), abs=1e-4)
 
 
-def test_free_form_and_scene_only_requests_are_not_probed(letters_backend, monkeypatch):
-    _forcing(letters_backend, monkeypatch, [LETTER_ANSWER, LETTER_ANSWER])
+def test_free_form_and_scene_only_requests_are_not_probed(letters_backend):
+    _forcing(letters_backend, [LETTER_ANSWER, LETTER_ANSWER])
     scene = _options_request(640, 480)
     scene.scene_only = True
     free, scene_result = letters_backend.generate([_request(640, 480), scene])

@@ -13,14 +13,14 @@ import cv2
 import numpy as np
 import pytest
 import sample_relations
-from spatialthinker_ros.testing.processes import free_port
+from spatialthinker_ros.testing.processes import free_port, installed_executable
 
 import spatialthinker_ros
 from spatialthinker_ros.testing.http_server import local_http_server
 
 pytestmark = pytest.mark.timeout(180)
 
-ASK = Path(sys.executable).parent / "spatialthinker-ask"
+ASK = installed_executable("spatialthinker-ask")
 DATA = Path(spatialthinker_ros.__file__).parent / "data"     # the installed package's copy
 META = json.loads((DATA / "sample_scene.json").read_text())
 IMAGE, DEPTH, REPLAY = DATA / META["image"], DATA / META["depth"], DATA / META["replay_file"]

@@ -5,7 +5,6 @@ as installed."""
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -16,10 +15,11 @@ import eval_data
 
 import spatialthinker_ros
 from spatialthinker_ros.core.conformal import Calibration, CalibrationSetup
+from spatialthinker_ros.testing.processes import installed_executable
 
 pytestmark = pytest.mark.timeout(300)
 
-EVAL = Path(sys.executable).parent / "spatialthinker-eval"
+EVAL = installed_executable("spatialthinker-eval")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # eval_data.ROWS with probabilities in option order. Row 6 (no <answer>) has none. Confidence is the chosen
@@ -206,7 +206,7 @@ def test_calibrate_reports_coverage_and_set_sizes_on_held_out_runs(tmp_path: Pat
 
 # ---- spatialthinker-ask --calibration -------------------------------------------------------------------------
 
-ASK = Path(sys.executable).parent / "spatialthinker-ask"
+ASK = installed_executable("spatialthinker-ask")
 
 
 def test_ask_checks_the_calibration_against_its_settings_and_prints_the_set(tmp_path: Path):

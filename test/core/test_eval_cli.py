@@ -7,7 +7,6 @@ import json
 import re
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -17,11 +16,11 @@ import eval_data
 from eval_data import EXPECTED, ROWS
 from spatialthinker_ros.testing.http_server import ScriptedHandler, local_http_server
 
-from spatialthinker_ros.testing.processes import Process, wait_for
+from spatialthinker_ros.testing.processes import Process, installed_executable, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
-EVAL = Path(sys.executable).parent / "spatialthinker-eval"
+EVAL = installed_executable("spatialthinker-eval")
 
 
 def run_eval(*args, timeout: float = 240) -> subprocess.CompletedProcess:

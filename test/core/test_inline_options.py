@@ -3,7 +3,6 @@ are read when no list is given, offered once when both are given, and fill `choi
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ from spatialthinker_ros.core.pipeline import finish_result, prepare_request
 from spatialthinker_ros.core.prompt import PromptConfig, answer_options, build_prompt, inline_options
 from spatialthinker_ros.core.request import InvalidRequest, check_question
 from spatialthinker_ros.core.types import InferenceResult
+from spatialthinker_ros.testing.processes import installed_executable
 
 CARD = "Where is the cat relative to the couch? (A) on top of (B) in front of (C) behind (D) beside"
 TRAINING = "Where is the cat relative to the couch?\nOptions: (A) on top of (B) in front of (C) behind (D) beside"
@@ -74,7 +74,7 @@ def test_spatialthinker_ask_fills_choice_for_inline_options(tmp_path: Path):
     data = Path(spatialthinker_ros.__file__).parent / "data"
     replay = tmp_path / "replay.jsonl"
     replay.write_text(json.dumps({"question": TRAINING, "response": "<answer> behind </answer>"}) + "\n")
-    done = subprocess.run([str(Path(sys.executable).parent / "spatialthinker-ask"), "--backend", "replay",
+    done = subprocess.run([str(installed_executable("spatialthinker-ask")), "--backend", "replay",
                            "--replay-file", str(replay), "--image", str(data / "sample_scene.png"),
                            "--question", TRAINING], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -101,23 +101,24 @@ def assert_accounted(stats: SchedulerStats) -> None:
                                + stats.cancelled + stats.stopped)
 
 
-@pytest.fixture(autouse=True)
-def no_thread_dies(monkeypatch: pytest.MonkeyPatch):
-    """A second resolution of a future raises InvalidStateError in whichever thread tried it; fail on any."""
-    errors: list[threading.ExceptHookArgs] = []
-    monkeypatch.setattr(threading, "excepthook", errors.append)
-    yield
-    assert not errors, [f"{e.thread.name if e.thread else '?'}: {e.exc_value!r}" for e in errors]
+@pytest.fixture
+def thread_errors():
+    """Exceptions that ended a thread (a scheduler's, through on_thread_error, or a test's own): a second resolution
+    of a future raises InvalidStateError in whichever thread tried it. Fails the test on any."""
+    errors: list[BaseException] = []
+    yield errors
+    assert not errors, [repr(error) for error in errors]
 
 
 @pytest.fixture
-def make():
-    """Builds schedulers; at teardown, releases their backends and checks the threads exit."""
+def make(thread_errors: list[BaseException]):
+    """Builds schedulers that report their threads' deaths to thread_errors; at teardown, releases their backends
+    and checks the threads exit."""
     made: list[tuple[RequestScheduler, FakeBackend]] = []
 
     def make_(backend: Optional[FakeBackend] = None, **kwargs) -> tuple[RequestScheduler, FakeBackend]:
         backend = backend or FakeBackend()
-        made.append((RequestScheduler(backend, **kwargs), backend))
+        made.append((RequestScheduler(backend, on_thread_error=thread_errors.append, **kwargs), backend))
         return made[-1]
 
     yield make_
@@ -398,6 +399,21 @@ def test_each_future_is_resolved_once_and_only_by_the_scheduler(make):
     assert (stats.completed, stats.cancelled, stats.stopped) == (2, 0, 0)
 
 
+def test_an_exception_that_ends_a_scheduler_thread_goes_to_on_thread_error():
+    reported: list[BaseException] = []
+
+    def leave(requests: Sequence[InferenceRequest]) -> _Reply:
+        raise SystemExit("not an Exception: generate()'s guard lets it through and the worker thread ends")
+
+    scheduler = RequestScheduler(FakeBackend(respond=leave), on_thread_error=reported.append)
+    ticket = scheduler.submit(make_request(0))
+    assert isinstance(outcome(ticket), SchedulerStopped)   # answered as the worker left, not left waiting
+    assert scheduler.stop(timeout_s=WAIT_S)
+    assert [type(error) for error in reported] == [SystemExit]
+    with pytest.raises(SchedulerStopped):
+        scheduler.submit(make_request(1))
+
+
 def test_invalid_settings_are_refused(make):
     with pytest.raises(ValueError):
         RequestScheduler(FakeBackend(), queue_size=0)
@@ -411,7 +427,7 @@ def test_invalid_settings_are_refused(make):
             scheduler.submit(make_request(0), timeout_s=timeout)
 
 
-def test_concurrent_stress_every_future_resolves_once_and_counts_add_up(make):
+def test_concurrent_stress_every_future_resolves_once_and_counts_add_up(make, thread_errors):
     backend_rng = random.Random(7)   # used on the worker thread only
 
     def flaky(requests: Sequence[InferenceRequest]) -> _Reply:
@@ -453,7 +469,13 @@ def test_concurrent_stress_every_future_resolves_once_and_counts_add_up(make):
             elif rng.random() < 0.3:
                 time.sleep(0.0005)
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(n_threads)]
+    def reporting_client(k: int) -> None:
+        try:
+            client(k)
+        except BaseException as error:
+            thread_errors.append(error)
+
+    threads = [threading.Thread(target=reporting_client, args=(k,)) for k in range(n_threads)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -495,9 +517,10 @@ _OPS = st.lists(
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=_OPS, max_batch=st.integers(1, 3), queue_size=st.integers(1, 4))
-def test_no_sequence_of_submit_cancel_complete_leaves_a_future_unresolved_after_stop(ops, max_batch, queue_size):
+def test_no_sequence_of_submit_cancel_complete_leaves_a_future_unresolved_after_stop(thread_errors, ops, max_batch,
+                                                                                      queue_size):
     backend = FakeBackend(max_batch_size=max_batch, gated=True)
-    scheduler = RequestScheduler(backend, queue_size=queue_size)
+    scheduler = RequestScheduler(backend, queue_size=queue_size, on_thread_error=thread_errors.append)
     tickets: list[Ticket] = []
     try:
         for op, arg in ops:

@@ -7,13 +7,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]   # bench/ is a package of the checkout: python -m bench.<script>
 
 
-def run_bench(script: str, *args: str, timeout: float) -> dict:
+def run_bench(script: str, *args: str, timeout: float) -> Any:
     out = Path(args[args.index("--json") + 1])
     result = subprocess.run([sys.executable, "-m", f"bench.{script}", *args], capture_output=True, text=True,
                             timeout=timeout, env=os.environ.copy(), cwd=ROOT)
@@ -43,3 +44,14 @@ def test_request_overhead_measures_the_node_against_the_bare_round_trips(tmp_pat
     for kind in ("node_camera", "node_image", "floor_image", "floor_noimage", "echo"):
         assert size[kind]["n"] == 5 and 0 < size[kind]["p50_ms"] <= size[kind]["p95_ms"] < 10_000, kind
     assert all(math.isfinite(ms) and ms >= 0 for ms in size["breakdown_ms"].values())
+
+
+@pytest.mark.timeout(150)
+def test_reply_loss_counts_what_callers_lost_and_what_each_node_counted_on_its_stats(tmp_path: Path):
+    [report] = run_bench("reply_loss", "--mode", "restart", "--runs", "2", "--busy", "0",   # runs are appended
+                         "--json", str(tmp_path / "reply_loss.json"), timeout=140)
+    assert report["mode"] == "restart" and report["asked"] == 2 and report["not_found"] == 0
+    assert set(report["lost"]) == {"service", "goal", "result"}
+    counted = report["node_replies"]   # from each node's ~/stats, summed
+    assert set(counted) == {"dropped", "resent", "abandoned"}
+    assert 0 <= counted["resent"] + counted["abandoned"] <= counted["dropped"]

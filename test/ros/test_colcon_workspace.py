@@ -1,17 +1,22 @@
-"""The route ROS users take: `colcon build` in a workspace over an underlay, then the node from install/.
+"""The route ROS users take: `colcon build` in a workspace over an underlay, the node from install/, `colcon test`.
 
 The venv plays the part of /opt/ros/<distro>: it is the underlay (AMENT_PREFIX_PATH, its python3 on PATH), as
 `source /opt/ros/jazzy/setup.bash` would make it. The package is copied into a fresh workspace's src/, built by
 the venv's colcon exactly as docs/building.md says, and started from install/ in a fresh shell that sources the
 workspace. The node must then answer over its service, and it must be the workspace's copy that answers (its
-interface libraries are mapped from install/, not from the venv).
+interface libraries are mapped from install/, not from the venv). `colcon test` then runs the core tests against
+install/ and `colcon test-result` reports them.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
+
+import pytest
 
 import numpy as np
 from sensor_msgs.msg import Image
@@ -25,7 +30,12 @@ PACKAGE = "spatialthinker_ros"
 NOT_SOURCES = shutil.ignore_patterns(".git", ".venv*", "build", "build-*", "build*.log", "__pycache__",
                                      ".pytest_cache", ".hypothesis", "demo_output", "install", "log")
 BUILD_TIMEOUT = 900.0
+TEST_TIMEOUT = 600.0
 STARTUP = 90.0
+# `colcon test` runs every core test (CMakeLists.txt); here, where the whole suite already ran from the venv, a
+# fast subset through pytest's PYTEST_ADDOPTS: the manifest, prompts, the parser, and the installed
+# spatialthinker-ask (the tiny checkpoint included). The modules that must have run:
+WORKSPACE_CORE_TESTS = ("test_package_manifest", "test_prompt", "test_parsing", "test_cli")
 
 
 def underlay_env() -> dict:
@@ -37,20 +47,25 @@ def underlay_env() -> dict:
     return env
 
 
-def colcon_build(workspace: Path) -> subprocess.CompletedProcess:
-    """The workspace build of docs/building.md, verbatim (rosdep install aside: the underlay already has the dependencies)."""
-    return subprocess.run([str(VENV / "bin" / "colcon"), "build", "--packages-select", PACKAGE,
-                           "--event-handlers", "console_direct+", "--cmake-args", "-DBUILD_TESTING=OFF"],
-                          cwd=workspace, env=underlay_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=BUILD_TIMEOUT)
+def colcon(workspace: Path, *args: str, env: dict | None = None,
+           timeout: float = BUILD_TIMEOUT) -> subprocess.CompletedProcess:
+    """The underlay's colcon in the workspace, as docs/building.md runs it; output and errors in stdout."""
+    return subprocess.run([str(VENV / "bin" / "colcon"), *args], cwd=workspace, env=env or underlay_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
 
 
-def test_colcon_workspace_build_installs_a_node_that_answers(tmp_path, spawn, ros_context):
-    workspace = tmp_path / "ws"
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A fresh workspace with the package built by the build line of docs/building.md, verbatim (rosdep install
+    aside: the underlay already has the dependencies)."""
+    workspace = tmp_path_factory.mktemp("colcon") / "ws"
     shutil.copytree(REPO, workspace / "src" / PACKAGE, ignore=NOT_SOURCES)
-    build = colcon_build(workspace)
+    build = colcon(workspace, "build", "--packages-select", PACKAGE, "--event-handlers", "console_direct+")
     assert build.returncode == 0, build.stdout[-6000:]
+    return workspace
 
+
+def test_colcon_workspace_build_installs_a_node_that_answers(workspace, tmp_path, spawn, ros_context):
     install = workspace / "install" / PACKAGE
     share = install / "share" / PACKAGE
     for shipped in ("launch/bringup.launch.py", "config/spatialthinker.yaml", "rviz/spatialthinker.rviz",
@@ -82,6 +97,30 @@ def test_colcon_workspace_build_installs_a_node_that_answers(tmp_path, spawn, ro
         assert f"{install}/lib/lib{PACKAGE}__rosidl_typesupport_c.so" in maps, "node did not load the workspace"
     finally:
         client.close()
+
+
+def test_colcon_test_runs_the_core_tests_against_the_workspace_and_test_result_reports_them(workspace):
+    selection = " or ".join(WORKSPACE_CORE_TESTS)
+    env = dict(underlay_env(), PYTEST_ADDOPTS=f"-k '{selection}'")
+    tested = colcon(workspace, "test", "--packages-select", PACKAGE, "--event-handlers", "console_direct+",
+                    env=env, timeout=TEST_TIMEOUT)
+    assert tested.returncode == 0, tested.stdout[-6000:]
+
+    junit = workspace / "build" / PACKAGE / "test_results" / PACKAGE / "core_tests.xunit.xml"
+    suite = ET.parse(junit).getroot()
+    suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
+    cases = suite.findall("testcase")
+    # classname: spatialthinker_ros.test.core.<module>[.<class>]
+    modules = {next(part for part in case.get("classname").split(".") if part.startswith("test_")) for case in cases}
+    assert set(WORKSPACE_CORE_TESTS) <= modules, modules
+    assert int(suite.get("failures")) == int(suite.get("errors")) == 0
+
+    result = colcon(workspace, "test-result", "--verbose", timeout=60.0)
+    assert result.returncode == 0, result.stdout
+    summary = re.search(r"Summary: (\d+) tests, (\d+) errors, (\d+) failures", result.stdout)
+    assert summary, result.stdout
+    # every JUnit file under build/: the core tests' and ctest's own (one test: core_tests)
+    assert int(summary[1]) >= len(cases) and (int(summary[2]), int(summary[3])) == (0, 0)
 
 
 def _process_tree(pid: int) -> list[int]:

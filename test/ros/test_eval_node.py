@@ -3,8 +3,6 @@ node's own answers."""
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from std_msgs.msg import Header
@@ -13,13 +11,13 @@ import eval_data
 from eval_data import EXPECTED, ROWS
 from spatialthinker_ros.testing.camera import pattern_image
 from spatialthinker_ros.testing.node_client import NodeClient
-from spatialthinker_ros.testing.processes import node_command
+from spatialthinker_ros.testing.processes import installed_executable, node_command
 from spatialthinker_ros.ros.conversions import rgb_to_image_msg
 from spatialthinker_ros.srv import AskSpatial
 
 pytestmark = pytest.mark.timeout(240)
 
-EVAL = Path(sys.executable).parent / "spatialthinker-eval"
+EVAL = installed_executable("spatialthinker-eval")
 CARD = "Where is the cat relative to the couch? (A) on top of (B) in front of (C) behind (D) beside"
 TRAINING = "Where is the cat relative to the couch?\nOptions: (A) on top of (B) in front of (C) behind (D) beside"
 

@@ -5,7 +5,7 @@ what it would start. The same arguments then start the real node process with th
 launch_ros would pass, and a request through the remapped topics and namespace must succeed.
 """
 
-import importlib.util
+import builtins
 import json
 import re
 import sys
@@ -40,8 +40,10 @@ class FakeLaunchConfiguration:
 
 
 @pytest.fixture
-def launch_file(monkeypatch):
-    """bringup.launch.py loaded with recording stand-ins for the launch packages."""
+def launch_file():
+    """bringup.launch.py executed with recording stand-ins for the launch packages. Its own imports resolve
+    them (an __import__ of the file's globals only): nothing process-wide changes, and a real `launch` is not
+    shadowed for anyone else."""
     modules = {
         "launch": types.SimpleNamespace(LaunchDescription=Recorded),
         "launch.actions": types.SimpleNamespace(DeclareLaunchArgument=Recorded, OpaqueFunction=Recorded),
@@ -49,11 +51,17 @@ def launch_file(monkeypatch):
         "launch_ros": types.SimpleNamespace(),
         "launch_ros.actions": types.SimpleNamespace(Node=Recorded),
     }
-    for name, module in modules.items():
-        monkeypatch.setitem(sys.modules, name, module)
-    spec = importlib.util.spec_from_file_location("bringup_launch", REPO / "launch" / "bringup.launch.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+
+    def launch_import(name, globals=None, locals=None, fromlist=(), level=0):
+        if level == 0 and name in modules:
+            return modules[name if fromlist else name.partition(".")[0]]
+        return builtins.__import__(name, globals, locals, fromlist, level)
+
+    path = REPO / "launch" / "bringup.launch.py"
+    module = types.ModuleType("bringup_launch")
+    module.__file__ = str(path)
+    module.__builtins__ = {**vars(builtins), "__import__": launch_import}
+    exec(compile(path.read_text(), str(path), "exec"), vars(module))
     return module
 
 

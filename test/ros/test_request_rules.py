@@ -5,7 +5,6 @@ the installed command line (the image as a file), with the same limits set by pa
 from __future__ import annotations
 
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,14 +14,14 @@ import pytest
 from sensor_msgs.msg import Image
 from spatialthinker_ros.core.request import ErrorCode
 from spatialthinker_ros.testing.camera import pattern_image
-from spatialthinker_ros.testing.processes import node_command
+from spatialthinker_ros.testing.processes import installed_executable, node_command
 from spatialthinker_ros.ros.conversions import ERROR_CODES
 from spatialthinker_ros.srv import AskSpatial
 from node_requests import E, OPTIONS, QUESTION, replay_params
 
 pytestmark = pytest.mark.timeout(240)
 
-ASK = Path(sys.executable).parent / "spatialthinker-ask"
+ASK = installed_executable("spatialthinker-ask")
 LIMITS = {"max_question_chars": 100, "max_request_image_pixels": 100_000}
 
 

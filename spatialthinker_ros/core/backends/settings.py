@@ -66,6 +66,9 @@ class TransformersConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     local_files_only: bool = False
     compile: bool = False                        # static KV cache; transformers then compiles decoding on cuda
+    # keep the KV of recent one-question prompts, so a follow-up question about the same frame prefills only
+    # what differs (off with compile, or where this transformers cannot continue a Qwen2.5-VL prompt)
+    reuse_prompts: bool = True
 
     def __post_init__(self) -> None:
         if not self.model:

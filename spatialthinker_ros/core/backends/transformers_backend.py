@@ -87,13 +87,15 @@ class TransformersBackend:
         self._tokenizer.padding_side = "left"   # generation continues every row from its last column
         self._image_kwargs = _image_size_kwargs(self._processor.image_processor, config)
         self._generate_kwargs = _generate_kwargs(config.generation, config.compile)
+        self._make_logits_processors: Optional[Callable[[], Sequence[LogitsProcessor]]] = None
         tower = _vision_tower(self._model)
         # None where this transformers cannot take precomputed image embeddings: the tower then runs in generate
         self.image_encodings: Optional[ImageEncodingCache] = (
             ImageEncodingCache(tower, _ENCODINGS_KEPT) if _PRECOMPUTED_IMAGES else None)
         # a static cache (compile) cannot continue from another cache
         self.prompts: Optional[PromptCache] = (
-            PromptCache(_PROMPTS_KEPT) if _PROMPT_REUSE and _PRECOMPUTED_IMAGES and not config.compile else None)
+            PromptCache(_PROMPTS_KEPT)
+            if config.reuse_prompts and _PROMPT_REUSE and _PRECOMPUTED_IMAGES and not config.compile else None)
         self._letters: Optional[LetterTokens] = None   # made at the first question with options
         self._eos_ids = _token_ids(self._model.generation_config.eos_token_id)
         self._end_ids = self._eos_ids | _token_ids(self._model.generation_config.pad_token_id)
@@ -143,6 +145,13 @@ class TransformersBackend:
     def set_generation(self, generation: GenerationConfig) -> None:
         """Decoding settings for the next calls (the benchmarks time one output length, then another)."""
         self._generate_kwargs = _generate_kwargs(generation, self.config.compile)
+
+    def set_logits_processors(self, make: Optional[Callable[[], Sequence[LogitsProcessor]]]) -> None:
+        """Extra transformers LogitsProcessors for the next calls (None: none again). `make` is called once per
+        model.generate call, so processors that keep per-call state start fresh; they run after generate's own and
+        after the option-letter probe, which reads the model's scores.
+        Benchmarks and tests force a known answer from a random model with it, or read the scores."""
+        self._make_logits_processors = make
 
     def forget(self, images: bool = True, prompts: bool = True) -> None:
         """Drops what is kept of earlier frames: image encodings and/or prompt KV caches."""
@@ -194,11 +203,15 @@ class TransformersBackend:
             model_inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=embeddings)}
         else:
             model_inputs = inputs
+        # The probe reads the model's own scores, before any processor a caller added (set_logits_processors).
+        processors = [probe] if probe else []
+        if self._make_logits_processors is not None:
+            processors.extend(self._make_logits_processors())
         output = self._model.generate(
             **model_inputs,
             **self._generate_kwargs,
             stopping_criteria=StoppingCriteriaList([scene_stop]) if scene_stop else None,
-            logits_processor=LogitsProcessorList([probe]) if probe else None,
+            logits_processor=LogitsProcessorList(processors) if processors else None,
             streamer=streamer,
             return_dict_in_generate=True,
         )
