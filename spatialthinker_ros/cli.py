@@ -38,7 +38,8 @@ from spatialthinker_ros.core.ask import AskFlow
 from spatialthinker_ros.core.pipeline import PipelineConfig, answer_dict, check_image
 from spatialthinker_ros.core.prompt import PromptConfig
 from spatialthinker_ros.core.relations import RelationCheckConfig
-from spatialthinker_ros.core.request import ErrorCode, ImageError, RequestError, check_question, depth_aspect_mismatch
+from spatialthinker_ros.core.request import (ErrorCode, ImageError, RequestError, check_question, depth_aspect_mismatch,
+                                             request_image_error)
 from spatialthinker_ros.core.sources import Source
 from spatialthinker_ros.core.types import BackendError, InferenceRequest, InferenceResult, SpatialResult
 from spatialthinker_ros.core.validation import validate_model_reference
@@ -352,8 +353,8 @@ def read_image(path: Path, max_pixels: int) -> np.ndarray:
     over `max_pixels` is refused before it is decoded."""
     try:
         rgb = decode_rgb(_read_bytes(path, "image"), max_pixels)
-    except ImageError as exc:
-        raise UsageError(f"image file {path}: {exc}") from None
+    except ImageError as exc:   # refused as the node refuses a request image of that size
+        raise request_image_error(exc) from None
     if rgb is None:
         raise UsageError(f"cannot decode image file {path}: corrupt, or not a format OpenCV reads "
                          "(PNG, JPEG, BMP, TIFF, WebP, ...)")

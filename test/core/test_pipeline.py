@@ -158,7 +158,7 @@ def test_geometry_losses_turn_complete_into_partial():
 def test_a_box_clamped_to_the_image_is_said_without_changing_the_status():
     objects = MUG_LAPTOP + [{"id": "lamp.1", "bbox": [600, 400, 700, 500]}]   # the model's image is 640x480
     request = prepare_request(camera_image(), "Where is the laptop relative to the mug?", OPTIONS, HALF_SIZE)
-    finished = finish_result(request, InferenceResult(text=response(objects, RIGHT_OF)), OPTIONS, (1280, 960))
+    finished = finish_result(request, answered(text=response(objects, RIGHT_OF)), OPTIONS, (1280, 960))
     parsed = finished.parsed
     assert parsed.status is AnswerStatus.COMPLETE and parsed.choice == "B"
     lamp = finished.scene.objects[2].box
