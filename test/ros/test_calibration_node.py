@@ -43,3 +43,20 @@ def test_calibration_of_the_same_setup_configures(spawn, client, camera, replay_
     response = client.ask_until_ready(proc, question=QUESTION, options=OPTIONS)
     assert response.success, response.message
     assert client.lifecycle_state() == "active" and "cannot configure" not in proc.output()
+    # the replay line's probabilities are 0.8 and 0.2; threshold 0.6 keeps every option of at least 0.4: A only
+    answer = response.answer
+    assert list(answer.option_probabilities) == pytest.approx([0.8, 0.2])
+    assert (list(answer.prediction_set), answer.prediction_set_coverage) == (["A"], pytest.approx(0.9))
+    # a free-form question has no probabilities, so no set and coverage 0
+    free = client.ask(question=QUESTION)
+    assert free.success and (list(free.answer.option_probabilities), list(free.answer.prediction_set),
+                             free.answer.prediction_set_coverage) == ([], [], 0.0)
+
+
+def test_without_a_calibration_every_set_is_empty_with_coverage_0(spawn, client, camera, replay_file):
+    camera(width=640, height=480)
+    proc = spawn(node_command(**replay_params(replay_file)), name="node")
+    response = client.ask_until_ready(proc, question=QUESTION, options=OPTIONS)
+    assert response.success, response.message
+    assert list(response.answer.option_probabilities) == pytest.approx([0.8, 0.2])
+    assert (list(response.answer.prediction_set), response.answer.prediction_set_coverage) == ([], 0.0)
