@@ -41,7 +41,7 @@ setup: ## venv + pinned dependencies (ROS 2 $(ROS_DISTRO) wheels, model stack, c
 	@echo "setup: building the message, service and action interfaces (C++ and Python) and installing the"
 	@echo "       package into $(VENV): about a minute the first time, log in $(BUILD).log"
 	$(MAKE) --no-print-directory build
-	@echo 'setup: done. Next: `make demo$(DISTRO_ARG)` (offline, about a minute), then "Try it offline" in README.md'
+	@echo 'setup: done. Next: `make demo$(DISTRO_ARG)` (offline, about a minute), then "Without a GPU or a camera" in README.md'
 
 build: ## (re)build interfaces and install the package into the venv prefix; incremental
 	cmake -S . -B $(BUILD) -DCMAKE_INSTALL_PREFIX=$(abspath $(VENV)) -DPython3_EXECUTABLE=$(abspath $(PY)) \

@@ -44,11 +44,13 @@ def test_targets_before_setup_say_run_setup_first_in_one_line(target, distro, se
     assert not (tmp_path / "build").exists(), "nothing was built"
 
 
-def test_setup_says_what_it_builds_and_ends_with_the_next_command():
+@pytest.mark.parametrize("distro, demo", [("jazzy", "make demo"), ("kilted", "make demo ROS_DISTRO=kilted")])
+def test_setup_says_what_it_builds_and_ends_with_the_next_command(distro, demo):
     venv = Path(sys.executable).parents[1]    # set up: the dry run goes through the build's commands too
-    done = make("-n", "setup", f"VENV={venv}")
+    done = make("-n", "setup", f"ROS_DISTRO={distro}", f"VENV={venv}")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
     assert any("setup: building the message, service and action interfaces" in line for line in lines), lines
     assert "cmake --install" in done.stdout
-    assert "setup: done. Next: `make demo`" in lines[-1], lines[-1]
+    assert f"setup: done. Next: `{demo}`" in lines[-1] and '"Without a GPU or a camera" in README.md' in lines[-1], lines[-1]
+    assert "### Without a GPU or a camera" in (REPO / "README.md").read_text()
