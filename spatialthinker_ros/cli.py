@@ -30,13 +30,12 @@ from spatialthinker_ros.core.backends import create_backend
 from spatialthinker_ros.core.backends.base import Backend
 from spatialthinker_ros.core.backends.openai_backend import OpenAIConfig
 from spatialthinker_ros.core.backends.settings import DEFAULT_MODEL, TransformersConfig, applies_to, backend_settings
-from spatialthinker_ros.core.conformal import Calibration, CalibrationError, CalibrationSetup, load_calibration
-from spatialthinker_ros.core.config import BY_NAME as PARAMETERS_BY_NAME
+from spatialthinker_ros.core.conformal import Calibration, CalibrationError
+from spatialthinker_ros.core.config import BY_NAME as PARAMETERS_BY_NAME, configured_calibration, pipeline_config_from
 from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage
 from spatialthinker_ros.core.images import decode_quietly, decode_rgb
 from spatialthinker_ros.core.ask import AskFlow
 from spatialthinker_ros.core.pipeline import PipelineConfig, answer_dict, check_image
-from spatialthinker_ros.core.prompt import PromptConfig
 from spatialthinker_ros.core.relations import RelationCheckConfig
 from spatialthinker_ros.core.request import (ErrorCode, ImageError, RequestError, check_question, depth_aspect_mismatch,
                                              request_image_error)
@@ -249,10 +248,8 @@ def read_calibration(args: argparse.Namespace) -> Optional[Calibration]:
     """--calibration, checked against the settings that will answer (None without one)."""
     if args.calibration is None:
         return None
-    setup = CalibrationSetup.of(args.backend, args.model or DEFAULT_MODEL, args.max_pixels, args.max_input_pixels,
-                                args.prompt_style)
     try:
-        return load_calibration(str(args.calibration), setup)
+        return configured_calibration(str(args.calibration), vars(args) | {"model": args.model or DEFAULT_MODEL})
     except CalibrationError as exc:
         raise UsageError(exc) from None
 
@@ -260,9 +257,7 @@ def read_calibration(args: argparse.Namespace) -> Optional[Calibration]:
 def pipeline_config(args: argparse.Namespace, **fields: Any) -> PipelineConfig:
     """The pipeline settings of add_model_arguments' prompt options, plus any other PipelineConfig `fields`."""
     try:
-        prompt = PromptConfig(style=args.prompt_style, max_question_chars=args.max_question_chars)
-        return PipelineConfig(prompt=prompt, max_input_pixels=args.max_input_pixels,
-                              max_request_image_pixels=args.max_request_image_pixels, **fields)
+        return pipeline_config_from(vars(args), **fields)
     except ValueError as exc:
         raise UsageError(exc) from None
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from spatialthinker_ros.core.backends import BACKEND_NAMES
 from spatialthinker_ros.core.backends.base import GenerationConfig
@@ -16,9 +16,10 @@ from spatialthinker_ros.core.backends.openai_backend import OpenAIConfig
 from spatialthinker_ros.core.backends.replay_backend import ReplayConfig
 from spatialthinker_ros.core.backends.settings import (ATTENTION_IMPLEMENTATIONS, DEVICE, DTYPES, QUANTIZATIONS,
                                                        TransformersConfig, applies_to)
+from spatialthinker_ros.core.conformal import Calibration, CalibrationSetup, load_calibration
 from spatialthinker_ros.core.geometry import DEFAULT_DEPTH_SCALE
 from spatialthinker_ros.core.pipeline import PipelineConfig
-from spatialthinker_ros.core.prompt import STYLES
+from spatialthinker_ros.core.prompt import STYLES, PromptConfig
 from spatialthinker_ros.core.relations import RelationCheckConfig
 from spatialthinker_ros.core.request import DEPTH_SYNC_TOLERANCE_S
 from spatialthinker_ros.core.scheduling import DEFAULT_QUEUE_SIZE
@@ -185,3 +186,21 @@ BY_NAME = {spec.name: spec for spec in PARAMETERS}
 def defaults() -> dict[str, Any]:
     """Every parameter's default, by name."""
     return {spec.name: spec.default for spec in PARAMETERS}
+
+
+def pipeline_config_from(values: Mapping[str, Any], **fields: Any) -> PipelineConfig:
+    """The PipelineConfig that the parameters prompt_style, max_question_chars, max_input_pixels and
+    max_request_image_pixels set (`values` by parameter name: the node's parameters, or the command line's options),
+    plus any other PipelineConfig `fields`. ValueError for a value the config refuses."""
+    prompt = PromptConfig(style=values["prompt_style"], max_question_chars=values["max_question_chars"])
+    return PipelineConfig(prompt=prompt, max_input_pixels=values["max_input_pixels"],
+                          max_request_image_pixels=values["max_request_image_pixels"], **fields)
+
+
+def configured_calibration(path: str, values: Mapping[str, Any]) -> Optional[Calibration]:
+    """The calibration file at `path` ('' = none), checked against the setup that will answer: the parameters
+    backend, model, max_pixels, max_input_pixels and prompt_style in `values`. CalibrationError for a bad file or
+    one calibrated with another setup; cheap, so check it before the model loads."""
+    setup = CalibrationSetup.of(values["backend"], values["model"], values["max_pixels"], values["max_input_pixels"],
+                                values["prompt_style"])
+    return load_calibration(path, setup)

@@ -12,50 +12,43 @@ are only ever touched from the executor thread.
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import dataclasses
-import gc
-import time
 import types
 import uuid
-from typing import Callable, Mapping, Optional
+from typing import Mapping, Optional
 
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import QoSProfile
-from rclpy.task import Future
-from sensor_msgs.msg import Image
-from visualization_msgs.msg import MarkerArray
 
 from spatialthinker_ros.action import AskSpatial as AskSpatialAction
-from spatialthinker_ros.core.annotate import draw_scene
 from spatialthinker_ros.core.ask import AskFlow
-from spatialthinker_ros.core.backends import create_backend
 from spatialthinker_ros.core.backends.settings import backend_settings
-from spatialthinker_ros.core.conformal import CalibrationError, CalibrationSetup, load_calibration
+from spatialthinker_ros.core.config import configured_calibration, pipeline_config_from
+from spatialthinker_ros.core.conformal import CalibrationError
 from spatialthinker_ros.core.pipeline import PipelineConfig
-from spatialthinker_ros.core.prompt import PromptConfig
 from spatialthinker_ros.core.request import ErrorCode, RequestError, check_question, internal_error
-from spatialthinker_ros.core.scheduling import RequestScheduler, Ticket
+from spatialthinker_ros.core.runtime import BackendRuntime
+from spatialthinker_ros.core.scheduling import Ticket
 from spatialthinker_ros.core.sources import (Source, SourceSettings, camera_source, choose_camera, has_request_image,
                                              request_source)
 from spatialthinker_ros.core.text import excerpt
 from spatialthinker_ros.core.types import BackendError, InferenceRequest, InferenceResult, SpatialResult
-from spatialthinker_ros.msg import SceneGraph, SpatialAnswer
+from spatialthinker_ros.msg import SpatialAnswer
 from spatialthinker_ros.ros.cameras import CameraInput, camera_qos, topic_prefix
 from spatialthinker_ros.ros.feedback import feedback_sink, goal_feedback
-from spatialthinker_ros.ros.conversions import fill_response, rgb_to_image_msg, scene_graph_msg, spatial_answer_msg
+from spatialthinker_ros.ros.conversions import fill_response, scene_graph_msg, spatial_answer_msg
+from spatialthinker_ros.ros.handoff import ExecutorHandoff
+from spatialthinker_ros.ros.outputs import AnswerOutputs
 from spatialthinker_ros.ros.parameters import PARAMETERS, check_parameters, descriptor
 from spatialthinker_ros.ros.replies import ReplyCourier
 from spatialthinker_ros.ros.stats import StatsPublisher
 from spatialthinker_ros.ros.throttle import ThrottledWarnings
-from spatialthinker_ros.ros.visualization import scene_markers
 from spatialthinker_ros.srv import AskSpatial
 
-BACKEND_IDLE_WAIT_S = 600.0    # a generation that is already running cannot be interrupted; wait for it
-ACTIVATE_WAIT_S = 5.0          # activating waits this long for it, then fails (callbacks wait meanwhile)
+ACTIVATE_WAIT_S = 5.0          # activating waits this long for a running generation, then fails (callbacks wait)
 SHUTDOWN_WAIT_S = 5.0          # ...but not when the process exits: its memory goes with it (launch escalates at 5 s)
 REQUEST_QUEUE_DEPTH = 1000     # requests (all callers together) that may arrive faster than they are taken
 
@@ -70,19 +63,15 @@ class SpatialThinkerNode(LifecycleNode):
         # model: with the default mutually exclusive group, nothing else (frames, other requests, results
         # coming back) could run meanwhile. A reentrant group lets them interleave on that thread.
         self._group = ReentrantCallbackGroup()
-        self._posted: collections.deque[Callable[[], None]] = collections.deque()
-        self._wake = self.create_guard_condition(self._run_posted, callback_group=self._group)
+        self._handoff = ExecutorHandoff(self, self._group)   # worker threads -> the executor thread
         self._warn_throttled = ThrottledWarnings(self.get_logger())
         self._state = "unconfigured"   # rclpy offers no public query of a LifecycleNode's own state
         self.requests_in_progress = 0                             # accepted and not yet answered
-        self._backend = None
-        self._backend_state = "none"                         # on ~/stats: stats.BACKEND_STATES
-        self._scheduler: Optional[RequestScheduler] = None
-        self._draining: Optional[RequestScheduler] = None   # stopped, but its worker may still be generating
+        self._runtime = BackendRuntime(self.get_logger())     # the backend and its scheduler
         self._tickets: dict[str, Ticket] = {}                # request id -> ticket, while queued or running
         self._cameras: dict[str, CameraInput] = {}
         self._camera_subscriptions = []
-        self._outputs: dict[str, object] = {}
+        self._outputs: Optional[AnswerOutputs] = None
         self._pipeline = PipelineConfig()
         self._active = False
         self._stats = StatsPublisher(self)
@@ -104,16 +93,6 @@ class SpatialThinkerNode(LifecycleNode):
             result_timeout=60, callback_group=self._group)
         self.replies.guard_all()   # ~/ask and rclpy's parameter and lifecycle services
 
-    # ---------------------------------------------------------------- thread hand-off
-    def _post(self, call: Callable[[], None]) -> None:
-        """Run `call` on the executor thread (safe from any thread)."""
-        self._posted.append(call)
-        self._wake.trigger()
-
-    def _run_posted(self) -> None:
-        while self._posted:
-            self._posted.popleft()()
-
     @property
     def cameras(self) -> Mapping[str, CameraInput]:
         """The configured cameras by name, read-only (their frame counters are what ~/stats reports)."""
@@ -125,40 +104,20 @@ class SpatialThinkerNode(LifecycleNode):
     # ---------------------------------------------------------------- lifecycle
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         p = self._param
-        backend = p("backend")
-        try:   # before the model loads: a wrong calibration fails in milliseconds
-            calibration = load_calibration(p("calibration_file"), CalibrationSetup.of(
-                backend, p("model"), p("max_pixels"), p("max_input_pixels"), p("prompt_style")))
-        except CalibrationError as exc:
+        values = {spec.name: p(spec.name) for spec in PARAMETERS}
+        try:   # the calibration before the model loads: a wrong one fails in milliseconds
+            pipeline = pipeline_config_from(values, calibration=configured_calibration(p("calibration_file"), values))
+            backend = self._runtime.load(p("backend"), backend_settings(p("backend"), values))
+        except (CalibrationError, BackendError, ValueError, OSError) as exc:
             self.get_logger().error(f"cannot configure: {exc}")
             return TransitionCallbackReturn.FAILURE
-        settings = backend_settings(backend, {spec.name: p(spec.name) for spec in PARAMETERS})
-        self.get_logger().info(f"loading backend {backend} ({settings.get('model', settings.get('replay_file'))})")
-        started = time.monotonic()
-        try:
-            self._backend = create_backend(backend, **settings)
-        except (BackendError, ValueError, OSError) as exc:
-            self.get_logger().error(f"cannot configure: {exc}")
-            return TransitionCallbackReturn.FAILURE
-        self._pipeline = PipelineConfig(
-            prompt=PromptConfig(style=p("prompt_style"), max_question_chars=p("max_question_chars")),
-            max_input_pixels=p("max_input_pixels"),
-            max_request_image_pixels=p("max_request_image_pixels"),
-            calibration=calibration).for_backend(self._backend)
-        self.get_logger().info(f"backend ready in {time.monotonic() - started:.1f} s: model {self._backend.model_name}")
-        self._backend_state = "loaded"
+        self._pipeline = pipeline.for_backend(backend)
         self._publish_stats()
         transport = "image/compressed" if p("image_transport") == "compressed" else "image"
         for name in p("cameras"):
             topic = self.resolve_topic_name(f"{topic_prefix(name)}{transport}")
             self._cameras[name] = CameraInput(name, topic, self._pipeline.max_request_image_pixels)
-        reliable = QoSProfile(depth=10)
-        self._outputs = {
-            "answer": self.create_lifecycle_publisher(SpatialAnswer, "~/answer", reliable),
-            "scene_graph": self.create_lifecycle_publisher(SceneGraph, "~/scene_graph", reliable),
-            "markers": self.create_lifecycle_publisher(MarkerArray, "~/markers", reliable),
-            "debug_image": self.create_lifecycle_publisher(Image, "~/debug_image", QoSProfile(depth=2)),
-        }
+        self._outputs = AnswerOutputs(self)
         self._state = "inactive"
         return super().on_configure(state)
 
@@ -182,11 +141,10 @@ class SpatialThinkerNode(LifecycleNode):
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         # A second worker must never run on a backend that is still inside generate(): activation fails, the
         # node stays inactive, and activating again once that generation ends works.
-        if not self._wait_backend_idle(ACTIVATE_WAIT_S):
+        if not self._runtime.start(self._param("queue_size"), wait_s=ACTIVATE_WAIT_S):
             self.get_logger().error("cannot activate: the backend is still generating the answer to a request "
                                     "taken before the last deactivation; activate again once it has finished")
             return TransitionCallbackReturn.FAILURE
-        self._scheduler = RequestScheduler(self._backend, queue_size=self._param("queue_size"))
         self._subscribe_cameras()
         self._active = True
         self._state = "active"
@@ -200,8 +158,13 @@ class SpatialThinkerNode(LifecycleNode):
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._release_inputs_outputs()
-        self._close_backend()
+        self._unsubscribe_cameras()
+        self._cameras.clear()
+        if self._outputs is not None:
+            self._outputs.destroy()
+            self._outputs = None
+        if self._runtime.close():
+            self._publish_stats()
         self._state = "unconfigured"
         return super().on_cleanup(state)
 
@@ -216,49 +179,13 @@ class SpatialThinkerNode(LifecycleNode):
         A generation still running after `wait_s` is left to finish on its own (it cannot be interrupted) and
         the model is then not closed: this is for exiting, when the process's memory goes with it."""
         self.stop_answering("node shutting down")
-        self._close_backend(wait_s)
+        if self._runtime.close(wait_s):
+            self._publish_stats()
 
     def stop_answering(self, reason: str) -> None:
         """Refuse new requests and answer every pending one (ERROR_NOT_ACTIVE) now; never blocks for long."""
         self._active = False
-        if self._scheduler is not None:
-            # Every caller is answered at once; only an idle worker is waited for (briefly): the answers go out
-            # from this thread, so waiting here for a running generation would hold them back.
-            if not self._scheduler.stop(reason, timeout_s=0.1):
-                self._draining = self._scheduler
-            self.get_logger().info(f"stopped answering ({reason}): {self._scheduler.stats()}")
-            self._publish_stats()
-            self._scheduler = None
-
-    def _wait_backend_idle(self, timeout_s: float = BACKEND_IDLE_WAIT_S) -> bool:
-        """Before the backend is closed or reused: let a generation that was already running finish.
-        Returns whether the backend is idle."""
-        if self._draining is not None:
-            self.get_logger().info("waiting for the running generation to finish")
-            if not self._draining.stop("node deactivated", timeout_s=timeout_s):
-                self.get_logger().error(f"generation still running after {timeout_s:.0f} s")
-                return False
-            self._draining = None
-        return True
-
-    def _release_inputs_outputs(self) -> None:
-        self._unsubscribe_cameras()
-        self._cameras.clear()
-        for publisher in self._outputs.values():
-            self.destroy_lifecycle_publisher(publisher)
-        self._outputs.clear()
-
-    def _close_backend(self, wait_s: float = BACKEND_IDLE_WAIT_S) -> None:
-        """Free the model, GPU memory included (TransformersBackend.close empties the CUDA cache)."""
-        if not self._wait_backend_idle(wait_s):
-            self.get_logger().warning("backend left open: a generation is still running")
-            return
-        if self._backend is not None:
-            self._backend.close()
-            self._backend = None
-            gc.collect()
-            self._backend_state = "released"
-            self.get_logger().info("backend closed: model and its memory released")
+        if self._runtime.stop(reason):
             self._publish_stats()
 
     def lifecycle_state(self) -> str:
@@ -285,10 +212,8 @@ class SpatialThinkerNode(LifecycleNode):
         return result
 
     def _publish_stats(self) -> None:
-        scheduler = self._scheduler or self._draining
-        self._stats.publish(scheduler.stats() if scheduler is not None else None, self._cameras,
-                            self.replies.counts(), self._backend_state,
-                            self._backend.model_name if self._backend is not None else None)
+        runtime = self._runtime
+        self._stats.publish(runtime.stats(), self._cameras, self.replies.counts(), runtime.state, runtime.model_name)
 
     def _on_cancel(self, goal_handle) -> CancelResponse:
         ticket = self._tickets.get(bytes(goal_handle.goal_id.uuid).hex())
@@ -301,14 +226,15 @@ class SpatialThinkerNode(LifecycleNode):
         core/sources.py). Every path returns an answer or a RequestError."""
         self.requests_in_progress += 1
         try:
-            if not self._active or self._scheduler is None:
+            if not self._active or self._runtime.scheduler is None:
                 raise RequestError(f"node is not active (state: {self.lifecycle_state()})", ErrorCode.NOT_ACTIVE)
             options = list(request.options)
             asked = check_question(request.question, options, self._pipeline.prompt)   # before frames are converted
             source = self._source(request)
+            partial_graph = lambda text: scene_graph_msg(flow.partial_scene(text).parsed.scene, source.header)
             flow = AskFlow(source, request.question, options, self._request_config(), scene_only=request.scene_only,
                            request_id=request_id, asked=asked,
-                           on_text=feedback_sink(feedback, self._post, lambda text: self._partial_scene(flow, text)),
+                           on_text=feedback_sink(feedback, self._handoff.post, partial_graph),
                            on_retry=lambda smaller: self.get_logger().warning(
                                f"request {request_id}: out of memory, retrying with a smaller image"))
             if feedback:
@@ -332,19 +258,17 @@ class SpatialThinkerNode(LifecycleNode):
     async def _run(self, attempt: InferenceRequest, feedback) -> InferenceResult | BackendError:
         """Queue the request and wait for the worker, without blocking the executor. The scheduler's refusals
         (busy, stopped, timed out, cancelled) are RequestErrors and pass up; a backend's failure is returned."""
-        scheduler = self._scheduler
+        scheduler = self._runtime.scheduler
         if scheduler is None:
             raise RequestError("node is not active", ErrorCode.NOT_ACTIVE)
         on_start = None
         if feedback:
-            on_start = lambda: self._post(lambda: feedback(AskSpatialAction.Feedback.STAGE_GENERATING, 0, None))
+            generating = lambda: feedback(AskSpatialAction.Feedback.STAGE_GENERATING, 0, None)
+            on_start = lambda: self._handoff.post(generating)
         ticket = scheduler.submit(attempt, timeout_s=self._param("request_timeout"), on_start=on_start)
         self._tickets[attempt.request_id] = ticket
-        done: Future = Future()
-        ticket.future.add_done_callback(lambda f: self._post(lambda: done.set_result(f)))
-        await done
+        worker_future: concurrent.futures.Future = await self._handoff.done(ticket.future)
         del self._tickets[attempt.request_id]
-        worker_future: concurrent.futures.Future = done.result()
         try:
             return worker_future.result()
         except BackendError as exc:
@@ -355,9 +279,6 @@ class SpatialThinkerNode(LifecycleNode):
         checks = dataclasses.replace(self._pipeline.relations, enabled=self._param("check_relations"),
                                      margin_m=self._param("relation_margin"))
         return dataclasses.replace(self._pipeline, relations=checks)
-
-    def _partial_scene(self, flow: AskFlow, text: str) -> SceneGraph:
-        return scene_graph_msg(flow.partial_scene(text).parsed.scene, flow.source.header)
 
     def _source(self, request) -> Source:
         """The request's own image, else the frame of the camera it names (core/sources.py decides which)."""
@@ -370,17 +291,8 @@ class SpatialThinkerNode(LifecycleNode):
                                   max_request_image_pixels=self._pipeline.max_request_image_pixels)
         return camera_source(camera, self._now(), request.max_image_age, settings, self._warn_throttled)
 
-    # ---------------------------------------------------------------- outputs
     def _publish(self, answer: SpatialAnswer, result: SpatialResult, source: Source) -> None:
-        outputs = self._outputs
-        if not outputs:
-            return
-        outputs["answer"].publish(answer)
-        outputs["scene_graph"].publish(answer.scene_graph)
-        if self._param("publish_markers"):
-            outputs["markers"].publish(scene_markers(result.parsed.scene, source.header,
-                                                        self._param("marker_lifetime")))
-        debug = outputs["debug_image"]
-        if self._param("publish_debug_image") and debug.get_subscription_count() > 0:
-            caption = result.parsed.answer or result.parsed.status.name.lower()
-            debug.publish(rgb_to_image_msg(draw_scene(source.rgb, result.parsed.scene, caption), source.header))
+        p = self._param
+        if self._outputs is not None:
+            self._outputs.publish(answer, result, source, p("marker_lifetime") if p("publish_markers") else None,
+                                  p("publish_debug_image"))

@@ -14,7 +14,8 @@ stops answering and when its backend is loaded or released:
                resends), resent (replies that went out on a resend), abandoned (replies still refused after
                RESEND_FOR_S: their callers never get them), pending (replies waiting for their next resend);
                counted since the node started
-    backend    state: "none" (never configured), "loaded" or "released" (closed on cleanup, its memory freed);
+    backend    state (core/runtime.py: BACKEND_STATES): "none" (never configured), "loaded" or "released" (closed on
+               cleanup, its memory freed);
                model: the loaded model's name, else null
     frame_memory  what the process did about freed frame buffers (ros/cameras.py, keep_freed_frame_memory);
                null where it was not called
@@ -35,9 +36,6 @@ from spatialthinker_ros.ros.cameras import CameraInput, frame_memory
 STATS_TOPIC = "~/stats"
 STATS_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
                        durability=DurabilityPolicy.TRANSIENT_LOCAL)
-
-
-BACKEND_STATES = ("none", "loaded", "released")
 
 
 def stats_dict(scheduler: Optional[SchedulerStats], cameras: Mapping[str, CameraInput], replies: Mapping[str, int],

@@ -2,11 +2,14 @@
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from spatialthinker_ros import cli
 from spatialthinker_ros.core.backends.settings import TransformersConfig, backend_settings
-from spatialthinker_ros.core.config import BY_NAME, PARAMETERS, defaults
+from spatialthinker_ros.core.config import BY_NAME, PARAMETERS, configured_calibration, defaults, pipeline_config_from
+from spatialthinker_ros.core.conformal import Calibration, CalibrationError, CalibrationSetup
+from spatialthinker_ros.core.prompt import PromptConfig
 
 REPO = Path(__file__).resolve().parents[2]
 # Keys of config/spatialthinker.yaml whose shipped value is not the default, and why (none today).
@@ -39,3 +42,23 @@ def test_node_and_command_line_load_the_model_alike_by_default():
     for name in ("prompt_style", "max_input_pixels", "max_question_chars", "max_request_image_pixels",
                  "max_new_tokens", "depth_scale", "relation_margin", "backend"):
         assert getattr(args, name) == BY_NAME[name].default, name
+
+
+def test_node_and_command_line_build_the_same_pipeline_from_their_values():
+    args = cli.build_parser().parse_args(["--image", "x.png", "--question", "q", "--prompt-style", "training",
+                                          "--max-input-pixels", "76800", "--max-question-chars", "99"])
+    node_values = defaults() | {"prompt_style": "training", "max_input_pixels": 76800, "max_question_chars": 99}
+    assert cli.pipeline_config(args) == pipeline_config_from(node_values)
+    assert pipeline_config_from(node_values).prompt == PromptConfig(style="training", max_question_chars=99)
+    assert pipeline_config_from(node_values).max_input_pixels == 76800
+
+
+def test_calibration_is_checked_against_the_configured_setup(tmp_path: Path):
+    values = defaults() | {"backend": "replay"}
+    assert configured_calibration("", values) is None
+    path = tmp_path / "calibration.json"
+    setup = CalibrationSetup.of("replay", None, None, values["max_input_pixels"], "training")
+    Calibration(threshold=0.6, coverage=0.9, n=300, setup=setup).save(path)
+    with pytest.raises(CalibrationError, match="prompt_style: calibrated 'training', here 'model_card'"):
+        configured_calibration(str(path), values)
+    assert configured_calibration(str(path), values | {"prompt_style": "training"}).setup == setup

@@ -1,0 +1,85 @@
+"""BackendRuntime: the backend's states, and a generation running across a stop, which cannot be interrupted:
+starting again is refused and closing leaves the backend open until it has finished.
+
+The replay backend's latency_s makes each generation take time, as a model's does."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spatialthinker_ros.core.runtime import BACKEND_STATES, BackendRuntime
+from spatialthinker_ros.core.scheduling import SchedulerStopped, Ticket
+from spatialthinker_ros.core.types import InferenceRequest, InferenceResult
+from spatialthinker_ros.testing.processes import wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+WAIT_S = 20.0           # only reached when a test fails
+GENERATION_S = 1.0      # each replayed generation
+SHORT_WAIT_S = 0.05     # far shorter than a generation
+QUESTION = "Where is the mug?"
+
+
+def loaded_runtime(tmp_path: Path, latency_s: float = 0.0) -> BackendRuntime:
+    replay = tmp_path / "replay.jsonl"
+    replay.write_text(json.dumps({"question": QUESTION, "response": "<answer>left</answer>"}) + "\n")
+    runtime = BackendRuntime(logging.getLogger("test_runtime"))
+    runtime.load("replay", {"replay_file": str(replay), "latency_s": latency_s})
+    return runtime
+
+
+def request(request_id: str) -> InferenceRequest:
+    return InferenceRequest(image=np.zeros((2, 2, 3), np.uint8), prompt="prompt", question=QUESTION,
+                            request_id=request_id)
+
+
+def generation_running_across_a_stop(runtime: BackendRuntime) -> Ticket:
+    """Start, take a request, stop while the backend generates its answer; that caller is answered at once."""
+    assert runtime.start(queue_size=2)
+    ticket = runtime.scheduler.submit(request("taken before the stop"))
+    wait_for(lambda: ticket.state == "running", WAIT_S, "the generation to start")
+    assert runtime.stop("node deactivated") and runtime.scheduler is None
+    assert isinstance(ticket.future.exception(timeout=0), SchedulerStopped), "the caller is answered at once"
+    assert runtime.stats().stopped == 1, "the stopped scheduler's counters while it still generates"
+    return ticket
+
+
+def test_backend_state_from_load_to_release(tmp_path: Path):
+    runtime = BackendRuntime(logging.getLogger("test_runtime"))
+    assert (runtime.state, runtime.model_name, runtime.stats()) == ("none", None, None)
+    runtime = loaded_runtime(tmp_path)
+    assert (runtime.state, runtime.model_name) == ("loaded", "replay")
+    assert runtime.start(queue_size=2)
+    answer = runtime.scheduler.submit(request("1")).future.result(timeout=WAIT_S)
+    assert isinstance(answer, InferenceResult) and answer.text == "<answer>left</answer>"
+    assert runtime.stats().completed == 1
+    assert runtime.stop("node deactivated") and not runtime.stop("again"), "stopping twice stops once"
+    assert runtime.close() and (runtime.state, runtime.backend, runtime.model_name) == ("released", None, None)
+    assert not runtime.close(), "closing twice closes once"
+    assert runtime.state in BACKEND_STATES
+
+
+def test_start_is_refused_while_a_generation_from_before_the_stop_runs(tmp_path: Path):
+    runtime = loaded_runtime(tmp_path, latency_s=GENERATION_S)
+    generation_running_across_a_stop(runtime)
+    # a second worker must never run on a backend still inside generate()
+    assert not runtime.start(queue_size=2, wait_s=SHORT_WAIT_S) and runtime.scheduler is None
+    # once that generation has ended, starting works and the new scheduler answers
+    assert runtime.start(queue_size=2, wait_s=WAIT_S)
+    assert isinstance(runtime.scheduler.submit(request("2")).future.result(timeout=WAIT_S), InferenceResult)
+    runtime.stop("done")
+    assert runtime.close()
+
+
+def test_close_leaves_a_running_generation_alone(tmp_path: Path):
+    runtime = loaded_runtime(tmp_path, latency_s=GENERATION_S)
+    generation_running_across_a_stop(runtime)
+    assert not runtime.close(wait_s=SHORT_WAIT_S)
+    assert runtime.state == "loaded" and runtime.backend is not None, "the backend stays open while it generates"
+    assert runtime.close(wait_s=WAIT_S), "closes once the generation has finished"
+    assert runtime.state == "released" and runtime.stats() is None
