@@ -1,8 +1,11 @@
-"""Every relative link in the README, docs/ and bench/README.md reaches a file, and its #anchor a heading there."""
+"""Every relative link in the README, docs/ and bench/README.md reaches a file, and its #anchor a heading there; the
+Python API page's example runs as written."""
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,3 +52,13 @@ def test_relative_links_resolve(page: Path):
 
 def test_readme_reads_in_five_minutes():
     assert len((ROOT / "README.md").read_text(encoding="utf-8").splitlines()) <= 200
+
+
+def test_the_python_api_example_runs_as_written():
+    [example] = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "python-api.md").read_text(encoding="utf-8"), re.S)
+    done = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    first, *objects = done.stdout.splitlines()
+    assert first == "A (0.82, 0.05, 0.09, 0.04)", done.stdout   # the recorded answer and its probabilities
+    assert [line.split()[0] for line in objects] == ["mug.1", "plate.1", "book.1"], done.stdout
+    assert all("Position3D(x=" in line for line in objects), done.stdout   # 3D from the bundled depth
