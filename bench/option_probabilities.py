@@ -1,7 +1,7 @@
 """What reading option probabilities costs an answer, on the tiny checkpoint on the CPU: one forced answer of a
 fixed length, asked three ways.
 
-    python -m bench.option_probabilities [--new-tokens 64] [--repeats 15] [--batch 1] [--json FILE]
+    python -m bench.option_probabilities [--new-tokens 64] [--repeats 41] [--batch 1] [--json FILE]
 
 - with options: the letter probe follows every generated token and reads the letter after "<answer>";
 - free-form: the same answer without options (no probe);
@@ -11,8 +11,8 @@ fixed length, asked three ways.
 Runs alternate (one of each kind per round) so load on the machine hits all alike; ratios are medians of each
 round's ratios, measured in one run. On a shared machine the probe's end-to-end difference is within the noise,
 so the probe is also timed alone: its two hooks called step by step on a growing answer that ends "<answer> (B)",
-once seeing every token for the first time (each token's text is decoded once, then remembered) and once warm,
-against the answer's measured time per token. The tiny model's decode step is far cheaper than the 7B's, so the
+warm (per step, against the answer's time per token) and as at a backend's first question with options (letter
+tables built and every token decoded on first sight; once per backend, against the whole answer). The tiny model's decode step is far cheaper than the 7B's, so the
 probe's share here bounds its share with the real model from above (its cost per step does not grow with the
 model); the extra step's share does not: it is one decode step of whichever model runs (bench/gpu_latency.py
 measures both on a GPU).
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from bench._common import machine, write_results
 from bench._forced import forced, padded_to, without_letter
@@ -45,9 +46,11 @@ ANSWER = "<observe> a cup </observe> <think> the cup is right of the plate </thi
 KINDS = ("with_options", "free_form", "no_letter")
 
 
-def probe_us_per_step(tokenizer, new_tokens: int, repeats: int, warm: bool) -> float:
-    """LetterProbe's own time per generated token on one row: its scores hook before each token, its token hook
-    after it. Not warm: a fresh LetterTokens each run, so every token's text is decoded on first sight."""
+def probe_seconds(tokenizer, new_tokens: int, repeats: int, warm: bool) -> tuple[float, int]:
+    """(seconds, steps): LetterProbe's own time over one row's answer: its scores hook before each token, its token
+    hook after it, each called through the transformers list that generate calls it from (best of `repeats`). Warm: the letter tables and every token's text are remembered, as they are
+    after a backend's first answers. Not warm: a fresh LetterTokens each run, as at a backend's first question with
+    options (it builds its letter tables and decodes each token on first sight)."""
     answer = tokenizer.encode("<observe> a cup </observe> <answer> (B) right of </answer>", add_special_tokens=False)
     rng = np.random.default_rng(1)
     filler = rng.integers(0, len(tokenizer) - 64, max(new_tokens - len(answer), 0)).tolist()
@@ -57,20 +60,21 @@ def probe_us_per_step(tokenizer, new_tokens: int, repeats: int, warm: bool) -> f
     best = float("inf")
     for _ in range(max(repeats, 1) + warm):
         probe = LetterProbe(letters if warm else LetterTokens(tokenizer), [0], prompt_length=8)
+        processors, criteria = LogitsProcessorList([probe.scores_reader]), StoppingCriteriaList([probe.token_follower])
         started = time.perf_counter()
         for end in range(8, ids.shape[1]):
-            probe.scores_reader(ids[:, :end], scores)
-            probe.token_follower(ids[:, :end + 1], None)
-        best = min(best, (time.perf_counter() - started) / (ids.shape[1] - 8))
+            processors(ids[:, :end], scores)
+            criteria(ids[:, :end + 1], None)
+        best = min(best, time.perf_counter() - started)
         if 0 not in probe.records:
             raise RuntimeError("the probe did not find the letter")
-    return best * 1e6
+    return best, ids.shape[1] - 8
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=64, help="forced answer length")
-    parser.add_argument("--repeats", type=int, default=15, help="timed runs of each kind")
+    parser.add_argument("--repeats", type=int, default=41, help="timed runs of each kind")
     parser.add_argument("--batch", type=int, default=1, help="requests per generate call")
     parser.add_argument("--json", help="result file (default bench/results/option_probabilities.json)")
     args = parser.parse_args(argv)
@@ -111,8 +115,8 @@ def main(argv=None) -> int:
             for kind in KINDS:
                 elapsed, steps[kind] = answer(kind)
                 seconds[kind].append(elapsed)
-        probe_us = probe_us_per_step(tokenizer, args.new_tokens, args.repeats, warm=False)
-        probe_warm_us = probe_us_per_step(tokenizer, args.new_tokens, args.repeats, warm=True)
+        first_s, _ = probe_seconds(tokenizer, args.new_tokens, args.repeats, warm=False)
+        warm_s, probe_steps = probe_seconds(tokenizer, args.new_tokens, args.repeats, warm=True)
         backend.close()
     free = seconds["free_form"]
 
@@ -131,9 +135,10 @@ def main(argv=None) -> int:
         "fallback_step_ms": statistics.median(fallback_step) * 1000,
         "fallback_step_share_of_answer": statistics.median(step / base for step, base in zip(fallback_step, free)),
         "fallback_step_in_decode_steps": statistics.median(fallback_step) / per_token,
-        "probe_alone_us_per_step": probe_us,
-        "probe_alone_warm_us_per_step": probe_warm_us,
-        "probe_alone_share_of_answer": probe_us * 1e-6 / per_token,
+        "probe_alone_us_per_step": warm_s / probe_steps * 1e6,
+        "probe_alone_share_of_answer": warm_s / probe_steps / per_token,
+        "probe_alone_first_answer_ms": first_s * 1000,
+        "probe_alone_first_answer_share": first_s / statistics.median(free),
     }
     write_results("option_probabilities", report, args.json)
     ms = report["median_ms"]
@@ -141,8 +146,9 @@ def main(argv=None) -> int:
           f"{ms['no_letter']:.1f} ms with no letter after <answer>; probe share {report['probe_share_of_answer']:+.2%}, "
           f"probe + extra step {report['probe_and_fallback_share_of_answer']:+.2%} (the step alone "
           f"{report['fallback_step_ms']:.1f} ms = {report['fallback_step_in_decode_steps']:.1f} decode steps); "
-          f"probe alone {probe_us:.1f} us per step on first sight, {probe_warm_us:.1f} us warm = "
-          f"{report['probe_alone_share_of_answer']:.2%} of the answer")
+          f"probe alone {report['probe_alone_us_per_step']:.1f} us per step = "
+          f"{report['probe_alone_share_of_answer']:.2%} of the answer; at a backend's first question with options "
+          f"{report['probe_alone_first_answer_ms']:.1f} ms = {report['probe_alone_first_answer_share']:.2%}")
     return 0
 
 
