@@ -12,10 +12,10 @@ Runs alternate (one of each kind per round) so load on the machine hits all alik
 round's ratios, measured in one run. On a shared machine the probe's end-to-end difference is within the noise,
 so the probe is also timed alone: its two hooks called step by step on a growing answer that ends "<answer> (B)",
 warm (per step, against the answer's time per token) and as at a backend's first question with options (letter
-tables built and every token decoded on first sight; once per backend, against the whole answer). The tiny model's decode step is far cheaper than the 7B's, so the
-probe's share here bounds its share with the real model from above (its cost per step does not grow with the
-model); the extra step's share does not: it is one decode step of whichever model runs (bench/gpu_latency.py
-measures both on a GPU).
+tables built and every token decoded on first sight; once per backend, against the whole answer). The tiny
+model's decode step is far cheaper than the 7B's, so the probe's share here bounds its share with the real model
+from above (its cost per step does not grow with the model); the extra step's share does not: it is one decode
+step of whichever model runs (bench/gpu_latency.py measures both on a GPU).
 """
 
 from __future__ import annotations
@@ -48,9 +48,10 @@ KINDS = ("with_options", "free_form", "no_letter")
 
 def probe_seconds(tokenizer, new_tokens: int, repeats: int, warm: bool) -> tuple[float, int]:
     """(seconds, steps): LetterProbe's own time over one row's answer: its scores hook before each token, its token
-    hook after it, each called through the transformers list that generate calls it from (best of `repeats`). Warm: the letter tables and every token's text are remembered, as they are
-    after a backend's first answers. Not warm: a fresh LetterTokens each run, as at a backend's first question with
-    options (it builds its letter tables and decodes each token on first sight)."""
+    hook after it, each called through the transformers list that generate calls it from (best of `repeats`).
+    Warm: the letter tables and every token's text are remembered, as they are after a backend's first answers.
+    Not warm: a fresh LetterTokens each run, as at a backend's first question with options (it builds its letter
+    tables and decodes each token on first sight)."""
     answer = tokenizer.encode("<observe> a cup </observe> <answer> (B) right of </answer>", add_special_tokens=False)
     rng = np.random.default_rng(1)
     filler = rng.integers(0, len(tokenizer) - 64, max(new_tokens - len(answer), 0)).tolist()
@@ -143,7 +144,8 @@ def main(argv=None) -> int:
     write_results("option_probabilities", report, args.json)
     ms = report["median_ms"]
     print(f"median answer: {ms['with_options']:.1f} ms with options, {ms['free_form']:.1f} ms free-form, "
-          f"{ms['no_letter']:.1f} ms with no letter after <answer>; probe share {report['probe_share_of_answer']:+.2%}, "
+          f"{ms['no_letter']:.1f} ms with no letter after <answer>; "
+          f"probe share {report['probe_share_of_answer']:+.2%}, "
           f"probe + extra step {report['probe_and_fallback_share_of_answer']:+.2%} (the step alone "
           f"{report['fallback_step_ms']:.1f} ms = {report['fallback_step_in_decode_steps']:.1f} decode steps); "
           f"probe alone {report['probe_alone_us_per_step']:.1f} us per step = "

@@ -570,7 +570,8 @@ class LetterProbe:
         for row in self._looking:
             run = self._positions[row].run
             if run is not None:
-                self.records[row] = _LetterRecord(step, run, scores[row, self.letters.index(run, scores.device)].float())
+                ids = self.letters.index(run, scores.device)
+                self.records[row] = _LetterRecord(step, run, scores[row, ids].float())
 
 
 class _LetterScores(LogitsProcessor):
