@@ -1,5 +1,6 @@
 """Latency of our TransformersBackend against the SpatialThinker-7B model card's own usage code, same process,
-same model, same inputs; decode speed against the memory-bandwidth roofline; batching; scene-only; memory.
+same model, same inputs; decode speed against the memory-bandwidth roofline; batching; scene-only; memory;
+what reading option probabilities costs an answer.
 
     python -m bench.gpu_latency                   # GPU: the 7B shape, random weights, bf16, cuda (from the checkout)
     python -m bench.gpu_latency --compile         # ... plus the static-cache/compile option
@@ -31,7 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import math
 import statistics
 import sys
 import time
@@ -42,9 +42,9 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 from PIL import Image
-from transformers import LogitsProcessor
 
 from bench._common import machine, table, write_results
+from bench._forced import forced, padded_to, without_letter
 from bench._speedmodel import CARD_EXAMPLE_RESPONSE, SHORT_RESPONSE, build_speed_model, decode_weight_bytes
 from spatialthinker_ros.core.backends.base import GenerationConfig
 from spatialthinker_ros.core.backends.transformers_backend import TransformersBackend, TransformersConfig
@@ -128,30 +128,6 @@ def images_encoded(backend: TransformersBackend) -> int:
 def prompt_tokens_reused(backend: TransformersBackend) -> int:
     stats = backend.cache_stats()["prompts"]   # None where prompt KV is not reused (compile, transformers < 5.23)
     return stats.hits if stats else 0
-
-
-class ForceText(LogitsProcessor):
-    """Makes every row write `ids` and then <|im_end|>: a random model answering like SpatialThinker does."""
-
-    def __init__(self, ids: list[int], eos: int):
-        self.sequence, self.start = ids + [eos], None
-
-    def __call__(self, input_ids, scores):
-        self.start = self.start or input_ids.shape[1]
-        step = min(input_ids.shape[1] - self.start, len(self.sequence) - 1)
-        forced = torch.full_like(scores, -math.inf)
-        forced[:, self.sequence[step]] = 0.0
-        return forced
-
-
-@contextmanager
-def forced(backend: TransformersBackend, ids: list[int], eos: int) -> Iterator[None]:
-    """The backend's generate calls write the given text (a fresh ForceText per call), then decode freely again."""
-    backend.set_logits_processors(lambda: [ForceText(ids, eos)])
-    try:
-        yield
-    finally:
-        backend.set_logits_processors(None)
 
 
 @contextmanager
@@ -490,6 +466,50 @@ def phase_scene_only(b: Bench) -> dict:
     }
 
 
+def phase_option_probabilities(b: Bench) -> dict:
+    """What reading option probabilities costs an answer (issue 20: under 2 % of its time), on one forced answer
+    (the model card's example, or a short one with --short-answer), interleaved: with options (the letter probe
+    follows every token and reads the letter), free-form (no probe), and with options but no letter after <answer>
+    (the same length; the probe's extra step from the cache runs). Ratios are medians of each round's ratios."""
+    rgb = b.frame()
+    answer_text = SHORT_RESPONSE if b.args.short_answer else CARD_EXAMPLE_RESPONSE
+    tokenizer = b.backend.processor.tokenizer
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    letter = tokenizer.encode(answer_text, add_special_tokens=False)
+    no_letter = padded_to(tokenizer, without_letter(answer_text), len(letter))
+    fallback_steps: dict[str, list[int]] = {"letter": [], "free_form": [], "no_letter": []}
+
+    def answer(kind: str, script: list[int], options: list[str]):
+        before = b.backend.letter_stats().fallback_steps
+        with forced(b.backend, script, eos):
+            result, _ = b.run_ours(rgb, options=options)
+        fallback_steps[kind].append(b.backend.letter_stats().fallback_steps - before)
+        return result
+
+    with generation(b.backend, b.generation, max_new_tokens=len(letter) + 16, min_new_tokens=0):
+        seconds, values = b.timer.rounds({"letter": lambda: answer("letter", letter, OPTIONS),
+                                          "free_form": lambda: answer("free_form", letter, []),
+                                          "no_letter": lambda: answer("no_letter", no_letter, OPTIONS)},
+                                         repeats=2 * b.args.repeats)
+    free = seconds["free_form"]
+    per_round = {kind: [run / base for run, base in zip(seconds[kind], free)] for kind in ("letter", "no_letter")}
+    fallback_step = [miss - hit for miss, hit in zip(seconds["no_letter"], seconds["letter"])]
+    tokens = values["free_form"].completion_tokens
+    return {
+        "answer_tokens": {kind: result.completion_tokens for kind, result in values.items()},
+        "median_s": {kind: median(runs) for kind, runs in seconds.items()}, "runs_s": seconds,
+        "letter_over_free_form": median(per_round["letter"]),
+        "no_letter_over_free_form": median(per_round["no_letter"]),
+        "probe_share_of_answer": median(per_round["letter"]) - 1,
+        "probe_and_fallback_share_of_answer": median(per_round["no_letter"]) - 1,
+        "fallback_step_s": median(fallback_step),
+        "fallback_step_share_of_answer": median([step / base for step, base in zip(fallback_step, free)]),
+        "fallback_step_in_decode_steps": median(fallback_step) / (median(free) / tokens),
+        "fallback_steps_per_answer": {kind: max(steps, default=0) for kind, steps in fallback_steps.items()},
+        "probabilities_read": {kind: len(result.option_probabilities) for kind, result in values.items()},
+    }
+
+
 def phase_compile(b: Bench) -> dict:
     """TransformersConfig(compile=True): a static KV cache (+ transformers' automatic compile of decoding on cuda)."""
     config = dataclasses.replace(b.backend.config, compile=True)
@@ -563,6 +583,8 @@ def main(argv=None) -> int:
     results["one_frame"] = phase_one_frame(b)
     log("scene-only vs full on the model card's example answer ...")
     results["scene_only"] = phase_scene_only(b)
+    log("option probabilities: forced answer with options, free-form, and with no letter after <answer> ...")
+    results["option_probabilities"] = phase_option_probabilities(b)
     if args.compile:
         log("compile=True: static cache ...")
         results["compile"] = phase_compile(b)
@@ -612,6 +634,13 @@ def report(r: dict, args) -> None:
           f"{s['scene_only_s']:.3f} s vs {s['full_s']:.3f} s ({s['time_saved_ratio']:.2f}x); streamed scene after "
           f"{s['streamed_time_to_scene_s']:.3f} s of {s['streamed_time_to_answer_s']:.3f} s; "
           f"forced text intact: {s['forced_text_came_back']}")
+    p = r["option_probabilities"]
+    print(f"option probabilities ({p['answer_tokens']['letter']}-token answer): with options "
+          f"{p['median_s']['letter']:.3f} s vs free-form {p['median_s']['free_form']:.3f} s, probe "
+          f"{p['probe_share_of_answer']:+.2%} of the answer; no letter after <answer> {p['median_s']['no_letter']:.3f} s, "
+          f"probe + extra step {p['probe_and_fallback_share_of_answer']:+.2%} (the step alone "
+          f"{1000 * p['fallback_step_s']:.1f} ms = {p['fallback_step_share_of_answer']:+.2%}, "
+          f"{p['fallback_step_in_decode_steps']:.1f} decode steps)")
     if "compile" in r:
         c = r["compile"]
         print(f"compile=True: first call {c['first_call_s']:.2f} s, then {c['compiled_s']:.3f} s vs {c['plain_s']:.3f} s "

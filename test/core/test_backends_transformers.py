@@ -533,20 +533,18 @@ def test_option_probabilities_with_the_prompt_cache_on_and_off(letters_backend):
 
 
 @pytest.mark.parametrize("answer", ["<answer> cat </answer>", "<answer>cat</answer>", "<answer>"])
-def test_without_a_letter_the_distribution_is_read_as_if_a_parenthesis_followed(letters_backend, monkeypatch,
-                                                                                  answer):
+def test_without_a_letter_the_distribution_is_read_as_if_a_parenthesis_followed(letters_backend, answer):
     request = _options_request(640, 480, seed=7)
     other = _options_request(320, 240, seed=8)
     _forcing(letters_backend, [answer, LETTER_ANSWER])
-    extra_steps = []
-    original = letters_backend.model.generate
-    monkeypatch.setattr(letters_backend.model, "generate",
-                        lambda *a, **k: extra_steps.append(k["max_new_tokens"]) or original(*a, **k))
+    before = letters_backend.letter_stats()
 
     result, beside = letters_backend.generate([request, other])   # in a batch: the row's own slice of the cache
 
-    # the letter position follows "<answer>" in each (" cat" is one token): the card's " (" is put after it
-    assert extra_steps == [48, 1]
+    # the letter position follows "<answer>" in each (" cat" is one token): the card's " (" is put after it, in one
+    # extra step for that row only (the other wrote its letter)
+    after = letters_backend.letter_stats()
+    assert (after.probed - before.probed, after.fallback_steps - before.fallback_steps) == (2, 1)
     assert result.option_probabilities == pytest.approx(
         _direct_letter_probabilities(letters_backend, request, "<answer> ("), abs=1e-4)
     assert beside.option_probabilities == pytest.approx(
@@ -557,6 +555,8 @@ def test_free_form_and_scene_only_requests_are_not_probed(letters_backend):
     _forcing(letters_backend, [LETTER_ANSWER, LETTER_ANSWER])
     scene = _options_request(640, 480)
     scene.scene_only = True
+    before = letters_backend.letter_stats()
     free, scene_result = letters_backend.generate([_request(640, 480), scene])
+    assert letters_backend.letter_stats() == before
     assert (free.option_probabilities, free.option_probabilities_note) == ((), "")
     assert (scene_result.option_probabilities, scene_result.option_probabilities_note) == ((), "")

@@ -54,16 +54,28 @@ def test_gpu_latency_tiny_runs_both_paths_on_the_same_prompt_with_forced_lengths
     assert (one_frame["images_encoded_shared"], one_frame["images_encoded_separate"]) == (1, 2)
     assert one_frame["follow_up_prompt_tokens_reused"] > 391   # the follow-up prefilled only its question
     assert report["decode_bytes_per_token"] < report["weight_bytes"]
+    options = report["option_probabilities"]   # one forced answer: with options, free-form, no letter after <answer>
+    assert len(set(options["answer_tokens"].values())) == 1                 # the three answers are equally long
+    assert options["probabilities_read"] == {"letter": 4, "free_form": 0, "no_letter": 4}
+    assert options["fallback_steps_per_answer"] == {"letter": 0, "free_form": 0, "no_letter": 1}
+    assert all(math.isfinite(options[k]) for k in ("probe_share_of_answer", "probe_and_fallback_share_of_answer",
+                                                   "fallback_step_share_of_answer", "fallback_step_in_decode_steps"))
 
 
 @pytest.mark.timeout(120)
-def test_option_probabilities_bench_times_both_kinds_and_the_probe_alone(tmp_path: Path):
+def test_option_probabilities_bench_times_every_kind_the_extra_step_and_the_probe_alone(tmp_path: Path):
     out = tmp_path / "option_probabilities.json"
-    _run("option_probabilities", "--new-tokens", "8", "--repeats", "1", "--json", str(out), timeout=110)
+    _run("option_probabilities", "--new-tokens", "40", "--repeats", "1", "--batch", "2", "--json", str(out),
+         timeout=110)
     report = json.loads(out.read_text())
-    assert set(report["median_ms"]) == {"with_options", "free_form"}
+    assert set(report["median_ms"]) == {"with_options", "free_form", "no_letter"}
     assert all(math.isfinite(v) and v > 0 for v in report["median_ms"].values())
+    # the extra step ran for each row of the no-letter answers only (the bench checks every answer's probabilities)
+    assert report["fallback_steps_per_call"] == {"with_options": 0, "free_form": 0, "no_letter": 2}
+    assert all(math.isfinite(report[k]) for k in ("probe_share_of_answer", "probe_and_fallback_share_of_answer",
+                                                  "fallback_step_ms", "fallback_step_in_decode_steps"))
     assert 0 < report["probe_alone_us_per_step"] and 0 < report["probe_alone_share_of_answer"] < 1
+    assert 0 < report["probe_alone_first_answer_ms"] and 0 < report["probe_alone_first_answer_share"] < 1
 
 
 @pytest.mark.timeout(120)

@@ -97,6 +97,7 @@ class TransformersBackend:
             PromptCache(_PROMPTS_KEPT)
             if config.reuse_prompts and _PROMPT_REUSE and _PRECOMPUTED_IMAGES and not config.compile else None)
         self._letters: Optional[LetterTokens] = None   # made at the first question with options
+        self._letter_rows = self._letter_fallback_steps = 0
         self._eos_ids = _token_ids(self._model.generation_config.eos_token_id)
         self._end_ids = self._eos_ids | _token_ids(self._model.generation_config.pad_token_id)
         log.info(
@@ -165,6 +166,11 @@ class TransformersBackend:
         return {"image_encodings": self.image_encodings.stats() if self.image_encodings is not None else None,
                 "prompts": self.prompts.stats() if self.prompts is not None else None}
 
+    def letter_stats(self) -> LetterStats:
+        """How many answers were probed for option letters, and how many of them needed the extra step (no letter
+        written after <answer>)."""
+        return LetterStats(probed=self._letter_rows, fallback_steps=self._letter_fallback_steps)
+
     def prepare_inputs(self, requests: Sequence[InferenceRequest]) -> Any:
         """The processor's tensors for a batch, on the CPU: chat template, image resize within the pixel limits,
         tokens (left-padded)."""
@@ -189,6 +195,7 @@ class TransformersBackend:
         letters = self._letter_tokens()
         probed = {row: len(r.offered_options) for row, r in enumerate(requests) if r.offered_options and not r.scene_only}
         probe = LetterProbe(letters, list(probed), prompt_length) if probed else None
+        self._letter_rows += len(probed)
         keys = [image_key(r.image) for r in requests]
         # one question: continue from the KV of an earlier prompt about the same image where the two prompts agree
         prompt_ids = inputs["input_ids"][0].tolist() if self.prompts is not None and len(requests) == 1 else None
@@ -204,13 +211,14 @@ class TransformersBackend:
         else:
             model_inputs = inputs
         # The probe reads the model's own scores, before any processor a caller added (set_logits_processors).
-        processors = [probe] if probe else []
+        processors = [probe.scores_reader] if probe else []
         if self._make_logits_processors is not None:
             processors.extend(self._make_logits_processors())
+        criteria = [c for c in (scene_stop, probe.token_follower if probe else None) if c is not None]
         output = self._model.generate(
             **model_inputs,
             **self._generate_kwargs,
-            stopping_criteria=StoppingCriteriaList([scene_stop]) if scene_stop else None,
+            stopping_criteria=StoppingCriteriaList(criteria) if criteria else None,
             logits_processor=LogitsProcessorList(processors) if processors else None,
             streamer=streamer,
             return_dict_in_generate=True,
@@ -276,12 +284,13 @@ class TransformersBackend:
                             "the generation's cache to read one (transformers >= 5.23 without compile can)")
             suffix = (">" if not record.run else "") + ("(" if record.run.endswith((" ", "\n")) else " (")
             logits = self._letter_logits_after(output, row, column, suffix, attention_mask, rope_deltas,
-                                               letters.ids(record.run + suffix))
+                                               letters.index(record.run + suffix, sequence.device))
+            self._letter_fallback_steps += 1
             record = _LetterRecord(record.step, record.run + suffix, logits)
         return letters.probabilities(record.run, record.logits.tolist(), count)
 
     def _letter_logits_after(self, output: Any, row: int, column: int, suffix: str, attention_mask: torch.Tensor,
-                             rope_deltas: torch.Tensor, ids: list[int]) -> torch.Tensor:
+                             rope_deltas: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The scores of `ids` after the row's first `column` tokens and then `suffix`: one generate step from the
         row's slice of the generation's KV cache (which holds every column before the last generated token)."""
         cache = DynamicCache([(layer.keys[row:row + 1, :, :column], layer.values[row:row + 1, :, :column])
@@ -320,6 +329,14 @@ class CacheStats:
     entries: int   # kept now
     hits: int      # images not encoded again / prompt tokens not prefilled again
     misses: int    # images encoded / one-question prompts with nothing to continue from
+
+
+@dataclass(frozen=True)
+class LetterStats:
+    """Option-letter probing since the backend was made (benchmarks and tests read it)."""
+
+    probed: int           # answers to questions with options that the letter probe followed
+    fallback_steps: int   # extra forward steps run because an answer wrote no letter after <answer>
 
 
 class ImageEncodingCache:
@@ -459,6 +476,7 @@ class LetterTokens:
         self._tokenizer = tokenizer
         self._pieces: dict[int, str] = {}
         self._by_run: dict[str, tuple[list[int], list[tuple[int, int]]]] = {}
+        self._indices: dict[tuple[str, torch.device], torch.Tensor] = {}
 
     def piece(self, token: int) -> str:
         text = self._pieces.get(token)
@@ -486,6 +504,14 @@ class LetterTokens:
     def ids(self, run: str) -> list[int]:
         return self.segments(run)[0]
 
+    def index(self, run: str, device: torch.device) -> torch.Tensor:
+        """ids(run) as an index tensor on `device`, made once (not one host-to-device copy per step)."""
+        key = (run, device)
+        tensor = self._indices.get(key)
+        if tensor is None:
+            tensor = self._indices[key] = torch.tensor(self.ids(run), dtype=torch.long, device=device)
+        return tensor
+
     def probabilities(self, run: str, logits: list[float], count: int) -> tuple[tuple[float, ...], str]:
         """The first `count` letters' probabilities, renormalised over them, from the scores of ids(run)."""
         spans = self.segments(run)[1][:count]
@@ -506,10 +532,15 @@ class _LetterRecord:
     logits: torch.Tensor        # the step's scores of LetterTokens.ids(run)
 
 
-class LetterProbe(LogitsProcessor):
+class LetterProbe:
     """Keeps, for each probed row, the scores of the option-letter tokens at its answer's letter position
-    (LetterPosition). Per step it reads only the last token of the rows still looking; it gathers a few dozen scores
-    at the steps that may be the letter's and keeps nothing else (no per-step scores over the vocabulary)."""
+    (LetterPosition); nothing else (no per-step scores over the vocabulary).
+
+    It hooks into generate twice. `token_follower` (a StoppingCriteria that never stops) feeds each row's new token
+    to its LetterPosition: generate calls it right before it reads its own stop flag from the device, so reading
+    the new tokens there adds no wait for the device of its own (a logits processor reading them would wait for
+    the step's forward pass before the step's sampling could be queued). `scores_reader` (a LogitsProcessor, first
+    in the list) gathers a few dozen scores, without leaving the device, at the steps that may be the letter's."""
 
     def __init__(self, letters: LetterTokens, rows: list[int], prompt_length: int):
         self.letters = letters
@@ -517,35 +548,71 @@ class LetterProbe(LogitsProcessor):
         self.records: dict[int, _LetterRecord] = {}
         self._positions = {row: LetterPosition() for row in rows}
         self._looking = list(rows)
+        self.scores_reader = _LetterScores(self)
+        self.token_follower = _LetterTokensFollowed(self)
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def follow(self, input_ids: torch.Tensor) -> None:
+        """Feeds the token just appended to every row still looking for its letter position."""
+        if not self._looking:
+            return
+        last = input_ids[:, -1].tolist()
+        for row in list(self._looking):
+            position = self._positions[row]
+            position.feed(self.letters.piece(last[row]))
+            if position.found:
+                self._looking.remove(row)
+            elif position.run is None:
+                self.records.pop(row, None)   # "<answer" began another word
+
+    def read(self, input_ids: torch.Tensor, scores: torch.Tensor) -> None:
+        """Keeps the letter tokens' scores of the rows whose next token may write their letter."""
         step = input_ids.shape[1] - self.prompt_length
-        if step > 0 and self._looking:
-            for row, token in zip(list(self._looking), input_ids[self._looking, -1].tolist()):
-                position = self._positions[row]
-                position.feed(self.letters.piece(token))
-                if position.found:
-                    self._looking.remove(row)
-                elif position.run is None:
-                    self.records.pop(row, None)   # "<answer" began another word
         for row in self._looking:
             run = self._positions[row].run
             if run is not None:
-                ids = torch.tensor(self.letters.ids(run), dtype=torch.long, device=scores.device)
+                ids = self.letters.index(run, scores.device)
                 self.records[row] = _LetterRecord(step, run, scores[row, ids].float())
+
+
+class _LetterScores(LogitsProcessor):
+    """LetterProbe's hook before each token is chosen."""
+
+    def __init__(self, probe: LetterProbe):
+        self._probe = probe
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self._probe.read(input_ids, scores)
         return scores
+
+    # generate's LogitsProcessorList inspects every processor's signature at every step; a stored one is found
+    # at once (inspect.signature returns __signature__), which cuts that per-step cost (bench/README.md)
+    __call__.__signature__ = inspect.signature(__call__)   # type: ignore[attr-defined]
+
+
+class _LetterTokensFollowed(StoppingCriteria):
+    """LetterProbe's hook after each token is appended; it never stops a row."""
+
+    def __init__(self, probe: LetterProbe):
+        self._probe = probe
+        self._never: Optional[torch.Tensor] = None   # the batch's "no row stops", made once per generate call
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        self._probe.follow(input_ids)
+        if self._never is None:
+            self._never = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return self._never
 
 
 class _FirstScores(LogitsProcessor):
     """The first step's scores of some token ids (row 0)."""
 
-    def __init__(self, ids: list[int]):
+    def __init__(self, ids: torch.Tensor):
         self._ids = ids
         self.logits: Optional[torch.Tensor] = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.logits is None:
-            self.logits = scores[0, torch.tensor(self._ids, dtype=torch.long, device=scores.device)].float()
+            self.logits = scores[0, self._ids].float()
         return scores
 
 
