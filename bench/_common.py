@@ -4,14 +4,16 @@ without ROS). Isolation and child processes come from spatialthinker_ros.testing
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
 import platform
 import statistics
 import sys
+import timeit
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -63,3 +65,30 @@ def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def timing_parser(description: str, name: str) -> argparse.ArgumentParser:
+    """The options of the scripts that time a CPU cost with per_call_us: --repeat, --min-time, --quick (a short run
+    for the smoke tests: quick_timing applies it) and --json (default bench/results/NAME.json)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--min-time", type=float, default=0.2, help="seconds per timed loop")
+    parser.add_argument("--quick", action="store_true", help="a short run: --repeat 1 --min-time 0.01 (and less data)")
+    parser.add_argument("--json", help=f"result file (default bench/results/{name}.json)")
+    return parser
+
+
+def quick_timing(args: argparse.Namespace) -> bool:
+    """Applies --quick to the timing options; returns whether it was given (a script shrinks its data too)."""
+    if args.quick:
+        args.repeat, args.min_time = 1, 0.01
+    return args.quick
+
+
+def per_call_us(fn: Callable[[], object], repeat: int, min_time: float) -> float:
+    """Microseconds per call of fn: the best of `repeat` loops, each sized to take about `min_time` seconds."""
+    timer = timeit.Timer(fn)
+    number = 1
+    while timer.timeit(number) < min_time:
+        number *= 4
+    return min(timer.repeat(repeat=repeat, number=number)) / number * 1e6

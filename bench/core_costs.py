@@ -13,15 +13,13 @@ relations of every kind, both alone and as the difference they make to finish_re
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
-import timeit
 
 import numpy as np
 
-from bench._common import machine, table, write_results
+from bench._common import machine, per_call_us, quick_timing, table, timing_parser, write_results
 
 from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage, map_scene  # noqa: E402
 from spatialthinker_ros.core.parsing import parse_response, scene_text_complete  # noqa: E402
@@ -61,16 +59,6 @@ TEN_RESPONSE = (f"<observe>Ten things on a table.</observe>\n<scene>\n{json.dump
 TEN_CHECKS = "check_scene (10 objects, 10 relations)"
 TEN_WITH = "finish_result + 3D + checks (10 objects, 10 relations, 1080p depth)"
 TEN_WITHOUT = "finish_result + 3D, checks off (10 objects, 10 relations, 1080p depth)"
-
-
-def per_call_us(fn, repeat: int, min_time: float) -> float:
-    timer = timeit.Timer(fn)
-    number = 1
-    while True:   # auto-size the loop to about min_time seconds
-        if timer.timeit(number) >= min_time:
-            break
-        number *= 4
-    return min(timer.repeat(repeat=repeat, number=number)) / number * 1e6
 
 
 def cases() -> dict:
@@ -137,14 +125,8 @@ def cases() -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--min-time", type=float, default=0.2, help="seconds per timed loop")
-    parser.add_argument("--quick", action="store_true", help="--repeat 1 --min-time 0.01")
-    parser.add_argument("--json", help="result file (default bench/results/core_costs.json)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.repeat, args.min_time = 1, 0.01
+    args = timing_parser(__doc__, "core_costs").parse_args(argv)
+    quick_timing(args)
     timings = {name: per_call_us(fn, args.repeat, args.min_time) for name, fn in cases().items()}
     reference = timings["json.loads(scene JSON) [reference]"]
     rows = [[name, f"{us:.1f}", f"{us / reference:.1f}x"] for name, us in timings.items()]

@@ -23,7 +23,6 @@ cost per object of both on a 1080p 16UC1 frame.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from dataclasses import dataclass
@@ -31,11 +30,10 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from bench._common import machine, percentile, table, write_results
-from bench.core_costs import per_call_us
+from bench._common import machine, per_call_us, percentile, quick_timing, table, timing_parser, write_results
 
-from spatialthinker_ros.core.geometry import (CameraIntrinsics, DepthImage, depth_noise, lift_box,  # noqa: E402
-                                              map_box)
+from spatialthinker_ros.core.geometry import (CameraIntrinsics, DepthImage, box_in_depth, depth_noise,  # noqa: E402
+                                              lift_box)
 from spatialthinker_ros.core.types import Box, Position3D  # noqa: E402
 
 WIDTH, HEIGHT = 640, 480
@@ -50,13 +48,11 @@ def old_lift_box(box: Box, depth: DepthImage, intrinsics: CameraIntrinsics, imag
                  ) -> Optional[Position3D]:
     """The lift before issue 21, kept here as the baseline: the median of the valid depths in the central `shrink`
     of the box is the surface; the centre lies half the whole box's 10th-90th percentile spread behind it."""
-    depth_h, depth_w = depth.shape
-    mapped = map_box(box, image_size, (depth_w, depth_h))
-    if mapped is None:
+    in_depth = box_in_depth(box, depth, intrinsics, image_size)
+    if in_depth is None:
         return None
-    k = intrinsics
-    if (k.width, k.height) != (depth_w, depth_h):
-        k = k.scaled(depth_w, depth_h)
+    mapped, k = in_depth
+    depth_h, depth_w = depth.shape
 
     def region(b: Box) -> np.ndarray:
         rows = _span(b.y_min, b.y_max, depth_h)
@@ -250,16 +246,12 @@ def cost_per_object_us(repeat: int, min_time: float) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenes", type=int, default=300, help="scenes per kind")
+    parser = timing_parser(__doc__, "lift_accuracy")
+    parser.add_argument("--scenes", type=int, default=300, help="scenes per kind (--quick: 12)")
     parser.add_argument("--seed", type=int, default=21)
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--min-time", type=float, default=0.2, help="seconds per timed loop")
-    parser.add_argument("--quick", action="store_true", help="--scenes 12 --repeat 1 --min-time 0.01")
-    parser.add_argument("--json", help="result file (default bench/results/lift_accuracy.json)")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.scenes, args.repeat, args.min_time = 12, 1, 0.01
+    if quick_timing(args):
+        args.scenes = 12
     rng = np.random.default_rng(args.seed)
     measured: dict[str, list[dict]] = {"old": [], "new": []}
     lost = {"old": 0, "new": 0}

@@ -176,6 +176,19 @@ def depth_noise(z: float | np.ndarray, per_m: float = DEPTH_NOISE_PER_M) -> floa
     return per_m * z * z
 
 
+def box_in_depth(box: Box, depth: DepthImage, intrinsics: CameraIntrinsics,
+                 image_size: tuple[int, int]) -> Optional[tuple[Box, CameraIntrinsics]]:
+    """`box` (pixels of an image of `image_size`) in the depth image's pixels, with the intrinsics at the depth
+    image's resolution; None when nothing of the box lies inside the image."""
+    depth_h, depth_w = depth.shape
+    mapped = map_box(box, image_size, (depth_w, depth_h))
+    if mapped is None:
+        return None
+    if (intrinsics.width, intrinsics.height) != (depth_w, depth_h):
+        intrinsics = intrinsics.scaled(depth_w, depth_h)
+    return mapped, intrinsics
+
+
 def lift_box(
     box: Box,
     depth: DepthImage,
@@ -210,14 +223,10 @@ def lift_box(
     """
     if not 0 < shrink <= 1:
         raise ValueError(f"shrink must be in (0, 1], not {shrink}")
-    depth_h, depth_w = depth.shape
-    mapped = map_box(box, image_size, (depth_w, depth_h))
-    if mapped is None:
+    in_depth = box_in_depth(box, depth, intrinsics, image_size)
+    if in_depth is None:
         return None
-    k = intrinsics
-    if (k.width, k.height) != (depth_w, depth_h):
-        k = k.scaled(depth_w, depth_h)
-
+    mapped, k = in_depth
     region, rows, cols, step = _sampled_grid(depth, mapped)
     # Each sampled line's place in the box: -1 at the left/top edge, +1 at the right/bottom edge.
     col_zones = _line_zones(((cols + 0.5) - (mapped.x_min + mapped.x_max) / 2) / (mapped.width / 2), shrink)

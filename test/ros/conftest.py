@@ -1,5 +1,6 @@
 """The ROS tests' fixtures: a context, child processes stopped by pid, cameras, the node's client."""
 
+import contextlib
 import json
 
 import pytest
@@ -26,9 +27,8 @@ def spawn(tmp_path):
 
 @pytest.fixture
 def frames(ros_context):
-    publisher = FramePublisher(ros_context)
-    yield publisher
-    publisher.close()
+    with contextlib.closing(FramePublisher(ros_context)) as publisher:
+        yield publisher
 
 
 @pytest.fixture
