@@ -160,8 +160,8 @@ class DepthImage:
     def shape(self) -> tuple[int, int]:
         return self.raw.shape
 
-    def metres(self, rows: slice = slice(None), cols: slice = slice(None)) -> np.ndarray:
-        """raw[rows, cols] in metres as a new float32 array, NaN where the sensor had no reading (0, negative,
+    def metres(self, rows: slice | np.ndarray = slice(None), cols: slice | np.ndarray = slice(None)) -> np.ndarray:
+        """raw[rows, cols] (slices, or index arrays that broadcast) in metres as a new float32 array, NaN where the sensor had no reading (0, negative,
         NaN, inf)."""
         metres = self.raw[rows, cols].astype(np.float32)
         metres *= np.float32(self.scale)
@@ -227,7 +227,7 @@ def lift_box(
     if in_depth is None:
         return None
     mapped, k = in_depth
-    region, rows, cols, step = _sampled_grid(depth, mapped)
+    region, rows, cols = _sampled_grid(depth, mapped)
     # Each sampled line's place in the box: -1 at the left/top edge, +1 at the right/bottom edge.
     col_zones = _line_zones(((cols + 0.5) - (mapped.x_min + mapped.x_max) / 2) / (mapped.width / 2), shrink)
     row_zones = _line_zones(((rows + 0.5) - (mapped.y_min + mapped.y_max) / 2) / (mapped.height / 2), shrink)
@@ -247,8 +247,8 @@ def lift_box(
     surface_depths = np.sort(depths[mine])
     p10, p16, surface, p84, p90 = (float(surface_depths[int(q * (surface_depths.size - 1) + 0.5)])
                                    for q in (0.1, 0.16, 0.5, 0.84, 0.9))
-    col_lo, col_hi = _pixel_extent(np.bincount(col_of[mine], minlength=cols.size), cols, step)
-    row_lo, row_hi = _pixel_extent(np.bincount(row_of[mine], minlength=rows.size), rows, step)
+    col_lo, col_hi = _pixel_extent(np.bincount(col_of[mine], minlength=cols.size), cols)
+    row_lo, row_hi = _pixel_extent(np.bincount(row_of[mine], minlength=rows.size), rows)
     size_x = (col_hi - col_lo) * surface / k.fx
     size_y = (row_hi - row_lo) * surface / k.fy
     size_z = min(p90 - p10, size_x, size_y)
@@ -386,21 +386,40 @@ def _pixel_span(lo: float, hi: float, limit: int) -> tuple[int, int]:
     return start, stop
 
 
-def _sampled_grid(depth: DepthImage, box: Box) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """The box's depths in metres, strided to at most ~_MAX_SAMPLES (only the sampled pixels are converted), with
-    the row and column index of each sampled line and the stride (the same in both directions)."""
+def _sampled_grid(depth: DepthImage, box: Box) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The box's depths in metres at about _MAX_SAMPLES pixels (only those are converted), with the row and column
+    index of each sampled line."""
     rows = _pixel_span(box.y_min, box.y_max, depth.shape[0])
     cols = _pixel_span(box.x_min, box.x_max, depth.shape[1])
     step = max(1, math.ceil(math.sqrt((rows[1] - rows[0]) * (cols[1] - cols[0]) / _MAX_SAMPLES)))
-    region = depth.metres(slice(*rows, step), slice(*cols, step))
-    return region, np.arange(*rows, step), np.arange(*cols, step), step
+    row_lines, col_lines = _sample_lines(*rows, step), _sample_lines(*cols, step)
+    region = depth.metres(row_lines[:, None], col_lines[None, :])
+    return region, row_lines, col_lines
 
 
-def _pixel_extent(per_line: np.ndarray, lines: np.ndarray, step: int) -> tuple[float, float]:
+def _sample_lines(start: int, stop: int, step: int) -> np.ndarray:
+    """About (stop - start) / step indices in [start, stop), both ends included, placed symmetrically: the lines
+    sampled in a mirrored image are the mirror images of these, so a mirrored scene is measured alike."""
+    length = stop - start
+    count = min(length, math.ceil(length / step))
+    if count % 2 and (length - 1) % 2:   # an odd count would put the middle line off the box's centre
+        count = min(length, count + 1)
+    if count == length:
+        return np.arange(start, stop)
+    if count == 1:                       # an odd length here: its middle pixel
+        return np.array([start + (length - 1) // 2])
+    offsets = np.arange((count + 1) // 2) * (length - 1) // (count - 1)   # the first half, from the start
+    return np.concatenate([start + offsets, (stop - 1 - offsets[: count // 2])[::-1]])
+
+
+def _pixel_extent(per_line: np.ndarray, lines: np.ndarray) -> tuple[float, float]:
     """Pixel-edge span [lo, hi) of a layer from its sample count per sampled line, leaving out a stray 1 % at either
-    end; a sampled line stands for the `step` pixels up to the next one."""
-    cumulative = np.cumsum(per_line)
-    total = int(cumulative[-1])
-    first = int(np.searchsorted(cumulative, total * 0.01, side="left"))
-    last = int(np.searchsorted(cumulative, total * 0.99, side="right"))
-    return float(lines[first]), float(lines[min(last, lines.size - 1)]) + step
+    end (counted alike from both ends, so a mirrored layer gets the mirrored span). A sampled line stands for the
+    pixels nearer to it than to the next line; the first and last lines for the box's edges too."""
+    hundredfold = np.cumsum(per_line) * 100                  # integers: the same cut from either end
+    total = int(hundredfold[-1]) // 100
+    first = int(np.searchsorted(hundredfold, total, side="left"))           # the first line reaching 1 %
+    last = int(np.searchsorted(hundredfold, 99 * total, side="right"))      # the first line past 99 %
+    lo = float(lines[first]) if first == 0 else (lines[first - 1] + lines[first] + 1) / 2
+    hi = float(lines[last]) + 1 if last == lines.size - 1 else (lines[last] + lines[last + 1] + 1) / 2
+    return float(lo), float(hi)

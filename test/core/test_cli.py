@@ -99,7 +99,7 @@ def test_replay_with_depth_gives_the_scene_boxes_and_3d_positions_and_annotates(
         objects["book.1"]["position_m"]["z"]
     assert [(r["subject"], r["predicate"], r["object"], r["check"]) for r in result["relations"]] == [
         ("mug.1", "left of", "plate.1", "consistent"), ("book.1", "behind", "plate.1", "consistent")]
-    assert result["relations"][0]["check_note"].startswith("mug.1 x=-0.21 m, plate.1 x=+0.08 m (difference 0.28 m")
+    assert result["relations"][0]["check_note"].startswith("mug.1 x=-0.21 m, plate.1 x=+0.07 m (difference 0.28 m")
     assert result["annotated"] == str(out)
     drawn = cv2.imread(str(out), cv2.IMREAD_COLOR)
     original = cv2.imread(str(IMAGE), cv2.IMREAD_COLOR)

@@ -153,7 +153,11 @@ def test_lift_loose_box_takes_position_and_extent_from_the_object_surface_alone(
     loose = Box(160, 80, 320, 220)   # wall (3 m) around the object (1.5 m), 40 px of it on the left, 20 elsewhere
     position = lift_box(loose, DepthImage.from_metres(scene_depth()), K640, (640, 480))
     assert (position.x, position.y, position.z) == pytest.approx(expected_position(OBJECT, 1.5))
-    assert (position.size_x, position.size_y, position.size_z) == pytest.approx((100 * 1.5 / 500, 100 * 1.5 / 520, 0))
+    # the box is read at every other pixel: the extent is the object's to within that stride
+    stride = 2
+    assert position.size_x == pytest.approx(100 * 1.5 / 500, abs=stride * 1.5 / 500)
+    assert position.size_y == pytest.approx(100 * 1.5 / 520, abs=stride * 1.5 / 520)
+    assert position.size_z == 0
     assert position.depth_spread == 0.0 and not position.ambiguous
 
 
@@ -399,3 +403,23 @@ def test_the_returned_depth_is_never_between_two_surfaces(near, gap, rows, cols,
     surface = surface_of(position)
     bound = max(0.03, 2 * depth_noise(surface))
     assert min(abs(surface - near), abs(surface - (near + gap))) <= bound, surface
+
+
+_NOISY = np.random.default_rng(5).uniform(0.6, 3.0, (480, 640)).astype(np.float32)   # every box: many surfaces
+_NOISY[np.random.default_rng(6).random((480, 640)) < 0.2] = 0.0                      # and holes
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 630), st.integers(0, 470), st.integers(1, 400), st.integers(1, 300))
+def test_a_mirrored_scene_gives_the_mirrored_position(x, y, width, height):
+    """The pixels read in a box (a strided sample in large boxes) are the mirror images of those read in the
+    mirrored box, so the mirrored scene gives the same surface, extent, spread and ambiguity, and x mirrored."""
+    box = Box(x, y, min(640, x + width), min(480, y + height))
+    mirrored = Box(640 - box.x_max, box.y_min, 640 - box.x_min, box.y_max)   # cx 319.5: the image's centre line
+    before = lift_box(box, DepthImage.from_metres(_NOISY), K640, (640, 480))
+    after = lift_box(mirrored, DepthImage.from_metres(np.ascontiguousarray(_NOISY[:, ::-1])), K640, (640, 480))
+    assert (before is None) == (after is None)
+    if before is not None:
+        assert after.x == pytest.approx(-before.x, abs=1e-9)
+        for name in ("y", "z", "size_x", "size_y", "size_z", "depth_spread", "ambiguous"):
+            assert getattr(after, name) == pytest.approx(getattr(before, name), abs=1e-9), name

@@ -57,7 +57,7 @@ def test_the_node_checks_every_relation_of_an_answer_about_the_sample_scene(spaw
     assert all(r.check_note for r in graph.relations)
     contradicted = graph.relations[1]
     assert contradicted.check_note.startswith("book.1 z=1.08 m, plate.1 z=0.78 m (difference 0.30 m, margin ")
-    assert graph.relations[0].check_note.startswith("mug.1 x=-0.21 m, plate.1 x=+0.08 m")
+    assert graph.relations[0].check_note.startswith("mug.1 x=-0.21 m, plate.1 x=+0.07 m")
     # the model's answer is untouched; the status message names the contradiction
     assert (answer.answer, answer.choice, answer.status) == ("(A) left of", "A", answer.STATUS_COMPLETE)
     assert answer.status_message == f"depth contradicts book.1 in front of plate.1: {contradicted.check_note}"
