@@ -4,7 +4,7 @@
 SUPPORTED_DISTROS := jazzy kilted
 ROS_DISTRO ?= jazzy
 ifeq ($(filter $(ROS_DISTRO),$(SUPPORTED_DISTROS)),)
-$(error ROS_DISTRO=$(ROS_DISTRO) is not built here: choose one of $(SUPPORTED_DISTROS), e.g. make setup ROS_DISTRO=jazzy (README, "Supported ROS 2 distributions"))
+$(error ROS_DISTRO=$(ROS_DISTRO) is not built here: choose one of $(SUPPORTED_DISTROS), e.g. make setup ROS_DISTRO=jazzy (docs/building.md, "Supported ROS 2 distributions"))
 endif
 VENV   ?= $(if $(filter jazzy,$(ROS_DISTRO)),.venv,.venv-$(ROS_DISTRO))
 BUILD  ?= $(if $(filter jazzy,$(ROS_DISTRO)),build,build-$(ROS_DISTRO))

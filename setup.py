@@ -1,7 +1,7 @@
 """pip route for the ROS-free core (no ROS needed): `pip install .[transformers]` on a GPU server.
 
 The ROS package itself (interfaces, node, launch files) is built by CMakeLists.txt, with colcon in a ROS 2
-workspace or by `make setup` into the venv; neither uses this file. See README, "How the package is built".
+workspace or by `make setup` into the venv; neither uses this file. See docs/building.md.
 """
 
 from setuptools import find_packages, setup

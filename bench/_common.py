@@ -50,7 +50,7 @@ def machine() -> str:
 
 
 def write_results(name: str, results: dict, path: Optional[str] = None) -> Path:
-    """bench/results/<name>.json (git-ignored) unless a path is given; returns where it went."""
+    """bench/results/<name>.json unless a path is given; returns where it went."""
     results = {"benchmark": name, "date": datetime.date.today().isoformat(), "machine": machine(),
                "python": sys.version.split()[0], **results}
     target = Path(path) if path else RESULTS_DIR / f"{name}.json"

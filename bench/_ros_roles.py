@@ -28,8 +28,9 @@ from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
-# What spatialthinker_node subscribes with (node.py, _create_camera_inputs): keep last 1, best effort.
-CAMERA_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT, history=HistoryPolicy.KEEP_LAST)
+from spatialthinker_ros.ros.cameras import camera_qos
+
+CAMERA_QOS = camera_qos("best_effort")   # what spatialthinker_node subscribes with (ros/cameras.py)
 JPEG_QUALITY = 90   # the JPEG sizes in bench/README.md were measured at this quality
 
 

@@ -99,7 +99,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, prompt_group: Any) -> N
     model.add_argument("--max-pixels", type=int, metavar="N",
                        help="the image processor's max_pixels (image tokens = pixels / 784): transformers applies "
                             "it in-process; openai sends larger frames downscaled to it, and the prompt states "
-                            f"the size sent (default {TransformersConfig().max_pixels})")
+                            f"the size sent (default {TransformersConfig().max_pixels}; node parameter max_pixels)")
     model.add_argument("--timeout", type=float, metavar="S",
                        help="give up when no answer arrives within S seconds once the model is loaded "
                             f"(default: no limit; openai: {OpenAIConfig().timeout_s:g} s per request)")
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with depth, check each relation of the scene graph against the 3D positions: "
                             "consistent, contradicted, uncertain (within the margin) or not checked, with the "
                             "measured quantities (default: on)")
-    setting_option(depth, "relation_margin", "relations within it are uncertain")
+    setting_option(depth, "relation_margin")
 
     out = parser.add_argument_group("output")
     out.add_argument("--annotate", type=Path, metavar="OUT.png",
@@ -360,10 +360,14 @@ def read_depth(path: Path, depth_scale: float, max_pixels: int) -> DepthImage:
     """The depth of a 16-bit image (units of depth_scale metres) or a .npy array (float: metres)."""
     if path.suffix.lower() == ".npy":
         _read_bytes(path, "depth")
-        try:
-            depth = np.load(path, allow_pickle=False)
+        try:   # mapped, not read: its shape is checked before any of it is loaded
+            depth = np.load(path, allow_pickle=False, mmap_mode="r")
         except (ValueError, OSError, EOFError) as exc:
             raise UsageError(f"cannot load depth file {path} as a numpy array: {exc}") from None
+        if depth.ndim >= 2 and depth.shape[0] * depth.shape[1] > max_pixels:
+            raise UsageError(f"depth file {path}: array of {depth.shape[1]}x{depth.shape[0]} exceeds the "
+                             f"{max_pixels}-pixel limit")
+        depth = np.asarray(depth)
     else:
         try:
             depth = decode_quietly(_read_bytes(path, "depth"), cv2.IMREAD_UNCHANGED, max_pixels=max_pixels)

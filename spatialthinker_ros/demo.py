@@ -34,13 +34,13 @@ from typing import Any, Optional, Sequence
 import cv2
 import numpy as np
 
+from spatialthinker_ros.cli import DATA_DIR
 from spatialthinker_ros.core.parsing import scene_text_complete
 from spatialthinker_ros.testing.camera import FakeCamera
 from spatialthinker_ros.testing.isolation import isolate_ros
 from spatialthinker_ros.testing.node_client import NodeClient
 from spatialthinker_ros.testing.processes import Process, WaitFailed, node_command, wait_for
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
 REAL_MODEL_COMMAND = "make demo MODEL=OX-PIXL/SpatialThinker-7B DEVICE=cuda"
 CAMERA_RATE_HZ = 10.0
 # The sample camera is static, so any depth frame within a few periods is registered with a colour frame. The

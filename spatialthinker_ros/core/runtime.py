@@ -47,8 +47,12 @@ class BackendRuntime:
     def model_name(self) -> Optional[str]:
         return self.backend.model_name if self.backend is not None else None
 
-    def load(self, name: str, settings: Mapping[str, Any]) -> Backend:
-        """Create the backend (create_backend's BackendError, ValueError or OSError pass up)."""
+    def load(self, name: str, settings: Mapping[str, Any], wait_s: float = BACKEND_IDLE_WAIT_S) -> Backend:
+        """Create the backend (create_backend's BackendError, ValueError or OSError pass up). A backend loaded before
+        is closed first; ValueError while it is still generating after `wait_s`: a second model must not load on
+        top of one still in use."""
+        if self.backend is not None and not self.close(wait_s):
+            raise ValueError("the previous backend is still generating; configure again once it has finished")
         self._log.info(f"loading backend {name} ({settings.get('model', settings.get('replay_file'))})")
         started = time.monotonic()
         self.backend = create_backend(name, **settings)

@@ -124,7 +124,7 @@ def camera_source(camera: CameraFrames, now: float, requested_max_age: float, se
                   warn: Warn) -> Source:
     """The frame of `camera` a request is answered on, with its depth when one pairs.
 
-    Refusals are RequestErrors: NO_IMAGE (no frame yet, or the newest cannot be decoded: it is then discarded),
+    Refusals are RequestErrors: NO_IMAGE (no frame yet, or the chosen frame cannot be decoded: it is then discarded),
     STALE_IMAGE (older than the request's or the node's max_image_age). Depth that does not pair is left out
     with a warning: the answer then has no 3D positions.
     """

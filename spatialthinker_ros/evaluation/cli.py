@@ -1,4 +1,5 @@
-"""spatialthinker-eval: a deployment's accuracy on multiple-choice spatial questions, and two runs compared.
+"""spatialthinker-eval: a deployment's accuracy on multiple-choice spatial questions, two runs compared, and
+prediction sets calibrated.
 
 `run` asks every row of a benchmark file or of the team's own recordings through the pipeline the node and
 spatialthinker-ask use (any backend, the same options), or through a running node's ~/ask service with

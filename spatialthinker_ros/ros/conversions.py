@@ -1,8 +1,7 @@
-"""ROS messages <-> core types. Frames are converted only here, and only when a request uses them.
+"""ROS messages <-> core types, and the one place where the core's error codes become AskSpatial's.
 
-The pixel decoding itself is ROS-free (core/images.py, shared with recordings read without ROS) and re-exported
-here, so the ROS layer has one place to import conversions from. This module is also the one place where the
-core's error codes become AskSpatial's.
+Frame decoding is core/images.py's (ROS-free, shared with recordings read without ROS; core/sources.py calls it
+when a request uses a frame), re-exported here so the ROS layer has one place to import conversions from.
 """
 
 from __future__ import annotations

@@ -24,23 +24,28 @@ def goal_feedback(goal_handle) -> Feedback:
     return feedback
 
 
-def feedback_sink(feedback: Optional[Feedback], post: Callable[[Callable[[], None]], None],
-                  partial_scene: Callable[[str], SceneGraph]) -> Optional[Callable[[str, int], None]]:
-    """The request's on_text for an action goal (None for the service): the scene graph as soon as it is
-    complete, then progress every FEEDBACK_EVERY_TOKENS tokens. Runs on the worker thread; `post` hands each
-    message to the executor thread, where the scene graph is made."""
-    if feedback is None:
-        return None
-    scene_sent = threading.Event()
-    progress = {"tokens": -FEEDBACK_EVERY_TOKENS}
+class FeedbackSink:
+    """A goal's on_text: the scene graph as soon as it is complete, then progress every FEEDBACK_EVERY_TOKENS tokens.
+    Runs on the worker thread; `post` hands each message to the executor thread, where the scene graph is made."""
 
-    def on_text(text: str, tokens: int) -> None:
-        if not scene_sent.is_set() and scene_text_complete(text):
-            scene_sent.set()
-            post(lambda: feedback(AskSpatialAction.Feedback.STAGE_SCENE_READY, tokens, partial_scene(text)))
-        elif tokens - progress["tokens"] >= FEEDBACK_EVERY_TOKENS:
-            progress["tokens"] = tokens
-            stage = (AskSpatialAction.Feedback.STAGE_SCENE_READY if scene_sent.is_set()
+    def __init__(self, feedback: Feedback, post: Callable[[Callable[[], None]], None],
+                 partial_scene: Callable[[str], SceneGraph]):
+        self._feedback, self._post, self._partial_scene = feedback, post, partial_scene
+        self.reset()
+
+    def reset(self) -> None:
+        """Start over for a retry on a smaller image: its scene graph is sent again (the one sent came from the
+        larger image), and its tokens count from 0. Called between the tries, while nothing streams."""
+        self._scene_sent = threading.Event()
+        self._progress = -FEEDBACK_EVERY_TOKENS
+
+    def __call__(self, text: str, tokens: int) -> None:
+        feedback = self._feedback
+        if not self._scene_sent.is_set() and scene_text_complete(text):
+            self._scene_sent.set()
+            self._post(lambda: feedback(AskSpatialAction.Feedback.STAGE_SCENE_READY, tokens, self._partial_scene(text)))
+        elif tokens - self._progress >= FEEDBACK_EVERY_TOKENS:
+            self._progress = tokens
+            stage = (AskSpatialAction.Feedback.STAGE_SCENE_READY if self._scene_sent.is_set()
                      else AskSpatialAction.Feedback.STAGE_GENERATING)
-            post(lambda: feedback(stage, tokens, None))
-    return on_text
+            self._post(lambda: feedback(stage, tokens, None))

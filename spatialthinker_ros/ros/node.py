@@ -31,14 +31,14 @@ from spatialthinker_ros.core.conformal import CalibrationError
 from spatialthinker_ros.core.pipeline import PipelineConfig
 from spatialthinker_ros.core.request import ErrorCode, RequestError, check_question, internal_error
 from spatialthinker_ros.core.runtime import BackendRuntime
-from spatialthinker_ros.core.scheduling import Ticket
+from spatialthinker_ros.core.scheduling import RequestCancelled, Ticket
 from spatialthinker_ros.core.sources import (Source, SourceSettings, camera_source, choose_camera, has_request_image,
                                              request_source)
 from spatialthinker_ros.core.text import excerpt
 from spatialthinker_ros.core.types import BackendError, InferenceRequest, InferenceResult, SpatialResult
 from spatialthinker_ros.msg import SpatialAnswer
 from spatialthinker_ros.ros.cameras import CameraInput, camera_qos, topic_prefix
-from spatialthinker_ros.ros.feedback import feedback_sink, goal_feedback
+from spatialthinker_ros.ros.feedback import FeedbackSink, goal_feedback
 from spatialthinker_ros.ros.conversions import fill_response, scene_graph_msg, spatial_answer_msg
 from spatialthinker_ros.ros.handoff import ExecutorHandoff
 from spatialthinker_ros.ros.outputs import AnswerOutputs
@@ -69,6 +69,7 @@ class SpatialThinkerNode(LifecycleNode):
         self.requests_in_progress = 0                             # accepted and not yet answered
         self._runtime = BackendRuntime(self.get_logger())     # the backend and its scheduler
         self._tickets: dict[str, Ticket] = {}                # request id -> ticket, while queued or running
+        self._cancelled: set[str] = set()                  # action goals cancelled while their request runs
         self._cameras: dict[str, CameraInput] = {}
         self._camera_subscriptions = []
         self._outputs: Optional[AnswerOutputs] = None
@@ -216,7 +217,9 @@ class SpatialThinkerNode(LifecycleNode):
         self._stats.publish(runtime.stats(), self._cameras, self.replies.counts(), runtime.state, runtime.model_name)
 
     def _on_cancel(self, goal_handle) -> CancelResponse:
-        ticket = self._tickets.get(bytes(goal_handle.goal_id.uuid).hex())
+        request_id = bytes(goal_handle.goal_id.uuid).hex()
+        self._cancelled.add(request_id)   # also between two tries, when no ticket is queued
+        ticket = self._tickets.get(request_id)
         if ticket is not None:
             ticket.cancel()      # frees the queue place; a running generation finishes but is discarded
         return CancelResponse.ACCEPT
@@ -232,11 +235,15 @@ class SpatialThinkerNode(LifecycleNode):
             asked = check_question(request.question, options, self._pipeline.prompt)   # before frames are converted
             source = self._source(request)
             partial_graph = lambda text: scene_graph_msg(flow.partial_scene(text).parsed.scene, source.header)
+            sink = FeedbackSink(feedback, self._handoff.post, partial_graph) if feedback else None
+
+            def retrying(smaller: InferenceRequest) -> None:
+                self.get_logger().warning(f"request {request_id}: out of memory, retrying with a smaller image")
+                if sink is not None:
+                    sink.reset()
+
             flow = AskFlow(source, request.question, options, self._request_config(), scene_only=request.scene_only,
-                           request_id=request_id, asked=asked,
-                           on_text=feedback_sink(feedback, self._handoff.post, partial_graph),
-                           on_retry=lambda smaller: self.get_logger().warning(
-                               f"request {request_id}: out of memory, retrying with a smaller image"))
+                           request_id=request_id, asked=asked, on_text=sink, on_retry=retrying)
             if feedback:
                 feedback(AskSpatialAction.Feedback.STAGE_QUEUED, 0, None)
             while flow.pending:
@@ -253,6 +260,7 @@ class SpatialThinkerNode(LifecycleNode):
             self.get_logger().error(f"request {request_id}: unexpected {type(exc).__name__}: {excerpt(exc, 2000)}")
             return internal_error(exc)
         finally:
+            self._cancelled.discard(request_id)
             self.requests_in_progress -= 1
 
     async def _run(self, attempt: InferenceRequest, feedback) -> InferenceResult | BackendError:
@@ -261,6 +269,8 @@ class SpatialThinkerNode(LifecycleNode):
         scheduler = self._runtime.scheduler
         if scheduler is None:
             raise RequestError("node is not active", ErrorCode.NOT_ACTIVE)
+        if attempt.request_id in self._cancelled:   # cancelled after the first try ended: no second one
+            raise RequestCancelled("request cancelled between its two tries")
         on_start = None
         if feedback:
             generating = lambda: feedback(AskSpatialAction.Feedback.STAGE_GENERATING, 0, None)

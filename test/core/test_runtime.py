@@ -83,3 +83,14 @@ def test_close_leaves_a_running_generation_alone(tmp_path: Path):
     assert runtime.state == "loaded" and runtime.backend is not None, "the backend stays open while it generates"
     assert runtime.close(wait_s=WAIT_S), "closes once the generation has finished"
     assert runtime.state == "released" and runtime.stats() is None
+
+
+def test_loading_again_closes_the_previous_backend_and_never_loads_on_top_of_a_generating_one(tmp_path: Path):
+    runtime = loaded_runtime(tmp_path, latency_s=GENERATION_S)
+    first = runtime.backend
+    generation_running_across_a_stop(runtime)
+    with pytest.raises(ValueError, match="still generating"):
+        runtime.load("replay", {"replay_file": str(tmp_path / "replay.jsonl")}, wait_s=SHORT_WAIT_S)
+    assert runtime.backend is first and runtime.state == "loaded"
+    runtime.load("replay", {"replay_file": str(tmp_path / "replay.jsonl")}, wait_s=WAIT_S)
+    assert runtime.backend is not first and runtime.state == "loaded"

@@ -141,7 +141,7 @@ class OpenAIBackend:
             text = cut_after_scene_end(text)
         completion_tokens = int(usage.get("completion_tokens", 0))
         sink(text, completion_tokens)
-        probabilities, note = self._option_probabilities(request, body, letters)
+        probabilities, note = self._option_probabilities(request, body, letters, text)
         return InferenceResult(
             text=text,
             prompt_tokens=int(usage.get("prompt_tokens", 0)),
@@ -158,11 +158,13 @@ class OpenAIBackend:
         return self._complete(body)
 
     def _option_probabilities(self, request: InferenceRequest, body: dict[str, Any],
-                              tokens: Optional[list[dict[str, Any]]]) -> tuple[tuple[float, ...], str]:
+                              tokens: Optional[list[dict[str, Any]]], text: str) -> tuple[tuple[float, ...], str]:
         if not request.offered_options or request.scene_only:
             return (), ""
         if "logprobs" not in body:
             return (), self._no_logprobs
+        if not tokens and not text:   # nothing generated (end of sequence first): no reason to stop asking
+            return (), "the answer is empty"
         if not tokens:
             self._stop_logprobs("the inference server returned no logprobs (transformers serve does not support "
                                 "them; vLLM and SGLang do)")

@@ -24,7 +24,7 @@ answers:
 
 They must be finite and non-negative and sum to 1 within 0.01 (a malformed file is refused when loaded); they are
 then renormalised to sum to exactly 1. They apply only when the request offers as many options as the list holds
-(the answer then carries none, and says why).
+(otherwise the answer carries none, and says why).
 """
 
 from __future__ import annotations
