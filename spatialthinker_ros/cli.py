@@ -73,9 +73,10 @@ exit codes: 0 answered (see "status" in the JSON), 2 bad usage or input file, 3 
 """
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, prompt_group: Any) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, prompt_group: Any, timeout_help: Optional[str] = None) -> None:
     """The prompt and backend options, shared with spatialthinker-eval (read back by setting_values and
-    pipeline_config). `prompt_group`: an argument group of `parser` (argparse keeps its class private)."""
+    pipeline_config). `prompt_group`: an argument group of `parser` (argparse keeps its class private);
+    `timeout_help`: what --timeout means for that command, when not spatialthinker-ask's."""
     setting_option(prompt_group, "prompt_style")
     setting_option(prompt_group, "max_input_pixels", "the prompt states that size and boxes are mapped back to the "
                    "image's pixels")
@@ -101,7 +102,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, prompt_group: Any) -> N
                             "it in-process; openai sends larger frames downscaled to it, and the prompt states "
                             f"the size sent (default {TransformersConfig().max_pixels}; node parameter max_pixels)")
     model.add_argument("--timeout", type=float, metavar="S",
-                       help="give up when no answer arrives within S seconds once the model is loaded "
+                       help=timeout_help or "give up when no answer arrives within S seconds once the model is loaded "
                             f"(default: no limit; openai: {OpenAIConfig().timeout_s:g} s per request)")
 
 

@@ -32,6 +32,7 @@ from spatialthinker_ros.evaluation.runner import (Answerer, PipelineAnswerer, Pr
                                                         evaluate, is_finished, read_predictions)
 from spatialthinker_ros.evaluation.scoring import (compare, comparison_markdown, is_scored, latest_records,
                                                          summarize, summary_markdown)
+from spatialthinker_ros.core.backends.openai_backend import OpenAIConfig
 from spatialthinker_ros.core.backends.settings import DEFAULT_MODEL, backend_settings
 from spatialthinker_ros.core.conformal import setup_differences
 from spatialthinker_ros.core.types import BackendError, BackendErrorKind
@@ -79,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="data format (default: from the file's extension and columns)")
     rows.add_argument("--limit", type=int, metavar="N", help="only the first N rows (after --categories)")
     rows.add_argument("--categories", nargs="+", default=[], metavar="NAME", help="only rows of these categories")
-    cli.add_model_arguments(run, run.add_argument_group("prompt"))
+    cli.add_model_arguments(run, run.add_argument_group("prompt"), timeout_help=(
+        "seconds per request, for --backend openai and --node only (default: openai "
+        f"{OpenAIConfig().timeout_s:g} s, --node {NODE_TIMEOUT_S:g} s)"))
     running = run.add_argument_group("running")
     running.add_argument("--node", metavar="NAME",
                          help="ask a running node's NAME/ask service instead of a backend in this process "
@@ -193,14 +196,20 @@ def _write_pictures(records: dict[str, dict[str, Any]], folder: Path) -> None:
             (folder / name).unlink(missing_ok=True)
 
 
+# Options --node cannot honour, since the node answers with its own parameters, unless left at their defaults.
+_NODE_OWN_SETTINGS = ("backend", "prompt_style", "max_input_pixels", "min_pixels", "max_new_tokens")
+
+
 def _check_run_arguments(args: argparse.Namespace) -> None:
     for name in ("limit", "concurrency", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise cli.UsageError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
-    if args.node is not None:
-        given = [f"--{n.replace('_', '-')}" for n in ("model", "device", "server_url", "replay_file")
+    if args.node is not None:   # the node answers with its own parameters: a setting here would change nothing
+        given = [f"--{n.replace('_', '-')}" for n in ("model", "device", "server_url", "replay_file", "max_pixels")
                  if getattr(args, n) is not None]
+        given += [f"--{n.replace('_', '-')}" for n in _NODE_OWN_SETTINGS
+                  if getattr(args, n) != cli.PARAMETERS_BY_NAME[n].default]
         if given or args.batch_size is not None:
             raise cli.UsageError(f"{', '.join(given) or '--batch-size'}: --node measures the node's own backend; "
                                  "backend options do not apply")

@@ -278,6 +278,8 @@ def test_usage_errors_are_one_line(tmp_path: Path):
     path, _ = eval_data.project_jsonl(tmp_path)
     cases = [
         (["--node", "x", "--model", "m"], "--model: --node measures the node's own backend"),
+        (["--node", "x", "--max-pixels", "401408", "--prompt-style", "training"],
+         "--max-pixels, --prompt-style: --node measures the node's own backend"),
         (["--backend", "replay", "--replay-file", tmp_path / "r.jsonl", "--concurrency", "4"],
          "--concurrency applies to --backend openai and --node"),
         (["--backend", "replay", "--replay-file", tmp_path / "missing.jsonl"], "replay file"),
@@ -291,3 +293,10 @@ def test_usage_errors_are_one_line(tmp_path: Path):
         assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     done = run_eval("run", tmp_path / "missing.tsv", "--out", tmp_path / "out2")
     assert done.returncode == 2 and "does not exist" in done.stderr
+
+
+def test_run_help_says_what_timeout_means_for_an_evaluation():
+    help_text = " ".join(run_eval("run", "--help").stdout.split())
+    expected = "seconds per request, for --backend openai and --node only (default: openai 120 s, --node 600 s)"
+    assert expected in help_text
+    assert "no limit" not in help_text   # spatialthinker-ask's meaning: one answer, no deadline
