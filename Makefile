@@ -22,13 +22,13 @@ export ROS_DISTRO
 
 # Targets that need what `make setup` installs say so in one line, rather than in CMake errors about ament_cmake.
 DISTRO_ARG := $(if $(filter jazzy,$(ROS_DISTRO)),, ROS_DISTRO=$(ROS_DISTRO))
-ifneq ($(filter build test demo,$(MAKECMDGOALS)),)
+ifneq ($(filter build test fuzz demo,$(MAKECMDGOALS)),)
 ifneq ($(words $(wildcard $(PY) $(VENV)/share/ament_cmake/cmake/ament_cmakeConfig.cmake)),2)
 $(error $(VENV) is not set up: run `make setup$(DISTRO_ARG)` first)
 endif
 endif
 
-.PHONY: setup build test demo clean
+.PHONY: setup build test fuzz demo clean
 
 setup: ## venv + pinned dependencies (ROS 2 $(ROS_DISTRO) wheels, model stack, colcon) + interface build + package install
 	@test -x $(PY) || scripts/check_free_disk.sh $(VENV) 8
@@ -51,6 +51,9 @@ build: ## (re)build interfaces and install the package into the venv prefix; inc
 
 test: build ## the whole suite
 	scripts/run_tests.sh $(VENV)
+
+fuzz: build ## the property tests with random seeds and 10x the examples (docs/building.md, "Property tests")
+	HYPOTHESIS_PROFILE=fuzz scripts/run_tests.sh $(VENV) -m hypothesis --timeout=3600
 
 demo: build ## ask the node a question about bundled images, offline
 	$(PY) -P -m spatialthinker_ros.demo $(if $(MODEL),--model $(MODEL)) --device $(DEVICE)

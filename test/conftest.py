@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import hypothesis_profiles  # noqa: F401  (registers and loads the hypothesis profile before any test module)
 from spatialthinker_ros.testing.isolation import isolate_ros
 
 # before any test module imports rclpy: every node of the suite, in-process or a child (which inherits os.environ)

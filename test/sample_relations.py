@@ -7,6 +7,7 @@ the optical frame: mug.1 (-0.19, -0.08, 0.79), plate.1 (0.07, 0.02, 0.74), book.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import spatialthinker_ros
@@ -45,3 +46,19 @@ def write_replay(path: Path) -> Path:
     path.write_text(json.dumps({"question": QUESTION, "response": SAMPLE_ANSWER, "option_probabilities": [0.9, 0.1]})
                     + "\n")
     return path
+
+
+_NOTE = re.compile(r"(?P<subject>\S+) (?P<axis>[xz])=(?P<s>[+-]?\d+\.\d\d) m, (?P<object>\S+) (?P=axis)=(?P<o>[+-]?\d+\.\d\d)"
+                   r" m \(difference (?P<difference>\d+\.\d\d) m, margin (?P<margin>\d+\.\d\d) m\)")
+
+
+def stated_positions(note: str, subject: str, axis: str, obj: str) -> tuple[float, float]:
+    """The subject's and the object's coordinate along `axis` that a relation's check note states, after checking
+    the note's form: both names, the axis, and a difference that is theirs. The tests compare these with the lifted
+    positions and the scene's truth rather than pinning the lift's numbers."""
+    match = _NOTE.match(note)
+    assert match, note
+    assert (match["subject"], match["axis"], match["object"]) == (subject, axis, obj), note
+    s, o = float(match["s"]), float(match["o"])
+    assert abs(float(match["difference"]) - abs(s - o)) <= 0.011, note
+    return s, o

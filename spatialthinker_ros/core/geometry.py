@@ -314,20 +314,22 @@ class LayerChoice:
     ambiguous: bool      # another surface of similar share could as well be the object
 
 
-# Zones of a box, per axis (columns and rows alike): bit 1 the right/lower half, bit 2 the central `shrink` region,
-# bit 4 the centre core. A sample's zone is row_zone * _ZONES_PER_AXIS + column_zone.
-_HIGH_HALF, _CENTRAL, _CORE_ZONE = 1, 2, 4
-_ZONES_PER_AXIS = 8
+# Zones of a box, per axis (columns and rows alike): bit 1 the right/lower half, bit 8 the left/upper half (a line
+# on the centre line is in both, so a mirrored box's zones are the mirror images), bit 2 the central `shrink`
+# region, bit 4 the centre core. A sample's zone is row_zone * _ZONES_PER_AXIS + column_zone.
+_HIGH_HALF, _CENTRAL, _CORE_ZONE, _LOW_HALF = 1, 2, 4, 8
+_ZONES_PER_AXIS = 16
 _ZONE_ROW, _ZONE_COL = np.divmod(np.arange(_ZONES_PER_AXIS ** 2), _ZONES_PER_AXIS)
 _IN_CENTRAL = (_ZONE_ROW & _CENTRAL > 0) & (_ZONE_COL & _CENTRAL > 0)
 _IN_CORE = (_ZONE_ROW & _CORE_ZONE > 0) & (_ZONE_COL & _CORE_ZONE > 0)
-_QUADRANT = (_ZONE_COL & _HIGH_HALF) * 2 + (_ZONE_ROW & _HIGH_HALF)
+_IN_QUADRANT = [(_ZONE_COL & col_half > 0) & (_ZONE_ROW & row_half > 0)
+                for col_half in (_LOW_HALF, _HIGH_HALF) for row_half in (_LOW_HALF, _HIGH_HALF)]
 
 
 def _line_zones(place: np.ndarray, shrink: float) -> np.ndarray:
     """The zone bits of sampled lines at `place` (-1 at one edge of the box, +1 at the other)."""
     distance = np.abs(place)
-    return ((place > 0) * _HIGH_HALF + (distance <= shrink) * _CENTRAL
+    return ((place >= 0) * _HIGH_HALF + (place <= 0) * _LOW_HALF + (distance <= shrink) * _CENTRAL
             + (distance <= _CORE * shrink) * _CORE_ZONE).astype(np.int64)
 
 
@@ -353,8 +355,8 @@ def choose_layer(layers: DepthLayers, zones: np.ndarray) -> LayerChoice:
 
     box_share, central_share = shares(np.ones(zone_count, bool)), shares(_IN_CENTRAL)
     core_share = shares(_IN_CORE)
-    quadrants = np.stack([shares(_QUADRANT == q) for q in range(4)], axis=1)
-    quadrant_seen = np.array([totals[_QUADRANT == q].sum() > 0 for q in range(4)])
+    quadrants = np.stack([shares(in_quadrant) for in_quadrant in _IN_QUADRANT], axis=1)
+    quadrant_seen = np.array([totals[in_quadrant].sum() > 0 for in_quadrant in _IN_QUADRANT])
     encloses = np.all((quadrants >= _ENCLOSE_SHARE) | ~quadrant_seen, axis=1) & (box_share > 0)
     candidate = (central_share >= _CLEAR_SHARE) | encloses
     reaches = candidate & ((core_share >= _CENTRE_SHARE) | encloses)

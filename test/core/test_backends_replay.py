@@ -1,5 +1,6 @@
 """ReplayBackend: recorded answers, matched on the question exactly, streamed in pieces."""
 
+import concurrent.futures
 import json
 import time
 from pathlib import Path
@@ -106,10 +107,29 @@ def test_latency_is_spent_once_per_batch(replay_file: Path):
     assert all(result.seconds >= latency for result in results)
 
 
+def test_a_held_line_generates_until_its_file_exists(tmp_path: Path):
+    release = tmp_path / "release"
+    path = tmp_path / "held.jsonl"
+    path.write_text(json.dumps({"question": QUESTION, "response": RESPONSE, "until_file": str(release)}) + "\n")
+    backend = ReplayBackend(ReplayConfig(str(path), latency_s=60.0))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        generating = pool.submit(backend.generate, [_request(QUESTION)])
+        with pytest.raises(concurrent.futures.TimeoutError):
+            generating.result(timeout=0.2)          # held: nothing ends it but the file (or 60 s)
+        release.touch()
+        [result] = generating.result(timeout=30)
+    assert result.text == RESPONSE
+    # latency_s bounds the hold: a file that never appears costs the latency, no more
+    short = ReplayBackend(ReplayConfig(str(path), latency_s=0.05))
+    release.unlink()
+    assert short.generate([_request(QUESTION)])[0].text == RESPONSE
+
+
 @pytest.mark.parametrize(
     ("line", "problem"),
     [
         ('{"question": "q", "response": ', "not valid JSON"),
+        ('{"question": "q", "response": "r", "until_file": ""}', '"until_file" must be a non-empty path'),
         ('["q", "r"]', 'string "question" and "response"'),
         ('{"question": "q"}', 'string "question" and "response"'),
         ('{"question": "q", "response": 3}', 'string "question" and "response"'),

@@ -4,8 +4,9 @@ import time
 import numpy as np
 import pytest
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from hypothesis_profiles import examples
 
 from spatialthinker_ros.core.geometry import (CameraIntrinsics, DepthImage, depth_layers, depth_noise, lift_box,
                                               map_box, map_scene)
@@ -296,18 +297,18 @@ def test_an_object_covering_part_of_its_box_gives_its_own_surface(coverage):
     assert not position.ambiguous
 
 
-@pytest.mark.parametrize("rows, expected, ambiguous", [
-    (60, 1.0, True),    # the issue's rows: the old rule gave 1.10, 1.65 (between the two) and 2.20 m
-    (50, 1.0, True),
-    (40, 2.0, True),    # the object along one edge reads as an occluder in front of the wall: marked, not hidden
-])
-def test_an_object_filling_the_lower_part_of_its_box_is_a_surface_never_the_gap(rows, expected, ambiguous):
+@pytest.mark.parametrize("rows", [60, 50, 40])   # issue 21's rows: the old rule gave 1.10, 1.65 (between) and 2.20 m
+def test_an_object_filling_the_lower_part_of_its_box_is_a_surface_never_the_gap(rows):
+    """On one of the two surfaces, never between them; the object when it holds most of the box; marked either way
+    (along one edge the object reads as an occluder in front of the wall)."""
     def paint(region):
         region[100 - rows:] = 1.0
 
     position = lifted(loose_scene(paint))
-    assert surface_of(position) == pytest.approx(expected)
-    assert position.ambiguous is ambiguous
+    assert min(abs(surface_of(position) - 1.0), abs(surface_of(position) - 2.0)) < 1e-6
+    if rows >= 50:
+        assert surface_of(position) == pytest.approx(1.0)
+    assert position.ambiguous
 
 
 @pytest.mark.parametrize("hole", [0.1, 0.2, 0.3])
@@ -391,7 +392,7 @@ def test_layers_split_only_where_the_gap_exceeds_the_noise():
     assert scattered.count == 1 and (scattered.labels == 0).all()
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=examples(80))
 @given(near=st.floats(0.5, 2.5), gap=st.floats(0.1, 1.5), rows=st.integers(0, 100), cols=st.integers(0, 100),
        seed=st.integers(0, 1000))
 def test_the_returned_depth_is_never_between_two_surfaces(near, gap, rows, cols, seed):
@@ -409,11 +410,17 @@ _NOISY = np.random.default_rng(5).uniform(0.6, 3.0, (480, 640)).astype(np.float3
 _NOISY[np.random.default_rng(6).random((480, 640)) < 0.2] = 0.0                      # and holes
 
 
-@settings(max_examples=150, deadline=None)
-@given(st.integers(0, 630), st.integers(0, 470), st.integers(1, 400), st.integers(1, 300))
+@settings(max_examples=examples(150))
+@given(st.integers(0, 639), st.integers(0, 479), st.integers(1, 640), st.integers(1, 480))
+@example(0, 0, 49, 1)         # found in CI (issue 24): x 1.508 against 1.077 mirrored
+@example(0, 479, 640, 1)      # the whole bottom row
+@example(600, 0, 100, 1)      # at the right edge, one pixel high
+@example(0, 0, 640, 480)      # the whole image
+@example(319, 200, 2, 1)      # on the centre line
 def test_a_mirrored_scene_gives_the_mirrored_position(x, y, width, height):
     """The pixels read in a box (a strided sample in large boxes) are the mirror images of those read in the
-    mirrored box, so the mirrored scene gives the same surface, extent, spread and ambiguity, and x mirrored."""
+    mirrored box, so the mirrored scene gives the same surface, extent, spread and ambiguity, and x mirrored;
+    boxes touching the image's edges and one pixel high included."""
     box = Box(x, y, min(640, x + width), min(480, y + height))
     mirrored = Box(640 - box.x_max, box.y_min, 640 - box.x_min, box.y_max)   # cx 319.5: the image's centre line
     before = lift_box(box, DepthImage.from_metres(_NOISY), K640, (640, 480))

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis_profiles import examples
 
 from spatialthinker_ros.core.parsing import (
     MAX_OBJECTS,
@@ -245,7 +246,7 @@ def check_invariants(parsed: ParsedResponse, options: list) -> None:
         assert parsed.answer and parsed.scene_complete
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300))
 @given(st.one_of(st.text(), st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=5), max_size=40).map("".join)))
 def test_random_text_never_raises(text):
     options = ["on", "under", "behind"]
@@ -272,7 +273,7 @@ def mutated_responses(draw):
     return text, entry["options"]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300))
 @given(mutated_responses())
 def test_mutated_good_responses_never_raise(case):
     text, options = case

@@ -1,7 +1,8 @@
 """BackendRuntime: the backend's states, and a generation running across a stop, which cannot be interrupted:
 starting again is refused and closing leaves the backend open until it has finished.
 
-The replay backend's latency_s makes each generation take time, as a model's does."""
+A held replay line makes a generation last until the test creates its release file, as a model's long generation
+would: the test, not the clock, decides when it ends."""
 
 from __future__ import annotations
 
@@ -20,16 +21,19 @@ from spatialthinker_ros.testing.processes import wait_for
 pytestmark = pytest.mark.timeout(60)
 
 WAIT_S = 20.0           # only reached when a test fails
-GENERATION_S = 1.0      # each replayed generation
-SHORT_WAIT_S = 0.05     # far shorter than a generation
+SHORT_WAIT_S = 0.05     # a wait that ends while the generation is still held
 QUESTION = "Where is the mug?"
 
 
-def loaded_runtime(tmp_path: Path, latency_s: float = 0.0) -> BackendRuntime:
+def loaded_runtime(tmp_path: Path, held: bool = False) -> BackendRuntime:
+    """A replay backend; `held`: each generation lasts until tmp_path / "release" exists (at most WAIT_S)."""
     replay = tmp_path / "replay.jsonl"
-    replay.write_text(json.dumps({"question": QUESTION, "response": "<answer>left</answer>"}) + "\n")
+    line = {"question": QUESTION, "response": "<answer>left</answer>"}
+    if held:
+        line["until_file"] = str(tmp_path / "release")
+    replay.write_text(json.dumps(line) + "\n")
     runtime = BackendRuntime(logging.getLogger("test_runtime"))
-    runtime.load("replay", {"replay_file": str(replay), "latency_s": latency_s})
+    runtime.load("replay", {"replay_file": str(replay), "latency_s": WAIT_S if held else 0.0})
     return runtime
 
 
@@ -65,11 +69,12 @@ def test_backend_state_from_load_to_release(tmp_path: Path):
 
 
 def test_start_is_refused_while_a_generation_from_before_the_stop_runs(tmp_path: Path):
-    runtime = loaded_runtime(tmp_path, latency_s=GENERATION_S)
+    runtime = loaded_runtime(tmp_path, held=True)
     generation_running_across_a_stop(runtime)
     # a second worker must never run on a backend still inside generate()
     assert not runtime.start(queue_size=2, wait_s=SHORT_WAIT_S) and runtime.scheduler is None
     # once that generation has ended, starting works and the new scheduler answers
+    (tmp_path / "release").touch()
     assert runtime.start(queue_size=2, wait_s=WAIT_S)
     assert isinstance(runtime.scheduler.submit(request("2")).future.result(timeout=WAIT_S), InferenceResult)
     runtime.stop("done")
@@ -77,20 +82,22 @@ def test_start_is_refused_while_a_generation_from_before_the_stop_runs(tmp_path:
 
 
 def test_close_leaves_a_running_generation_alone(tmp_path: Path):
-    runtime = loaded_runtime(tmp_path, latency_s=GENERATION_S)
+    runtime = loaded_runtime(tmp_path, held=True)
     generation_running_across_a_stop(runtime)
     assert not runtime.close(wait_s=SHORT_WAIT_S)
     assert runtime.state == "loaded" and runtime.backend is not None, "the backend stays open while it generates"
+    (tmp_path / "release").touch()
     assert runtime.close(wait_s=WAIT_S), "closes once the generation has finished"
     assert runtime.state == "released" and runtime.stats() is None
 
 
 def test_loading_again_closes_the_previous_backend_and_never_loads_on_top_of_a_generating_one(tmp_path: Path):
-    runtime = loaded_runtime(tmp_path, latency_s=GENERATION_S)
+    runtime = loaded_runtime(tmp_path, held=True)
     first = runtime.backend
     generation_running_across_a_stop(runtime)
     with pytest.raises(ValueError, match="still generating"):
         runtime.load("replay", {"replay_file": str(tmp_path / "replay.jsonl")}, wait_s=SHORT_WAIT_S)
     assert runtime.backend is first and runtime.state == "loaded"
+    (tmp_path / "release").touch()
     runtime.load("replay", {"replay_file": str(tmp_path / "replay.jsonl")}, wait_s=WAIT_S)
     assert runtime.backend is not first and runtime.state == "loaded"

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis_profiles import examples
 
 from spatialthinker_ros.core.scheduling import (
     QueueFull,
@@ -515,7 +516,7 @@ _OPS = st.lists(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(40), suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=_OPS, max_batch=st.integers(1, 3), queue_size=st.integers(1, 4))
 def test_no_sequence_of_submit_cancel_complete_leaves_a_future_unresolved_after_stop(thread_errors, ops, max_batch,
                                                                                       queue_size):

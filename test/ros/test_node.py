@@ -1,6 +1,7 @@
 """spatialthinker_node as a real process on an isolated graph: service, action, outputs, cameras, errors."""
 
 import itertools
+import json
 import time
 
 import numpy as np
@@ -348,15 +349,18 @@ def test_lifecycle_transitions_free_the_model(spawn, client, camera, heavy_tiny_
     assert proc.alive()
 
 
-def test_activate_fails_while_a_generation_still_runs_and_works_once_it_ended(spawn, client, replay_file):
+def test_activate_fails_while_a_generation_still_runs_and_works_once_it_ended(spawn, client, tmp_path):
     """Deactivating cannot interrupt a generation; activating while it still runs must fail (never a second worker
-    on a busy backend), with the reason, and a later activate works."""
-    latency = 15.0   # well over the node's 5 s activation wait, even on a loaded machine
-    proc = spawn(node_command(**replay_params(replay_file, replay_latency=latency)), name="node")
+    on a busy backend), with the reason, and a later activate works. The generation is held until the test creates
+    its release file, so it is still running at the refused activate however slow the machine."""
+    release = tmp_path / "release"
+    held = tmp_path / "held.jsonl"
+    held.write_text(json.dumps({"question": QUESTION, "response": RESPONSE, "until_file": str(release)}) + "\n")
+    latency = 600.0   # the hold's bound: only reached when the test fails before releasing it
+    proc = spawn(node_command(**replay_params(held, replay_latency=latency)), name="node")
     client.wait_for_action(proc)
     image = Image(width=64, height=48, encoding="rgb8", step=64 * 3, data=bytes(64 * 48 * 3))
     stages = []
-    started = time.monotonic()
     sending = client.action.send_goal_async(AskSpatialAction.Goal(question=QUESTION, options=OPTIONS, image=image),
                                             feedback_callback=lambda m: stages.append(m.feedback.stage))
     assert spin_until(client.node, lambda: AskSpatialAction.Feedback.STAGE_GENERATING in stages, CALL), stages
@@ -365,15 +369,15 @@ def test_activate_fails_while_a_generation_still_runs_and_works_once_it_ended(sp
     assert spin_until(client.node, getting.done, CALL)
     assert getting.result().result.error_code == E.ERROR_NOT_ACTIVE
     assert not client.change_state(Transition.TRANSITION_ACTIVATE)
-    assert time.monotonic() - started < latency, "the generation ended before the activation was tried: too slow"
     assert "cannot activate: the backend is still generating" in proc.output(), proc.tail()
     assert client.lifecycle_state() == "inactive"
     assert client.ask(question=QUESTION, image=image).error_code == E.ERROR_NOT_ACTIVE
-    deadline = started + latency + CALL
+    release.touch()                                                   # the generation ends now
+    deadline = time.monotonic() + CALL
     while not client.change_state(Transition.TRANSITION_ACTIVATE):   # each try waits up to 5 s for the backend
         assert time.monotonic() < deadline, proc.tail()
     assert client.lifecycle_state() == "active"
-    response = client.ask(question=QUESTION, options=OPTIONS, image=image, timeout=CALL + latency)
+    response = client.ask(question=QUESTION, options=OPTIONS, image=image, timeout=CALL)   # released: no hold
     assert response.success, response.message
     assert proc.alive()
 

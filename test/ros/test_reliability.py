@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from hypothesis_profiles import examples
 from rclpy.qos import QoSProfile
 from spatialthinker_ros.testing.camera import FakeCamera, pattern_image
 from spatialthinker_ros.testing.node_client import NodeClient, new_context, spin_until
@@ -201,7 +202,7 @@ def fuzz(tmp_path_factory):
     assert code == 0, proc.output()[-3000:]
 
 
-@settings(max_examples=300, deadline=None, derandomize=False, database=None,
+@settings(max_examples=examples(300),
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
 @given(fields=requests)
 def test_generated_requests_are_each_answered_validly_in_bounded_time(fuzz, fields):

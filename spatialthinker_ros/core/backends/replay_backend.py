@@ -17,6 +17,11 @@ Other keys are ignored (e.g. "source"), except two that rehearse failures determ
 that batch with "failed"). "times" (an integer >= 1) fails only the first N requests that match the line,
 counted per backend (so a node's `configure` starts the count again); it needs a "response" for afterwards.
 
+A line may hold its generation open until a file exists, so a test or a rehearsal decides when a long generation
+ends instead of racing the clock; `latency_s` (replay_latency) is then the longest it lasts:
+
+    {"question": "...", "response": "...", "until_file": "/tmp/release"}
+
 A line may carry the model's option probabilities, in option order, so planners can rehearse low-confidence
 answers:
 
@@ -41,6 +46,7 @@ from spatialthinker_ros.core.types import BackendError, BackendErrorKind, Infere
 
 # Streaming consumers get the text in this many growing pieces, the last one being the whole answer.
 _STREAM_CHUNKS = 4
+_POLL_S = 0.01          # how often a held generation looks for its "until_file"
 _SUM_TOLERANCE = 0.01   # how far a line's option probabilities may sum from 1 (rounded values written by hand)
 RAISE = "raise"   # "error" value that makes generate() raise instead of answering with a BackendError
 ERROR_NAMES = tuple(kind.value for kind in BackendErrorKind) + (RAISE,)
@@ -74,6 +80,7 @@ class ReplayRecord:
     error: Optional[str] = None
     times: Optional[int] = None
     option_probabilities: Optional[tuple[float, ...]] = None   # in option order, summing to 1
+    until_file: Optional[str] = None   # the generation ends once this file exists (within latency_s)
 
 
 class ReplayBackend:
@@ -97,7 +104,7 @@ class ReplayBackend:
             raise ValueError(f"{len(requests)} requests exceed max_batch_size {self.max_batch_size}")
         started = time.perf_counter()
         if requests and self.config.latency_s:
-            time.sleep(self.config.latency_s)
+            self._spend_latency(requests)
         failures = [self._failure(request.question) for request in requests]
         if RAISE in failures:
             raise ReplayedCrash("replayed backend crash")
@@ -105,6 +112,17 @@ class ReplayBackend:
 
     def close(self) -> None:
         """Nothing to free."""
+
+    def _spend_latency(self, requests: Sequence[InferenceRequest]) -> None:
+        """latency_s of model time, ended early once the "until_file" of a line the batch matches exists."""
+        records = (self._records.get(request.question) for request in requests)
+        held = [Path(record.until_file) for record in records if record is not None and record.until_file]
+        if not held:
+            time.sleep(self.config.latency_s)
+            return
+        deadline = time.monotonic() + self.config.latency_s
+        while not any(path.exists() for path in held) and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(_POLL_S, left))
 
     def _failure(self, question: str) -> Union[BackendError, str, None]:
         """Counts the match; returns the error this request fails with (RAISE for a crash), or None."""
@@ -176,15 +194,18 @@ def _record(record: object) -> Union[ReplayRecord, str]:
     if not isinstance(record, dict) or not isinstance(record.get("question"), str):
         return 'expected an object with string "question" and "response"'
     response, error, times = record.get("response"), record.get("error"), record.get("times")
+    until_file = record.get("until_file")
     probabilities = _probabilities(record.get("option_probabilities"))
     if isinstance(probabilities, str):
         return probabilities
+    if until_file is not None and not (isinstance(until_file, str) and until_file):
+        return f'"until_file" must be a non-empty path, not {until_file!r}'
     if error is None:
         if not isinstance(response, str):
             return 'expected an object with string "question" and "response"'
         if times is not None:
             return '"times" needs an "error"'
-        return ReplayRecord(response, option_probabilities=probabilities)
+        return ReplayRecord(response, option_probabilities=probabilities, until_file=until_file)
     if error not in ERROR_NAMES:
         return f'"error" must be one of {", ".join(ERROR_NAMES)}, not {error!r}'
     if times is not None and (isinstance(times, bool) or not isinstance(times, int) or times < 1):
@@ -193,7 +214,7 @@ def _record(record: object) -> Union[ReplayRecord, str]:
         return '"response" must be a string'
     if times is not None and response is None:
         return '"times" needs a "response" to answer with after the failures'
-    return ReplayRecord(response, error, times, probabilities)
+    return ReplayRecord(response, error, times, probabilities, until_file)
 
 
 def _probabilities(value: object) -> Union[tuple[float, ...], str, None]:
