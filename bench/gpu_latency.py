@@ -47,7 +47,7 @@ from bench._common import machine, table, write_results
 from bench._forced import forced, padded_to, without_letter
 from bench._speedmodel import CARD_EXAMPLE_RESPONSE, SHORT_RESPONSE, build_speed_model, decode_weight_bytes
 from spatialthinker_ros.core.backends.base import GenerationConfig
-from spatialthinker_ros.core.backends.transformers_backend import TransformersBackend, TransformersConfig
+from spatialthinker_ros.core.backends.transformers import TransformersBackend, TransformersConfig
 from spatialthinker_ros.core.parsing import scene_text_complete
 from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, prepare_request
 from spatialthinker_ros.core.types import BackendError

@@ -35,7 +35,8 @@ from bench._common import machine, write_results
 from bench._forced import forced, padded_to, without_letter
 from spatialthinker_ros.core.backends.base import GenerationConfig
 from spatialthinker_ros.core.backends.settings import TransformersConfig
-from spatialthinker_ros.core.backends.transformers_backend import LetterProbe, LetterTokens, TransformersBackend
+from spatialthinker_ros.core.backends.transformers import TransformersBackend
+from spatialthinker_ros.core.backends.transformers.letters import LetterProbe, LetterTokens
 from spatialthinker_ros.core.prompt import Question
 from spatialthinker_ros.core.types import InferenceRequest
 from spatialthinker_ros.tiny_checkpoint import build_tiny_checkpoint

@@ -40,7 +40,7 @@ def _request(width: int = 640, height: int = 480, question: str = "q", **kwargs)
 @pytest.fixture(scope="module")
 def in_process_answer(tiny_checkpoint: Path) -> InferenceResult:
     """What the same checkpoint answers in this process, to compare the server's answer with."""
-    from spatialthinker_ros.core.backends.transformers_backend import TransformersBackend, TransformersConfig
+    from spatialthinker_ros.core.backends.transformers import TransformersBackend, TransformersConfig
 
     backend = TransformersBackend(
         TransformersConfig(
@@ -438,7 +438,7 @@ def test_a_frame_over_max_pixels_is_never_sent(script):
 def test_real_server_sees_the_image_tokens_the_in_process_backend_uses(tiny_server, tiny_checkpoint):
     """transformers serve keeps the checkpoint's own processor limit (50176 pixels for the tiny one); the backend's
     max_pixels (here 12544) still bounds what it sees, exactly as the in-process processor bounds it."""
-    from spatialthinker_ros.core.backends.transformers_backend import TransformersBackend, TransformersConfig
+    from spatialthinker_ros.core.backends.transformers import TransformersBackend, TransformersConfig
 
     frame = _frame(1920, 1080)
     limited = _served_backend(tiny_server, tiny_checkpoint, image_format="png", max_pixels=12544)

@@ -12,7 +12,7 @@ import torch
 from transformers import LogitsProcessor
 
 from spatialthinker_ros.core.backends.base import GenerationConfig
-from spatialthinker_ros.core.backends.transformers_backend import TransformersBackend, TransformersConfig
+from spatialthinker_ros.core.backends.transformers import TransformersBackend, TransformersConfig
 from spatialthinker_ros.core.prompt import Question
 from spatialthinker_ros.core.types import BackendError, BackendErrorKind, InferenceRequest, InferenceResult
 
@@ -193,10 +193,10 @@ def test_questions_about_one_frame_in_a_batch_encode_it_once(sharing_backend, mo
     ]
     patches_per_frame = 54 * 4   # 54 image tokens, each merged from 2x2 patches
     # Before: every image told apart from every other, as if sharing did not exist
-    from spatialthinker_ros.core.backends import transformers_backend
+    from spatialthinker_ros.core.backends.transformers import generation
 
     unique = iter(range(10**6))
-    monkeypatch.setattr(transformers_backend, "image_key", lambda image: str(next(unique)).encode())
+    monkeypatch.setattr(generation, "image_key", lambda image: str(next(unique)).encode())
     separate = backend.generate(requests)
     assert counter.take() == 3 * patches_per_frame
     monkeypatch.undo()

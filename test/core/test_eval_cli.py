@@ -217,7 +217,7 @@ def test_tiny_checkpoint_end_to_end(tiny_checkpoint: Path, tmp_path: Path):
                     "--max-new-tokens", "8", "--max-pixels", "50000", "--batch-size", "2", "--verbose")
     assert done.returncode == 0, done.stderr
     # --verbose logs the model loading, each line under this command's name
-    assert "spatialthinker-eval: INFO: spatialthinker_ros.core.backends.transformers_backend: loaded" in done.stderr
+    assert "spatialthinker-eval: INFO: spatialthinker_ros.core.backends.transformers.generation: loaded" in done.stderr
     assert "spatialthinker-ask" not in done.stderr, done.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["scored"], summary["errors"], summary["skipped"]) == (3, 0, 0)   # any accuracy: random weights

@@ -12,9 +12,9 @@ from typing import Any, Mapping
 
 from spatialthinker_ros.core.backends.base import Backend, GenerationConfig
 
-# name -> (module in this package, backend class, its config dataclass)
+# name -> (module or package in this package, backend class, its config dataclass)
 _BACKENDS = {
-    "transformers": ("transformers_backend", "TransformersBackend", "TransformersConfig"),
+    "transformers": ("transformers", "TransformersBackend", "TransformersConfig"),
     "openai": ("openai_backend", "OpenAIBackend", "OpenAIConfig"),
     "replay": ("replay_backend", "ReplayBackend", "ReplayConfig"),
 }

@@ -41,13 +41,12 @@ class LetterPosition:
     not whitespace or "(" (the card writes "<answer> (B) cat </answer>"; "<answer>B</answer>" occurs too).
 
     Before a token is fed, `run` is not None when that token is at the letter position if it leaves the run (the
-    answer tag's text so far); once a token left it, `found` is True and `letter_run` is the run it followed."""
+    answer tag's text so far); once a token left it, `found` is True."""
 
     def __init__(self) -> None:
         self._tail = ""
         self.run: Optional[str] = None
         self.found = False
-        self.letter_run = ""
 
     def feed(self, piece: str) -> None:
         if self.found:
@@ -58,7 +57,7 @@ class LetterPosition:
             self.run = match.group(1)
         elif run is not None:
             if (run + piece).startswith(">"):   # the tag was closed: this token sat at the letter position
-                self.found, self.letter_run = True, run
+                self.found = True
             self.run = None                     # or "<answer" began another word: look on
 
 
