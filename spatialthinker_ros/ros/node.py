@@ -214,7 +214,8 @@ class SpatialThinkerNode(LifecycleNode):
 
     def _publish_stats(self) -> None:
         runtime = self._runtime
-        self._stats.publish(runtime.stats(), self._cameras, self.replies.counts(), runtime.state, runtime.model_name)
+        self._stats.publish(runtime.stats(), self._cameras, self.replies.counts(), runtime.state, runtime.model_name,
+                            self._pipeline.calibration)
 
     def _on_cancel(self, goal_handle) -> CancelResponse:
         request_id = bytes(goal_handle.goal_id.uuid).hex()

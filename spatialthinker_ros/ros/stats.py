@@ -17,6 +17,8 @@ stops answering and when its backend is loaded or released:
     backend    state (core/runtime.py: BACKEND_STATES): "none" (never configured), "loaded" or "released" (closed on
                cleanup, its memory freed);
                model: the loaded model's name, else null
+    calibration  the calibration prediction sets use (calibration_file, core/conformal.py): coverage, threshold,
+               rows and setup; null without one
     frame_memory  what the process did about freed frame buffers (ros/cameras.py, keep_freed_frame_memory);
                null where it was not called
 """
@@ -30,6 +32,7 @@ from typing import Any, Mapping, Optional
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from std_msgs.msg import String
 
+from spatialthinker_ros.core.conformal import Calibration
 from spatialthinker_ros.core.scheduling import SchedulerStats
 from spatialthinker_ros.ros.cameras import CameraInput, frame_memory
 
@@ -39,7 +42,7 @@ STATS_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=Rel
 
 
 def stats_dict(scheduler: Optional[SchedulerStats], cameras: Mapping[str, CameraInput], replies: Mapping[str, int],
-               backend_state: str, model: Optional[str]) -> dict[str, Any]:
+               backend_state: str, model: Optional[str], calibration: Optional[Calibration] = None) -> dict[str, Any]:
     """What ~/stats carries (module docstring)."""
     return {
         "scheduler": dataclasses.asdict(scheduler) if scheduler is not None else None,
@@ -48,6 +51,9 @@ def stats_dict(scheduler: Optional[SchedulerStats], cameras: Mapping[str, Camera
         "replies": dict(replies),
         "backend": {"state": backend_state, "model": model},
         "frame_memory": frame_memory(),
+        "calibration": None if calibration is None else {
+            "coverage": calibration.coverage, "threshold": calibration.threshold, "rows": calibration.n,
+            "setup": dataclasses.asdict(calibration.setup)},
     }
 
 
@@ -59,8 +65,9 @@ class StatsPublisher:
         self._last_scheduler: Optional[SchedulerStats] = None
 
     def publish(self, scheduler: Optional[SchedulerStats], cameras: Mapping[str, CameraInput],
-                replies: Mapping[str, int], backend_state: str, model: Optional[str]) -> None:
+                replies: Mapping[str, int], backend_state: str, model: Optional[str],
+                calibration: Optional[Calibration] = None) -> None:
         if scheduler is not None:
             self._last_scheduler = scheduler
-        message = stats_dict(self._last_scheduler, cameras, replies, backend_state, model)
+        message = stats_dict(self._last_scheduler, cameras, replies, backend_state, model, calibration)
         self._publisher.publish(String(data=json.dumps(message)))
