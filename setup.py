@@ -13,7 +13,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["spatialthinker_ros", "spatialthinker_ros.*"],
-                           exclude=["spatialthinker_ros.ros", "spatialthinker_ros.ros.*"]),
+                           exclude=["spatialthinker_ros.ros", "spatialthinker_ros.ros.*",
+                                    "spatialthinker_ros.mcp", "spatialthinker_ros.mcp.*"]),
     package_data={"spatialthinker_ros": ["data/*"]},   # the CLI's and demo's sample scene
     install_requires=[
         "numpy>=1.24",

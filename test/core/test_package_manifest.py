@@ -23,10 +23,11 @@ ROSDEP_KEYS = {
     "huggingface_hub": "python3-transformers-pip",
     "torch": None, "torchvision": None, "accelerate": None, "json_repair": None, "httpx": None,
     "pyarrow": None, "rosbags": None, "tqdm": None, "matplotlib": "python3-matplotlib",   # spatialthinker-eval
+    "mcp": None, "pydantic": None, "uvicorn": None,   # spatialthinker_mcp (pydantic and uvicorn come with mcp)
 }
 PIP_NAMES = {"torch": "torch", "torchvision": "torchvision", "accelerate": "accelerate",
              "json_repair": "json-repair", "httpx": "httpx", "pyarrow": "pyarrow", "rosbags": "rosbags",
-             "tqdm": "tqdm"}
+             "tqdm": "tqdm", "mcp": "mcp", "pydantic": "mcp", "uvicorn": "mcp"}
 
 
 def imported_modules() -> set[str]:

@@ -1,0 +1,232 @@
+"""The MCP server's ROS 2 client of one spatialthinker node: the ask action (feedback, cancel), lifecycle state,
+parameters, ~/stats, and the node's camera topics (the frames an annotated image is drawn on, and their age).
+Its own rclpy context and executor spin on a thread; the async methods are awaited on the server's event loop,
+and every wait is bounded: a node that is absent or goes away gives NodeUnavailable, never a hang."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from spatialthinker_ros.core.images import colour_to_rgb
+from spatialthinker_ros.core.request import MAX_REQUEST_IMAGE_PIXELS
+
+FRAMES_KEPT = 4           # per camera: the node answers on its newest frame or one of the two before it
+SERVER_CHECK_S = 0.25     # how often a wait looks whether the node is still there
+
+
+class NodeUnavailable(RuntimeError):
+    """The node is not running (no action server, no parameter service) or went away during a call."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One feedback message: stage 0 queued, 1 generating, 2 scene ready (action/AskSpatial.action)."""
+    stage: int
+    tokens: int
+
+
+def node_path(name: str, namespace: str) -> str:
+    """'/ns/name' from a node name and namespace ('' or '/' = the root)."""
+    return f"/{namespace.strip('/')}/{name.strip('/')}".replace("//", "/")
+
+
+class NodeLink:
+    def __init__(self, name: str = "spatialthinker", namespace: str = "/", wait_s: float = 5.0):
+        """`wait_s`: how long a call waits for the node's action server or parameter service to appear."""
+        import rclpy
+        from lifecycle_msgs.srv import GetState
+        from rclpy.action import ActionClient
+        from rclpy.executors import MultiThreadedExecutor
+        from rcl_interfaces.srv import GetParameters
+        from std_msgs.msg import String
+
+        from spatialthinker_ros.action import AskSpatial
+        from spatialthinker_ros.ros.stats import STATS_QOS
+
+        self.path, self.namespace, self.wait_s = node_path(name, namespace), f"/{namespace.strip('/')}", wait_s
+        self.Action = AskSpatial
+        self._context = rclpy.Context()
+        rclpy.init(context=self._context)
+        self._node = rclpy.create_node(f"spatialthinker_mcp_{os.getpid()}", context=self._context)
+        self._action = ActionClient(self._node, AskSpatial, f"{self.path}/ask_action")
+        self._get_state = self._node.create_client(GetState, f"{self.path}/get_state")
+        self._get_parameters = self._node.create_client(GetParameters, f"{self.path}/get_parameters")
+        self.stats: Optional[dict[str, Any]] = None
+        self._node.create_subscription(String, f"{self.path}/stats", self._on_stats, STATS_QOS)
+        self._frames: dict[str, collections.deque] = {}      # camera name -> its newest frames
+        self._recordings: dict[str, list[list]] = {}           # camera name -> the lists recording its frames
+        self._camera_topics: dict[str, str] = {}
+        self._cameras_lock = threading.Lock()
+        self._executor = MultiThreadedExecutor(num_threads=2, context=self._context)
+        self._executor.add_node(self._node)
+        self._spinner = threading.Thread(target=self._spin, name="spatialthinker-mcp-ros", daemon=True)
+        self._spinner.start()
+
+    def _spin(self) -> None:
+        try:
+            self._executor.spin()
+        except Exception:   # the context was shut down under it (close)
+            pass
+
+    def _on_stats(self, message: Any) -> None:
+        self.stats = json.loads(message.data)
+
+    # ------------------------------------------------------------------ waits
+    async def _ready(self, is_ready: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + self.wait_s
+        while not is_ready():
+            if time.monotonic() > deadline:
+                raise NodeUnavailable(f"the node {self.path} is not running: no {what} within {self.wait_s:g} s")
+            await asyncio.sleep(0.05)
+
+    async def _result(self, future: Any, deadline: float, what: str,
+                      alive: Optional[Callable[[], bool]] = None) -> Any:
+        """The rclpy future's result; NodeUnavailable past the deadline, or once alive() says the node left."""
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(done.set))
+        while not done.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NodeUnavailable(f"no {what} from {self.path} in time")
+            if alive is not None and not alive():
+                raise NodeUnavailable(f"the node {self.path} went away before its {what}")
+            try:
+                await asyncio.wait_for(done.wait(), min(SERVER_CHECK_S, remaining))
+            except asyncio.TimeoutError:
+                pass
+        return future.result()
+
+    # ------------------------------------------------------------------ asking
+    async def ask(self, timeout_s: float, on_progress: Optional[Callable[[Progress], None]] = None,
+                  **goal: Any) -> Any:
+        """One goal of ~/ask_action; its Result (error codes included). Feedback goes to on_progress on the
+        event loop's thread. A cancelled caller (MCP cancellation) cancels the goal."""
+        deadline = time.monotonic() + timeout_s
+        await self._ready(self._action.server_is_ready, f"action server {self.path}/ask_action")
+        loop = asyncio.get_running_loop()
+        feedback = None
+        if on_progress is not None:
+            def feedback(message: Any) -> None:
+                loop.call_soon_threadsafe(on_progress, Progress(message.feedback.stage,
+                                                                message.feedback.tokens_generated))
+        sending = self._action.send_goal_async(self.Action.Goal(**goal), feedback_callback=feedback)
+        try:
+            handle = await self._result(sending, deadline, "goal acceptance", self._action.server_is_ready)
+        except BaseException:   # a goal accepted after its caller gave up is cancelled at once
+            sending.add_done_callback(lambda f: f.result().accepted and f.result().cancel_goal_async())
+            raise
+        if not handle.accepted:
+            raise NodeUnavailable(f"{self.path}/ask_action rejected the goal")
+        try:
+            response = await self._result(handle.get_result_async(), deadline, "answer",
+                                          self._action.server_is_ready)
+        except BaseException:   # cancelled by the MCP client, timed out, or the node left: the goal is dropped
+            handle.cancel_goal_async()
+            raise
+        return response.result
+
+    # ------------------------------------------------------------------ state
+    async def lifecycle_state(self) -> str:
+        from lifecycle_msgs.srv import GetState
+
+        await self._ready(self._get_state.service_is_ready, f"service {self.path}/get_state")
+        response = await self._result(self._get_state.call_async(GetState.Request()),
+                                      time.monotonic() + self.wait_s, "lifecycle state")
+        return response.current_state.label
+
+    async def parameters(self, *names: str) -> dict[str, Any]:
+        """The node's parameters by name (their values as Python values)."""
+        from rcl_interfaces.srv import GetParameters
+        from rclpy.parameter import parameter_value_to_python
+
+        await self._ready(self._get_parameters.service_is_ready, f"service {self.path}/get_parameters")
+        response = await self._result(self._get_parameters.call_async(GetParameters.Request(names=list(names))),
+                                      time.monotonic() + self.wait_s, "parameters")
+        return {name: parameter_value_to_python(value) for name, value in zip(names, response.values)}
+
+    def now_s(self) -> float:
+        return self._node.get_clock().now().nanoseconds * 1e-9
+
+    # ------------------------------------------------------------------ camera frames
+    async def watch_cameras(self) -> dict[str, str]:
+        """Subscribe (once) to the colour topic of each of the node's cameras, as the node resolves them (its
+        cameras and image_transport parameters, in its namespace); camera name -> topic."""
+        from rclpy.qos import qos_profile_sensor_data
+        from sensor_msgs.msg import CompressedImage, Image
+
+        from spatialthinker_ros.ros.cameras import topic_prefix
+
+        if self._camera_topics:
+            return self._camera_topics
+        params = await self.parameters("cameras", "image_transport")
+        compressed = params["image_transport"] == "compressed"
+        with self._cameras_lock:
+            for name in params["cameras"] or []:
+                if name in self._camera_topics:
+                    continue
+                topic = f"{self.namespace.rstrip('/')}/{topic_prefix(name)}image" + ("/compressed" if compressed else "")
+                self._frames[name] = collections.deque(maxlen=FRAMES_KEPT)
+                self._node.create_subscription(CompressedImage if compressed else Image, topic,
+                                               lambda message, name=name: self._on_frame(name, message),
+                                               qos_profile_sensor_data)
+                self._camera_topics[name] = topic
+        return self._camera_topics
+
+    def _on_frame(self, camera: str, message: Any) -> None:
+        with self._cameras_lock:
+            self._frames[camera].append(message)
+            for recording in self._recordings.get(camera, ()):
+                recording.append(message)
+
+    def record_frames(self, camera: str) -> Callable[[], list]:
+        """Keeps the camera's newest frames and every one that arrives from now on, until the returned stop() is
+        called (when the node has taken its frame: the goal's first feedback); stop() returns them."""
+        with self._cameras_lock:
+            recording = list(self._frames.get(camera, ()))
+            self._recordings.setdefault(camera, []).append(recording)
+
+        def stop() -> list:
+            with self._cameras_lock:
+                if any(r is recording for r in self._recordings.get(camera, ())):
+                    self._recordings[camera] = [r for r in self._recordings[camera] if r is not recording]
+            return recording
+        return stop
+
+    def last_frame_age_s(self, camera: str) -> Optional[float]:
+        frames = self._frames.get(camera)
+        if not frames:
+            return None
+        stamp = frames[-1].header.stamp
+        return max(0.0, self.now_s() - (stamp.sec + stamp.nanosec * 1e-9))
+
+    async def wait_for_frame(self, camera: str, timeout_s: float) -> None:
+        """Until the camera's topic has delivered a frame here (so the one the node answers on is kept)."""
+        deadline = time.monotonic() + timeout_s
+        while not self._frames.get(camera) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    @staticmethod
+    def frame(frames: list, stamp: tuple[int, int]) -> Optional[np.ndarray]:
+        """The recorded frame (record_frames) with this (sec, nanosec) stamp, as RGB; None when there is none."""
+        for message in reversed(frames):
+            if (message.header.stamp.sec, message.header.stamp.nanosec) == stamp:
+                return colour_to_rgb(message, MAX_REQUEST_IMAGE_PIXELS)
+        return None
+
+    def close(self) -> None:
+        """Stop spinning before the node and context go: rclpy aborts the process if a spinning thread outlives
+        them."""
+        self._executor.shutdown(timeout_sec=5.0)
+        self._spinner.join(timeout=5.0)
+        self._node.destroy_node()
+        self._context.try_shutdown()

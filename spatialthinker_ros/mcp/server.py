@@ -1,0 +1,350 @@
+"""spatialthinker_mcp: an MCP server (the official `mcp` SDK) over a running spatialthinker node, so an LLM agent
+host can ask the robot's camera spatial questions and get 3D positions, checked relations and a calibrated
+act-or-ask decision (docs/agents.md). Every tool is read-only: the server asks, it never actuates.
+
+stdio by default (agent hosts start it as a child process); --http serves streamable HTTP on 127.0.0.1, and on
+any other address only with a bearer token from the environment variable --token-env names.
+
+Exit codes: 0 stopped, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hmac
+import ipaddress
+import os
+import sys
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable, Optional, Sequence
+
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.types import CallToolResult, ImageContent, TextContent, ToolAnnotations
+from pydantic import Field
+
+from spatialthinker_ros.mcp import results
+from spatialthinker_ros.mcp.node_link import NodeLink, NodeUnavailable, Progress
+
+PROG = "spatialthinker_mcp"
+DEFAULT_PORT = 8765
+FRAME_WAIT_S = 2.0         # include_image: how long the first call waits for the camera topic's first frame here
+FEEDBACK_GRACE_S = 0.5     # feedback has its own topic: the scene-ready message may come just after the result
+READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=False,
+                            open_world_hint=False)
+STAGES = {0: "queued", 1: "generating", 2: "scene ready"}
+
+INSTRUCTIONS = """Spatial perception of a robot's camera by the SpatialThinker vision-language model. Boxes are
+in the camera image's pixels; positions are metres in the camera's optical frame (x right, y down, z forward).
+ask_spatial with options returns a decision: act only when it is "act" (the calibrated prediction set holds
+exactly one option); on "ask_for_help" ask a person or look again; "uncalibrated" means there is no guarantee."""
+
+Camera = Annotated[str, Field(description="a camera name of the node's cameras parameter; empty = its first camera")]
+IncludeImage = Annotated[bool, Field(description="also return the frame with boxes and relations drawn (JPEG)")]
+
+
+def _error(code: str, message: str) -> CallToolResult:
+    return CallToolResult(content=[TextContent(type="text", text=results.error_text(code, message))], is_error=True)
+
+
+def _stamp(header: Any) -> float:
+    return header.stamp.sec + header.stamp.nanosec * 1e-9
+
+
+@dataclass(frozen=True)
+class Answered:
+    answer: Any            # spatialthinker_ros/msg/SpatialAnswer
+    frames: list           # colour frames recorded while the node took its frame (empty unless asked for)
+
+
+class SpatialTools:
+    """The four tools over one NodeLink; every node outcome becomes one tool result."""
+
+    def __init__(self, link: NodeLink, timeout_s: float):
+        self.link, self.timeout_s = link, timeout_s
+
+    async def _ask(self, ctx: Context, frames_of: Optional[str] = None, **goal: Any) -> Any:
+        """One goal, its feedback relayed as MCP progress (1, 2, 3, ... with the stage in the message); the
+        Answered, or a CallToolResult error. With `frames_of` (a camera name), the frames that camera sent until
+        the node took one (its first feedback) come with it."""
+        from spatialthinker_ros.ros.conversions import error_code_name
+
+        wants_progress = bool(ctx.request_context.meta and ctx.request_context.meta.get("progress_token"))
+        queue: asyncio.Queue[Progress] = asyncio.Queue()
+        seen: list[Progress] = []
+
+        async def relay() -> None:
+            while True:
+                progress = await queue.get()
+                seen.append(progress)
+                text = STAGES.get(progress.stage, str(progress.stage))
+                if progress.stage:
+                    text += f": {progress.tokens} tokens"
+                await ctx.report_progress(len(seen), None, text)
+                queue.task_done()
+
+        stop_recording = self.link.record_frames(frames_of) if frames_of is not None else (lambda: [])
+
+        def on_progress(progress: Progress) -> None:
+            stop_recording()
+            queue.put_nowait(progress)
+
+        relaying = asyncio.ensure_future(relay())
+        try:
+            result = await self.link.ask(self.timeout_s, on_progress, **goal)
+            frames = stop_recording()
+            if wants_progress and result.success and result.answer.scene_graph.objects:
+                await self._scene_ready_seen(queue, seen)
+            await queue.join()
+        except NodeUnavailable as exc:
+            return _error("NODE_UNAVAILABLE", str(exc))
+        finally:
+            stop_recording()
+            relaying.cancel()
+        if not result.success:
+            return _error(error_code_name(result.error_code), result.message)
+        return Answered(result.answer, frames)
+
+    @staticmethod
+    async def _scene_ready_seen(queue: asyncio.Queue, seen: list[Progress]) -> None:
+        deadline = asyncio.get_running_loop().time() + FEEDBACK_GRACE_S
+        while not any(p.stage == 2 for p in seen) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+
+    def _frame(self, answer: Any) -> dict:
+        return {"stamp": _stamp(answer.header), "camera": answer.camera, "frame_id": answer.header.frame_id}
+
+    async def _image_camera(self, camera: str) -> str:
+        """The camera whose frames to record for an annotated image (subscribed to before the goal, so the frame
+        answered on is recorded); NodeUnavailable when the node's cameras cannot be read."""
+        name = camera or next(iter(await self.link.watch_cameras()), "")
+        await self.link.wait_for_frame(name, FRAME_WAIT_S)
+        return name
+
+    def _image(self, answered: Answered, scene_caption: str) -> list[Any]:
+        from spatialthinker_ros.ros.conversions import scene_graph_from_msg
+
+        answer = answered.answer
+        stamp = answer.header.stamp
+        rgb = self.link.frame(answered.frames, (stamp.sec, stamp.nanosec))
+        if rgb is None:
+            return [TextContent(type="text", text="image not included: the frame answered on did not reach this "
+                                                  "server (a request image, or a camera topic it cannot see)")]
+        jpeg = results.annotated_jpeg(rgb, scene_graph_from_msg(answer.scene_graph), scene_caption)
+        return [ImageContent(type="image", data=base64.b64encode(jpeg).decode("ascii"), mime_type="image/jpeg")]
+
+    async def ask_spatial(self, ctx: Context, question: str, options: list[str], camera: str,
+                          include_image: bool) -> CallToolResult:
+        from spatialthinker_ros.ros.conversions import answer_from_msg
+
+        try:
+            frames_of = await self._image_camera(camera) if include_image else None
+        except NodeUnavailable as exc:
+            return _error("NODE_UNAVAILABLE", str(exc))
+        outcome = await self._ask(ctx, frames_of, question=question, options=list(options), camera=camera)
+        if isinstance(outcome, CallToolResult):
+            return outcome
+        answer = outcome.answer
+        parsed, inference = answer_from_msg(answer)
+        result = results.ask_result(parsed, self._frame(answer), answer.model, inference.seconds, answer.question,
+                                    list(answer.options), list(answer.prediction_set),
+                                    float(answer.prediction_set_coverage))
+        content: list[Any] = [TextContent(type="text", text=results.ask_summary(result))]
+        if include_image:
+            content += self._image(outcome, parsed.answer or parsed.status.name.lower())
+        return CallToolResult(content=content, structured_content=result.model_dump(mode="json"))
+
+    async def _scene(self, ctx: Context, camera: str, frames_of: Optional[str] = None) -> tuple[Any, Any]:
+        """The scene-only answer's SceneResult (or a CallToolResult error) and the action Result."""
+        from spatialthinker_ros.ros.conversions import answer_from_msg
+
+        outcome = await self._ask(ctx, frames_of, question=results.SCENE_QUESTION, camera=camera, scene_only=True)
+        if isinstance(outcome, CallToolResult):
+            return outcome, None
+        parsed, inference = answer_from_msg(outcome.answer)
+        return results.scene_result(parsed, self._frame(outcome.answer), outcome.answer.model,
+                                    inference.seconds), outcome
+
+    async def describe_scene(self, ctx: Context, camera: str, include_image: bool) -> CallToolResult:
+        try:
+            frames_of = await self._image_camera(camera) if include_image else None
+        except NodeUnavailable as exc:
+            return _error("NODE_UNAVAILABLE", str(exc))
+        scene, outcome = await self._scene(ctx, camera, frames_of)
+        if isinstance(scene, CallToolResult):
+            return scene
+        content: list[Any] = [TextContent(type="text", text=results.scene_summary(scene))]
+        if include_image:
+            content += self._image(outcome, "scene")
+        return CallToolResult(content=content, structured_content=scene.model_dump(mode="json"))
+
+    async def locate(self, ctx: Context, description: str, camera: str) -> CallToolResult:
+        scene, _ = await self._scene(ctx, camera)
+        if isinstance(scene, CallToolResult):
+            return scene
+        found = results.locate_result(scene, description)
+        return CallToolResult(content=[TextContent(type="text", text=results.locate_summary(found))],
+                              structured_content=found.model_dump(mode="json"))
+
+    async def node_status(self) -> CallToolResult:
+        try:
+            state = await self.link.lifecycle_state()
+            params = await self.link.parameters("backend", "model", "queue_size")
+            topics = await self.link.watch_cameras()
+        except NodeUnavailable as exc:
+            return _error("NODE_UNAVAILABLE", str(exc))
+        stats = self.link.stats or {}
+        counted = stats.get("cameras", {})
+        cameras = [results.CameraStatus(name=name, topic=topic, last_frame_age_s=self.link.last_frame_age_s(name),
+                                        frames_received=counted.get(name, {}).get("frames_received", 0))
+                   for name, topic in topics.items()]
+        scheduler = stats.get("scheduler") or {}
+        queue = {key: scheduler.get(key, 0) for key in ("queued", "running", "submitted", "completed", "failed",
+                                                          "timed_out", "cancelled", "rejected", "max_queue_depth")}
+        queue["queue_size"] = params["queue_size"]
+        backend = stats.get("backend") or {}
+        status = results.NodeStatusResult(node=self.link.path, lifecycle_state=state, backend=params["backend"],
+                                          model=backend.get("model") or params["model"], cameras=cameras,
+                                          calibration=stats.get("calibration"), queue=queue)
+        ages = ", ".join(f"{c.name} {'no frame' if c.last_frame_age_s is None else f'{c.last_frame_age_s:.2f} s'}"
+                         for c in cameras)
+        calibration = (f"coverage {status.calibration.coverage:g}" if status.calibration else "no calibration")
+        text = (f"{self.link.path} {state}, {status.backend} {status.model}; cameras: {ages or 'none'}; "
+                f"{calibration}; queue {queue['queued']} waiting, {queue['running']} running")
+        return CallToolResult(content=[TextContent(type="text", text=text)],
+                              structured_content=status.model_dump(mode="json"))
+
+
+def build_server(tools: SpatialTools) -> MCPServer:
+    """The MCP server with the four read-only tools (their names and fields are a contract: docs/agents.md)."""
+    server = MCPServer(PROG, instructions=INSTRUCTIONS)
+
+    @server.tool(annotations=READ_ONLY, description=(
+        "Ask a spatial question about the camera's latest frame. With options (e.g. ['left of', 'right of']) the "
+        "answer carries each option's probability, the calibrated prediction set and a decision: act only on "
+        "'act'. Returns objects with pixel boxes and 3D positions (metres, camera optical frame) and relations "
+        "checked against depth."))
+    async def ask_spatial(
+            ctx: Context,
+            question: Annotated[str, Field(min_length=1, description="the question, e.g. 'Is the cup left of the "
+                                                                     "plate?'")],
+            options: Annotated[list[str], Field(max_length=26, description="multiple-choice options, lettered A, "
+                                                                           "B, ... in order; empty = free form")] = [],
+            camera: Camera = "",
+            include_image: IncludeImage = False,
+    ) -> Annotated[CallToolResult, results.AskSpatialResult]:
+        return await tools.ask_spatial(ctx, question, options, camera, include_image)
+
+    @server.tool(annotations=READ_ONLY, description=(
+        "The objects the camera sees now (id, label, pixel box, 3D position in metres or null) and their relations "
+        "checked against depth, without a question: faster than ask_spatial."))
+    async def describe_scene(ctx: Context, camera: Camera = "",
+                             include_image: IncludeImage = False) -> Annotated[CallToolResult, results.SceneResult]:
+        return await tools.describe_scene(ctx, camera, include_image)
+
+    @server.tool(annotations=READ_ONLY, description=(
+        "Where an object is: the scene's objects matching a description (e.g. 'the mug'), best first, with 3D "
+        "positions in metres. Empty, with the reason and the objects seen, when none matches."))
+    async def locate(ctx: Context,
+                     object: Annotated[str, Field(min_length=1, description="what to find, e.g. 'mug'")],
+                     camera: Camera = "") -> Annotated[CallToolResult, results.LocateResult]:
+        return await tools.locate(ctx, object, camera)
+
+    @server.tool(annotations=READ_ONLY, description=(
+        "The node's health: lifecycle state, backend and model, each camera's last frame age, the calibration's "
+        "coverage and setup (none: decisions are uncalibrated), and the request queue."))
+    async def node_status() -> Annotated[CallToolResult, results.NodeStatusResult]:
+        return await tools.node_status()
+
+    return server
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class BearerTokenGuard:
+    """ASGI middleware: HTTP requests without `Authorization: Bearer <token>` get 401."""
+
+    def __init__(self, app: Callable, token: str):
+        self.app, self.expected = app, f"Bearer {token}".encode()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http":
+            given = dict(scope.get("headers", ())).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                body = b"missing or wrong bearer token"
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"text/plain"), (b"www-authenticate", b"Bearer"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--node-name", default="spatialthinker", help="the node's name (default %(default)s)")
+    parser.add_argument("--namespace", default="/", help="the node's namespace (default %(default)s)")
+    parser.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                        help="seconds a tool call may take, queue and model included (default %(default)s)")
+    parser.add_argument("--wait", type=float, default=5.0, metavar="S",
+                        help="seconds a call waits for the node to be there before it fails (default %(default)s)")
+    parser.add_argument("--http", action="store_true", help="serve streamable HTTP instead of stdio")
+    parser.add_argument("--host", default="127.0.0.1", help="--http: address to bind (default %(default)s); a "
+                                                            "non-loopback one needs --token-env")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="--http: port (default %(default)s)")
+    parser.add_argument("--token-env", metavar="NAME", help="--http: NAME of the environment variable holding the "
+                                                            "bearer token clients must send (never the token itself)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from rclpy.utilities import remove_ros_args
+
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(remove_ros_args([PROG, *argv])[1:])
+        token = os.environ.get(args.token_env, "") if args.token_env else ""
+        if args.token_env and not token:
+            parser.error(f"--token-env {args.token_env}: that environment variable is unset or empty")
+        if args.http and not is_loopback(args.host) and not token:
+            parser.error(f"--host {args.host} is not a loopback address: serving it needs a bearer token, read from "
+                         "the environment variable --token-env names")
+        if args.timeout <= 0 or args.wait <= 0:
+            parser.error("--timeout and --wait must be positive")
+    except SystemExit as exit_:         # argparse has printed usage and the error (or the help)
+        return int(exit_.code or 0)
+    link = NodeLink(args.node_name, args.namespace, wait_s=args.wait)
+    server = build_server(SpatialTools(link, args.timeout))
+    try:
+        if args.http:
+            _serve_http(server, args.host, args.port, token)
+        else:
+            server.run("stdio")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        link.close()
+    return 0
+
+
+def _serve_http(server: MCPServer, host: str, port: int, token: str) -> None:
+    import uvicorn
+
+    app = server.streamable_http_app(host=host)
+    config = uvicorn.Config(BearerTokenGuard(app, token) if token else app, host=host, port=port,
+                            log_level="warning")
+    asyncio.run(uvicorn.Server(config).serve())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
