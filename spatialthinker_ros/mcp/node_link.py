@@ -45,7 +45,7 @@ class NodeLink:
         import rclpy
         from lifecycle_msgs.srv import GetState
         from rclpy.action import ActionClient
-        from rclpy.executors import MultiThreadedExecutor
+        from rclpy.executors import SingleThreadedExecutor
         from rcl_interfaces.srv import GetParameters
         from std_msgs.msg import String
 
@@ -66,7 +66,7 @@ class NodeLink:
         self._recordings: dict[str, list[list]] = {}           # camera name -> the lists recording its frames
         self._camera_topics: dict[str, str] = {}
         self._cameras_lock = threading.Lock()
-        self._executor = MultiThreadedExecutor(num_threads=2, context=self._context)
+        self._executor = SingleThreadedExecutor(context=self._context)
         self._executor.add_node(self._node)
         self._spinner = threading.Thread(target=self._spin, name="spatialthinker-mcp-ros", daemon=True)
         self._spinner.start()
@@ -174,7 +174,8 @@ class NodeLink:
             for name in params["cameras"] or []:
                 if name in self._camera_topics:
                     continue
-                topic = f"{self.namespace.rstrip('/')}/{topic_prefix(name)}image" + ("/compressed" if compressed else "")
+                transport = "image/compressed" if compressed else "image"
+                topic = f"{self.namespace.rstrip('/')}/{topic_prefix(name)}{transport}"
                 self._frames[name] = collections.deque(maxlen=FRAMES_KEPT)
                 self._node.create_subscription(CompressedImage if compressed else Image, topic,
                                                lambda message, name=name: self._on_frame(name, message),

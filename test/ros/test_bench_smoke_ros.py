@@ -55,3 +55,13 @@ def test_reply_loss_counts_what_callers_lost_and_what_each_node_counted_on_its_s
     counted = report["node_replies"]   # from each node's ~/stats, summed
     assert set(counted) == {"dropped", "resent", "abandoned"}
     assert 0 <= counted["resent"] + counted["abandoned"] <= counted["dropped"]
+
+
+@pytest.mark.timeout(150)
+def test_mcp_overhead_measures_the_mcp_call_against_the_service_and_the_action(tmp_path: Path):
+    report = run_bench("mcp_overhead", "--requests", "3", "--warmup", "1", "--json", str(tmp_path / "mcp.json"),
+                       timeout=140)
+    assert report["failure_count"] == 0
+    for kind in ("service", "action", "mcp"):
+        assert report[kind]["n"] == 3 and 0 < report[kind]["p50_ms"] <= report[kind]["p95_ms"] < 10_000, kind
+    assert report["overhead_over_service_p50_ms"] == report["mcp"]["p50_ms"] - report["service"]["p50_ms"]

@@ -12,12 +12,12 @@ import cv2
 import jsonschema
 import numpy as np
 import pytest
-from mcp_client import mcp_client
 from node_requests import STARTUP
 
 from spatialthinker_ros.core.conformal import Calibration, CalibrationSetup
 from spatialthinker_ros.core.config import PARAMETERS
 from spatialthinker_ros.mcp.results import SCENE_QUESTION
+from spatialthinker_ros.testing.mcp_client import mcp_client
 from spatialthinker_ros.testing.node_client import NodeClient, new_context
 from spatialthinker_ros.testing.processes import Processes, installed_executable, node_command
 from eval_data import DATA, META

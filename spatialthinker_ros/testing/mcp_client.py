@@ -1,5 +1,5 @@
-"""The official MCP client over stdio, started on the installed spatialthinker_mcp, for the MCP tests and the
-benchmark: the server is a child process in this process's isolated ROS environment."""
+"""The official MCP client over stdio on the installed spatialthinker_mcp, for the MCP tests and benchmark: the
+server is a child process in this process's (isolated) ROS environment."""
 
 import contextlib
 import os
