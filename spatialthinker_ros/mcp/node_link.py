@@ -94,7 +94,7 @@ class NodeLink:
         loop = asyncio.get_running_loop()
         done = asyncio.Event()
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(done.set))
-        while not done.is_set():
+        while not future.done():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise NodeUnavailable(f"no {what} from {self.path} in time")
@@ -119,21 +119,29 @@ class NodeLink:
             def feedback(message: Any) -> None:
                 loop.call_soon_threadsafe(on_progress, Progress(message.feedback.stage,
                                                                 message.feedback.tokens_generated))
-        sending = self._action.send_goal_async(self.Action.Goal(**goal), feedback_callback=feedback)
+        alive = self._action.server_is_ready
+        sending = await self._on_executor(self._action.send_goal_async, self.Action.Goal(**goal), feedback)
         try:
-            handle = await self._result(sending, deadline, "goal acceptance", self._action.server_is_ready)
+            handle = await self._result(sending, deadline, "goal acceptance", alive)
         except BaseException:   # a goal accepted after its caller gave up is cancelled at once
             sending.add_done_callback(lambda f: f.result().accepted and f.result().cancel_goal_async())
             raise
         if not handle.accepted:
             raise NodeUnavailable(f"{self.path}/ask_action rejected the goal")
         try:
-            response = await self._result(handle.get_result_async(), deadline, "answer",
-                                          self._action.server_is_ready)
+            getting = await self._on_executor(handle.get_result_async)
+            response = await self._result(getting, deadline, "answer", alive)
         except BaseException:   # cancelled by the MCP client, timed out, or the node left: the goal is dropped
-            handle.cancel_goal_async()
+            self._executor.create_task(handle.cancel_goal_async)
             raise
         return response.result
+
+    async def _on_executor(self, call: Callable, *args: Any) -> Any:
+        """call(*args) run on the executor's thread, its return value. rclpy's ActionClient registers a request's
+        future only after sending it, without a lock: sent from another thread, a quick reply can be taken before
+        its future exists, and is dropped."""
+        return await self._result(self._executor.create_task(call, *args), time.monotonic() + self.wait_s,
+                                  "the ROS executor")
 
     # ------------------------------------------------------------------ state
     async def lifecycle_state(self) -> str:
