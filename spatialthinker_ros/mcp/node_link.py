@@ -178,17 +178,21 @@ class NodeLink:
             return self._camera_topics
         params = await self.parameters("cameras", "image_transport")
         compressed = params["image_transport"] == "compressed"
-        with self._cameras_lock:
+
+        def subscribe() -> None:   # on the executor's thread, so its wait set takes the subscriptions in at once
             for name in params["cameras"] or []:
                 if name in self._camera_topics:
                     continue
                 transport = "image/compressed" if compressed else "image"
                 topic = f"{self.namespace.rstrip('/')}/{topic_prefix(name)}{transport}"
-                self._frames[name] = collections.deque(maxlen=FRAMES_KEPT)
+                with self._cameras_lock:
+                    self._frames[name] = collections.deque(maxlen=FRAMES_KEPT)
                 self._node.create_subscription(CompressedImage if compressed else Image, topic,
                                                lambda message, name=name: self._on_frame(name, message),
                                                qos_profile_sensor_data)
                 self._camera_topics[name] = topic
+
+        await self._on_executor(subscribe)
         return self._camera_topics
 
     def _on_frame(self, camera: str, message: Any) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import hmac
 import ipaddress
 import os
@@ -33,7 +34,8 @@ FRAME_WAIT_S = 2.0         # include_image: how long the first call waits for th
 FEEDBACK_GRACE_S = 0.5     # feedback has its own topic: the scene-ready message may come just after the result
 READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=False,
                             open_world_hint=False)
-STAGES = {0: "queued", 1: "generating", 2: "scene ready"}
+STAGE_NAMES = {0: "queued", 1: "generating", 2: "scene ready"}   # action/AskSpatial.action's STAGE_* values
+SCENE_READY = 2
 
 INSTRUCTIONS = """Spatial perception of a robot's camera by the SpatialThinker vision-language model. Boxes are
 in the camera image's pixels; positions are metres in the camera's optical frame (x right, y down, z forward).
@@ -72,16 +74,19 @@ class SpatialTools:
 
         wants_progress = bool(ctx.request_context.meta and ctx.request_context.meta.get("progress_token"))
         queue: asyncio.Queue[Progress] = asyncio.Queue()
-        seen: list[Progress] = []
+        scene_ready = asyncio.Event()
 
         async def relay() -> None:
+            sent = 0
             while True:
                 progress = await queue.get()
-                seen.append(progress)
-                text = STAGES.get(progress.stage, str(progress.stage))
+                text = STAGE_NAMES.get(progress.stage, str(progress.stage))
                 if progress.stage:
                     text += f": {progress.tokens} tokens"
-                await ctx.report_progress(len(seen), None, text)
+                sent += 1
+                await ctx.report_progress(sent, None, text)
+                if progress.stage == SCENE_READY:
+                    scene_ready.set()
                 queue.task_done()
 
         stop_recording = self.link.record_frames(frames_of) if frames_of is not None else (lambda: [])
@@ -95,7 +100,8 @@ class SpatialTools:
             result = await self.link.ask(self.timeout_s, on_progress, **goal)
             frames = stop_recording()
             if wants_progress and result.success and result.answer.scene_graph.objects:
-                await self._scene_ready_seen(queue, seen)
+                with contextlib.suppress(asyncio.TimeoutError):   # feedback has its own topic: it may come late
+                    await asyncio.wait_for(scene_ready.wait(), FEEDBACK_GRACE_S)
             await queue.join()
         except NodeUnavailable as exc:
             return _error("NODE_UNAVAILABLE", str(exc))
@@ -105,12 +111,6 @@ class SpatialTools:
         if not result.success:
             return _error(error_code_name(result.error_code), result.message)
         return Answered(result.answer, frames)
-
-    @staticmethod
-    async def _scene_ready_seen(queue: asyncio.Queue, seen: list[Progress]) -> None:
-        deadline = asyncio.get_running_loop().time() + FEEDBACK_GRACE_S
-        while not any(p.stage == 2 for p in seen) and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.01)
 
     def _frame(self, answer: Any) -> dict:
         return {"stamp": _stamp(answer.header), "camera": answer.camera, "frame_id": answer.header.frame_id}
