@@ -25,19 +25,22 @@ from eval_data import DATA, META
 pytestmark = pytest.mark.timeout(240)
 
 CALL_S = 60.0
-REPLAY_LATENCY_S = 1.0     # each answer takes this long: the window in which a call is cancelled
+HOLD_S = 300.0             # replay_latency: the longest a held generation lasts (only if a test fails before release)
 [SAMPLE, CLOSEST] = META["questions"]
 RESPONSES = {line["question"]: line["response"]
              for line in map(json.loads, (DATA / META["replay_file"]).read_text().splitlines())}
 FREE = "What is on the table?"
+HELD = "Is anything moving?"                       # its generation runs until the test releases it
 SAMPLE_PROBABILITIES = [0.85, 0.05, 0.05, 0.05]     # threshold 0.6 keeps p >= 0.4: {A}, act
 CLOSEST_PROBABILITIES = [0.34, 0.33, 0.33]          # none >= 0.4: the empty set, ask for help
 MAX_INPUT_PIXELS = next(p.default for p in PARAMETERS if p.name == "max_input_pixels")
 CAMERA = META["camera"]
 
 
-def replay_lines():
-    return [
+def replay_lines(released, held):
+    """Every line's generation ends once its until_file exists: `released` exists from the start, `held` is made
+    by the test that holds HELD's generation (so it is still running when the test cancels it)."""
+    lines = [
         {"question": SAMPLE["question"], "response": RESPONSES[SAMPLE["question"]],
          "option_probabilities": SAMPLE_PROBABILITIES},
         {"question": CLOSEST["question"], "response": RESPONSES[CLOSEST["question"]],
@@ -45,6 +48,8 @@ def replay_lines():
         {"question": FREE, "response": RESPONSES[SAMPLE["question"]].replace("(A) left of", "a mug, a plate, a book")},
         {"question": SCENE_QUESTION, "response": RESPONSES[SAMPLE["question"]]},
     ]
+    return [{**line, "until_file": str(released)} for line in lines] + [
+        {"question": HELD, "response": RESPONSES[SAMPLE["question"]], "until_file": str(held)}]
 
 
 def camera_command():
@@ -59,7 +64,9 @@ def graph(tmp_path_factory):
     of the node for its ~/stats."""
     folder = tmp_path_factory.mktemp("mcp")
     replay = folder / "replay.jsonl"
-    replay.write_text("".join(json.dumps(line) + "\n" for line in replay_lines()))
+    (folder / "released").touch()
+    replay.write_text("".join(json.dumps(line) + "\n" for line in replay_lines(folder / "released",
+                                                                                folder / "held_released")))
     calibration = folder / "calibration.json"
     Calibration(threshold=0.6, coverage=0.9, n=300,
                 setup=CalibrationSetup.of("replay", None, None, MAX_INPUT_PIXELS, "model_card")).save(calibration)
@@ -67,7 +74,7 @@ def graph(tmp_path_factory):
     with Processes(folder) as processes:
         node = processes.start(node_command(backend="replay", replay_file=str(replay), max_image_age=0.0,
                                             calibration_file=str(calibration), cameras=["default", "idle"],
-                                            replay_latency=REPLAY_LATENCY_S), name="node")
+                                            replay_latency=HOLD_S), name="node")
         processes.start(camera_command(), name="camera")
         client = NodeClient(context, process=node, outputs=False)
         ready = client.ask_until_ready(node, timeout=STARTUP, with_depth=True, question=SAMPLE["question"],
@@ -129,7 +136,7 @@ def test_ask_spatial_gives_probabilities_the_calibrated_set_and_the_decision_wit
         letter: (option, pytest.approx(p, abs=1e-6))
         for letter, option, p in zip("ABCD", SAMPLE["options"], SAMPLE_PROBABILITIES)}
     assert (answer["camera"], answer["model"]) == ("default", "replay") and answer["stamp"] > 0
-    assert answer["inference_time_s"] >= REPLAY_LATENCY_S * 0.9
+    assert answer["inference_time_s"] >= 0
     mug = next(o for o in answer["objects"] if o["id"] == "mug.1")
     assert mug["frame_id"] == CAMERA["frame_id"] and mug["position"] is not None
     assert [r["check"] for r in answer["relations"]] and all(r["note"] for r in answer["relations"])
@@ -201,15 +208,16 @@ def test_progress_arrives_in_order_and_a_cancelled_call_cancels_its_goal(graph):
 
         result = await client.call_tool("ask_spatial", {"question": SAMPLE["question"],
                                                         "options": SAMPLE["options"]}, CALL_S, on_progress)
-        first = anyio.Event()
+        generating = anyio.Event()
 
-        async def first_progress(value, total, message):
-            first.set()
+        async def on_held_progress(value, total, message):
+            if message.startswith("generating"):
+                generating.set()
 
         async with anyio.create_task_group() as group:
-            group.start_soon(client.call_tool, "ask_spatial", {"question": FREE}, CALL_S, first_progress)
+            group.start_soon(client.call_tool, "ask_spatial", {"question": HELD}, CALL_S, on_held_progress)
             with anyio.fail_after(CALL_S):
-                await first.wait()   # queued at the node: the answer is REPLAY_LATENCY_S away
+                await generating.wait()   # the node is generating its answer, held until released
             group.cancel_scope.cancel()
         return result, progress
 
@@ -221,8 +229,11 @@ def test_progress_arrives_in_order_and_a_cancelled_call_cancels_its_goal(graph):
     assert stages[0] == "queued" and "generating" in stages and stages[-1] == "scene ready", progress
     order = {"queued": 0, "generating": 1, "scene ready": 2}
     assert [order[s] for s in stages] == sorted(order[s] for s in stages), progress
-    client_of_node.wait(lambda: client_of_node.stats[-1]["scheduler"]["cancelled"] > cancelled_before, CALL_S,
-                        "the node's ~/stats to count the cancelled goal")
+    try:
+        client_of_node.wait(lambda: client_of_node.stats[-1]["scheduler"]["cancelled"] > cancelled_before, CALL_S,
+                            "the node's ~/stats to count the cancelled goal")
+    finally:
+        (folder / "held_released").touch()   # the held generation ends; the backend answers the next tests
 
 
 def test_four_concurrent_calls_are_each_answered_once(graph):
