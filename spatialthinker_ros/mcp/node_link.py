@@ -120,26 +120,29 @@ class NodeLink:
                 loop.call_soon_threadsafe(on_progress, Progress(message.feedback.stage,
                                                                 message.feedback.tokens_generated))
         alive = self._action.server_is_ready
-        sending = await self._on_executor(self._action.send_goal_async, self.Action.Goal(**goal), feedback)
+        # sent from the executor's thread: rclpy's ActionClient registers a reply's future only after sending the
+        # request, without a lock, so a quick reply to a request sent from another thread can be dropped
+        sending = self._executor.create_task(self._action.send_goal_async, self.Action.Goal(**goal), feedback)
         try:
-            handle = await self._result(sending, deadline, "goal acceptance", alive)
+            handle = await self._result(await self._result(sending, deadline, "goal request"), deadline,
+                                        "goal acceptance", alive)
         except BaseException:   # a goal accepted after its caller gave up is cancelled at once
-            sending.add_done_callback(lambda f: f.result().accepted and f.result().cancel_goal_async())
+            sending.add_done_callback(lambda task: task.exception() is None and task.result().add_done_callback(
+                lambda f: f.exception() is None and f.result().accepted and f.result().cancel_goal_async()))
             raise
         if not handle.accepted:
             raise NodeUnavailable(f"{self.path}/ask_action rejected the goal")
         try:
-            getting = await self._on_executor(handle.get_result_async)
-            response = await self._result(getting, deadline, "answer", alive)
+            getting = self._executor.create_task(handle.get_result_async)
+            response = await self._result(await self._result(getting, deadline, "result request"), deadline,
+                                          "answer", alive)
         except BaseException:   # cancelled by the MCP client, timed out, or the node left: the goal is dropped
             self._executor.create_task(handle.cancel_goal_async)
             raise
         return response.result
 
     async def _on_executor(self, call: Callable, *args: Any) -> Any:
-        """call(*args) run on the executor's thread, its return value. rclpy's ActionClient registers a request's
-        future only after sending it, without a lock: sent from another thread, a quick reply can be taken before
-        its future exists, and is dropped."""
+        """call(*args) run on the executor's thread; its return value."""
         return await self._result(self._executor.create_task(call, *args), time.monotonic() + self.wait_s,
                                   "the ROS executor")
 
