@@ -1,6 +1,6 @@
 """What the MCP tools return, ROS-free: the output models (their JSON schemas are the tools' output schemas), the
 act-or-ask decision, the scene in agent-readable fields, `locate`'s matching, the one-line summaries and the
-annotated JPEG. The ROS client (node_link.py) turns messages into the core types these take."""
+annotated JPEG. server.py turns the node's messages into the core types these take (ros/conversions.py)."""
 
 from __future__ import annotations
 
