@@ -206,6 +206,9 @@ def test_progress_arrives_in_order_and_a_cancelled_call_cancels_its_goal(graph):
         async def on_progress(value, total, message):
             progress.append((value, message))
 
+        # a fresh server sees the node's action as ready from its own side of discovery; the node's feedback writer
+        # may match it a moment later, so the first goal's first feedback can be missed: progress is best effort
+        assert not (await client.call_tool("describe_scene", {}, CALL_S)).is_error
         result = await client.call_tool("ask_spatial", {"question": SAMPLE["question"],
                                                         "options": SAMPLE["options"]}, CALL_S, on_progress)
         generating = anyio.Event()
