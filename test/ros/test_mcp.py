@@ -156,7 +156,7 @@ def test_ask_spatial_gives_probabilities_the_calibrated_set_and_the_decision_wit
 def test_describe_scene_and_locate_give_positions_from_depth(graph):
     async def scenario(client):
         tools = {t.name: t for t in (await client.list_tools()).tools}
-        scene = await client.call_tool("describe_scene", {}, CALL_S)
+        scene = await client.call_tool("describe_scene", {"include_image": True}, CALL_S)
         found = await client.call_tool("locate", {"object": "the red mug"}, CALL_S)
         missing = await client.call_tool("locate", {"object": "banana"}, CALL_S)
         return tools, scene, found, missing
@@ -169,6 +169,9 @@ def test_describe_scene_and_locate_give_positions_from_depth(graph):
         position = [obj["position"][axis] for axis in "xyz"]
         assert position == pytest.approx([getattr(by_service[name], axis) for axis in "xyz"], abs=1e-6), name
         assert position == pytest.approx(META["objects"][name]["centre_m"], abs=0.05), name
+    [image] = [c for c in scene.content if c.type == "image"]
+    decoded = cv2.imdecode(np.frombuffer(base64.b64decode(image.data), np.uint8), cv2.IMREAD_COLOR)
+    assert decoded.shape == (CAMERA["height"], CAMERA["width"], 3)
     [mug] = structured(found, tools["locate"])["matches"]
     assert (mug["id"], mug["match"]) == ("mug.1", "label")
     assert mug["position"]["z"] == pytest.approx(META["objects"]["mug.1"]["centre_m"][2], abs=0.03)
