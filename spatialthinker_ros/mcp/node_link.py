@@ -40,8 +40,10 @@ def node_path(name: str, namespace: str) -> str:
 
 
 class NodeLink:
-    def __init__(self, name: str = "spatialthinker", namespace: str = "/", wait_s: float = 5.0):
-        """`wait_s`: how long a call waits for the node's action server or parameter service to appear."""
+    def __init__(self, name: str = "spatialthinker", namespace: str = "/", wait_s: float = 5.0,
+                 ros_args: Optional[list[str]] = None):
+        """`wait_s`: how long a call waits for the node's action server or parameter service to appear;
+        `ros_args`: a command line whose --ros-args apply to this client (an SROS2 enclave, use_sim_time, ...)."""
         import rclpy
         from lifecycle_msgs.srv import GetState
         from rclpy.action import ActionClient
@@ -55,7 +57,7 @@ class NodeLink:
         self.path, self.namespace, self.wait_s = node_path(name, namespace), f"/{namespace.strip('/')}", wait_s
         self.Action = AskSpatial
         self._context = rclpy.Context()
-        rclpy.init(context=self._context)
+        rclpy.init(args=ros_args, context=self._context)
         self._node = rclpy.create_node(f"spatialthinker_mcp_{os.getpid()}", context=self._context)
         self._action = ActionClient(self._node, AskSpatial, f"{self.path}/ask_action")
         self._get_state = self._node.create_client(GetState, f"{self.path}/get_state")

@@ -323,7 +323,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error("--timeout and --wait must be positive")
     except SystemExit as exit_:         # argparse has printed usage and the error (or the help)
         return int(exit_.code or 0)
-    link = NodeLink(args.node_name, args.namespace, wait_s=args.wait)
+    link = NodeLink(args.node_name, args.namespace, wait_s=args.wait, ros_args=[PROG, *argv])
     server = build_server(SpatialTools(link, args.timeout))
     try:
         if args.http:
