@@ -4,7 +4,14 @@ The ROS package itself (interfaces, node, launch files) is built by CMakeLists.t
 workspace or by `make setup` into the venv; neither uses this file. See docs/building.md.
 """
 
+import tempfile
+
 from setuptools import find_packages, setup
+
+# setuptools writes its metadata (spatialthinker_ros.egg-info) and its staging copy (build/lib, which would keep a
+# deleted module and ship it in the next wheel) beside this file; a folder of its own, removed when the build step
+# exits, leaves the work tree as it was.
+_SCRATCH = tempfile.TemporaryDirectory(prefix="spatialthinker_ros-setup-")
 
 setup(
     name="spatialthinker_ros",
@@ -19,15 +26,18 @@ setup(
     install_requires=[
         "numpy>=1.24",
         "opencv-python-headless>=4.8",
+        "pillow>=10",       # image headers read before decoding (core/images.py)
         "json-repair>=0.30",
         "httpx>=0.27",
         "pyarrow>=15",      # spatialthinker-eval: parquet benchmark files
         "rosbags>=0.10",    # spatialthinker-eval: rosbag2 recordings without ROS
         "tqdm>=4.60",       # spatialthinker-eval: progress bar
+        "matplotlib>=3.7",  # spatialthinker-eval: the reliability and accuracy-vs-coverage pictures
     ],
     extras_require={
         "transformers": ["torch>=2.4", "torchvision", "transformers>=4.52", "accelerate>=1.0"],
     },
+    options={"egg_info": {"egg_base": _SCRATCH.name}, "build": {"build_base": _SCRATCH.name}},
     entry_points={"console_scripts": ["spatialthinker-ask=spatialthinker_ros.cli:main",
                                       "spatialthinker-eval=spatialthinker_ros.evaluation.cli:main"]},
 )

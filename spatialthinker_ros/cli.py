@@ -12,6 +12,7 @@ Exit codes: 0 answered (whatever the answer's status), 2 bad usage or input, 3 t
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import math
@@ -455,12 +456,14 @@ def quiet_libraries(verbose: bool, prog: str = PROG) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format=f"{prog}: %(levelname)s: %(name)s: %(message)s")
     # huggingface_hub prints its records (download retries, ...) through the stderr handler it adds on import AND
-    # passes them on to ours: each line came twice, once without the prefix. Ours alone prints them.
-    import huggingface_hub.utils.logging  # noqa: F401 - adds that handler now, so it can be removed
+    # passes them on to ours: each line came twice, once without the prefix. Ours alone prints them. (It comes with
+    # the transformers extra; the pip route without it has no hub and no such handler.)
+    if importlib.util.find_spec("huggingface_hub") is not None:
+        import huggingface_hub.utils.logging  # noqa: F401 - adds that handler now, so it can be removed
 
-    hub = logging.getLogger("huggingface_hub")
-    for handler in list(hub.handlers):
-        hub.removeHandler(handler)
+        hub = logging.getLogger("huggingface_hub")
+        for handler in list(hub.handlers):
+            hub.removeHandler(handler)
     if not verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
