@@ -16,7 +16,7 @@ from spatialthinker_ros.core.backends.base import GenerationConfig, cut_after_sc
 from spatialthinker_ros.core.backends.settings import TransformersConfig
 from spatialthinker_ros.core.backends.transformers.image_cache import CacheStats, ImageEncodingCache, image_key
 from spatialthinker_ros.core.backends.transformers.letters import LetterReader, LetterStats
-from spatialthinker_ros.core.backends.transformers.loading import (PRECOMPUTED_IMAGES, PROMPT_REUSE, describe,
+from spatialthinker_ros.core.backends.transformers.loading import (CACHE, PRECOMPUTED_IMAGES, PROMPT_REUSE, describe,
                                                                    image_size_kwargs, load, resolve_attention,
                                                                    resolve_device, resolve_dtype, vision_tower)
 from spatialthinker_ros.core.backends.transformers.prompt_cache import PromptCache
@@ -168,7 +168,7 @@ class TransformersBackend:
         if continued is not None:   # the image is in the kept KV; Qwen2.5-VL places what follows by its rope offset
             self._model.model.rope_deltas = continued.rope_deltas
             model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
-                            "past_key_values": continued.cache}
+                            CACHE: continued.cache}
         elif self.image_encodings is not None:
             embeddings = self.image_encodings.encode(keys, inputs["pixel_values"], inputs["image_grid_thw"])
             model_inputs = {key: value for key, value in inputs.items() if key != "pixel_values"}
@@ -193,7 +193,7 @@ class TransformersBackend:
                                             rope_deltas)
                     for row, count in probed.items()}
         if prompt_ids:
-            self.prompts.store(keys[0], prompt_ids, output.past_key_values, rope_deltas)
+            self.prompts.store(keys[0], prompt_ids, getattr(output, CACHE), rope_deltas)
         seconds = time.perf_counter() - started
         prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
         stopped_at = scene_stop.stopped_at if scene_stop else {}

@@ -12,6 +12,7 @@ import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, StoppingCriteria
 
 from spatialthinker_ros.core.backends.base import LETTER_FORMS, LetterPosition, letter_written, renormalised
+from spatialthinker_ros.core.backends.transformers.loading import CACHE
 from spatialthinker_ros.core.prompt import option_letter
 
 
@@ -232,7 +233,7 @@ class LetterReader:
         """The scores of `ids` after the row's first `column` tokens and then `suffix`: one generate step from the
         row's slice of the generation's KV cache (which holds every column before the last generated token)."""
         cache = DynamicCache([(layer.keys[row:row + 1, :, :column], layer.values[row:row + 1, :, :column])
-                              for layer in output.past_key_values.layers])
+                              for layer in getattr(output, CACHE).layers])
         suffix_ids = torch.tensor(self._tokenizer.encode(suffix, add_special_tokens=False),
                                   device=output.sequences.device)
         ids_in = torch.cat([output.sequences[row, :column], suffix_ids])[None]
@@ -240,7 +241,6 @@ class LetterReader:
         mask = torch.cat([prompt_mask, prompt_mask.new_ones(ids_in.shape[1] - prompt_mask.shape[0])])[None]
         first = _FirstScores(ids)
         model.model.rope_deltas = rope_deltas[row:row + 1]
-        model.generate(input_ids=ids_in, attention_mask=mask, past_key_values=cache, max_new_tokens=1,
-                       do_sample=False, temperature=None, top_p=None, top_k=None,
-                       logits_processor=LogitsProcessorList([first]))
+        model.generate(input_ids=ids_in, attention_mask=mask, max_new_tokens=1, do_sample=False, temperature=None,
+                       top_p=None, top_k=None, logits_processor=LogitsProcessorList([first]), **{CACHE: cache})
         return first.logits

@@ -3,6 +3,7 @@ the processor's pixel limits; and what the installed transformers can do."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import inspect
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 import transformers
 from packaging.version import Version
 from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
+from transformers.generation import GenerateDecoderOnlyOutput
 from transformers.utils import is_flash_attn_2_available
 
 from spatialthinker_ros.core.backends.settings import TransformersConfig
@@ -26,6 +28,10 @@ _DTYPE_ARG = "dtype" if Version(transformers.__version__) >= Version("4.56") els
 PROMPT_REUSE = Version(transformers.__version__) >= Version("5.23")
 # Image embeddings computed here (so they can be kept) reach generate as `mm_encoder_outputs` (transformers 5.2x).
 PRECOMPUTED_IMAGES = "mm_encoder_outputs" in inspect.signature(Qwen2_5_VLForConditionalGeneration.forward).parameters
+# The KV cache's name as generate takes it and returns it: transformers 5.2x renamed past_key_values to cache, and
+# the old name warns (FutureWarning) until 6.0 removes it.
+CACHE = ("cache" if "cache" in {f.name for f in dataclasses.fields(GenerateDecoderOnlyOutput)}
+         else "past_key_values")
 
 
 def resolve_device(device: str) -> torch.device:
