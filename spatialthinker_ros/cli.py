@@ -12,11 +12,8 @@ Exit codes: 0 answered (whatever the answer's status), 2 bad usage or input, 3 t
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
-import math
-import os
 import re
 import sys
 import threading
@@ -27,32 +24,24 @@ from typing import Any, Optional, Sequence
 import cv2
 import numpy as np
 
-from spatialthinker_ros.core.backends import create_backend
-from spatialthinker_ros.core.backends.base import Backend
-from spatialthinker_ros.core.backends.openai_backend import OpenAIConfig
-from spatialthinker_ros.core.backends.settings import DEFAULT_MODEL, TransformersConfig, applies_to, backend_settings
-from spatialthinker_ros.core.conformal import Calibration, CalibrationError
-from spatialthinker_ros.core.config import BY_NAME as PARAMETERS_BY_NAME, configured_calibration, pipeline_config_from
-from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage
-from spatialthinker_ros.core.images import decode_quietly, decode_rgb
+from spatialthinker_ros.cli_files import read_depth_and_intrinsics, read_image
+from spatialthinker_ros.cli_options import (EXIT_BACKEND, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError,
+                                            add_depth_arguments, add_model_arguments, load_backend, pipeline_config,
+                                            quiet_libraries, setting_option, setting_values)
 from spatialthinker_ros.core.ask import AskFlow
-from spatialthinker_ros.core.pipeline import PipelineConfig, answer_dict, check_image
+from spatialthinker_ros.core.backends.base import Backend
+from spatialthinker_ros.core.backends.settings import DEFAULT_MODEL, backend_settings
+from spatialthinker_ros.core.conformal import Calibration, CalibrationError
+from spatialthinker_ros.core.config import configured_calibration
+from spatialthinker_ros.core.pipeline import answer_dict, check_image
 from spatialthinker_ros.core.relations import RelationCheckConfig
-from spatialthinker_ros.core.request import (ErrorCode, ImageError, RequestError, check_question, depth_aspect_mismatch,
-                                             request_image_error)
+from spatialthinker_ros.core.request import ErrorCode, RequestError, check_question
 from spatialthinker_ros.core.sources import Source
 from spatialthinker_ros.core.types import BackendError, InferenceRequest, InferenceResult, SpatialResult
-from spatialthinker_ros.core.validation import validate_model_reference
 
 PROG = "spatialthinker-ask"
 DATA_DIR = Path(__file__).resolve().parent / "data"   # the bundled sample scene
-EXIT_OK, EXIT_USAGE, EXIT_BACKEND, EXIT_INTERRUPTED = 0, 2, 3, 130
 _FLAT = re.compile(r"([\[{])\n\s+([^\[\]{}]*?)\n\s*([\]}])")   # a list or object holding no other
-_BACKEND_ONLY = ("model", "device", "server_url", "replay_file", "max_pixels")   # options some backends ignore
-
-
-class UsageError(Exception):
-    """Bad command line or input file: exit 2 with this message."""
 
 
 EPILOG = """\
@@ -72,64 +61,6 @@ examples:
 
 exit codes: 0 answered (see "status" in the JSON), 2 bad usage or input file, 3 backend error, 130 interrupted
 """
-
-
-def add_model_arguments(parser: argparse.ArgumentParser, prompt_group: Any, timeout_help: Optional[str] = None) -> None:
-    """The prompt and backend options, shared with spatialthinker-eval (read back by setting_values and
-    pipeline_config). `prompt_group`: an argument group of `parser` (argparse keeps its class private);
-    `timeout_help`: what --timeout means for that command, when not spatialthinker-ask's."""
-    setting_option(prompt_group, "prompt_style")
-    setting_option(prompt_group, "max_input_pixels", "the prompt states that size and boxes are mapped back to the "
-                   "image's pixels")
-    setting_option(prompt_group, "max_question_chars")
-    setting_option(prompt_group, "max_request_image_pixels")
-
-    model = parser.add_argument_group("model")
-    setting_option(model, "backend", "replay answers from --replay-file")
-    model.add_argument("--model", metavar="M",
-                       help=f"transformers: hub id or checkpoint directory; openai: the name the server serves "
-                            f"the model under (default {DEFAULT_MODEL})")
-    model.add_argument("--device", metavar="D",
-                       help="transformers: auto (default; cuda when available), cpu, cuda or cuda:N")
-    model.add_argument("--server-url", metavar="URL",
-                       help=f"openai: base URL of the server (default {OpenAIConfig().server_url}); the API key, if "
-                            f"any, goes in ${OpenAIConfig().api_key_env}, never in the URL")
-    model.add_argument("--replay-file", type=Path, metavar="F",
-                       help='replay: JSON Lines of {"question": ..., "response": ...}; the question must match exactly')
-    setting_option(model, "max_new_tokens", "as the authors' evaluation")
-    setting_option(model, "min_pixels", "transformers: the image processor's, as the node sends it")
-    model.add_argument("--max-pixels", type=int, metavar="N",
-                       help="the image processor's max_pixels (image tokens = pixels / 784): transformers applies "
-                            "it in-process; openai sends larger frames downscaled to it, and the prompt states "
-                            f"the size sent (default {TransformersConfig().max_pixels}; node parameter max_pixels)")
-    model.add_argument("--timeout", type=float, metavar="S",
-                       help=timeout_help or "give up when no answer arrives within S seconds once the model is loaded "
-                            f"(default: no limit; openai: {OpenAIConfig().timeout_s:g} s per request)")
-
-
-def setting_option(group: Any, name: str, more: str = "") -> None:
-    """The option --NAME for the node parameter NAME: its type, default, choices and description (core/config.py),
-    plus what the option adds (`more`). `group`: an argparse parser or argument group."""
-    spec = PARAMETERS_BY_NAME[name]
-    text = "; ".join(part for part in (spec.description, more) if part)
-    group.add_argument(f"--{name.replace('_', '-')}", type=spec.type, default=spec.default,
-                       choices=spec.choices or None, metavar=None if spec.choices else name.split("_")[-1].upper(),
-                       help=f"{text} (default {spec.default}; node parameter {name})".replace("%", "%%"))
-
-
-def add_depth_arguments(parser: argparse.ArgumentParser, title: str) -> Any:
-    """--depth, --depth-scale and the intrinsics, read back by read_depth_and_intrinsics (shared with
-    spatialthinker_camera)."""
-    depth = parser.add_argument_group(title)
-    depth.add_argument("--depth", type=Path, metavar="FILE",
-                       help="depth image registered to --image (same viewpoint and field of view, any resolution): "
-                            "16-bit PNG/TIFF (units of --depth-scale), or .npy (float: metres, integer: units of "
-                            "--depth-scale); needs --fx --fy --cx --cy")
-    setting_option(depth, "depth_scale", "of 16-bit files and integer .npy arrays")
-    for name, what in (("fx", "focal length x"), ("fy", "focal length y"), ("cx", "principal point x"),
-                       ("cy", "principal point y")):
-        depth.add_argument(f"--{name}", type=float, metavar="PX", help=f"{what}, in pixels of --image")
-    return depth
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,7 +116,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:        # argparse has printed usage and the error (or the help)
         return int(exit_.code or 0)
-    quiet_libraries(args.verbose)
+    quiet_libraries(args.verbose, PROG)
     try:
         print(to_json(run(args)))
         return EXIT_OK
@@ -256,50 +187,6 @@ def read_calibration(args: argparse.Namespace) -> Optional[Calibration]:
         raise UsageError(exc) from None
 
 
-def pipeline_config(args: argparse.Namespace, **fields: Any) -> PipelineConfig:
-    """The pipeline settings of add_model_arguments' prompt options, plus any other PipelineConfig `fields`."""
-    try:
-        return pipeline_config_from(vars(args), **fields)
-    except ValueError as exc:
-        raise UsageError(exc) from None
-
-
-def setting_values(args: argparse.Namespace) -> dict[str, Any]:
-    """The options that set a backend, named as the node's parameters; an option the backend ignores is refused."""
-    for option in _BACKEND_ONLY:
-        backends = applies_to(option)
-        if getattr(args, option) is not None and args.backend not in backends:
-            raise UsageError(f"--{option.replace('_', '-')} only applies to --backend {' or '.join(backends)}")
-    if args.max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
-    if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
-        raise UsageError(f"--timeout must be a positive number of seconds, not {args.timeout}")
-    if args.backend == "replay":
-        if args.replay_file is None:
-            raise UsageError("--backend replay needs --replay-file")
-        return dict(replay_file=str(args.replay_file))
-    if args.min_pixels != PARAMETERS_BY_NAME["min_pixels"].default and args.backend not in applies_to("min_pixels"):
-        raise UsageError(f"--min-pixels only applies to --backend {' or '.join(applies_to('min_pixels'))}")
-    try:
-        model = validate_model_reference(args.model or DEFAULT_MODEL)
-    except ValueError as exc:
-        raise UsageError(exc) from None
-    if args.backend == "transformers" and model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
-        raise UsageError(f"--model {model}: no such checkpoint directory")
-    return dict(model=model, device=args.device, server_url=args.server_url, max_new_tokens=args.max_new_tokens,
-                server_timeout=args.timeout, max_pixels=args.max_pixels, min_pixels=args.min_pixels)
-
-
-def load_backend(name: str, settings: dict[str, Any]) -> Backend:
-    """The backend, or a UsageError for settings it refuses (a BackendError, e.g. no such model, passes)."""
-    try:
-        return create_backend(name, **settings)
-    except ValueError as exc:          # config validation, a missing or malformed replay file
-        raise UsageError(exc) from None
-    except OSError as exc:
-        raise UsageError(f"cannot load the {name} backend: {exc}") from None
-
-
 class _Abandoned(RequestError):
     """The timeout passed while the backend was still generating on its thread."""
 
@@ -330,96 +217,6 @@ def generate(backend: Backend, request: InferenceRequest, timeout: Optional[floa
     return answer
 
 
-# ------------------------------------------------------------------------------------------------ input files
-def _read_bytes(path: Path, what: str) -> bytes:
-    if not path.exists():
-        raise UsageError(f"{what} file {path} does not exist")
-    if not path.is_file():
-        raise UsageError(f"{what} file {path} is not a regular file")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read {what} file {path}: {exc.strerror or exc}") from None
-    if not data:
-        raise UsageError(f"{what} file {path} is empty")
-    return data
-
-
-def read_image(path: Path, max_pixels: int) -> np.ndarray:
-    """RGB uint8 HxWx3 (OpenCV reads BGR; grey and 16-bit images are converted). A file whose header declares
-    over `max_pixels` is refused before it is decoded."""
-    try:
-        rgb = decode_rgb(_read_bytes(path, "image"), max_pixels)
-    except ImageError as exc:   # refused as the node refuses a request image of that size
-        raise request_image_error(exc) from None
-    if rgb is None:
-        raise UsageError(f"cannot decode image file {path}: corrupt, or not a format OpenCV reads "
-                         "(PNG, JPEG, BMP, TIFF, WebP, ...)")
-    return rgb
-
-
-def read_depth(path: Path, depth_scale: float, max_pixels: int) -> DepthImage:
-    """The depth of a 16-bit image (units of depth_scale metres) or a .npy array (float: metres)."""
-    if path.suffix.lower() == ".npy":
-        _read_bytes(path, "depth")
-        try:   # mapped, not read: its shape is checked before any of it is loaded
-            depth = np.load(path, allow_pickle=False, mmap_mode="r")
-        except (ValueError, OSError, EOFError) as exc:
-            raise UsageError(f"cannot load depth file {path} as a numpy array: {exc}") from None
-        if depth.ndim >= 2 and depth.shape[0] * depth.shape[1] > max_pixels:
-            raise UsageError(f"depth file {path}: array of {depth.shape[1]}x{depth.shape[0]} exceeds the "
-                             f"{max_pixels}-pixel limit")
-        depth = np.asarray(depth)
-    else:
-        try:
-            depth = decode_quietly(_read_bytes(path, "depth"), cv2.IMREAD_UNCHANGED, max_pixels=max_pixels)
-        except ImageError as exc:
-            raise UsageError(f"depth file {path}: {exc}") from None
-        if depth is None:
-            raise UsageError(f"cannot decode depth file {path}: corrupt, or not a 16-bit PNG/TIFF or .npy")
-    if depth.ndim == 3 and depth.shape[2] == 1:
-        depth = depth[:, :, 0]
-    if depth.ndim != 2 or depth.size == 0:
-        raise UsageError(f"depth file {path} must hold one channel (H x W), not shape {depth.shape}")
-    if np.issubdtype(depth.dtype, np.floating):
-        encoding = "32FC1"                                   # metres, as ROS 32FC1
-    elif depth.dtype == np.uint8:
-        raise UsageError(f"depth file {path} is 8-bit, which cannot hold depth: use a 16-bit PNG (millimetres "
-                         "by default) or a float .npy in metres")
-    elif np.issubdtype(depth.dtype, np.integer):
-        encoding = "16UC1"                                   # units of depth_scale
-    else:
-        raise UsageError(f"depth file {path} has unsupported type {depth.dtype}")
-    try:
-        return DepthImage.from_sensor(depth, encoding, depth_scale=depth_scale)
-    except ValueError as exc:
-        raise UsageError(f"--depth-scale: {exc}") from None
-
-
-def read_depth_and_intrinsics(
-    args: argparse.Namespace, image_size: tuple[int, int], max_pixels: int
-) -> tuple[Optional[DepthImage], Optional[CameraIntrinsics]]:
-    given = {name: getattr(args, name) for name in ("fx", "fy", "cx", "cy") if getattr(args, name) is not None}
-    if args.depth is None:
-        if given:
-            raise UsageError(f"--{', --'.join(given)} given without --depth; intrinsics are only used with depth")
-        return None, None
-    missing = [name for name in ("fx", "fy", "cx", "cy") if name not in given]
-    if missing:
-        raise UsageError(f"--depth needs the camera intrinsics: --{' --'.join(missing)} missing")
-    depth = read_depth(args.depth, args.depth_scale, max_pixels)
-    width, height = image_size
-    mismatch = depth_aspect_mismatch(image_size, (depth.shape[1], depth.shape[0]))
-    if mismatch:
-        raise UsageError(f"{mismatch}: it must be registered to the colour image (same field of view)")
-    try:
-        intrinsics = CameraIntrinsics(fx=given["fx"], fy=given["fy"], cx=given["cx"], cy=given["cy"],
-                                      width=width, height=height)
-    except ValueError as exc:
-        raise UsageError(exc) from None
-    return depth, intrinsics
-
-
 # ------------------------------------------------------------------------------------------------ outputs
 def check_writable_image(path: Path) -> None:
     if not cv2.haveImageWriter(str(path)):
@@ -448,26 +245,6 @@ def to_json(result: dict[str, Any]) -> str:
     text = json.dumps(result, indent=2, ensure_ascii=False)
     # JSON strings hold no raw newlines, so inside a flat list or object ",\n  " only separates items
     return _FLAT.sub(lambda m: m.group(1) + re.sub(r",\n\s+", ", ", m.group(2)) + m.group(3), text)
-
-
-def quiet_libraries(verbose: bool, prog: str = PROG) -> None:
-    """Without -v, stderr carries only our one-line errors: no progress bars or advisory warnings. Log lines
-    start with `prog`, the command that printed them."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format=f"{prog}: %(levelname)s: %(name)s: %(message)s")
-    # huggingface_hub prints its records (download retries, ...) through the stderr handler it adds on import AND
-    # passes them on to ours: each line came twice, once without the prefix. Ours alone prints them. (It comes with
-    # the transformers extra; the pip route without it has no hub and no such handler.)
-    if importlib.util.find_spec("huggingface_hub") is not None:
-        import huggingface_hub.utils.logging  # noqa: F401 - adds that handler now, so it can be removed
-
-        hub = logging.getLogger("huggingface_hub")
-        for handler in list(hub.handlers):
-            hub.removeHandler(handler)
-    if not verbose:
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def _fail(message: str, code: int) -> int:

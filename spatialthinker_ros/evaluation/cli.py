@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from spatialthinker_ros import cli
-from spatialthinker_ros.cli import EXIT_BACKEND, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE   # spatialthinker-ask's codes
+from spatialthinker_ros import cli_options as cli   # what the commands share
+from spatialthinker_ros.cli_options import EXIT_BACKEND, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from spatialthinker_ros.evaluation.calibration import (ACCURACY_COVERAGE_PNG, RELIABILITY_PNG, calibrate,
                                                        calibration_markdown, calibration_summary, held_out_sets,
                                                        rows_with_probabilities, runs_rows, write_pictures)

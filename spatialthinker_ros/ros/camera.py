@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from spatialthinker_ros import cli
+from spatialthinker_ros.cli_files import read_depth_and_intrinsics, read_image
+from spatialthinker_ros.cli_options import EXIT_OK, EXIT_USAGE, UsageError, add_depth_arguments
 from spatialthinker_ros.core.request import MAX_REQUEST_IMAGE_PIXELS
 
 PROG = "spatialthinker_camera"
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="header.frame_id (default %(default)s)")
     parser.add_argument("--compressed", choices=("jpeg", "png"),
                         help="publish image/compressed in this format instead of raw rgb8 on image")
-    cli.add_depth_arguments(parser, "depth (optional): also publish depth and camera_info")
+    add_depth_arguments(parser, "depth (optional): also publish depth and camera_info")
     return parser
 
 
@@ -58,9 +59,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(exit_.code or 0)
     try:
         messages = _messages(args)
-    except cli.UsageError as exc:
+    except UsageError as exc:
         print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return cli.EXIT_USAGE
+        return EXIT_USAGE
     rclpy.init(args=[PROG, *argv])
     node = None
     try:
@@ -72,7 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
-    return cli.EXIT_OK
+    return EXIT_OK
 
 
 def _messages(args: argparse.Namespace) -> dict:
@@ -83,10 +84,10 @@ def _messages(args: argparse.Namespace) -> dict:
                                                     rgb_to_image_msg)
 
     if not (math.isfinite(args.rate) and args.rate > 0):
-        raise cli.UsageError(f"--rate must be a positive number of frames per second, not {args.rate}")
-    rgb = cli.read_image(args.image, MAX_REQUEST_IMAGE_PIXELS)
+        raise UsageError(f"--rate must be a positive number of frames per second, not {args.rate}")
+    rgb = read_image(args.image, MAX_REQUEST_IMAGE_PIXELS)
     height, width = rgb.shape[:2]
-    depth, intrinsics = cli.read_depth_and_intrinsics(args, (width, height), MAX_REQUEST_IMAGE_PIXELS)
+    depth, intrinsics = read_depth_and_intrinsics(args, (width, height), MAX_REQUEST_IMAGE_PIXELS)
     messages = {}
     if depth is not None:     # before the colour frame of the same stamp, as the node pairs them
         messages["depth"] = depth_to_image_msg(depth, Header())

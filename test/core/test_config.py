@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spatialthinker_ros import cli
+from spatialthinker_ros import cli, cli_options
 from spatialthinker_ros.core.backends.settings import TransformersConfig, backend_settings
 from spatialthinker_ros.core.config import BY_NAME, PARAMETERS, configured_calibration, defaults, pipeline_config_from
 from spatialthinker_ros.core.conformal import Calibration, CalibrationError, CalibrationSetup
@@ -36,7 +36,7 @@ def test_every_default_is_valid_and_every_parameter_documents_when_it_applies():
 def test_node_and_command_line_load_the_model_alike_by_default():
     """min_pixels included: the node and spatialthinker-ask give the image processor the same settings."""
     args = cli.build_parser().parse_args(["--image", "x.png", "--question", "q"])
-    from_cli = TransformersConfig(**backend_settings("transformers", cli.setting_values(args)))
+    from_cli = TransformersConfig(**backend_settings("transformers", cli_options.setting_values(args)))
     from_node = TransformersConfig(**backend_settings("transformers", defaults()))
     assert from_cli == from_node and from_cli.min_pixels == from_node.min_pixels == BY_NAME["min_pixels"].default
     for name in ("prompt_style", "max_input_pixels", "max_question_chars", "max_request_image_pixels",
@@ -48,7 +48,7 @@ def test_node_and_command_line_build_the_same_pipeline_from_their_values():
     args = cli.build_parser().parse_args(["--image", "x.png", "--question", "q", "--prompt-style", "training",
                                           "--max-input-pixels", "76800", "--max-question-chars", "99"])
     node_values = defaults() | {"prompt_style": "training", "max_input_pixels": 76800, "max_question_chars": 99}
-    assert cli.pipeline_config(args) == pipeline_config_from(node_values)
+    assert cli_options.pipeline_config(args) == pipeline_config_from(node_values)
     assert pipeline_config_from(node_values).prompt == PromptConfig(style="training", max_question_chars=99)
     assert pipeline_config_from(node_values).max_input_pixels == 76800
 
