@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
-from packaging.version import Version
 
+from spatialthinker_ros.core.backends.transformers.loading import DTYPE_ARG
 from spatialthinker_ros.core.prompt import MODEL_CARD_INSTRUCTION
 from spatialthinker_ros.tiny_checkpoint import CHAT_TEMPLATE   # ROS-free (setup.py ships it with the core)
 
@@ -91,8 +90,6 @@ SHAPES = {
 # Qwen2's pre-tokenizer split (its tokenizer.json): single digits, words with a leading space, punctuation runs.
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
               r"\s*[\r\n]+|\s+(?!\S)|\s+")
-
-DTYPE_ARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
 def build_tokenizer(bpe_vocab: int = 1000):
@@ -163,8 +160,8 @@ def model_config(shape: str, dtype: torch.dtype):
         vision_end_token_id=REAL_IDS["<|vision_end|>"],
         vision_config=dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                            hidden_act="silu", tokens_per_second=2, in_channels=3, **vision),
+        **{DTYPE_ARG: dtype},
     )
-    setattr(config, DTYPE_ARG if hasattr(config, DTYPE_ARG) else "torch_dtype", dtype)
     return config
 
 

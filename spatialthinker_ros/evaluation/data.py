@@ -27,7 +27,7 @@ import math
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -36,17 +36,12 @@ from spatialthinker_ros.core.request import MAX_REQUEST_IMAGE_PIXELS, ImageError
 from spatialthinker_ros.core.parsing import choose_option
 from spatialthinker_ros.core.prompt import answer_options, option_letter
 from spatialthinker_ros.core.sources import Source
-
-if TYPE_CHECKING:
-    from spatialthinker_ros.evaluation.recordings import RecordingCache
+from spatialthinker_ros.evaluation.errors import BadRowError
+from spatialthinker_ros.evaluation.recordings import RecordingCache, RecordingFrame
 
 FORMATS = ("auto", "vlmevalkit", "cvbench", "stvqa", "jsonl")
 MAX_OPTIONS = 26
 _IMAGE_REFERENCE_CHARS = 64   # VLMEvalKit: an `image` this short is the index of the row holding the image
-
-
-class BadRowError(ValueError):
-    """A row that cannot be asked; the message is the reason reported with its index."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +79,7 @@ Row = Union[EvalItem, BadRow]
 
 
 def read_dataset(paths: Sequence[Path], data_format: str = "auto", categories: Sequence[str] = (),
-                 limit: Optional[int] = None, recordings: Optional["RecordingCache"] = None) -> Dataset:
+                 limit: Optional[int] = None, recordings: Optional[RecordingCache] = None) -> Dataset:
     """The rows of one or more files, in order, filtered to `categories` (when given) and cut to `limit`.
 
     With several files each index is prefixed with the file's stem, so indices stay unique. Raises ValueError
@@ -142,7 +137,7 @@ def detect_format(path: Path) -> str:
 # ---- readers --------------------------------------------------------------------------------------------
 
 
-def _read_vlmevalkit(path: Path, recordings: Optional["RecordingCache"]) -> Iterator[Row]:
+def _read_vlmevalkit(path: Path, recordings: Optional[RecordingCache]) -> Iterator[Row]:
     records = list(_records(path))
     _require(path, records, ("question", "answer"))
     images = {str(r.get("index")): r.get("image") for r in records if not _is_reference(r.get("image"))}
@@ -161,7 +156,7 @@ def _read_vlmevalkit(path: Path, recordings: Optional["RecordingCache"]) -> Iter
                     _image_loader(image, record.get("image_path"), path.parent))
 
 
-def _read_cvbench(path: Path, recordings: Optional["RecordingCache"]) -> Iterator[Row]:
+def _read_cvbench(path: Path, recordings: Optional[RecordingCache]) -> Iterator[Row]:
     for number, record in enumerate(_records(path)):
         index = _index(record.get("idx", record.get("index")), number)
         choices = record.get("choices")
@@ -171,7 +166,7 @@ def _read_cvbench(path: Path, recordings: Optional["RecordingCache"]) -> Iterato
                     _image_loader(record.get("image"), record.get("filename"), path.parent))
 
 
-def _read_stvqa(path: Path, recordings: Optional["RecordingCache"]) -> Iterator[Row]:
+def _read_stvqa(path: Path, recordings: Optional[RecordingCache]) -> Iterator[Row]:
     for number, record in enumerate(_records(path)):
         index = _index(record.get("id", record.get("index")), number)
         raw_options = record.get("options")
@@ -187,9 +182,7 @@ def _read_stvqa(path: Path, recordings: Optional["RecordingCache"]) -> Iterator[
                     _image_loader(image, record.get("image_path"), path.parent))
 
 
-def _read_jsonl(path: Path, recordings: Optional["RecordingCache"]) -> Iterator[Row]:
-    from spatialthinker_ros.evaluation.recordings import RecordingCache, RecordingFrame
-
+def _read_jsonl(path: Path, recordings: Optional[RecordingCache]) -> Iterator[Row]:
     recordings = recordings or RecordingCache()
     for number, record in _json_lines(path):
         if not isinstance(record, dict):

@@ -22,7 +22,7 @@ from spatialthinker_ros.core.geometry import DEFAULT_DEPTH_SCALE
 from spatialthinker_ros.core.images import ImageError, colour_to_rgb, depth_image, intrinsics_from_camera_info
 from spatialthinker_ros.core.request import DEPTH_SYNC_TOLERANCE_S, MAX_REQUEST_IMAGE_PIXELS, depth_aspect_mismatch
 from spatialthinker_ros.core.sources import Source, closest_in_time
-from spatialthinker_ros.evaluation.data import BadRowError
+from spatialthinker_ros.evaluation.errors import BadRowError
 
 COLOUR_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
 DEPTH_TYPE = "sensor_msgs/msg/Image"

@@ -26,7 +26,8 @@ from spatialthinker_ros.core.ask import AskFlow
 from spatialthinker_ros.core.pipeline import PipelineConfig
 from spatialthinker_ros.core.request import RequestError
 from spatialthinker_ros.core.sources import Source
-from spatialthinker_ros.evaluation.data import BadRow, BadRowError, EvalItem
+from spatialthinker_ros.evaluation.data import BadRow, EvalItem
+from spatialthinker_ros.evaluation.errors import BadRowError
 from spatialthinker_ros.evaluation.scoring import is_scored, latest_records
 from spatialthinker_ros.core.types import BackendError, InferenceResult, ParsedResponse, SceneObject
 

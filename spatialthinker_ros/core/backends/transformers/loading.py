@@ -22,7 +22,7 @@ from spatialthinker_ros.core.types import BackendError, BackendErrorKind
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}   # settings.DTYPES
 # transformers renamed from_pretrained's torch_dtype to dtype in 4.56; an unknown name would be silently ignored.
-_DTYPE_ARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+DTYPE_ARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 # Continuing generation from a prompt's KV cache relies on how transformers positions the uncached tokens of a
 # Qwen2.5-VL prompt (the image's stored rope offset); verified with this version, older ones prefill whole prompts.
 PROMPT_REUSE = Version(transformers.__version__) >= Version("5.23")
@@ -90,7 +90,7 @@ def load(config: TransformersConfig, device: torch.device, dtype: torch.dtype, a
             device_map={"": str(device)},
             quantization_config=quantization,
             local_files_only=config.local_files_only,
-            **{_DTYPE_ARG: dtype},
+            **{DTYPE_ARG: dtype},
         )
         processor = AutoProcessor.from_pretrained(source, local_files_only=config.local_files_only)
     except Exception as exc:
