@@ -83,10 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(parser, ask)
 
     depth = add_depth_arguments(parser, "3D positions (optional)")
-    depth.add_argument("--check-relations", action=argparse.BooleanOptionalAction, default=True,
+    checking = RelationCheckConfig().enabled
+    depth.add_argument("--check-relations", action=argparse.BooleanOptionalAction, default=checking,
                        help="with depth, check each relation of the scene graph against the 3D positions: "
                             "consistent, contradicted, uncertain (within the margin) or not checked, with the "
-                            "measured quantities (default: on)")
+                            f"measured quantities (default: {'on' if checking else 'off'}; node parameter "
+                            "check_relations)")
     setting_option(depth, "relation_margin")
 
     out = parser.add_argument_group("output")

@@ -16,7 +16,7 @@ from spatialthinker_ros.core.backends.openai_backend import OpenAIConfig
 from spatialthinker_ros.core.backends.replay_backend import ReplayConfig
 from spatialthinker_ros.core.backends.settings import (ATTENTION_IMPLEMENTATIONS, DEVICE, DTYPES, QUANTIZATIONS,
                                                        TransformersConfig, applies_to)
-from spatialthinker_ros.core.conformal import Calibration, CalibrationSetup, load_calibration
+from spatialthinker_ros.core.conformal import SETUP_FIELDS, Calibration, CalibrationSetup, load_calibration
 from spatialthinker_ros.core.geometry import DEFAULT_DEPTH_SCALE
 from spatialthinker_ros.core.pipeline import PipelineConfig
 from spatialthinker_ros.core.prompt import STYLES, PromptConfig
@@ -145,8 +145,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               range=(1, 67108864)),
     ParamSpec("calibration_file", "",
               "spatialthinker-eval calibrate JSON: each answer's prediction_set over its options; '' = none. "
-              "Refused at configure when calibrated with another backend, model, max_pixels, max_input_pixels or "
-              "prompt_style"),
+              f"Refused at configure when calibrated with another {', '.join(SETUP_FIELDS[:-1])} or "
+              f"{SETUP_FIELDS[-1]}"),
     ParamSpec("queue_size", DEFAULT_QUEUE_SIZE, "requests waiting for the model; more get ERROR_BUSY at once",
               range=(1, 10000), applies="activate"),
     ParamSpec("request_timeout", 300.0, "seconds from acceptance to answer, then ERROR_TIMEOUT",
@@ -200,8 +200,7 @@ def pipeline_config_from(values: Mapping[str, Any], **fields: Any) -> PipelineCo
 
 def configured_calibration(path: str, values: Mapping[str, Any]) -> Optional[Calibration]:
     """The calibration file at `path` ('' = none), checked against the setup that will answer: the parameters
-    backend, model, max_pixels, max_input_pixels and prompt_style in `values`. CalibrationError for a bad file or
-    one calibrated with another setup; cheap, so check it before the model loads."""
-    setup = CalibrationSetup.of(values["backend"], values["model"], values["max_pixels"], values["max_input_pixels"],
-                                values["prompt_style"])
+    named SETUP_FIELDS in `values`. CalibrationError for a bad file or one calibrated with another setup; cheap, so
+    check it before the model loads."""
+    setup = CalibrationSetup.of(**{name: values[name] for name in SETUP_FIELDS})
     return load_calibration(path, setup)

@@ -101,12 +101,17 @@ class CalibrationSetup:
                    max_input_pixels=max_input_pixels, prompt_style=prompt_style)
 
 
+# The setup's fields, which are also the names of the node parameters (and spatialthinker-eval run.json keys)
+# they come from: messages and docs list them from here.
+SETUP_FIELDS = tuple(f.name for f in fields(CalibrationSetup))
+
+
 def setup_differences(calibrated: CalibrationSetup, here: CalibrationSetup,
                       labels: tuple[str, str] = ("calibrated", "here")) -> Optional[str]:
     """"name: calibrated X, here Y; ..." for each setting that differs, or None when the setups are equal."""
     first, second = labels
-    differ = [f"{f.name}: {first} {getattr(calibrated, f.name)!r}, {second} {getattr(here, f.name)!r}"
-              for f in fields(CalibrationSetup) if getattr(calibrated, f.name) != getattr(here, f.name)]
+    differ = [f"{name}: {first} {getattr(calibrated, name)!r}, {second} {getattr(here, name)!r}"
+              for name in SETUP_FIELDS if getattr(calibrated, name) != getattr(here, name)]
     return "; ".join(differ) or None
 
 
@@ -170,9 +175,8 @@ class Calibration:
         if missing:
             raise CalibrationError(f"missing {', '.join(missing)}")
         setup = data["setup"]
-        names = [f.name for f in fields(CalibrationSetup)]
-        if not isinstance(setup, dict) or sorted(setup) != sorted(names):
-            raise CalibrationError(f"setup must hold exactly {', '.join(names)}, not {setup!r}")
+        if not isinstance(setup, dict) or sorted(setup) != sorted(SETUP_FIELDS):
+            raise CalibrationError(f"setup must hold exactly {', '.join(SETUP_FIELDS)}, not {setup!r}")
         for name, ok in (("model", _is_str), ("backend", _is_str), ("prompt_style", _is_str),
                          ("max_input_pixels", _is_int), ("max_pixels", lambda v: v is None or _is_int(v))):
             if not ok(setup[name]):

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from spatialthinker_ros.core.conformal import (Calibration, CalibrationError, CalibrationSetup, nonconformity,
-                                               setup_differences)
+from spatialthinker_ros.core.conformal import (SETUP_FIELDS, Calibration, CalibrationError, CalibrationSetup,
+                                               nonconformity, setup_differences)
 from spatialthinker_ros.core.prompt import option_letter
 from spatialthinker_ros.evaluation.runner import read_predictions
 from spatialthinker_ros.evaluation.scoring import is_scored, latest_records
@@ -215,8 +215,7 @@ def run_setup(folder: Path) -> CalibrationSetup:
                        "settings, which a calibration must hold for; calibrate from a run with the same backend "
                        "options in-process (or an openai run against the same server)")
     try:
-        return CalibrationSetup.of(recorded["backend"], recorded["model"], recorded["max_pixels"],
-                                   recorded["max_input_pixels"], recorded["prompt_style"])
+        return CalibrationSetup.of(**{name: recorded[name] for name in SETUP_FIELDS})
     except KeyError as exc:
         raise RunError(f"{path} does not record {exc.args[0]}") from None
 

@@ -1,5 +1,6 @@
 """The one typed node configuration (core/config.py) against the shipped parameter file and the command line."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ import yaml
 from spatialthinker_ros import cli, cli_options
 from spatialthinker_ros.core.backends.settings import TransformersConfig, backend_settings
 from spatialthinker_ros.core.config import BY_NAME, PARAMETERS, configured_calibration, defaults, pipeline_config_from
-from spatialthinker_ros.core.conformal import Calibration, CalibrationError, CalibrationSetup
+from spatialthinker_ros.core.conformal import SETUP_FIELDS, Calibration, CalibrationError, CalibrationSetup
 from spatialthinker_ros.core.prompt import PromptConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,7 +41,7 @@ def test_node_and_command_line_load_the_model_alike_by_default():
     from_node = TransformersConfig(**backend_settings("transformers", defaults()))
     assert from_cli == from_node and from_cli.min_pixels == from_node.min_pixels == BY_NAME["min_pixels"].default
     for name in ("prompt_style", "max_input_pixels", "max_question_chars", "max_request_image_pixels",
-                 "max_new_tokens", "depth_scale", "relation_margin", "backend"):
+                 "max_new_tokens", "depth_scale", "check_relations", "relation_margin", "backend"):
         assert getattr(args, name) == BY_NAME[name].default, name
 
 
@@ -62,3 +63,14 @@ def test_calibration_is_checked_against_the_configured_setup(tmp_path: Path):
     with pytest.raises(CalibrationError, match="prompt_style: calibrated 'training', here 'model_card'"):
         configured_calibration(str(path), values)
     assert configured_calibration(str(path), values | {"prompt_style": "training"}).setup == setup
+
+
+def test_the_calibration_setup_is_named_alike_everywhere():
+    """The node parameters a calibration holds for: the setup's fields, listed from them in the parameter's
+    description and in README's calibration recipe."""
+    assert set(SETUP_FIELDS) <= set(BY_NAME)
+    description = BY_NAME["calibration_file"].description
+    assert re.search(r"another (.*)$", description).group(1) == ", ".join(SETUP_FIELDS[:-1]) + f" or {SETUP_FIELDS[-1]}"
+    readme = (REPO / "README.md").read_text()
+    recipe = re.search(r"exact settings: same\s+(.*?) \(", readme, re.S).group(1)
+    assert tuple(re.findall(r"`(\w+)`", recipe)) == SETUP_FIELDS
