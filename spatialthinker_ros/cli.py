@@ -32,7 +32,7 @@ from spatialthinker_ros.core.ask import AskFlow
 from spatialthinker_ros.core.backends.base import Backend
 from spatialthinker_ros.core.backends.settings import DEFAULT_MODEL, backend_settings
 from spatialthinker_ros.core.conformal import Calibration, CalibrationError
-from spatialthinker_ros.core.config import configured_calibration
+from spatialthinker_ros.core.config import configured_calibration, lift_config_from
 from spatialthinker_ros.core.pipeline import answer_dict, check_image
 from spatialthinker_ros.core.relations import RelationCheckConfig
 from spatialthinker_ros.core.request import ErrorCode, RequestError, check_question
@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                             f"measured quantities (default: {'on' if checking else 'off'}; node parameter "
                             "check_relations)")
     setting_option(depth, "relation_margin")
+    setting_option(depth, "min_depth")
+    setting_option(depth, "max_depth")
 
     out = parser.add_argument_group("output")
     out.add_argument("--annotate", type=Path, metavar="OUT.png",
@@ -139,9 +141,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = backend_settings(args.backend, setting_values(args))
     try:
         relations = RelationCheckConfig(enabled=args.check_relations, margin_m=args.relation_margin)
+        lift = lift_config_from(vars(args))
     except ValueError as exc:
         raise UsageError(exc) from None
-    config = pipeline_config(args, relations=relations, calibration=read_calibration(args))
+    config = pipeline_config(args, relations=relations, lift=lift, calibration=read_calibration(args))
     asked = check_question(args.question, args.options, config.prompt)
     rgb = read_image(args.image, config.max_request_image_pixels)
     check_image(rgb, config)

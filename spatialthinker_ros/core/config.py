@@ -7,7 +7,7 @@ config/spatialthinker.yaml against it. Defaults of what the core configures come
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Optional
 
 from spatialthinker_ros.core.backends import BACKEND_NAMES
@@ -17,7 +17,7 @@ from spatialthinker_ros.core.backends.replay_backend import ReplayConfig
 from spatialthinker_ros.core.backends.settings import (ATTENTION_IMPLEMENTATIONS, DEVICE, DTYPES, QUANTIZATIONS,
                                                        TransformersConfig, applies_to)
 from spatialthinker_ros.core.conformal import SETUP_FIELDS, Calibration, CalibrationSetup, load_calibration
-from spatialthinker_ros.core.geometry import DEFAULT_DEPTH_SCALE
+from spatialthinker_ros.core.geometry import DEFAULT_DEPTH_SCALE, LiftConfig
 from spatialthinker_ros.core.pipeline import PipelineConfig
 from spatialthinker_ros.core.prompt import STYLES, PromptConfig
 from spatialthinker_ros.core.relations import RelationCheckConfig
@@ -164,6 +164,11 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               applies="activate"),
     ParamSpec("depth_scale", DEFAULT_DEPTH_SCALE, "metres per unit of 16UC1 depth (0.001 = millimetres)",
               range=(1e-6, 10.0)),
+    ParamSpec("min_depth", _PIPELINE.lift.min_depth_m,
+              "metres: nearer depth readings are invalid (below a wrist camera's 7 cm: RealSense D405)",
+              range=(0.001, 10.0)),
+    ParamSpec("max_depth", _PIPELINE.lift.max_depth_m, "metres: farther depth readings are invalid; above min_depth",
+              range=(0.01, 1000.0)),
     ParamSpec("depth_sync_tolerance", DEPTH_SYNC_TOLERANCE_S, "seconds between colour and paired depth stamps",
               range=(0.0, 10.0), applies="next request"),
     ParamSpec("check_relations", RelationCheckConfig().enabled,
@@ -196,6 +201,12 @@ def pipeline_config_from(values: Mapping[str, Any], **fields: Any) -> PipelineCo
     prompt = PromptConfig(style=values["prompt_style"], max_question_chars=values["max_question_chars"])
     return PipelineConfig(prompt=prompt, max_input_pixels=values["max_input_pixels"],
                           max_request_image_pixels=values["max_request_image_pixels"], **fields)
+
+
+def lift_config_from(values: Mapping[str, Any]) -> LiftConfig:
+    """The LiftConfig that the parameters min_depth and max_depth set (`values` by parameter name); ValueError when
+    max_depth is not above min_depth."""
+    return replace(_PIPELINE.lift, min_depth_m=values["min_depth"], max_depth_m=values["max_depth"])
 
 
 def configured_calibration(path: str, values: Mapping[str, Any]) -> Optional[Calibration]:

@@ -23,16 +23,27 @@ _MAX_SAMPLES = 12000   # depth pixels read per box; a strided sample is as good 
 DEPTH_NOISE_PER_M = 0.005   # sigma_z = k * z^2: stereo / structured-light noise, about RealSense D4xx class
 # The depth layers of a box and the choice among them (choose_layer says how they are used).
 _MIN_BIN_WIDTH = 1e-4   # 1/m: the 1/z bin width when the noise model is switched off (per_m = 0)
-_SPARSE_BIN = 0.002     # share of a box's samples below which a 1/z bin counts as empty
-_GAP_BINS = 2           # empty 1/z bins in a row (noise sigmas) that separate two layers: one sigma is not enough
-                        # where a steep surface is sampled sparsely (a table seen from above, a strided 1080p box)
-_VALLEY = 0.5           # a 1/z bin this far below the surfaces on both sides separates them ...
-_PEAK = 0.01            # ... when each holds at least this share of the samples in one bin
+_FLOAT_STEP = DEFAULT_DEPTH_SCALE   # metres: the finest depth bin of 32FC1 frames, most often millimetre depth
+                                    # converted to metres (depth_image_proc), so up close they read like 16UC1
+_MAX_BINS = 1 << 16     # depth bins per box whatever the depths and settings: bounds each box's cost
+_SPARSE_BIN = 0.002     # share of a box's samples below which a depth bin counts as empty
+_GAP_BINS = 2           # empty depth bins in a row (noise sigmas or sensor steps) that separate two layers: one is
+                        # not enough where a steep surface is sampled sparsely (a table seen from above, a strided
+                        # 1080p box)
+_COMB_BINS = 8          # the longest empty run that a sparsely sampled steep surface leaves inside itself (_comb)
+_VALLEY = 0.5           # a depth bin this far below the surfaces on both sides separates them ...
+_PEAK = 0.01            # ... when each holds at least this share of the samples in one bin ...
+_VALLEY_REACH = 8       # ... within this many bins of it: farther surfaces are apart by empty bins already, and a
+                        # far wall must not make every dip of a nearer surface's tail a valley
 _CLEAR_SHARE = 0.25     # share of the central region's valid samples that makes a layer a candidate
 _CORE = 0.4             # the centre core: this fraction of the central region, in each direction
 _CENTRE_SHARE = 1 / 3   # share of the core's valid samples that means a layer reaches the centre
 _ENCLOSE_SHARE = 0.1    # share of each quadrant's valid samples that a layer enclosing the centre holds
 _AMBIGUOUS_RATIO = 0.6  # a rival holding this much of the chosen layer's share makes the choice a guess
+_NEARER_SHARE = 0.1     # share of the central region that makes a layer in front of the chosen one a thing of its
+                        # own: a bottle covering 6 % of a loose box holds that much once it reaches into the box's
+                        # middle; an occluder at the box's edge (a chair leg, a gripper finger) and stray mixed
+                        # pixels hold none of it. Under the 25 % a candidate needs: nothing in front passes unmarked
 
 
 def map_box(box: Box, from_size: tuple[int, int], to_size: tuple[int, int]) -> Optional[Box]:
@@ -160,6 +171,11 @@ class DepthImage:
     def shape(self) -> tuple[int, int]:
         return self.raw.shape
 
+    @property
+    def step(self) -> float:
+        """Metres between two readings the sensor can give: `scale` for integer depth; _FLOAT_STEP for 32FC1."""
+        return self.scale if np.issubdtype(self.raw.dtype, np.integer) else _FLOAT_STEP
+
     def metres(self, rows: slice | np.ndarray = slice(None), cols: slice | np.ndarray = slice(None)) -> np.ndarray:
         """raw[rows, cols] (slices, or index arrays that broadcast) in metres as a new float32 array, NaN where the sensor had no reading (0, negative,
         NaN, inf)."""
@@ -171,9 +187,34 @@ class DepthImage:
 
 def depth_noise(z: float | np.ndarray, per_m: float = DEPTH_NOISE_PER_M) -> float | np.ndarray:
     """One standard deviation of the depth noise at range `z` metres (float or array): per_m * z^2, the model of
-    stereo and structured-light cameras. In inverse depth (1/z) that noise is the constant per_m, which is why the
-    layers of a box are found on a 1/z histogram with bins of that width."""
+    stereo and structured-light cameras (per_m = subpixel disparity error / (focal length x baseline); the source
+    and a D405's figures are in bench/README.md). In inverse depth (1/z) that noise is the constant per_m. Up close
+    it falls below the sensor's step (a millimetre of 16UC1 below about 0.45 m at the default), which is then the
+    finest depth that can be told apart: depth_layers bins depth by the larger of the two."""
     return per_m * z * z
+
+
+@dataclass(frozen=True)
+class LiftConfig:
+    """How lift_box reads a box's depth. Depths outside [min_depth_m, max_depth_m] are invalid, like the sensor's
+    0 and NaN: the minimum sits below a wrist camera's (RealSense D405) 7 cm and the maximum beyond any indoor
+    wall. At least `min_valid_fraction` of the box's central `shrink` region (in each direction) must be valid."""
+
+    min_valid_fraction: float = 0.05
+    min_depth_m: float = 0.05
+    max_depth_m: float = 20.0
+    shrink: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_valid_fraction <= 1:
+            raise ValueError(f"min_valid_fraction must be in (0, 1], not {self.min_valid_fraction}")
+        if not (math.isfinite(self.min_depth_m) and self.min_depth_m > 0):
+            raise ValueError(f"min_depth must be positive and finite, not {self.min_depth_m}")
+        if not (math.isfinite(self.max_depth_m) and self.max_depth_m > self.min_depth_m):
+            raise ValueError(f"max_depth must be finite and above min_depth ({self.min_depth_m} m), "
+                             f"not {self.max_depth_m}")
+        if not 0 < self.shrink <= 1:
+            raise ValueError(f"shrink must be in (0, 1], not {self.shrink}")
 
 
 def box_in_depth(box: Box, depth: DepthImage, intrinsics: CameraIntrinsics,
@@ -194,9 +235,7 @@ def lift_box(
     depth: DepthImage,
     intrinsics: CameraIntrinsics,
     image_size: tuple[int, int],
-    min_valid_fraction: float = 0.05,
-    max_depth: float = 20.0,
-    shrink: float = 0.5,
+    config: LiftConfig = LiftConfig(),
     depth_noise_per_m: float = DEPTH_NOISE_PER_M,
 ) -> Optional[Position3D]:
     """Where the object in `box` is, in metres, or None when the depth inside the box is too sparse.
@@ -215,32 +254,32 @@ def lift_box(
       10th-90th percentile range, capped at the smaller metric width and height) behind it;
     - x/y are the centre of the layer's pixel extent (its 1st-99th percentile span of columns and rows)
       back-projected at the surface depth, and the sizes that extent back-projected there;
-    - depth_spread is the layer's depth spread, and ambiguous says whether another surface of similar share
-      could as well have been the object.
+    - depth_spread is the layer's depth spread, and ambiguous says whether another surface could as well have been
+      the object (choose_layer).
 
-    At least `min_valid_fraction` of the central `shrink` region of the box (in each direction) must be valid
-    (finite, 0 < d <= max_depth).
+    Valid depths lie in [config.min_depth_m, config.max_depth_m] (LiftConfig), and the layers are found on at most
+    _MAX_BINS bins, so a box costs bounded time and memory whatever the frame holds (docs/reliability-and-security.md).
     """
-    if not 0 < shrink <= 1:
-        raise ValueError(f"shrink must be in (0, 1], not {shrink}")
+    shrink = config.shrink
     in_depth = box_in_depth(box, depth, intrinsics, image_size)
     if in_depth is None:
         return None
     mapped, k = in_depth
     region, rows, cols = _sampled_grid(depth, mapped)
-    # Each sampled line's place in the box: -1 at the left/top edge, +1 at the right/bottom edge.
-    col_zones = _line_zones(((cols + 0.5) - (mapped.x_min + mapped.x_max) / 2) / (mapped.width / 2), shrink)
-    row_zones = _line_zones(((rows + 0.5) - (mapped.y_min + mapped.y_max) / 2) / (mapped.height / 2), shrink)
+    # Each sampled line's place in the box: -1 at the left/top edge, +1 at the right/bottom edge (a box narrower
+    # than a pixel is read as one pixel wide).
+    col_zones = _line_zones(((cols + 0.5) - (mapped.x_min + mapped.x_max) / 2) / max(mapped.width / 2, 0.5), shrink)
+    row_zones = _line_zones(((rows + 0.5) - (mapped.y_min + mapped.y_max) / 2) / max(mapped.height / 2, 0.5), shrink)
     if not (col_zones & _CENTRAL).any() or not (row_zones & _CENTRAL).any():   # thinner than the sampling step
         col_zones, row_zones = col_zones | _CENTRAL, row_zones | _CENTRAL
-    valid = (region > 0) & (region <= max_depth)
+    valid = (region >= config.min_depth_m) & (region <= config.max_depth_m)    # NaN compares false
     central_valid = int(valid[np.ix_(row_zones & _CENTRAL > 0, col_zones & _CENTRAL > 0)].sum())
     central_total = int((row_zones & _CENTRAL > 0).sum()) * int((col_zones & _CENTRAL > 0).sum())
-    if central_valid == 0 or central_valid < min_valid_fraction * central_total:
+    if central_valid == 0 or central_valid < config.min_valid_fraction * central_total:
         return None
     row_of, col_of = np.nonzero(valid)
     depths = region[row_of, col_of]
-    layers = depth_layers(depths, depth_noise_per_m)
+    layers = depth_layers(depths, depth_noise_per_m, depth.step)
     zones = row_zones[row_of] * _ZONES_PER_AXIS + col_zones[col_of]
     choice = choose_layer(layers, zones)
     mine = layers.labels == choice.layer
@@ -263,29 +302,59 @@ def lift_box(
 
 @dataclass(frozen=True)
 class DepthLayers:
-    """The surfaces in a set of depth samples: runs of occupied 1/z bins one noise sigma wide, split where at least
-    _GAP_BINS bins in a row are empty (a gap clearly larger than the noise at that range) or at the bottom of a
-    valley between two surfaces a few sigmas apart (_valleys). Layer 0 is the nearest."""
+    """The surfaces in a set of depth samples: runs of occupied depth bins, each as wide as the finest depth the
+    sensor tells apart at its range (depth_bins), split where at least _GAP_BINS bins in a row are empty (a gap
+    clearly larger than the noise or the sensor's step there) or at the bottom of a valley between two surfaces a
+    few sigmas apart (_valleys). Layer 0 is the nearest."""
 
     labels: np.ndarray   # per sample: its layer, or -1 for a sample in a sparse bin (no surface)
     count: int           # number of layers
 
 
-def depth_layers(depths: np.ndarray, noise_per_m: float = DEPTH_NOISE_PER_M) -> DepthLayers:
-    """The surfaces among `depths` (metres, all valid). A bin holding fewer than _SPARSE_BIN of the samples counts
-    as empty, so isolated readings (mixed pixels at edges, speckle) neither bridge two surfaces nor form one; the
-    samples in empty and valley bins belong to no layer."""
-    inverse = np.reciprocal(depths, dtype=np.float32)
-    inverse = inverse.max() - inverse
-    inverse *= np.float32(1 / max(noise_per_m, _MIN_BIN_WIDTH))
-    bins = inverse.astype(np.int64)                               # bin 0 holds the nearest sample
-    counts = np.bincount(bins)
+def _depth_bins(depths: np.ndarray, noise_per_m: float, step: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """Each depth's bin (0 holds the nearest; at most _MAX_BINS), the samples per bin, and how many of the nearest
+    bins are one `step` wide.
+
+    A bin is as wide as the larger of one noise sigma (noise_per_m * z^2: constant in 1/z) and the sensor's step
+    (metres between readings; constant in z), so up close each reading of a 16UC1 frame is a bin of its own and
+    neighbouring readings are neighbouring bins: a tilted surface stays one run, and an empty run is a whole step
+    or more. The bin coordinate is the integral of 1/width: z / step below the range where the two widths meet,
+    1/z / noise beyond it. A reading stands for the step around it, and is counted in the bins that step overlaps,
+    so bins a little wider than a step do not hold one reading and two by turns (a comb that would pass for
+    valleys between surfaces)."""
+    per_m = max(noise_per_m, _MIN_BIN_WIDTH)
+    meet = math.sqrt(step / per_m)                   # per_m * meet^2 == step
+
+    def coordinate(z: np.ndarray) -> np.ndarray:
+        return np.where(z <= meet, z / step, meet / step + (1 / meet - np.reciprocal(z)) / per_m)
+
+    z = depths.astype(np.float64)
+    centre, near, far = coordinate(z), coordinate(np.maximum(z - step / 2, z / 2)), coordinate(z + step / 2)
+    nearest = float(centre.min())
+    scale = min(1.0, (_MAX_BINS - 1) / max(float(centre.max()) - nearest, 1.0))   # wider bins, not more of them
+    bins = ((centre - nearest) * scale + 0.5).astype(np.int64)       # readings a step apart: a bin apart
+    near, far = (near - nearest) * scale + 0.5, (far - nearest) * scale + 0.5
+    first = np.clip(np.floor(near), 0, bins.max()).astype(np.int64)
+    in_first = np.clip((np.minimum(far, first + 1) - near) / np.maximum(far - near, 1e-12), 0.0, 1.0)
+    size = int(bins.max()) + 2
+    counts = (np.bincount(first, in_first, size) + np.bincount(first + 1, 1 - in_first, size))[:size - 1]
+    return bins, counts, int(max(0.0, (meet / step - nearest) * scale) + 0.5)
+
+
+def depth_layers(depths: np.ndarray, noise_per_m: float = DEPTH_NOISE_PER_M, step: float = _FLOAT_STEP) -> DepthLayers:
+    """The surfaces among `depths` (metres, all valid; `step` > 0: metres between the sensor's readings).
+    A bin holding fewer than _SPARSE_BIN of the samples counts as empty, so isolated readings (mixed pixels at
+    edges, speckle) neither bridge two surfaces nor form one; the samples in empty and valley bins belong to no
+    layer."""
+    bins, counts, stepped = _depth_bins(depths, noise_per_m, step)
     if counts.max() < _SPARSE_BIN * depths.size:     # readings scattered over every range: no surface stands out
         return DepthLayers(labels=np.zeros(depths.size, np.int64), count=1)
     valley = _valleys(counts, depths.size)
+    valley[:stepped] = False     # where the noise is finer than a step, no two surfaces' noise tails overlap
     occupied = np.flatnonzero((counts >= max(1.0, _SPARSE_BIN * depths.size)) & ~valley)
     valleys_before = np.cumsum(valley)[occupied]
-    starts = np.concatenate(([True], (np.diff(occupied) > _GAP_BINS) | (np.diff(valleys_before) > 0)))
+    gaps = np.diff(occupied) - 1                                  # empty bins between neighbouring occupied ones
+    starts = np.concatenate(([True], (gaps > _GAP_BINS) & ~_comb(gaps) | (np.diff(valleys_before) > 0)))
     first, last = occupied[starts], occupied[np.concatenate((starts[1:], [True]))]
     every_bin = np.arange(counts.size)
     layer = np.searchsorted(first, every_bin, side="right") - 1
@@ -293,15 +362,33 @@ def depth_layers(depths: np.ndarray, noise_per_m: float = DEPTH_NOISE_PER_M) -> 
     return DepthLayers(labels=layer_of_bin[bins], count=int(first.size))
 
 
+def _comb(gaps: np.ndarray) -> np.ndarray:
+    """Which runs of empty bins lie inside a comb: a steep surface sampled sparsely (a can's side near its outline,
+    seen up close) fills one bin per sampled line with a few empty ones between, widening gradually. A run there is
+    at most _COMB_BINS long and at most _GAP_BINS plus twice a neighbouring run, where a gap between two surfaces
+    follows a run inside one (none at all on a flat, noisy or tilted surface)."""
+    at = np.arange(gaps.size)
+    empty = gaps > 0
+    before = np.maximum.accumulate(np.where(empty, at, -1))            # the nearest empty run at or before each
+    after = np.minimum.accumulate(np.where(empty, at, gaps.size)[::-1])[::-1]
+    previous = np.where(before[:-1] >= 0, gaps[np.maximum(before[:-1], 0)], 0) if gaps.size else gaps
+    following = np.where(after[1:] < gaps.size, gaps[np.minimum(after[1:], gaps.size - 1)], 0) if gaps.size else gaps
+    neighbour = np.maximum(np.concatenate(([0], previous)), np.concatenate((following, [0])))
+    return (gaps <= _COMB_BINS) & (gaps <= _GAP_BINS + 2 * neighbour)
+
+
 def _valleys(counts: np.ndarray, total: int) -> np.ndarray:
-    """The 1/z bins at the bottom of a valley between two surfaces whose noise tails overlap (a few sigmas apart, no
+    """The depth bins at the bottom of a valley between two surfaces whose noise tails overlap (a few sigmas apart, no
     empty bin between them): a local minimum of the smoothed counts below _VALLEY of the lower of the highest counts
-    on either side, both of those substantial (_PEAK of all samples). The smoothing over 5 bins keeps the comb that
-    millimetre depth makes in 1/z bins (empty bins between full ones) from passing for valleys."""
+    within _VALLEY_REACH bins on either side, both of those substantial (_PEAK of all samples). The smoothing over
+    5 bins keeps what is left of the comb millimetre depth makes in bins a little wider than a millimetre from
+    passing for valleys."""
     padded = np.concatenate(([0, 0], counts, [0, 0])).astype(np.float64)
     smooth = (3 * counts + 2 * (padded[1:-3] + padded[3:-1]) + padded[:-4] + padded[4:]) / 9   # 1-2-3-2-1
-    left = np.maximum.accumulate(smooth)
-    right = np.maximum.accumulate(smooth[::-1])[::-1]
+    window = np.lib.stride_tricks.sliding_window_view
+    edge = np.zeros(_VALLEY_REACH)
+    left = window(np.concatenate((edge, smooth)), _VALLEY_REACH + 1).max(axis=1)
+    right = window(np.concatenate((smooth, edge)), _VALLEY_REACH + 1).max(axis=1)
     lower_peak = np.minimum(left, right)
     padded = np.concatenate(([np.inf], smooth, [np.inf]))
     bottom = (smooth <= padded[:-2]) & (smooth <= padded[2:])
@@ -342,7 +429,10 @@ def choose_layer(layers: DepthLayers, zones: np.ndarray) -> LayerChoice:
     when no layer is a candidate, the largest. So a thin occluder at the box's edge, which holds little of the
     central region and not its centre, never wins. The choice is ambiguous when another layer holds a similar
     share (at least _AMBIGUOUS_RATIO of the chosen one's, of the central region or of the whole box), unless it
-    is only a farther background around the chosen one, or is neither a candidate nor nearer.
+    is only a farther background around the chosen one, or is neither a candidate nor nearer. It is ambiguous too
+    when a layer in front of the chosen one holds _NEARER_SHARE of the central region: a small object in front of
+    the surface the box is centred on (a bottle before a wall) may be the object, so the position is marked rather
+    than silently the wall's.
     """
     n = max(layers.count, 1)
     zone_count = _ZONES_PER_AXIS ** 2
@@ -371,7 +461,8 @@ def choose_layer(layers: DepthLayers, zones: np.ndarray) -> LayerChoice:
                | (box_share >= _AMBIGUOUS_RATIO * box_share[chosen]))
     rivals = similar & (candidate | (order < chosen)) & (order != chosen) & (box_share > 0)
     background = (order > chosen) & encloses
-    return LayerChoice(layer=chosen, ambiguous=bool(np.any(rivals & ~background)))
+    nearer = (order < chosen) & (central_share >= _NEARER_SHARE)
+    return LayerChoice(layer=chosen, ambiguous=bool(np.any(rivals & ~background) or np.any(nearer)))
 
 
 def _checked_size(size: tuple[int, int]) -> tuple[int, int]:

@@ -7,7 +7,6 @@ caller may ask, what size the model is given, the retry after out of memory) are
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Sequence
 
@@ -15,7 +14,8 @@ import cv2
 import numpy as np
 
 from spatialthinker_ros.core.conformal import Calibration, answer_prediction_set
-from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage, clamped_boxes, lift_box, map_scene
+from spatialthinker_ros.core.geometry import (CameraIntrinsics, DepthImage, LiftConfig, clamped_boxes, lift_box,
+                                              map_scene)
 from spatialthinker_ros.core.parsing import decide_status, parse_response
 from spatialthinker_ros.core.backends.base import Backend
 from spatialthinker_ros.core.prompt import PromptConfig, Question, answer_options, build_prompt, option_letter
@@ -36,7 +36,7 @@ from spatialthinker_ros.core.types import (
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """Request limits, the size the model is given, depth-lifting settings (see geometry.lift_box for those) and the
+    """Request limits, the size the model is given, depth-lifting settings (geometry.LiftConfig) and the
     checks of the model's relations against the 3D positions (core/relations.py)."""
 
     prompt: PromptConfig = PromptConfig()
@@ -46,9 +46,7 @@ class PipelineConfig:
     # Set by for_backend for a backend whose image processor is not ours (request.model_image_size).
     processor_max_pixels: Optional[int] = None
     max_request_image_pixels: int = MAX_REQUEST_IMAGE_PIXELS
-    min_valid_depth_fraction: float = 0.05
-    max_depth_m: float = 20.0
-    depth_box_shrink: float = 0.5
+    lift: LiftConfig = LiftConfig()
     relations: RelationCheckConfig = RelationCheckConfig()
     # Prediction sets over the options (core/conformal.py); None: every answer's set is empty, coverage 0.
     calibration: Optional[Calibration] = None
@@ -60,12 +58,6 @@ class PipelineConfig:
         if self.processor_max_pixels is not None and self.processor_max_pixels < PATCH * PATCH:
             raise ValueError(f"processor_max_pixels must be None or >= {PATCH * PATCH}, "
                              f"not {self.processor_max_pixels}")
-        if not 0 < self.min_valid_depth_fraction <= 1:
-            raise ValueError(f"min_valid_depth_fraction must be in (0, 1], not {self.min_valid_depth_fraction}")
-        if not (math.isfinite(self.max_depth_m) and self.max_depth_m > 0):
-            raise ValueError(f"max_depth_m must be positive and finite, not {self.max_depth_m}")
-        if not 0 < self.depth_box_shrink <= 1:
-            raise ValueError(f"depth_box_shrink must be in (0, 1], not {self.depth_box_shrink}")
 
     def for_backend(self, backend: Backend) -> PipelineConfig:
         """This config with the image cap the backend needs applied before the prompt is made (max_pixels for
@@ -197,11 +189,8 @@ def _lift_scene(
 ) -> tuple[SceneGraph, list[str]]:
     objects, no_depth = [], []
     for obj in scene.objects:
-        position = lift_box(
-            obj.box, depth, intrinsics, scene.image_size,
-            min_valid_fraction=config.min_valid_depth_fraction, max_depth=config.max_depth_m,
-            shrink=config.depth_box_shrink, depth_noise_per_m=config.relations.depth_noise_per_m,
-        )
+        position = lift_box(obj.box, depth, intrinsics, scene.image_size, config.lift,
+                            depth_noise_per_m=config.relations.depth_noise_per_m)
         if position is None:
             no_depth.append(obj.id)
         objects.append(replace(obj, position=position))

@@ -26,7 +26,7 @@ from rclpy.qos import QoSProfile
 from spatialthinker_ros.action import AskSpatial as AskSpatialAction
 from spatialthinker_ros.core.ask import AskFlow
 from spatialthinker_ros.core.backends.settings import backend_settings
-from spatialthinker_ros.core.config import configured_calibration, pipeline_config_from
+from spatialthinker_ros.core.config import configured_calibration, lift_config_from, pipeline_config_from
 from spatialthinker_ros.core.conformal import CalibrationError
 from spatialthinker_ros.core.pipeline import PipelineConfig
 from spatialthinker_ros.core.request import ErrorCode, RequestError, check_question, internal_error
@@ -107,7 +107,8 @@ class SpatialThinkerNode(LifecycleNode):
         p = self._param
         values = {spec.name: p(spec.name) for spec in PARAMETERS}
         try:   # the calibration before the model loads: a wrong one fails in milliseconds
-            pipeline = pipeline_config_from(values, calibration=configured_calibration(p("calibration_file"), values))
+            pipeline = pipeline_config_from(values, lift=lift_config_from(values),
+                                            calibration=configured_calibration(p("calibration_file"), values))
             backend = self._runtime.load(p("backend"), backend_settings(p("backend"), values))
         except (CalibrationError, BackendError, ValueError, OSError) as exc:
             self.get_logger().error(f"cannot configure: {exc}")

@@ -8,8 +8,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis_profiles import examples
 
-from spatialthinker_ros.core.geometry import (CameraIntrinsics, DepthImage, depth_layers, depth_noise, lift_box,
-                                              map_box, map_scene)
+from spatialthinker_ros.core.geometry import (CameraIntrinsics, DepthImage, LiftConfig, depth_layers, depth_noise,
+                                              lift_box, map_box, map_scene)
 from spatialthinker_ros.core.types import Box, SceneGraph, SceneObject, SceneRelation
 
 K640 = CameraIntrinsics(fx=500.0, fy=520.0, cx=319.5, cy=239.5, width=640, height=480)
@@ -206,14 +206,14 @@ def test_too_few_valid_pixels_give_none():
     assert lift_box(OBJECT, DepthImage.from_metres(depth), K640, (640, 480)) is None
     depth[150, 250] = 1.5     # 1 valid pixel of the 2500 in the inner region
     assert lift_box(OBJECT, DepthImage.from_metres(depth), K640, (640, 480)) is None
-    sparse = lift_box(OBJECT, DepthImage.from_metres(depth), K640, (640, 480), min_valid_fraction=0.0001)
+    sparse = lift_box(OBJECT, DepthImage.from_metres(depth), K640, (640, 480), LiftConfig(min_valid_fraction=0.0001))
     assert sparse.z == pytest.approx(1.5)
 
 
 def test_box_outside_the_image_gives_none_and_bad_inputs_raise():
     assert lift_box(Box(700, 10, 800, 50), DepthImage.from_metres(scene_depth()), K640, (640, 480)) is None
     with pytest.raises(ValueError):
-        lift_box(OBJECT, DepthImage.from_metres(scene_depth()), K640, (640, 480), shrink=0.0)
+        lift_box(OBJECT, DepthImage.from_metres(scene_depth()), K640, (640, 480), LiftConfig(shrink=0.0))
 
 
 def test_the_lift_reads_depth_in_metres_only_inside_the_boxes(monkeypatch):
@@ -388,7 +388,8 @@ def test_layers_split_only_where_the_gap_exceeds_the_noise():
     two = depth_layers(np.concatenate([near, near + 10 * sigma]).astype(np.float32))
     assert two.count == 2 and (two.labels[:4000] != 1).all() and (two.labels[4000:] != 0).all()
     assert (two.labels >= 0).mean() > 0.99     # the rest: a stray tail reading in a sparse bin, in no layer
-    scattered = depth_layers(1 / np.linspace(1 / 20, 1 / 0.2, 100_000, dtype=np.float32))   # 0.1 % in each 1/z bin
+    # 0.1 % in each noise-wide bin (a micrometre step: the noise sets every bin's width)
+    scattered = depth_layers(1 / np.linspace(1 / 20, 1 / 0.2, 100_000, dtype=np.float32), step=1e-6)
     assert scattered.count == 1 and (scattered.labels == 0).all()
 
 
@@ -430,3 +431,82 @@ def test_a_mirrored_scene_gives_the_mirrored_position(x, y, width, height):
         assert after.x == pytest.approx(-before.x, abs=1e-9)
         for name in ("y", "z", "size_x", "size_y", "size_z", "depth_spread", "ambiguous"):
             assert getattr(after, name) == pytest.approx(getattr(before, name), abs=1e-9), name
+
+
+# ---- up close: a wrist camera from 7 cm (issue 24) ------------------------------------------------------------
+# A 200 x 200 px box at fx 400 in millimetre depth, as a RealSense D405 on a gripper sends it.
+
+K_WRIST = CameraIntrinsics(fx=400.0, fy=400.0, cx=319.5, cy=239.5, width=640, height=480)
+FACE = Box(220, 140, 420, 340)
+
+
+def millimetres(metres, encoding):
+    """`metres` rounded to whole millimetres, as 16UC1 or as the 32FC1 a driver's metric conversion makes of it."""
+    mm = np.rint(metres * 1000).astype(np.uint16)
+    return DepthImage.from_sensor(mm, "16UC1") if encoding == "16UC1" else DepthImage.from_metres(mm / np.float32(1000))
+
+
+@pytest.mark.parametrize("encoding", ["16UC1", "32FC1"])
+@pytest.mark.parametrize("near", [0.07, 0.10, 0.20, 0.25, 0.30, 0.35, 0.5, 1.0])
+def test_a_tilted_face_up_close_is_one_surface(near, encoding):
+    """The issue's table: a flat face 20 mm deeper at its right edge than at its left fills the box. Below 0.35 m
+    each millimetre was a layer of its own (size_x 0.002 m of 0.04 m at 7 cm): now the size is within 20 % and z on
+    the face at every range."""
+    depth = np.zeros((480, 640), np.float32)
+    depth[FACE.y_min:FACE.y_max, FACE.x_min:FACE.x_max] = near + 0.02 * (np.arange(200) + 0.5) / 200
+    position = lift_box(FACE, millimetres(depth, encoding), K_WRIST, (640, 480))
+    # the face's x extent: its left edge (u = 219.5) at `near`, its right edge (u = 419.5) 20 mm deeper
+    true_size_x = ((419.5 - 319.5) * (near + 0.02) - (219.5 - 319.5) * near) / K_WRIST.fx
+    assert position.size_x == pytest.approx(true_size_x, rel=0.2)
+    assert near - 0.0005 <= surface_of(position) <= position.z <= near + 0.0205, "z on the face"
+    assert not position.ambiguous
+
+
+@pytest.mark.parametrize("near", [0.07, 0.12, 0.2, 0.3, 0.5])
+def test_a_curved_object_up_close_is_one_surface_with_noise_and_holes(near):
+    """A can 160 px wide (its radius that wide at `near`) in front of a wall 15 cm behind, noise and 20 % of the
+    readings lost: the surface is the can's front, its width within 20 %."""
+    radius = 80 * near / K_WRIST.fx
+    offset = (np.arange(160) + 0.5 - 80) / 80
+    depth = np.full((480, 640), near + radius + 0.15, np.float32)
+    depth[150:330, 240:400] = near + radius * (1 - np.sqrt(1 - offset ** 2))
+    position = lift_box(FACE, realsense(depth, seed=int(near * 100)), K_WRIST, (640, 480))
+    assert near - 0.002 <= surface_of(position) <= near + radius / 2
+    assert position.size_x == pytest.approx(2 * radius, rel=0.2)
+    assert not position.ambiguous
+
+
+def test_millimetre_depth_up_close_splits_only_at_a_gap_of_steps():
+    """The layers know the sensor's step: adjacent millimetres are one surface at 7 cm, however fine the noise
+    sigma there (0.02 mm); a gap of 3 mm is a gap; a 32FC1 frame reads at least at a millimetre."""
+    tilted = np.repeat(np.arange(70, 90, dtype=np.uint16), 50)
+    assert depth_layers(tilted * np.float32(0.001), step=0.001).count == 1
+    gapped = np.concatenate([tilted, tilted + 23])          # 90..112 mm after 70..89 mm: three empty steps
+    two = depth_layers(gapped * np.float32(0.001), step=0.001)
+    assert two.count == 2 and (two.labels[:1000] == 0).all() and (two.labels[1000:] == 1).all()
+    assert DepthImage.from_metres(np.ones((2, 2), np.float32)).step == 0.001
+    assert DepthImage.from_sensor(np.ones((2, 2), np.uint16), "16UC1", depth_scale=1e-4).step == 1e-4
+
+
+@pytest.mark.parametrize("columns", [(20, 40), (25, 40), (30, 40), (60, 75), (10, 30)])
+def test_a_small_object_in_front_of_the_wall_the_box_is_centred_on_is_marked(columns):
+    """A bottle covering 6-12 % of its loose box, off the box's centre, the wall 1 m behind it: whichever surface is
+    returned, the position is marked ambiguous, never silently the wall's."""
+    def paint(region):
+        region[20:80, columns[0]:columns[1]] = 1.0
+
+    position = lifted(realsense(loose_scene(paint, wall=2.0)))
+    assert min(abs(surface_of(position) - 1.0), abs(surface_of(position) - 2.0)) <= 0.03
+    assert position.ambiguous
+
+
+def test_readings_outside_the_depth_range_are_invalid():
+    """1 mm readings are below min_depth (5 cm by default): no position of 1 mm, as if real; a lower min_depth reads
+    them. Readings beyond max_depth are invalid too."""
+    depth = scene_depth()
+    depth[100:200, 200:300] = 0.001
+    assert lift_box(OBJECT, DepthImage.from_metres(depth), K640, (640, 480)) is None
+    lowered = lift_box(OBJECT, DepthImage.from_metres(depth), K640, (640, 480), LiftConfig(min_depth_m=0.0005))
+    assert surface_of(lowered) == pytest.approx(0.001)
+    assert lift_box(OBJECT, DepthImage.from_metres(scene_depth()), K640, (640, 480),
+                    LiftConfig(max_depth_m=1.0)) is None

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage
+from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage, LiftConfig
 from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, prepare_request
 from spatialthinker_ros.core.prompt import PromptConfig
 from spatialthinker_ros.core.request import InvalidRequest, model_image_size
@@ -92,12 +92,19 @@ def test_bad_question_is_an_invalid_request():
         prepare_request(camera_image(), "Where?", ["a", "b", "c"], PipelineConfig(prompt=PromptConfig(max_options=2)))
 
 
-@pytest.mark.parametrize("kwargs", [{"max_input_pixels": 0}, {"min_valid_depth_fraction": 0.0},
-                                    {"min_valid_depth_fraction": 1.5}, {"max_depth_m": float("nan")},
-                                    {"depth_box_shrink": 0.0}])
+@pytest.mark.parametrize("kwargs", [{"max_input_pixels": 0}, {"max_request_image_pixels": 0}])
 def test_pipeline_config_is_validated(kwargs):
     with pytest.raises(ValueError):
         PipelineConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"min_valid_fraction": 0.0}, {"min_valid_fraction": 1.5},
+                                    {"max_depth_m": float("nan")}, {"max_depth_m": 0.04}, {"min_depth_m": 0.0},
+                                    {"min_depth_m": -1.0}, {"min_depth_m": float("inf")}, {"shrink": 0.0},
+                                    {"shrink": 1.5}])
+def test_lift_config_is_validated(kwargs):
+    with pytest.raises(ValueError):
+        LiftConfig(**kwargs)
 
 
 def answered(**fields) -> InferenceResult:

@@ -214,6 +214,34 @@ def test_a_compressed_frame_declaring_too_many_pixels_is_dropped_before_decoding
     assert proc.alive()
 
 
+def test_a_hostile_depth_frame_costs_bounded_memory_and_the_next_good_frame_is_answered(spawn, client, camera,
+                                                                                        replay_file):
+    """Issue 24: an 80 x 80 px patch of 1e-6 m in a 32FC1 frame raised the node's peak RSS by 9.5 GB (the depth
+    histogram had a bin per 5e-3 of 1/z down to 1/1e-6). Now such readings are invalid (min_depth) and no box has
+    more than 2^16 depth bins: the hostile frame costs no memory to speak of, and the good camera's frame after it is
+    answered with its positions."""
+    hostile = np.full((480, 640), 2.0, np.float32)
+    hostile[260:340, 360:440] = 1e-6                 # inside plate.1's box (300..500, 200..400)
+    cup = hostile[100:200, 100:200]                  # cup.1's box: every other hostile value, nothing valid
+    for i, value in enumerate([np.nan, np.inf, -np.inf, -1.0, 0.0, 1e-45, 1e-30, 0.001, 3.4e38, 1e30]):
+        cup[i * 10:(i + 1) * 10] = value
+    camera(prefix="hostile/", depth_m=hostile, k=K)
+    camera(prefix="good/", depth_m=np.full((480, 640), 2.0, np.float32), k=K)
+    proc = spawn(node_command(**replay_params(replay_file, cameras=["hostile", "good"])), name="node")
+    client.wait_for_service(proc)
+    before = vm_peak_mb(proc)
+    response = client.ask_until_ready(proc, with_depth=True, question=QUESTION, options=OPTIONS, camera="hostile")
+    assert response.success, response.message
+    cup_answer, plate = response.answer.scene_graph.objects
+    assert not cup_answer.has_position and "depth invalid inside the box of cup.1" in response.answer.status_message
+    assert plate.has_position and plate.position.z == pytest.approx(2.0, abs=0.01), "the wall, not 1e-6 m"
+    assert vm_peak_mb(proc) - before < 100, "the hostile frame's depth cost memory"
+    good = client.ask_until_ready(proc, with_depth=True, question=QUESTION, options=OPTIONS, camera="good")
+    assert good.success and all(o.has_position for o in good.answer.scene_graph.objects), good.message
+    assert vm_peak_mb(proc) - before < 100
+    assert proc.alive()
+
+
 def test_two_cameras_selected_per_request(spawn, client, camera, replay_file):
     camera(prefix="left/", width=640, height=480, frame_id="left_optical")
     camera(prefix="right/", width=1280, height=960, frame_id="right_optical")
