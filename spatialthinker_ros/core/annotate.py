@@ -1,7 +1,9 @@
 """Draw a scene graph on its image: boxes, ids and relation arrows. Shared by the CLI and ~/debug_image.
 
 Relation arrows and labels take the colour of their check against the depth (core/relations.py): red
-contradicted, green consistent, amber uncertain, white not checked; a label says why when it is not agreement."""
+contradicted, green consistent, amber uncertain, white not checked; a label says why when it is not agreement.
+An object whose depth is ambiguous (Position3D.ambiguous: which surface in its box is the object was a guess) has
+a dashed box and its depth marked with AMBIGUOUS_MARK; the RViz markers mark it too (ros/visualization.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,18 @@ import cv2
 import numpy as np
 
 from spatialthinker_ros.core.relations import VERDICT_COLOURS, verdict_label
-from spatialthinker_ros.core.types import SceneGraph
+from spatialthinker_ros.core.types import SceneGraph, SceneObject
+
+
+AMBIGUOUS_MARK = "?"   # after the depth of an object whose position is a guess between surfaces (docs/node.md)
+_DASH = 8             # pixels per dash (and per gap) of an ambiguous object's box, at 400 px of image
+
+
+def object_label(obj: SceneObject) -> str:
+    """The object's id, its depth when it has a position, and AMBIGUOUS_MARK when that depth is a guess."""
+    if obj.position is None:
+        return obj.id
+    return f"{obj.id} {obj.position.z:.2f}m" + (AMBIGUOUS_MARK if obj.position.ambiguous else "")
 
 
 def object_colour(index: int) -> tuple[int, int, int]:
@@ -39,8 +52,11 @@ def draw_scene(rgb: np.ndarray, scene: SceneGraph, caption: str = "") -> np.ndar
         colour = object_colour(i)
         p1 = (int(round(obj.box.x_min)), int(round(obj.box.y_min)))
         p2 = (int(round(obj.box.x_max)), int(round(obj.box.y_max)))
-        cv2.rectangle(canvas, p1, p2, colour, thickness)
-        label = obj.id if obj.position is None else f"{obj.id} {obj.position.z:.2f}m"
+        if obj.position is not None and obj.position.ambiguous:
+            _dashed_rectangle(canvas, p1, p2, colour, thickness)
+        else:
+            cv2.rectangle(canvas, p1, p2, colour, thickness)
+        label = object_label(obj)
         (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
         left, baseline = _fit(label, (p1[0] + 2, p1[1] - base - 1), scale, thickness, canvas)
         cv2.rectangle(canvas, (left - 2, baseline - th - 1), (left + tw + 2, baseline + base + 1), colour, -1)
@@ -62,3 +78,17 @@ def draw_scene(rgb: np.ndarray, scene: SceneGraph, caption: str = "") -> np.ndar
         at = _fit(text, (8, canvas.shape[0] - 10), scale, thickness, canvas)
         cv2.putText(canvas, text, at, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 0), thickness)
     return canvas
+
+
+def _dashed_rectangle(canvas: np.ndarray, p1: tuple[int, int], p2: tuple[int, int], colour: tuple[int, int, int],
+                      thickness: int) -> None:
+    """The rectangle p1-p2 drawn in dashes: the outline of a box whose depth is ambiguous."""
+    dash = _DASH * thickness
+    for (x1, y1), (x2, y2) in (((p1[0], p1[1]), (p2[0], p1[1])), ((p2[0], p1[1]), (p2[0], p2[1])),
+                               ((p2[0], p2[1]), (p1[0], p2[1])), ((p1[0], p2[1]), (p1[0], p1[1]))):
+        length = max(abs(x2 - x1), abs(y2 - y1))
+        for start in range(0, length, 2 * dash):
+            stop = min(start + dash, length)
+            a = (x1 + (x2 - x1) * start // max(length, 1), y1 + (y2 - y1) * start // max(length, 1))
+            b = (x1 + (x2 - x1) * stop // max(length, 1), y1 + (y2 - y1) * stop // max(length, 1))
+            cv2.line(canvas, a, b, colour, thickness)

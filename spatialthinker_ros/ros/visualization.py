@@ -1,5 +1,7 @@
 """RViz markers for a scene graph: a 3D box and a label per located object, an arrow and a label per relation,
-coloured by its check against the depth (core/relations.py: red contradicted, green consistent, amber uncertain)."""
+coloured by its check against the depth (core/relations.py: red contradicted, green consistent, amber uncertain).
+An object whose depth is ambiguous has a faint box (AMBIGUOUS_ALPHA) and its label marked (annotate.AMBIGUOUS_MARK),
+as in the debug image (legend in docs/node.md)."""
 
 from __future__ import annotations
 
@@ -7,12 +9,14 @@ from geometry_msgs.msg import Point
 from std_msgs.msg import Header
 from visualization_msgs.msg import Marker, MarkerArray
 
-from spatialthinker_ros.core.annotate import object_colour
+from spatialthinker_ros.core.annotate import object_colour, object_label
 from spatialthinker_ros.core.relations import VERDICT_COLOURS, verdict_label
 from spatialthinker_ros.core.types import SceneGraph
 from spatialthinker_ros.ros.conversions import duration_msg
 
 MIN_EXTENT = 0.02  # metres: keep thin objects visible
+BOX_ALPHA = 0.4
+AMBIGUOUS_ALPHA = 0.15   # a faint box: the position is a guess between surfaces
 
 
 def scene_markers(scene: SceneGraph, header: Header, lifetime_s: float) -> MarkerArray:
@@ -29,9 +33,10 @@ def scene_markers(scene: SceneGraph, header: Header, lifetime_s: float) -> Marke
         box.pose.position.x, box.pose.position.y, box.pose.position.z = p.x, p.y, p.z
         box.pose.orientation.w = 1.0
         box.scale.x, box.scale.y, box.scale.z = (max(MIN_EXTENT, s) for s in (p.size_x, p.size_y, p.size_z))
-        box.color.r, box.color.g, box.color.b, box.color.a = r, g, b, 0.4
+        box.color.r, box.color.g, box.color.b = r, g, b
+        box.color.a = AMBIGUOUS_ALPHA if p.ambiguous else BOX_ALPHA
         text = Marker(header=header, ns="labels", id=2 * i + 1, type=Marker.TEXT_VIEW_FACING, action=Marker.ADD,
-                      lifetime=lifetime, text=obj.id)
+                      lifetime=lifetime, text=object_label(obj))
         text.pose.position.x, text.pose.position.y = p.x, p.y - max(MIN_EXTENT, p.size_y) / 2 - 0.05
         text.pose.position.z = p.z
         text.pose.orientation.w = 1.0

@@ -11,7 +11,7 @@ from hypothesis_profiles import examples
 
 from sample_relations import DATA, EXPECTED, META, MODEL_BOXES, SAMPLE_ANSWER, answer_about, stated_positions
 
-from spatialthinker_ros.core.annotate import draw_scene
+from spatialthinker_ros.core.annotate import AMBIGUOUS_MARK, draw_scene, object_label
 from spatialthinker_ros.core.geometry import DEPTH_NOISE_PER_M, CameraIntrinsics, DepthImage, depth_noise
 from spatialthinker_ros.core.pipeline import PipelineConfig, answer_dict, finish_result, prepare_request
 from spatialthinker_ros.core.relations import (VERDICT_COLOURS, RelationCheckConfig, check_scene, checked_predicate,
@@ -340,6 +340,19 @@ def test_the_debug_drawing_colours_relations_by_their_check_and_labels_the_reaso
     assert verdict_label(contradicted) == "left of (contradicted: a.1 x=+0.30 m, b.1 x=-0.20 m)"
     assert verdict_label(replace(contradicted, check=C.CONSISTENT)) == "left of (consistent)"
     assert verdict_label(replace(contradicted, check=C.NOT_CHECKED)) == "left of"
+
+
+def test_an_ambiguous_position_is_drawn_dashed_and_marked():
+    """Position3D.ambiguous: the box is dashed and the depth carries AMBIGUOUS_MARK; a sure position is solid."""
+    sure = Position3D(0.0, 0.0, 1.5, 0.1, 0.1, 0.0)
+    objects = (SceneObject("a.1", "a", Box(20, 20, 220, 120), sure),
+               SceneObject("b.1", "b", Box(300, 20, 500, 120), replace(sure, ambiguous=True)))
+    canvas = draw_scene(np.zeros((200, 640, 3), np.uint8), SceneGraph(objects, (), (640, 200)))
+    drawn = canvas.any(axis=2)
+    assert drawn[120, 30:210].all(), "a.1's bottom edge: solid"
+    assert 0.3 < drawn[120, 310:490].mean() < 0.8, "b.1's bottom edge: dashes and gaps"
+    assert [object_label(o) for o in objects] == ["a.1 1.50m", f"b.1 1.50m{AMBIGUOUS_MARK}"]
+    assert object_label(replace(objects[0], position=None)) == "a.1"
 
 
 def test_labels_near_the_right_edge_stay_inside_the_image():

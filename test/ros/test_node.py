@@ -13,7 +13,7 @@ from sensor_msgs.msg import Image
 from spatialthinker_ros.action import AskSpatial as AskSpatialAction
 from spatialthinker_ros.testing.node_client import spin_future, spin_until
 from spatialthinker_ros.testing.processes import node_command
-from spatialthinker_ros.msg import SpatialAnswer
+from spatialthinker_ros.msg import SceneRelation, SpatialAnswer
 from spatialthinker_ros.srv import AskSpatial
 from node_requests import CALL, E, OPTIONS, QUESTION, RESPONSE, STARTUP, replay_params
 
@@ -70,6 +70,37 @@ def test_replay_answer_field_by_field_with_3d_markers_and_debug_image(spawn, cli
     drawn = np.frombuffer(debug.data, np.uint8).reshape(480, 640, 3)
     assert not np.array_equal(drawn, cam.rgb), "boxes were drawn"
     assert np.array_equal(drawn[470:, 600:], cam.rgb[470:, 600:]), "away from boxes and caption, pixels unchanged"
+    assert proc.alive()
+
+
+def test_an_ambiguous_position_is_shown_differently_in_markers_and_the_debug_image(spawn, client, camera,
+                                                                                  replay_file):
+    """A nearer surface over 45 % of plate.1's box makes its position a guess: its cube is faint, its label ends in
+    the ambiguous mark, its box in the debug image is dashed; cup.1 on the plain wall is drawn as before."""
+    from spatialthinker_ros.core.annotate import AMBIGUOUS_MARK
+    from spatialthinker_ros.ros.visualization import AMBIGUOUS_ALPHA, BOX_ALPHA
+
+    depth = np.full((480, 640), 2.0, np.float32)
+    depth[200:400, 300:390] = 1.0                    # the left 45 % of plate.1's box (300..500, 200..400)
+    cam = camera(depth_m=depth, k=K)
+    proc = spawn(node_command(**replay_params(replay_file)), name="node")
+    response = client.ask_until_ready(proc, with_depth=True, question=QUESTION, options=OPTIONS)
+    cup, plate = response.answer.scene_graph.objects
+    assert plate.depth_ambiguous and not cup.depth_ambiguous
+    assert response.answer.scene_graph.relations[0].check == SceneRelation.CHECK_UNCERTAIN
+    assert spin_until(client.node, lambda: client.markers, CALL)
+    markers = client.markers[-1].markers
+    cubes = {m.id: m for m in markers if m.ns == "objects"}
+    labels = {m.id: m for m in markers if m.ns == "labels"}
+    assert (cubes[0].color.a, cubes[2].color.a) == pytest.approx((BOX_ALPHA, AMBIGUOUS_ALPHA))
+    assert labels[3].text.endswith(AMBIGUOUS_MARK) and not labels[1].text.endswith(AMBIGUOUS_MARK)
+    assert spin_until(client.node, lambda: client.node.count_publishers("/spatialthinker/debug_image") > 0, CALL)
+    client.ask(question=QUESTION, options=OPTIONS)
+    assert spin_until(client.node, lambda: client.debug, CALL)
+    drawn = np.frombuffer(client.debug[-1].data, np.uint8).reshape(480, 640, 3)
+    changed = np.any(drawn != cam.rgb, axis=2)
+    assert changed[200, 110:190].all(), "cup.1's bottom edge: solid"
+    assert not changed[400, 310:490].all() and changed[400, 310:490].mean() > 0.3, "plate.1's bottom edge: dashed"
     assert proc.alive()
 
 
