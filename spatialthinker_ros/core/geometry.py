@@ -32,9 +32,7 @@ _GAP_BINS = 2           # empty depth bins in a row (noise sigmas or sensor step
                         # 1080p box)
 _COMB_BINS = 8          # the longest empty run that a sparsely sampled steep surface leaves inside itself (_comb)
 _VALLEY = 0.5           # a depth bin this far below the surfaces on both sides separates them ...
-_PEAK = 0.01            # ... when each holds at least this share of the samples in one bin ...
-_VALLEY_REACH = 8       # ... within this many bins of it: farther surfaces are apart by empty bins already, and a
-                        # far wall must not make every dip of a nearer surface's tail a valley
+_PEAK = 0.01            # ... when each holds at least this share of the samples in one bin
 _CLEAR_SHARE = 0.25     # share of the central region's valid samples that makes a layer a candidate
 _CORE = 0.4             # the centre core: this fraction of the central region, in each direction
 _CENTRE_SHARE = 1 / 3   # share of the core's valid samples that means a layer reaches the centre
@@ -380,15 +378,22 @@ def _comb(gaps: np.ndarray) -> np.ndarray:
 def _valleys(counts: np.ndarray, total: int) -> np.ndarray:
     """The depth bins at the bottom of a valley between two surfaces whose noise tails overlap (a few sigmas apart, no
     empty bin between them): a local minimum of the smoothed counts below _VALLEY of the lower of the highest counts
-    within _VALLEY_REACH bins on either side, both of those substantial (_PEAK of all samples). The smoothing over
+    on either side within its run of occupied bins, both of those substantial (_PEAK of all samples). The smoothing over
     5 bins keeps what is left of the comb millimetre depth makes in bins a little wider than a millimetre from
     passing for valleys."""
     padded = np.concatenate(([0, 0], counts, [0, 0])).astype(np.float64)
     smooth = (3 * counts + 2 * (padded[1:-3] + padded[3:-1]) + padded[:-4] + padded[4:]) / 9   # 1-2-3-2-1
-    window = np.lib.stride_tricks.sliding_window_view
-    edge = np.zeros(_VALLEY_REACH)
-    left = window(np.concatenate((edge, smooth)), _VALLEY_REACH + 1).max(axis=1)
-    right = window(np.concatenate((smooth, edge)), _VALLEY_REACH + 1).max(axis=1)
+    # the highest counts on either side within the bin's run: a run ends at more than _GAP_BINS sparse bins in a row,
+    # so a far wall never makes the dips of a nearer surface's tail (a steep side sampled line by line) valleys
+    edges = np.diff(np.concatenate(([0], counts < max(1.0, _SPARSE_BIN * total), [0])).astype(np.int8))
+    sparse_from, sparse_to = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    long_gap_ends = np.zeros(counts.size + 1, bool)
+    long_gap_ends[sparse_to[sparse_to - sparse_from > _GAP_BINS]] = True
+    run = np.cumsum(long_gap_ends[:-1])
+    offset = run * (smooth.max() + 1)                                   # later runs rank above earlier ones
+    left = np.maximum.accumulate(smooth + offset) - offset
+    back = run[::-1].max() - run[::-1] if run.size else run
+    right = (np.maximum.accumulate(smooth[::-1] + back * (smooth.max() + 1)) - back * (smooth.max() + 1))[::-1]
     lower_peak = np.minimum(left, right)
     padded = np.concatenate(([np.inf], smooth, [np.inf]))
     bottom = (smooth <= padded[:-2]) & (smooth <= padded[2:])

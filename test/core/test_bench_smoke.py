@@ -83,13 +83,16 @@ def test_lift_accuracy_compares_both_lifts_on_every_scene_kind(tmp_path: Path):
     out = tmp_path / "lift_accuracy.json"
     _run("lift_accuracy", "--quick", "--json", str(out), timeout=110)
     report = json.loads(out.read_text())
-    kinds = {"coverage", "hollow", "thin", "edge occluder", "wide edge occluder", "sloped table"}
+    kinds = {"coverage", "hollow", "thin", "edge occluder", "wide edge occluder", "sloped table",
+             "wrist tilted face", "wrist curved", "wrist gripper finger"}
     for lift in ("old", "new"):
         assert set(report["by_kind"][lift]) == kinds
         for summary in report["by_kind"][lift].values():
             assert summary["n"] > 0 and 0 <= summary["between_rate"] <= 1
             assert math.isfinite(summary["depth_error_cm_p50"]) and summary["depth_error_cm_p90"] >= 0
+            assert 0 <= summary["extent_error_p50"] <= summary["extent_error_p90"]
         assert set(report["done_when_set"][lift]) == {"0.5-1.0 m", "1.0-2.0 m", "2.0-3.0 m"}
+        assert set(report["wrist_done_when_set"][lift]) == {"0.07-0.15 m", "0.15-0.3 m", "0.3-0.5 m"}
     assert report["by_kind"]["old"]["coverage"]["ambiguous_rate"] == 0      # the old rule never says so
     assert all(math.isfinite(us) and us > 0 for us in report["cost_us_per_object"].values())
     assert len(report["cost_us_per_object"]) == 6

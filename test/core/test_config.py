@@ -8,8 +8,11 @@ import yaml
 
 from spatialthinker_ros import cli, cli_options
 from spatialthinker_ros.core.backends.settings import TransformersConfig, backend_settings
-from spatialthinker_ros.core.config import BY_NAME, PARAMETERS, configured_calibration, defaults, pipeline_config_from
+from spatialthinker_ros.core.config import (BY_NAME, PARAMETERS, configured_calibration, defaults, lift_config_from,
+                                            pipeline_config_from)
 from spatialthinker_ros.core.conformal import SETUP_FIELDS, Calibration, CalibrationError, CalibrationSetup
+from spatialthinker_ros.core.geometry import LiftConfig
+from spatialthinker_ros.core.pipeline import PipelineConfig
 from spatialthinker_ros.core.prompt import PromptConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,8 +44,21 @@ def test_node_and_command_line_load_the_model_alike_by_default():
     from_node = TransformersConfig(**backend_settings("transformers", defaults()))
     assert from_cli == from_node and from_cli.min_pixels == from_node.min_pixels == BY_NAME["min_pixels"].default
     for name in ("prompt_style", "max_input_pixels", "max_question_chars", "max_request_image_pixels",
-                 "max_new_tokens", "depth_scale", "check_relations", "relation_margin", "backend"):
+                 "max_new_tokens", "depth_scale", "check_relations", "relation_margin", "min_depth", "max_depth",
+                 "backend"):
         assert getattr(args, name) == BY_NAME[name].default, name
+
+
+def test_node_and_command_line_read_depth_alike_and_refuse_an_empty_range():
+    """min_depth/max_depth: one default each (LiftConfig's), the same LiftConfig from the node's parameters and the
+    command line's options; a range that is empty is refused with the reason."""
+    args = cli.build_parser().parse_args(["--image", "x.png", "--question", "q", "--min-depth", "0.07",
+                                          "--max-depth", "0.5"])
+    assert lift_config_from(vars(args)) == lift_config_from(defaults() | {"min_depth": 0.07, "max_depth": 0.5})
+    assert lift_config_from(defaults()) == LiftConfig() == PipelineConfig().lift
+    assert (BY_NAME["min_depth"].default, BY_NAME["max_depth"].default) == (0.05, 20.0)
+    with pytest.raises(ValueError, match="max_depth must be finite and above min_depth"):
+        lift_config_from(defaults() | {"min_depth": 1.0, "max_depth": 0.5})
 
 
 def test_node_and_command_line_build_the_same_pipeline_from_their_values():

@@ -50,8 +50,10 @@ def test_the_node_checks_every_relation_of_an_answer_about_the_sample_scene(spaw
     answer = ask(client, proc)
     graph = answer.scene_graph
     assert all(o.has_position for o in graph.objects)
-    # each surface's depth spread (sensor-free sample: the objects' own relief), none of them a coin toss
-    assert all(0 < o.depth_spread < 0.1 and not o.depth_ambiguous for o in graph.objects)
+    # each surface's depth spread (sensor-free sample: the objects' own relief), none of them a coin toss; the table,
+    # a plane seen obliquely, is one surface from its front edge to the wall (a few dm of relief)
+    assert all(0 < o.depth_spread < (0.3 if o.id == "table.1" else 0.1) and not o.depth_ambiguous
+               for o in graph.objects)
     assert [(r.subject, r.predicate, r.object) for r in graph.relations] == sample_relations.TRIPLES
     assert [r.check for r in graph.relations] == [CHECKS[v] for v in sample_relations.EXPECTED]
     assert all(r.check_note for r in graph.relations)
