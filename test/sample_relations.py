@@ -48,8 +48,9 @@ def write_replay(path: Path) -> Path:
     return path
 
 
-_NOTE = re.compile(r"(?P<subject>\S+) (?P<axis>[xz])=(?P<s>[+-]?\d+\.\d\d) m, (?P<object>\S+) (?P=axis)=(?P<o>[+-]?\d+\.\d\d)"
-                   r" m \(difference (?P<difference>\d+\.\d\d) m, margin (?P<margin>\d+\.\d\d) m\)")
+_NOTE = re.compile(r"(?P<subject>\S+) (?P<axis>[xz])=(?P<s>[+-]?\d+\.\d\d) m, "
+                   r"(?P<object>\S+) (?P=axis)=(?P<o>[+-]?\d+\.\d\d) m "
+                   r"\(difference (?P<difference>\d+\.\d\d) m, margin (?P<margin>\d+\.\d\d) m\)")
 
 
 def stated_positions(note: str, subject: str, axis: str, obj: str) -> tuple[float, float]:

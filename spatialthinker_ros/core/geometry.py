@@ -301,7 +301,7 @@ def lift_box(
 @dataclass(frozen=True)
 class DepthLayers:
     """The surfaces in a set of depth samples: runs of occupied depth bins, each as wide as the finest depth the
-    sensor tells apart at its range (depth_bins), split where at least _GAP_BINS bins in a row are empty (a gap
+    sensor tells apart at its range (_depth_bins), split where at least _GAP_BINS bins in a row are empty (a gap
     clearly larger than the noise or the sensor's step there) or at the bottom of a valley between two surfaces a
     few sigmas apart (_valleys). Layer 0 is the nearest."""
 
