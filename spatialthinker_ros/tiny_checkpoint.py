@@ -1,19 +1,26 @@
-"""A tiny, randomly initialised Qwen2.5-VL checkpoint, built offline in about a second.
+"""A tiny, randomly initialised Qwen2.5-VL checkpoint with Qwen2.5-VL's real tokenizer, built offline in seconds.
 
 Its answers are noise, but loading it exercises exactly the code path of SpatialThinker-7B (config, tokenizer,
-chat template, image processor, vision tower, M-RoPE, generation), so tests and the demo need no model hub.
+chat template, image processor, vision tower, M-RoPE, generation), so tests and the demo need no model hub. The
+tokenizer is Qwen's own (its 151,643 byte-level BPE ranks from the pinned `dashscope` package, Qwen2's
+pre-tokenizer, NFC, the added tokens at their real ids) and the embedding has Qwen2.5-VL's 152,064 rows, so text
+splits into the very token ids the real model reads and writes; only the hidden sizes are tiny.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import functools
+import hashlib
 import importlib.metadata
 import json
 from pathlib import Path
 
 COMPLETE_MARKER = "tiny-checkpoint-complete"
 
-# Qwen2.5-VL's special tokens, in Qwen's order, so the vision token ids resolve the way the real ones do.
+# Qwen2.5-VL's added tokens, in order from id 151643 (right after the 151,643 byte-level BPE ranks): the first
+# fourteen are special (never split, skipped when decoding), the rest are plain added tokens, as in its tokenizer.
 _SPECIAL_TOKENS = (
     "<|endoftext|>",
     "<|im_start|>",
@@ -30,6 +37,15 @@ _SPECIAL_TOKENS = (
     "<|image_pad|>",
     "<|video_pad|>",
 )
+_ADDED_TOKENS = ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+                 "<|repo_name|>", "<|file_sep|>")
+# Qwen2.5-VL's embedding rows: the 151,665 tokens padded up, as in its config.json.
+VOCAB_SIZE = 152064
+
+# Qwen's byte-level BPE ranks (ids 0..151642), as the `dashscope` package ships them; the hash pins the content.
+_RANKS_PACKAGE, _RANKS_FILE = "dashscope", "dashscope/resources/qwen.tiktoken"
+_RANKS_SHA256 = "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186"
+_RANKS_COUNT = 151643
 
 # Qwen2.5-VL-Instruct's template: a default system turn when the caller gives none, an image rendered as
 # <|vision_start|><|image_pad|><|vision_end|> (the processor expands the pad to the image's token count).
@@ -56,41 +72,17 @@ CHAT_TEMPLATE = (
 MAX_PIXELS = 50176
 MIN_PIXELS = 3136
 
-_CORPUS_LINES = (
-    "You FIRST observe the image in <observe> </observe> tags, then visualise the relevant scene graph in "
-    "<scene> </scene> tags, followed by thinking about the reasoning process as an internal monologue within "
-    "<think> </think> tags and then provide the final answer. The final answer MUST BE put within <answer> "
-    "</answer> tags, e.g., <answer> (A) cat </answer>.",
-    "Image size: 640 x 480",
-    "Where is the cup relative to the plate? (A) left of (B) right of (C) behind (D) in front of",
-    "<observe> The image shows a kitchen table with a red cup, a white plate and a wooden chair. </observe>",
-    '<scene> {"objects": [{"id": "cup.1", "bbox": [120, 200, 180, 280]}, '
-    '{"id": "plate.1", "bbox": [300, 210, 420, 290]}, {"id": "chair.1", "bbox": [10, 150, 90, 470]}], '
-    '"relationships": [{"subject": "cup.1", "predicate": "left of", "object": "plate.1"}, '
-    '{"subject": "chair.1", "predicate": "behind", "object": "cup.1"}]} </scene>',
-    "<think> The cup box spans x 120 to 180 and the plate box spans x 300 to 420, so the cup is to the left "
-    "of the plate. </think>",
-    "<answer> (A) left of </answer>",
-    '<scene> {"objects": [{"id": "couch.1", "bbox": [50, 100, 400, 350]}, '
-    '{"id": "cat.1", "bbox": [200, 300, 280, 400]}, {"id": "coffee_table.1", "bbox": [150, 250, 350, 320]}], '
-    '"relationships": [{"subject": "cat.1", "predicate": "in front of", "object": "couch.1"}]} </scene>',
-    "<answer> (B) in front of the couch </answer>",
-    "Is the bottle closer to the camera than the box? How many chairs are there? Which object is larger?",
-    "0 1 2 3 4 5 6 7 8 9 10 25 48 64 100 128 256 320 479 512 639 1024 1280 720 1920 1080",
-    "The robot arm can reach the mug on the shelf above the sink near the door, under the lamp, on top of the desk.",
-)
-
 
 def build_tiny_checkpoint(directory: Path, mlp_width: int = 128) -> Path:
     """Build the checkpoint in `directory` (or reuse a complete one there) and return `directory`.
 
-    The marker, written last, records the transformers version: a checkpoint is only reused by the version that
-    wrote it, since config and tokenizer files change format between versions. `mlp_width` makes the weights
+    The marker, written last, records the transformers version and the vocabulary: a checkpoint is only reused by
+    the version that wrote it, since config and tokenizer files change format between versions. `mlp_width` makes the weights
     heavier without changing behaviour (65536 -> ~100 MB), for tests that must see memory come and go.
     """
     directory = Path(directory)
     marker = directory / COMPLETE_MARKER
-    stamp = f"{importlib.metadata.version('transformers')} mlp_width={mlp_width}"
+    stamp = f"{importlib.metadata.version('transformers')} mlp_width={mlp_width} vocabulary={_RANKS_SHA256[:12]}"
     if marker.is_file() and marker.read_text().strip() == stamp:
         return directory
     directory.mkdir(parents=True, exist_ok=True)
@@ -103,7 +95,7 @@ def build_tiny_checkpoint(directory: Path, mlp_width: int = 128) -> Path:
     tokenizer.save_pretrained(directory)
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in _SPECIAL_TOKENS}
     config = Qwen2_5_VLConfig(
-        vocab_size=-(-len(tokenizer) // 64) * 64,
+        vocab_size=VOCAB_SIZE,
         hidden_size=64,
         intermediate_size=mlp_width,
         num_hidden_layers=2,
@@ -167,23 +159,91 @@ def build_tiny_checkpoint(directory: Path, mlp_width: int = 128) -> Path:
     return directory
 
 
+def qwen_ranks_file() -> Path:
+    """Qwen's BPE ranks inside the installed `dashscope` distribution, found without importing it (its import
+    pulls in its API client); RuntimeError when it is missing or not the pinned content."""
+    try:
+        path = Path(importlib.metadata.distribution(_RANKS_PACKAGE).locate_file(_RANKS_FILE))
+    except importlib.metadata.PackageNotFoundError:
+        raise RuntimeError(f"the tiny checkpoint takes Qwen's vocabulary from the {_RANKS_PACKAGE} package: install "
+                           "the pinned one (make setup, requirements/lock-*.txt)") from None
+    if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != _RANKS_SHA256:
+        raise RuntimeError(f"{path} is missing or is not Qwen's vocabulary as pinned (sha256 {_RANKS_SHA256}): "
+                           f"install the {_RANKS_PACKAGE} version of requirements/lock-*.txt")
+    return path
+
+
+def _qwen_ranks() -> dict[bytes, int]:
+    """token bytes -> rank (= id), from the tiktoken file: one `base64(bytes) rank` per line."""
+    lines = qwen_ranks_file().read_bytes().splitlines()
+    ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
+    if len(ranks) != _RANKS_COUNT or sorted(ranks.values()) != list(range(_RANKS_COUNT)):
+        raise RuntimeError(f"expected ranks 0..{_RANKS_COUNT - 1} in {qwen_ranks_file()}")
+    return ranks
+
+
+def _merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """One merge per multi-byte token, in rank order, as Qwen's tokenizer.json has them (151,387): the last pair
+    that byte-level BPE, merging the lowest-ranked pair first, joins on the way to that token. Most tokens split
+    into two known lower-ranked tokens only one way; the others are found by running that BPE."""
+    merges = []
+    for token, rank in ranks.items():
+        if len(token) == 1:
+            continue
+        splits = [(token[:i], token[i:]) for i in range(1, len(token))
+                  if ranks.get(token[:i], rank) < rank and ranks.get(token[i:], rank) < rank]
+        merges.append((rank, splits[0] if len(splits) == 1 else _last_pair(token, rank, ranks)))
+    return [pair for _, pair in sorted(merges)]
+
+
+def _last_pair(token: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
+    parts = [token[i:i + 1] for i in range(len(token))]
+    while len(parts) > 2:
+        joined = [(ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        best, i = min(joined)
+        if best >= rank:
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    if len(parts) != 2:
+        raise RuntimeError(f"Qwen's ranks do not build token {rank} ({token!r}) from two lower-ranked tokens")
+    return parts[0], parts[1]
+
+
+@functools.lru_cache(maxsize=1)
+def _qwen_tokenizer_json() -> str:
+    """Qwen2.5-VL's tokenizer as tokenizers' JSON: its BPE ranks and merges, Qwen2's split regex (from
+    transformers) then byte-level, NFC, and its added tokens from id 151643. Built once per process (seconds)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    ranks = _qwen_ranks()
+    to_unicode = str.maketrans({chr(b): c for b, c in bytes_to_unicode().items()})
+
+    def name(token: bytes) -> str:
+        return token.decode("latin-1").translate(to_unicode)
+
+    bpe = Tokenizer(models.BPE({name(t): r for t, r in ranks.items()},
+                               [(name(a), name(b)) for a, b in _merges(ranks)], fuse_unk=False, byte_fallback=False))
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    bpe.decoder = decoders.ByteLevel()
+    bpe.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in _SPECIAL_TOKENS])
+    bpe.add_tokens([AddedToken(t, normalized=False, special=False) for t in _ADDED_TOKENS])
+    return bpe.to_str()
+
+
 def _build_tokenizer():
-    """Byte-level BPE trained on SpatialThinker-style text, so random outputs decode to tag- and JSON-like noise."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """Qwen2.5-VL's own tokenizer (vocabulary, pre-tokenizer, normaliser, added tokens), so the letters, tags and
+    numbers of an answer split into exactly the tokens SpatialThinker-7B reads and writes."""
+    from tokenizers import Tokenizer
     from transformers import Qwen2TokenizerFast
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=512,
-        special_tokens=list(_SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(_CORPUS_LINES, trainer=trainer)
     return Qwen2TokenizerFast(
-        tokenizer_object=bpe,
+        tokenizer_object=Tokenizer.from_str(_qwen_tokenizer_json()),
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         unk_token=None,

@@ -69,7 +69,8 @@ def test_real_server_answers_like_the_model_in_process(tiny_server, tiny_checkpo
     finally:
         backend.close()
     assert isinstance(result, InferenceResult), result
-    assert result.text == in_process_answer.text
+    # the same tokens; `transformers serve` leaves out the first one's leading space (Qwen's " spel" and the like)
+    assert result.text == in_process_answer.text.removeprefix(" ")
     assert result.prompt_tokens == in_process_answer.prompt_tokens
     assert result.completion_tokens == in_process_answer.completion_tokens
     assert result.model == str(tiny_checkpoint)

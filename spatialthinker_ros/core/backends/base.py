@@ -26,8 +26,9 @@ def cut_after_scene_end(text: str) -> str:
 # token writes the option letter (group 1 is that run; "" right after "<answer").
 _ANSWER_RUN = re.compile(r"<answer(>?[\s(]*)$")
 _ANSWER_TAIL_CHARS = 24   # enough to hold "<answer" and a run of spaces and "(" after it
-# How one token may write the letter L after a run: "L", " L", "(L", " (L", with ">" first right after "<answer".
-LETTER_FORMS = ("", " ", "(", " (")
+# How one token may write the letter L after a run: "L", " L", "\tL", "(L", " (L", with ">" first right after
+# "<answer". Qwen2.5's vocabulary has the first four for every letter A-Z (and no other token that writes just one).
+LETTER_FORMS = ("", " ", "\t", "(", " (")
 
 
 def letter_written(run: str, piece: str) -> str:
