@@ -31,8 +31,8 @@ from spatialthinker_ros.cli_options import (EXIT_BACKEND, EXIT_INTERRUPTED, EXIT
 from spatialthinker_ros.core.ask import AskFlow
 from spatialthinker_ros.core.backends.base import Backend
 from spatialthinker_ros.core.backends.settings import DEFAULT_MODEL, backend_settings
-from spatialthinker_ros.core.conformal import Calibration, CalibrationError
-from spatialthinker_ros.core.config import configured_calibration, lift_config_from
+from spatialthinker_ros.core.conformal import Calibration, CalibrationError, check_setup, read_calibration_file
+from spatialthinker_ros.core.config import answering_setup, lift_config_from
 from spatialthinker_ros.core.pipeline import answer_dict, check_image
 from spatialthinker_ros.core.relations import RelationCheckConfig
 from spatialthinker_ros.core.request import ErrorCode, RequestError, check_question
@@ -144,7 +144,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         lift = lift_config_from(vars(args))
     except ValueError as exc:
         raise UsageError(exc) from None
-    config = pipeline_config(args, relations=relations, lift=lift, calibration=read_calibration(args))
+    calibration = read_calibration(args)
+    config = pipeline_config(args, relations=relations, lift=lift, calibration=calibration)
     asked = check_question(args.question, args.options, config.prompt)
     rgb = read_image(args.image, config.max_request_image_pixels)
     check_image(rgb, config)
@@ -156,6 +157,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     loading = time.perf_counter()
     backend = load_backend(args.backend, settings)
     load_seconds = time.perf_counter() - loading
+    if calibration is not None:
+        check_calibration(calibration, args, backend)
     retrying = lambda smaller: logging.getLogger(PROG).warning("out of memory: retrying with a smaller image")
     try:
         flow = AskFlow(Source(rgb, depth=depth, intrinsics=intrinsics), args.question, args.options,
@@ -183,12 +186,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def read_calibration(args: argparse.Namespace) -> Optional[Calibration]:
-    """--calibration, checked against the settings that will answer (None without one)."""
+    """--calibration's file (None without one), read before the model loads: a bad file fails in milliseconds."""
     if args.calibration is None:
         return None
     try:
-        return configured_calibration(str(args.calibration), vars(args) | {"model": args.model or DEFAULT_MODEL})
+        return read_calibration_file(str(args.calibration))
     except CalibrationError as exc:
+        raise UsageError(exc) from None
+
+
+def check_calibration(calibration: Calibration, args: argparse.Namespace, backend: Backend) -> None:
+    """UsageError, with the backend closed, when --calibration was made with another setup than the loaded one."""
+    try:
+        check_setup(calibration, str(args.calibration), answering_setup(backend, vars(args)))
+    except (CalibrationError, ValueError, BackendError) as exc:
+        backend.close()
         raise UsageError(exc) from None
 
 

@@ -22,6 +22,8 @@ from spatialthinker_ros.core.validation import validate_model_reference
 
 EXIT_OK, EXIT_USAGE, EXIT_BACKEND, EXIT_INTERRUPTED = 0, 2, 3, 130
 _BACKEND_ONLY = ("model", "device", "server_url", "replay_file", "max_pixels")   # options some backends ignore
+# How the in-process model loads, as the node's parameters of these names (refused elsewhere when not the default)
+_TRANSFORMERS_MODEL_OPTIONS = ("dtype", "quantization", "attn_implementation", "min_pixels")
 
 
 class UsageError(Exception):
@@ -52,6 +54,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, prompt_group: Any, time
                        help='replay: JSON Lines of {"question": ..., "response": ...}; the question must match exactly')
     setting_option(model, "max_new_tokens", "as the authors' evaluation")
     setting_option(model, "min_pixels", "transformers: the image processor's, as the node sends it")
+    setting_option(model, "dtype", "transformers")
+    setting_option(model, "quantization", "transformers, on cuda")
+    setting_option(model, "attn_implementation", "transformers")
     model.add_argument("--max-pixels", type=int, metavar="N",
                        help="the image processor's max_pixels (image tokens = pixels / 784): transformers applies "
                             "it in-process; openai sends larger frames downscaled to it, and the prompt states "
@@ -108,8 +113,9 @@ def setting_values(args: argparse.Namespace) -> dict[str, Any]:
         if args.replay_file is None:
             raise UsageError("--backend replay needs --replay-file")
         return dict(replay_file=str(args.replay_file))
-    if args.min_pixels != PARAMETERS_BY_NAME["min_pixels"].default and args.backend not in applies_to("min_pixels"):
-        raise UsageError(f"--min-pixels only applies to --backend {' or '.join(applies_to('min_pixels'))}")
+    for option in _TRANSFORMERS_MODEL_OPTIONS:
+        if getattr(args, option) != PARAMETERS_BY_NAME[option].default and args.backend not in applies_to(option):
+            raise UsageError(f"--{option.replace('_', '-')} only applies to --backend {' or '.join(applies_to(option))}")
     try:
         model = validate_model_reference(args.model or DEFAULT_MODEL)
     except ValueError as exc:
@@ -117,7 +123,8 @@ def setting_values(args: argparse.Namespace) -> dict[str, Any]:
     if args.backend == "transformers" and model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
         raise UsageError(f"--model {model}: no such checkpoint directory")
     return dict(model=model, device=args.device, server_url=args.server_url, max_new_tokens=args.max_new_tokens,
-                server_timeout=args.timeout, max_pixels=args.max_pixels, min_pixels=args.min_pixels)
+                server_timeout=args.timeout, max_pixels=args.max_pixels,
+                **{option: getattr(args, option) for option in _TRANSFORMERS_MODEL_OPTIONS})
 
 
 def load_backend(name: str, settings: dict[str, Any]) -> Backend:

@@ -75,4 +75,5 @@ class AskFlow:
     def _result(self, inference: InferenceResult, options: Sequence[str], scene_only: Optional[bool]) -> SpatialResult:
         source = self.source
         return finish_result(self.request, inference, options, camera_size=source.size, depth=source.depth,
-                             intrinsics=source.intrinsics, scene_only=scene_only, config=self.config)
+                             intrinsics=source.intrinsics, scene_only=scene_only, config=self.config,
+                             retried=self.retried)

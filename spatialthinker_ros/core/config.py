@@ -16,7 +16,9 @@ from spatialthinker_ros.core.backends.openai_backend import OpenAIConfig
 from spatialthinker_ros.core.backends.replay_backend import ReplayConfig
 from spatialthinker_ros.core.backends.settings import (ATTENTION_IMPLEMENTATIONS, DEVICE, DTYPES, QUANTIZATIONS,
                                                        TransformersConfig, applies_to)
-from spatialthinker_ros.core.conformal import SETUP_FIELDS, Calibration, CalibrationSetup, load_calibration
+from spatialthinker_ros.core.backends.base import Backend
+from spatialthinker_ros.core.checkpoint import checkpoint_fingerprint
+from spatialthinker_ros.core.conformal import SETUP_FIELDS, CalibrationSetup
 from spatialthinker_ros.core.geometry import DEFAULT_DEPTH_SCALE, LiftConfig
 from spatialthinker_ros.core.pipeline import PipelineConfig
 from spatialthinker_ros.core.prompt import STYLES, PromptConfig
@@ -144,9 +146,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "larger request or camera images are refused",
               range=(1, 67108864)),
     ParamSpec("calibration_file", "",
-              "spatialthinker-eval calibrate JSON: each answer's prediction_set over its options; '' = none. "
-              f"Refused at configure when calibrated with another {', '.join(SETUP_FIELDS[:-1])} or "
-              f"{SETUP_FIELDS[-1]}"),
+              "spatialthinker-eval calibrate JSON: each answer's prediction_set over its options; '' = none. Refused "
+              "at configure, once the model has loaded (checkpoint: the weights' fingerprint, or the model an openai "
+              f"server reports), when calibrated with another {', '.join(SETUP_FIELDS[:-1])} or {SETUP_FIELDS[-1]}"),
     ParamSpec("queue_size", DEFAULT_QUEUE_SIZE, "requests waiting for the model; more get ERROR_BUSY at once",
               range=(1, 10000), applies="activate"),
     ParamSpec("request_timeout", 300.0, "seconds from acceptance to answer, then ERROR_TIMEOUT",
@@ -209,9 +211,20 @@ def lift_config_from(values: Mapping[str, Any]) -> LiftConfig:
     return replace(_PIPELINE.lift, min_depth_m=values["min_depth"], max_depth_m=values["max_depth"])
 
 
-def configured_calibration(path: str, values: Mapping[str, Any]) -> Optional[Calibration]:
-    """The calibration file at `path` ('' = none), checked against the setup that will answer: the parameters
-    named SETUP_FIELDS in `values`. CalibrationError for a bad file or one calibrated with another setup; cheap, so
-    check it before the model loads."""
-    setup = CalibrationSetup.of(**{name: values[name] for name in SETUP_FIELDS})
-    return load_calibration(path, setup)
+def answering_setup(backend: Backend, values: Mapping[str, Any]) -> CalibrationSetup:
+    """The setup a calibration must hold for, as the loaded `backend` answers: its weights' fingerprint, resolved
+    dtype, quantization, image limits and prompt cache (transformers), or the model id its server reports (openai),
+    with the prompt parameters prompt_style and max_input_pixels in `values` (the node's parameters, or the command
+    line's options). ValueError when the weights cannot be fingerprinted; BackendError when the server cannot say
+    which model it serves."""
+    prompt = dict(max_input_pixels=values["max_input_pixels"], prompt_style=values["prompt_style"])
+    if backend.name == "replay":
+        return CalibrationSetup.replay(**prompt)
+    config = backend.config
+    if backend.name == "openai":
+        return CalibrationSetup(model=config.model, backend="openai", checkpoint=f"served {backend.served_model()}",
+                                dtype=None, quantization=None, min_pixels=None, max_pixels=config.max_pixels,
+                                prompt_cache=None, **prompt)
+    return CalibrationSetup(model=config.model, backend=backend.name, checkpoint=checkpoint_fingerprint(config.model),
+                            dtype=backend.dtype, quantization=config.quantization, min_pixels=config.min_pixels,
+                            max_pixels=config.max_pixels, prompt_cache=backend.prompts is not None, **prompt)

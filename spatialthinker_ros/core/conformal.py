@@ -2,8 +2,8 @@
 
 A calibration is one number, the threshold q: the k-th smallest nonconformity score 1 - p(true option) of n
 labelled rows, k = ceil((n + 1) * coverage). An answer's prediction set is every offered option whose score
-1 - p is at most q. On questions exchangeable with the calibration rows, asked with the same setup (model,
-backend, image sizes, prompt), the set holds the right option with probability at least `coverage`, on average
+1 - p is at most q. On questions exchangeable with the calibration rows, asked with the same setup (weights,
+dtype, quantization, backend, image sizes, prompt: CalibrationSetup), the set holds the right option with probability at least `coverage`, on average
 over questions (a marginal guarantee, not one per question).
 
 Coverages are taken as the decimals they print as (0.7 is 7/10, not the nearest binary fraction), so k and the
@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import json
 import math
+from array import array
 from dataclasses import asdict, dataclass, fields
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from spatialthinker_ros.core.backends.base import DEFAULT_MAX_PIXELS
 
 FILE_FORMAT = "spatialthinker-calibration"
-FILE_VERSION = 1
+FILE_VERSION = 2
 
 
 class CalibrationError(ValueError):
@@ -79,30 +79,32 @@ def prediction_set(probabilities: Sequence[float], letters: Sequence[str], thres
 
 @dataclass(frozen=True)
 class CalibrationSetup:
-    """What a calibration holds for: the probabilities change with any of these, and with them the guarantee."""
+    """What a calibration holds for: the probabilities change with any of these, and with them the guarantee.
+    Settings a backend does not have are None (replay sees no image; a server's dtype is not known here)."""
 
     model: str
     backend: str
-    max_pixels: Optional[int]        # the image processor's limit; None for replay, which sees no image
+    # which weights: checkpoint.checkpoint_fingerprint (transformers); "served <id>", the model id the server
+    # reports (openai); "" (replay)
+    checkpoint: str
+    dtype: Optional[str]             # the resolved torch dtype the model runs in (transformers)
+    quantization: Optional[str]      # none | 4bit | 8bit (transformers)
+    min_pixels: Optional[int]        # the image processor's limits (transformers: both; openai: max_pixels)
+    max_pixels: Optional[int]
     max_input_pixels: int            # frames are downscaled to this before the prompt states their size
     prompt_style: str
+    # whether the backend keeps prompts' KV cache, which decides whether an answer that writes no option letter
+    # still gets probabilities (read one step further) or none (transformers)
+    prompt_cache: Optional[bool]
 
     @classmethod
-    def of(cls, backend: str, model: Optional[str], max_pixels: Optional[int], max_input_pixels: int,
-           prompt_style: str) -> CalibrationSetup:
-        """The setup as it applies: replay answers from a file (model "replay", no image size); an unset
-        max_pixels is the backends' default. The evaluation's run.json and the node's parameters both come
-        through here, so equal setups compare equal."""
-        if backend == "replay":
-            return cls(model="replay", backend=backend, max_pixels=None, max_input_pixels=max_input_pixels,
-                       prompt_style=prompt_style)
-        return cls(model=model or "", backend=backend,
-                   max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
-                   max_input_pixels=max_input_pixels, prompt_style=prompt_style)
+    def replay(cls, max_input_pixels: int, prompt_style: str) -> CalibrationSetup:
+        """Replay answers from a file: no model, no image size, the recorded probabilities."""
+        return cls(model="replay", backend="replay", checkpoint="", dtype=None, quantization=None, min_pixels=None,
+                   max_pixels=None, max_input_pixels=max_input_pixels, prompt_style=prompt_style, prompt_cache=None)
 
 
-# The setup's fields, which are also the names of the node parameters (and spatialthinker-eval run.json keys)
-# they come from: messages and docs list them from here.
+# The setup's fields (most are named as the node parameters they come from): messages and docs list them from here.
 SETUP_FIELDS = tuple(f.name for f in fields(CalibrationSetup))
 
 
@@ -168,17 +170,27 @@ class Calibration:
         if not isinstance(data, dict) or data.get("format") != FILE_FORMAT:
             raise CalibrationError(f'not a calibration file (no "format": "{FILE_FORMAT}"); make one with '
                                    "spatialthinker-eval calibrate")
-        if data.get("version") != FILE_VERSION:
-            raise CalibrationError(f"calibration file version {data.get('version')!r}; this version reads "
-                                   f"{FILE_VERSION}")
         missing = [k for k in ("threshold", "coverage", "n", "setup") if k not in data]
         if missing:
             raise CalibrationError(f"missing {', '.join(missing)}")
         setup = data["setup"]
-        if not isinstance(setup, dict) or sorted(setup) != sorted(SETUP_FIELDS):
-            raise CalibrationError(f"setup must hold exactly {', '.join(SETUP_FIELDS)}, not {setup!r}")
+        if not isinstance(setup, dict):
+            raise CalibrationError(f"setup must be an object holding {', '.join(SETUP_FIELDS)}, not {setup!r}")
+        lacking = [name for name in SETUP_FIELDS if name not in setup]
+        if lacking:
+            raise CalibrationError(f"its setup lacks {', '.join(lacking)} (a calibration file of version "
+                                   f"{data.get('version')!r}, which a calibration must also hold for); recalibrate "
+                                   "with spatialthinker-eval calibrate on runs of this version")
+        if data.get("version") != FILE_VERSION or sorted(setup) != sorted(SETUP_FIELDS):
+            raise CalibrationError(f"calibration file version {data.get('version')!r} with setup fields "
+                                   f"{', '.join(sorted(setup))}; this version reads {FILE_VERSION} with "
+                                   f"{', '.join(SETUP_FIELDS)}")
+        optional_str = lambda v: v is None or _is_str(v)
+        optional_int = lambda v: v is None or _is_int(v)
         for name, ok in (("model", _is_str), ("backend", _is_str), ("prompt_style", _is_str),
-                         ("max_input_pixels", _is_int), ("max_pixels", lambda v: v is None or _is_int(v))):
+                         ("checkpoint", lambda v: isinstance(v, str)), ("dtype", optional_str),
+                         ("quantization", optional_str), ("max_input_pixels", _is_int), ("min_pixels", optional_int),
+                         ("max_pixels", optional_int), ("prompt_cache", lambda v: v is None or isinstance(v, bool))):
             if not ok(setup[name]):
                 raise CalibrationError(f"setup.{name} has the wrong type: {setup[name]!r}")
         return cls(threshold=data["threshold"], coverage=data["coverage"], n=data["n"],
@@ -193,24 +205,27 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def load_calibration(path: str, setup: CalibrationSetup) -> Optional[Calibration]:
-    """The calibration file at `path` checked against the setup that will answer; None for "" (no calibration).
-    CalibrationError for a bad file or one from another setup, naming each difference: a silently wrong
-    calibration breaks the guarantee."""
-    if not path:
-        return None
-    calibration = Calibration.load(Path(path))
-    difference = setup_differences(calibration.setup, setup)
+def read_calibration_file(path: str) -> Optional[Calibration]:
+    """The calibration file at `path`, None for "" (no calibration); CalibrationError for a bad file. Cheap: read
+    it before a model loads, and check it against the loaded setup with check_setup."""
+    return Calibration.load(Path(path)) if path else None
+
+
+def check_setup(calibration: Optional[Calibration], path: str, setup: CalibrationSetup) -> None:
+    """CalibrationError when `calibration` (read from `path`) was made with another setup than the one that will
+    answer, naming each difference: a silently wrong calibration breaks the guarantee."""
+    difference = calibration and setup_differences(calibration.setup, setup)
     if difference:
         raise CalibrationError(f"{path} was calibrated with another setup ({difference}); recalibrate with "
                                "spatialthinker-eval calibrate on runs of this setup")
-    return calibration
 
 
 def answer_prediction_set(probabilities: Sequence[float], letters: Sequence[str],
                           calibration: Optional[Calibration]) -> tuple[list[str], float]:
     """(prediction_set, prediction_set_coverage) of one answer: empty and 0 without a calibration or without
-    probabilities for exactly these options (a free-form question, a backend that gives none)."""
+    probabilities for exactly these options (a free-form question, a backend that gives none). The set is taken
+    from the probabilities as SpatialAnswer carries them (float32), so a planner recomputing it from the message
+    with the calibration's threshold gets the same set, also at the boundary."""
     if calibration is None or not probabilities or len(probabilities) != len(letters):
         return [], 0.0
-    return calibration.prediction_set(probabilities, letters), calibration.coverage
+    return calibration.prediction_set(array("f", probabilities).tolist(), letters), calibration.coverage

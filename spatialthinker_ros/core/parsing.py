@@ -80,6 +80,7 @@ class _Problems:
 class _Section:
     text: str
     closed: bool
+    opened_at: Optional[int] = None   # where its opening tag starts in the output; None without one
 
 
 def decide_status(answer: str, scene: SceneGraph, scene_complete: bool, scene_only: bool, lossy: bool) -> AnswerStatus:
@@ -146,10 +147,23 @@ def _parse(text: str, options: Sequence[str], image_size: tuple[int, int], scene
 # ---- sections -------------------------------------------------------------------------------------------
 
 
+def answer_opened_at(text: str) -> Optional[int]:
+    """Where the <answer> tag opens that parse_response takes the answer from (so a probe reads the option letter
+    there, not at an <answer> quoted in <think>); None when the output has none yet."""
+    section = _split_sections(text, (), _Problems()).get("answer")
+    return section.opened_at if section else None
+
+
 def _split_sections(text: str, expected: Sequence[str], problems: _Problems) -> dict[str, _Section]:
     """Each tag's first complete <tag>...</tag>; an unclosed tag runs to the next opening tag or the end
     (a loss only for an expected section: a scene-only request may stop just after opening <think>)."""
     tags = [(m.start(), m.end(), m.group(1) == "/", m.group(2).lower()) for m in _TAG_RE.finditer(text)]
+    # tags inside the first complete <think> ... </think> are its text: reasoning that quotes the card's example
+    # "<answer> (A) cat </answer>" has not answered
+    think = [i for i, (_, _, _, tag) in enumerate(tags) if tag == "think"]
+    inside = next(((a, b) for a, b in zip(think, think[1:]) if not tags[a][2] and tags[b][2]), None)
+    if inside:
+        tags = [t for i, t in enumerate(tags) if not inside[0] < i < inside[1]]
     sections: dict[str, _Section] = {}
     for name in SECTIONS:
         own = [(i, closing) for i, (_, _, closing, tag) in enumerate(tags) if tag == name]
@@ -161,11 +175,12 @@ def _split_sections(text: str, expected: Sequence[str], problems: _Problems) -> 
         pairs = zip(own, own[1:])
         pair = next(((a, b) for (a, a_closing), (b, b_closing) in pairs if not a_closing and b_closing), None)
         if pair:
-            sections[name] = _Section(text[tags[pair[0]][1]:tags[pair[1]][0]], closed=True)
+            sections[name] = _Section(text[tags[pair[0]][1]:tags[pair[1]][0]], closed=True,
+                                      opened_at=tags[pair[0]][0])
         elif openings:
             first = next(i for i, closing in own if not closing)
             end = next((start for start, _, closing, _ in tags[first + 1:] if not closing), len(text))
-            sections[name] = _Section(text[tags[first][1]:end], closed=False)
+            sections[name] = _Section(text[tags[first][1]:end], closed=False, opened_at=tags[first][0])
             (problems.loss if name in expected else problems.note)(f"<{name}> not closed (output truncated?)")
         else:
             # Only the closing tag: the section starts after the previous tag (often the model skips "<observe>").

@@ -120,6 +120,10 @@ def smaller_request(request: InferenceRequest, image_rgb: np.ndarray, config: Pi
                            asked=request.asked)
 
 
+RETRIED_NO_SET = ("no prediction set: answered at a smaller image size after running out of memory, and the "
+                  "calibration holds only for the size it was made at")
+
+
 def finish_result(
     request: InferenceRequest,
     result: InferenceResult,
@@ -129,6 +133,7 @@ def finish_result(
     intrinsics: Optional[CameraIntrinsics] = None,
     scene_only: Optional[bool] = None,
     config: PipelineConfig = PipelineConfig(),
+    retried: bool = False,
 ) -> SpatialResult:
     """The parsed answer with boxes in `camera_size` pixels and, given depth (registered to the camera
     image) and intrinsics, a 3D position per object. Geometry losses join the parse problems. Every relation
@@ -138,7 +143,9 @@ def finish_result(
     `scene_only` defaults to what the request asked; True also reads the scene from the streamed, partial
     text of a full request as soon as its scene is closed. Without `options` the answer is matched against
     the options the question carries inline, if any (prompt.answer_options). The backend's option probabilities
-    give the prediction set under config.calibration.
+    give the prediction set under config.calibration, except for an answer `retried` at a smaller image size after
+    running out of memory: the calibration holds for the full size, so it gets none (coverage 0; status_message
+    says why).
     """
     scene_only = request.scene_only if scene_only is None else scene_only
     model_size = (request.image.shape[1], request.image.shape[0])
@@ -154,6 +161,12 @@ def finish_result(
     notes = clamped_boxes(parsed.scene)   # said, without changing the status: nothing was lost
     scene = check_scene(scene, config.relations, has_depth=depth is not None and intrinsics is not None)
     probabilities, missing = option_probabilities(result, options, scene_only)
+    letters = [option_letter(i) for i in range(len(options))]
+    if retried and config.calibration is not None and probabilities:
+        prediction_set, coverage = [], 0.0
+        missing += (RETRIED_NO_SET,)
+    else:
+        prediction_set, coverage = answer_prediction_set(probabilities, letters, config.calibration)
     parsed = replace(
         parsed,
         scene=scene,
@@ -161,8 +174,6 @@ def finish_result(
         status=decide_status(parsed.answer, scene, parsed.scene_complete, scene_only, lossy),
         option_probabilities=probabilities,
     )
-    letters = [option_letter(i) for i in range(len(options))]
-    prediction_set, coverage = answer_prediction_set(probabilities, letters, config.calibration)
     return SpatialResult(parsed=parsed, inference=result, prompt=request.prompt, model_image_size=model_size,
                          prediction_set=tuple(prediction_set), prediction_set_coverage=coverage)
 

@@ -2,28 +2,30 @@
 
 Works on predictions.jsonl records (evaluation.runner) that carry `option_probabilities`: floats in option
 order, summing to 1; absent or empty when the backend gave none. Only scored rows count. A row's confidence is
-the probability of the option its answer chose; an answer that names no option is wrong and has confidence 0
-(nothing in the probabilities backs it).
+the probability of the option its answer chose; an answer that names no option has no confidence: the summary
+counts it apart (calibration still uses it: its nonconformity needs only the key's probability).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from spatialthinker_ros.core.conformal import (SETUP_FIELDS, Calibration, CalibrationError, CalibrationSetup,
-                                               nonconformity, setup_differences)
+import numpy as np
+
+from spatialthinker_ros.core.conformal import (Calibration, CalibrationError, CalibrationSetup, nonconformity,
+                                               setup_differences)
 from spatialthinker_ros.core.prompt import option_letter
 from spatialthinker_ros.evaluation.runner import read_predictions
 from spatialthinker_ros.evaluation.scoring import is_scored, latest_records
 
 ECE_BINS = 15
-SELECTIVE_FRACTIONS = (0.5, 0.8)
+SELECTIVE_SHARES = (0.5, 0.8)   # shares of the rows answered, most confident first
 RELIABILITY_PNG = "reliability.png"
-ACCURACY_COVERAGE_PNG = "accuracy_coverage.png"
+ACCURACY_SHARE_PNG = "accuracy_share_answered.png"   # "coverage" is kept for prediction sets
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class ScoredRow:
     key: int
     choice: Optional[int]          # None: the answer names no option
     correct: bool
+    identity: str = ""             # row_identity, across runs (runs_rows)
 
     @property
     def confidence(self) -> float:
@@ -47,9 +50,13 @@ def _letters(n: int) -> list[str]:
 
 def rows_with_probabilities(records: dict[str, dict[str, Any]]) -> tuple[list[ScoredRow], dict[str, int]]:
     """The scored rows that carry usable probabilities, and counts of the scored rows left out, by reason."""
-    rows, left_out = [], {"no probabilities": 0, "probabilities do not match the options": 0}
+    rows, left_out = [], {"answered after the out-of-memory retry": 0, "no probabilities": 0,
+                          "probabilities do not match the options": 0}
     for record in records.values():
         if not is_scored(record):
+            continue
+        if record.get("retried"):   # at a smaller image size, which no calibration holds for
+            left_out["answered after the out-of-memory retry"] += 1
             continue
         probabilities = record.get("option_probabilities") or []
         options = record.get("options") or []
@@ -90,56 +97,81 @@ def expected_calibration_error(rows: Sequence[ScoredRow], bins: int = ECE_BINS) 
                for b in reliability_bins(rows, bins) if b["rows"])
 
 
-def brier_score(rows: Sequence[ScoredRow]) -> float:
-    """Mean over rows of the sum over options of (p_j - [j is the key])^2: 0 is perfect, 2 the worst."""
+def brier_over_options(rows: Sequence[ScoredRow]) -> float:
+    """The multi-class Brier score: mean over rows of the sum over options of (p_j - [j is the key])^2; 0 is
+    perfect, 2 the worst (rows with 2 and 4 options mixed alike)."""
     return sum(sum((p - (j == row.key)) ** 2 for j, p in enumerate(row.probabilities)) for row in rows) / len(rows)
 
 
+def brier_of_choice(rows: Sequence[ScoredRow]) -> float:
+    """The binary Brier score of the chosen option: mean of (confidence - [the answer is right])^2, 0 to 1."""
+    return sum((row.confidence - row.correct) ** 2 for row in rows) / len(rows)
+
+
+def _average_ranks(values: Sequence[float]) -> np.ndarray:
+    """1-based ranks of `values`, ties sharing the average of their ranks."""
+    values = np.asarray(values, dtype=float)
+    order = np.argsort(values, kind="stable")
+    _, first, counts = np.unique(values[order], return_index=True, return_counts=True)
+    ranks = np.empty(len(values))
+    ranks[order] = np.repeat(first + (counts + 1) / 2, counts)
+    return ranks
+
+
 def auroc(rows: Sequence[ScoredRow]) -> Optional[float]:
-    """The probability that a random right row has a higher confidence than a random wrong one (ties count
-    half; Mann-Whitney). None when every row is right, or every row wrong."""
-    right = [r.confidence for r in rows if r.correct]
-    wrong = [r.confidence for r in rows if not r.correct]
-    if not right or not wrong:
+    """The probability that a random right row has a higher confidence than a random wrong one, ties counting
+    half (Mann-Whitney U from average ranks). None when every row is right, or every row wrong."""
+    right = np.array([r.correct for r in rows], dtype=bool)
+    n_right, n_wrong = int(right.sum()), int((~right).sum())
+    if not n_right or not n_wrong:
         return None
-    wins = sum((a > b) + 0.5 * (a == b) for a in right for b in wrong)
-    return wins / (len(right) * len(wrong))
+    ranks = _average_ranks([r.confidence for r in rows])
+    return float((ranks[right].sum() - n_right * (n_right + 1) / 2) / (n_right * n_wrong))
 
 
-def accuracy_coverage(rows: Sequence[ScoredRow]) -> list[float]:
-    """Accuracy of the m most confident rows, for m = 1..n (ties in the order the rows came)."""
-    ordered = sorted(rows, key=lambda r: -r.confidence)
-    curve, right = [], 0
-    for m, row in enumerate(ordered, start=1):
-        right += row.correct
-        curve.append(right / m)
-    return curve
+def accuracy_by_share_answered(rows: Sequence[ScoredRow]) -> list[float]:
+    """Accuracy of the m most confident rows, for m = 1..n. Rows tied in confidence at the cut count by their
+    group's accuracy (the expectation over the orders of the tie), not by the order the rows came in."""
+    confidence = np.array([r.confidence for r in rows])
+    correct = np.array([r.correct for r in rows], dtype=float)
+    levels, group = np.unique(-confidence, return_inverse=True)      # most confident group first
+    sizes = np.bincount(group, minlength=len(levels))
+    rights = np.bincount(group, weights=correct, minlength=len(levels))
+    before = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    right_before = np.concatenate([[0.0], np.cumsum(rights)[:-1]])
+    m = np.arange(1, len(rows) + 1)
+    g = np.searchsorted(np.cumsum(sizes), m)                             # the group the m-th row falls in
+    return list((right_before[g] + (m - before[g]) * rights[g] / sizes[g]) / m)
 
 
-def selective_accuracy(rows: Sequence[ScoredRow], fraction: float) -> float:
-    """Accuracy of the most confident ceil(fraction * n) rows."""
-    return accuracy_coverage(rows)[max(1, math.ceil(fraction * len(rows))) - 1]
+def selective_accuracy(rows: Sequence[ScoredRow], share: float) -> float:
+    """Accuracy of the most confident ceil(share * n) rows (ties averaged)."""
+    return accuracy_by_share_answered(rows)[max(1, math.ceil(share * len(rows))) - 1]
 
 
 def calibration_summary(records: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """summary.json's "calibration": the metrics over scored rows with probabilities; None with a reason
+    """summary.json's "calibration": the metrics over scored rows with probabilities whose answer names an option
+    (a row naming none has no confidence: it is counted apart, not scored as confidence 0); None with a reason
     when there are none."""
     rows, left_out = rows_with_probabilities(records)
-    summary: dict[str, Any] = {"rows": len(rows), "rows_left_out": left_out, "ece_bins": ECE_BINS}
-    if not rows:
+    chosen = [row for row in rows if row.choice is not None]
+    summary: dict[str, Any] = {"rows": len(chosen), "rows_without_choice": len(rows) - len(chosen),
+                               "rows_left_out": left_out, "ece_bins": ECE_BINS}
+    if not chosen:
         reason = ("no scored row carries option probabilities (the backend gave none, or no row was scored)"
-                  if not left_out.keys() - {"no probabilities"} else
-                  "no scored row carries option probabilities that match its options")
-        return summary | {"reason": reason, "ece": None, "brier": None, "auroc": None,
-                          "selective_accuracy": None, "bins": None}
+                  if not rows and not left_out.keys() - {"no probabilities"} else
+                  "no scored row carries option probabilities that match its options" if not rows else
+                  "no answer with option probabilities names an option")
+        return summary | {"reason": reason, "ece": None, "brier_over_options": None, "brier_of_choice": None,
+                          "auroc": None, "selective_accuracy": None, "bins": None}
     return summary | {
         "reason": None,
-        "ece": expected_calibration_error(rows),
-        "brier": brier_score(rows),
-        "auroc": auroc(rows),
-        "selective_accuracy": {f"{fraction:g}": selective_accuracy(rows, fraction)
-                               for fraction in SELECTIVE_FRACTIONS},
-        "bins": reliability_bins(rows),
+        "ece": expected_calibration_error(chosen),
+        "brier_over_options": brier_over_options(chosen),
+        "brier_of_choice": brier_of_choice(chosen),
+        "auroc": auroc(chosen),
+        "selective_accuracy": {f"{share:g}": selective_accuracy(chosen, share) for share in SELECTIVE_SHARES},
+        "bins": reliability_bins(chosen),
     }
 
 
@@ -147,48 +179,58 @@ def calibration_markdown(calibration: dict[str, Any]) -> list[str]:
     """summary.md lines of calibration_summary's figures."""
     left = ", ".join(f"{count} {reason}" for reason, count in calibration["rows_left_out"].items())
     left = f"; left out: {left}" if left else ""
-    head = ["", f"## Option probabilities ({calibration['rows']} scored rows{left})", ""]
+    apart = calibration["rows_without_choice"]
+    apart = f"; {apart} more name no option (no confidence: not in these figures)" if apart else ""
+    head = ["", f"## Option probabilities ({calibration['rows']} scored rows{apart}{left})", ""]
     if calibration["reason"]:
         return head + [f"No calibration figures: {calibration['reason']}."]
     auc, selective = calibration["auroc"], calibration["selective_accuracy"]
     return head + [
         "| figure | value |", "|---|---:|",
         f"| expected calibration error ({calibration['ece_bins']} bins) | {calibration['ece']:.4f} |",
-        f"| Brier score | {calibration['brier']:.4f} |",
+        f"| Brier score over the options (sum over options of (p - right)^2; 0 best, 2 worst) | "
+        f"{calibration['brier_over_options']:.4f} |",
+        f"| Brier score of the chosen option ((p - right)^2; 0 best, 1 worst) | {calibration['brier_of_choice']:.4f} |",
         f"| AUROC of the chosen option's probability for right answers | {'-' if auc is None else f'{auc:.4f}'} |",
-        *[f"| accuracy of the most confident {100 * float(f):g} % | {100 * a:.1f} % |" for f, a in selective.items()],
-        "", f"Pictures: {RELIABILITY_PNG}, {ACCURACY_COVERAGE_PNG}.",
+        *[f"| accuracy with the most confident {100 * float(f):g} % answered (share answered) | {100 * a:.1f} % |"
+          for f, a in selective.items()],
+        "", f"Pictures: {RELIABILITY_PNG}, {ACCURACY_SHARE_PNG}.",
     ]
 
 
 def write_pictures(rows: Sequence[ScoredRow], folder: Path) -> list[Path]:
-    """The reliability diagram and the accuracy-vs-coverage curve as PNGs (matplotlib's Agg canvas, no
-    display and no global pyplot state)."""
+    """The reliability diagram and the accuracy-by-share-answered curve of the rows that name an option, as PNGs
+    (matplotlib's Agg canvas, no display and no global pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    rows = [row for row in rows if row.choice is not None]
     bins = [b for b in reliability_bins(rows) if b["rows"]]
-    reliability = Figure(figsize=(5, 5), dpi=100)
+    reliability = Figure(figsize=(5, 5.6), dpi=100)
     FigureCanvasAgg(reliability)
     ax = reliability.add_subplot()
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
     ax.bar([b["lower"] for b in bins], [b["accuracy"] for b in bins], width=1 / ECE_BINS, align="edge",
-           edgecolor="black", alpha=0.7, label="accuracy per bin")
+           edgecolor="black", alpha=0.7, label="accuracy per bin (n = its rows)")
     ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="black",
             label="(mean confidence, accuracy)")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (probability of the chosen option)", ylabel="accuracy",
+    for b in bins:   # a bin of 1 row looks as solid as one of 100: say how many
+        ax.annotate(f"{b['rows']}", (b["lower"] + 0.5 / ECE_BINS, b["accuracy"]), xytext=(0, 2),
+                    textcoords="offset points", ha="center", va="bottom", fontsize="x-small")
+    ax.set(xlim=(0, 1), ylim=(0, 1.08), xlabel="confidence (probability of the chosen option)", ylabel="accuracy",
            title=f"Reliability, {len(rows)} rows, ECE {expected_calibration_error(rows):.3f}")
-    ax.legend(loc="upper left", fontsize="small")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize="x-small", frameon=False)
+    reliability.subplots_adjust(bottom=0.2)
 
-    curve = accuracy_coverage(rows)
+    curve = accuracy_by_share_answered(rows)
     selective = Figure(figsize=(5, 4), dpi=100)
     FigureCanvasAgg(selective)
     ax = selective.add_subplot()
     ax.plot([m / len(rows) for m in range(1, len(rows) + 1)], curve, drawstyle="steps-post")
-    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="coverage (share of rows answered, most confident first)",
-           ylabel="accuracy of the rows answered", title=f"Accuracy vs coverage, {len(rows)} rows")
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="share answered (most confident first)",
+           ylabel="accuracy of the rows answered", title=f"Accuracy by share answered, {len(rows)} rows")
     ax.grid(alpha=0.3)
-    paths = [folder / RELIABILITY_PNG, folder / ACCURACY_COVERAGE_PNG]
+    paths = [folder / RELIABILITY_PNG, folder / ACCURACY_SHARE_PNG]
     for figure, path in zip((reliability, selective), paths):
         figure.savefig(path, format="png")
     return paths
@@ -202,7 +244,7 @@ class RunError(ValueError):
 
 
 def run_setup(folder: Path) -> CalibrationSetup:
-    """The setup a spatialthinker-eval run recorded in its run.json."""
+    """What answered a spatialthinker-eval run (run.json's calibration_setup; a --node run's read from the node)."""
     path = folder / "run.json"
     try:
         recorded = json.loads(path.read_text())
@@ -210,21 +252,26 @@ def run_setup(folder: Path) -> CalibrationSetup:
         raise RunError(f"{folder} holds no run.json (not a spatialthinker-eval --out folder)") from None
     except ValueError as exc:
         raise RunError(f"{path} is not JSON ({exc})") from None
-    if recorded.get("backend") == "node":
-        raise RunError(f"{folder} is a --node run: its run.json does not record the node's model and image "
-                       "settings, which a calibration must hold for; calibrate from a run with the same backend "
-                       "options in-process (or an openai run against the same server)")
+    if "calibration_setup" not in recorded:
+        raise RunError(f"{path} records no calibration setup (a run of an earlier version, or one that answered no "
+                       "row): rerun it with this version into another --out")
+    setup = recorded["calibration_setup"]
+    if setup is None:
+        raise RunError(f"{folder}: the run could not record what answered it "
+                       f"({recorded.get('calibration_setup_problem') or 'unknown'}), which a calibration must hold for")
     try:
-        return CalibrationSetup.of(**{name: recorded[name] for name in SETUP_FIELDS})
-    except KeyError as exc:
-        raise RunError(f"{path} does not record {exc.args[0]}") from None
+        return CalibrationSetup(**setup)
+    except TypeError as exc:
+        raise RunError(f"{path}'s calibration_setup is not one this version reads ({exc})") from None
 
 
 def runs_rows(folders: Sequence[Path]) -> tuple[CalibrationSetup, list[ScoredRow], dict[str, int]]:
-    """The one setup of the runs (RunError when they differ), their scored rows with probabilities, and the
-    scored rows left out, by reason."""
+    """The one setup of the runs (RunError when they differ), their scored rows with probabilities, each row once
+    (by row_identity: the same question of the same data file counted twice would pass for more evidence than it
+    is), and the scored rows left out, by reason."""
     setup: Optional[CalibrationSetup] = None
     rows: list[ScoredRow] = []
+    seen: set[str] = set()
     left_out: dict[str, int] = {}
     for folder in folders:
         this = run_setup(folder)
@@ -235,12 +282,26 @@ def runs_rows(folders: Sequence[Path]) -> tuple[CalibrationSetup, list[ScoredRow
         path = folder / "predictions.jsonl"
         if not path.is_file():
             raise RunError(f"{folder} holds no predictions.jsonl (not a spatialthinker-eval --out folder)")
-        found, skipped = rows_with_probabilities(latest_records(read_predictions(path)))
-        rows += found
+        records = latest_records(read_predictions(path))
+        found, skipped = rows_with_probabilities(records)
+        data = json.loads((folder / "run.json").read_text()).get("data") or []
+        for row in found:
+            identity = row_identity(data, records[row.index])
+            if identity in seen:
+                skipped["counted already (the same row in another run)"] = \
+                    skipped.get("counted already (the same row in another run)", 0) + 1
+                continue
+            seen.add(identity)
+            rows.append(replace(row, identity=identity))
         for reason, count in skipped.items():
             left_out[reason] = left_out.get(reason, 0) + count
     assert setup is not None
     return setup, rows, left_out
+
+
+def row_identity(data: Sequence[str], record: dict[str, Any]) -> str:
+    """Which question a row is, across runs: the data files' names, the row's index and its question."""
+    return json.dumps([sorted(Path(d).name for d in data), str(record["index"]), record.get("question", "")])
 
 
 def calibrate(rows: Sequence[ScoredRow], coverage: float, setup: CalibrationSetup) -> Calibration:

@@ -18,12 +18,13 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from spatialthinker_ros import cli_options as cli   # what the commands share
 from spatialthinker_ros.cli_options import EXIT_BACKEND, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
-from spatialthinker_ros.evaluation.calibration import (ACCURACY_COVERAGE_PNG, RELIABILITY_PNG, calibrate,
+from spatialthinker_ros.evaluation.calibration import (ACCURACY_SHARE_PNG, RELIABILITY_PNG, calibrate,
                                                        calibration_markdown, calibration_summary, held_out_sets,
                                                        rows_with_probabilities, runs_rows, write_pictures)
 from spatialthinker_ros.evaluation.data import FORMATS, Dataset, read_dataset
@@ -34,16 +35,16 @@ from spatialthinker_ros.evaluation.scoring import (compare, comparison_markdown,
                                                          summarize, summary_markdown)
 from spatialthinker_ros.core.backends.openai_backend import OpenAIConfig
 from spatialthinker_ros.core.backends.settings import DEFAULT_MODEL, backend_settings
-from spatialthinker_ros.core.conformal import setup_differences
+from spatialthinker_ros.core.conformal import CalibrationSetup, setup_differences
 from spatialthinker_ros.core.types import BackendError, BackendErrorKind
 
 PROG = "spatialthinker-eval"
-SERVER_CONCURRENCY = 8          # requests in flight for the openai backend and --node, unless --concurrency
+SERVER_CONCURRENCY = OpenAIConfig().max_concurrency   # in flight for openai and --node, unless --concurrency
 NODE_WAIT_S = 30.0              # --node: how long the service may take to appear
 NODE_TIMEOUT_S = 600.0          # --node: per request, unless --timeout (the node has its own request_timeout)
 # What must match for a rerun with the same --out to resume rather than mix two setups in one file.
 SETUP_KEYS = ("data", "format", "node", "backend", "model", "replay_file", "prompt_style", "max_input_pixels",
-              "max_pixels", "max_new_tokens")
+              "max_pixels", "min_pixels", "dtype", "quantization", "attn_implementation", "max_new_tokens")
 
 EPILOG = """\
 examples:
@@ -163,6 +164,7 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         if todo:
             answerer = _answerer(args, config)
+            _record_answering_setup(args.out, answerer.answering_setup(vars(args)))
             _evaluate(dataset, answerer, log, todo, args.no_progress)
     except KeyboardInterrupt:
         interrupted = True
@@ -174,11 +176,11 @@ def run_command(args: argparse.Namespace) -> int:
     answered = todo - sum(1 for item in dataset.items if not is_finished(records.get(item.index)))
     summary = summarize(records, total, time.perf_counter() - started, answered, meta=setup)
     summary["calibration"] = calibration_summary(records)
-    _write_pictures(records, args.out)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     markdown = summary_markdown(summary) + "\n".join(calibration_markdown(summary["calibration"])) + "\n"
     (args.out / "summary.md").write_text(markdown)
     print(markdown, end="")
+    _write_pictures(records, args.out)   # after the summaries: a drawing that fails loses none of them
     if interrupted:
         return _fail(f"interrupted after {answered} rows; rerun the same command to resume", EXIT_INTERRUPTED)
     if answerer is not None:
@@ -187,17 +189,22 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def _write_pictures(records: dict[str, dict[str, Any]], folder: Path) -> None:
-    """The reliability and accuracy-vs-coverage pictures; none (and none left from before) without probabilities."""
-    rows, _ = rows_with_probabilities(records)
+    """The reliability and accuracy-by-share-answered pictures; none (and none left from before) without rows that
+    have probabilities and name an option. A drawing that fails is said on stderr; the summaries are written."""
+    for name in (RELIABILITY_PNG, ACCURACY_SHARE_PNG):
+        (folder / name).unlink(missing_ok=True)
+    rows = [row for row in rows_with_probabilities(records)[0] if row.choice is not None]
     if rows:
-        write_pictures(rows, folder)
-    else:
-        for name in (RELIABILITY_PNG, ACCURACY_COVERAGE_PNG):
-            (folder / name).unlink(missing_ok=True)
+        try:
+            write_pictures(rows, folder)
+        except Exception as exc:   # matplotlib's own failure (fonts, memory): the figures are in summary.*
+            print(f"{PROG}: warning: the pictures could not be drawn ({type(exc).__name__}: {exc}); "
+                  "summary.json and summary.md hold the figures", file=sys.stderr)
 
 
 # Options --node cannot honour, since the node answers with its own parameters, unless left at their defaults.
-_NODE_OWN_SETTINGS = ("backend", "prompt_style", "max_input_pixels", "min_pixels", "max_new_tokens")
+_NODE_OWN_SETTINGS = ("backend", "prompt_style", "max_input_pixels", "min_pixels", "max_new_tokens", "dtype",
+                      "quantization", "attn_implementation")
 
 
 def _check_run_arguments(args: argparse.Namespace) -> None:
@@ -271,8 +278,28 @@ def _setup(args: argparse.Namespace, dataset: Dataset) -> dict[str, Any]:
         "prompt_style": None if args.node else args.prompt_style,
         "max_input_pixels": None if args.node else args.max_input_pixels,
         "max_pixels": None if args.node else args.max_pixels,
+        **{name: None if args.node else getattr(args, name)
+           for name in ("min_pixels", "dtype", "quantization", "attn_implementation")},
         "max_new_tokens": None if args.node else args.max_new_tokens,
     }
+
+
+def _record_answering_setup(folder: Path, answering: tuple[Optional[CalibrationSetup], str]) -> None:
+    """run.json's calibration_setup: what answers (weights, resolved dtype, ...; a --node run's from the node), the
+    setup a calibration from this run holds for; null with calibration_setup_problem saying why when unknown. Rows
+    answered by another setup (other weights at the same path, say) are not resumed into."""
+    setup, problem = answering
+    path = folder / "run.json"
+    recorded = json.loads(path.read_text())
+    now = asdict(setup) if setup is not None else None
+    before = recorded.get("calibration_setup")
+    if before is not None and now != before and _holds_answers(folder / "predictions.jsonl"):
+        differences = "; ".join(f"{k}: {before.get(k)!r} there, {now.get(k)!r} now" for k in before
+                                if now is None or before.get(k) != now.get(k))
+        raise cli.UsageError(f"{folder} holds rows answered by another setup ({differences or problem}); use "
+                             "another --out")
+    path.write_text(json.dumps(recorded | {"calibration_setup": now, "calibration_setup_problem": problem},
+                               indent=2) + "\n")
 
 
 def _check_same_setup(folder: Path, setup: dict[str, Any]) -> None:
@@ -321,9 +348,6 @@ def compare_command(args: argparse.Namespace) -> int:
 
 def calibrate_command(args: argparse.Namespace) -> int:
     """Calibrate on the runs' rows, write the file, and with --test report the sets on held-out runs."""
-    overlap = {p.resolve() for p in args.runs} & {p.resolve() for p in args.test}
-    if overlap:
-        raise cli.UsageError(f"{', '.join(map(str, sorted(overlap)))}: a --test run must not be calibrated on")
     try:
         setup, rows, left_out = runs_rows(args.runs)
         calibration = calibrate(rows, args.coverage, setup)
@@ -333,6 +357,10 @@ def calibrate_command(args: argparse.Namespace) -> int:
             if difference:
                 raise cli.UsageError(f"the --test runs have another setup ({difference}): the calibration does not "
                                      "hold for them")
+            shared = {row.identity for row in rows} & {row.identity for row in test_rows}
+            if shared:
+                raise cli.UsageError(f"the --test runs share {len(shared)} row(s) with the calibration runs (the same "
+                                     "question of the same data file): held-out figures need other questions")
             figures = held_out_sets(calibration, test_rows)
     except ValueError as exc:            # RunError, CalibrationError, a predictions.jsonl that is not one
         raise cli.UsageError(exc) from None

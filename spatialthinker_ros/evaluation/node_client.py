@@ -3,18 +3,22 @@ deployment is measured as deployed (its parameters, backend, queue and parser). 
 
 from __future__ import annotations
 
+import json
 import threading
 import time
-from typing import Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import rclpy
 from rclpy.executors import SingleThreadedExecutor
-from std_msgs.msg import Header
+from std_msgs.msg import Header, String
 
+from spatialthinker_ros.core.conformal import CalibrationSetup
+from spatialthinker_ros.core.pipeline import RETRIED_NO_SET
 from spatialthinker_ros.core.sources import Source
 from spatialthinker_ros.evaluation.data import EvalItem
 from spatialthinker_ros.evaluation.runner import RowAnswer, row_answer
 from spatialthinker_ros.ros.conversions import answer_from_msg, error_code_name, rgb_to_image_msg
+from spatialthinker_ros.ros.stats import STATS_QOS
 from spatialthinker_ros.srv import AskSpatial
 
 
@@ -28,7 +32,7 @@ class NodeAnswerer:
     batch_size = 1
 
     def __init__(self, node: str, concurrency: int, timeout_s: float, wait_s: float = 30.0):
-        self.concurrency, self.timeout_s = concurrency, timeout_s
+        self.concurrency, self.timeout_s, self._wait_s = concurrency, timeout_s, wait_s
         self.service = (node if node.startswith("/") else f"/{node}").rstrip("/") + "/ask"
         self._context = rclpy.Context()
         rclpy.init(context=self._context)
@@ -69,7 +73,33 @@ class NodeAnswerer:
                    else "no response")
             return RowAnswer(error=f"{self.service} {why}", latency_s=latency)
         parsed, inference = answer_from_msg(response.answer)
-        return row_answer(parsed, inference, latency)
+        # the node says so only where it has a calibration (which then gives the answer no set)
+        return row_answer(parsed, inference, latency, True if RETRIED_NO_SET in parsed.problems else None)
+
+    def answering_setup(self, values: Mapping[str, Any]) -> tuple[Optional[CalibrationSetup], str]:
+        """The node's own setup, as its ~/stats reports it (a latched topic): the node's parameters, not `values`,
+        decide what answers."""
+        topic = self.service.removesuffix("/ask") + "/stats"
+        received = threading.Event()
+        last: list[dict[str, Any]] = []
+
+        def on_stats(message: String) -> None:
+            last[:] = [json.loads(message.data)]
+            received.set()
+
+        subscription = self._node.create_subscription(String, topic, on_stats, STATS_QOS)
+        try:
+            if not received.wait(self._wait_s):
+                return None, f"no {topic} message within {self._wait_s:g} s"
+        finally:
+            self._node.destroy_subscription(subscription)
+        backend = last[0].get("backend") or {}
+        if backend.get("setup") is None:
+            return None, f"{topic} reports no setup: {backend.get('setup_problem') or 'no backend loaded'}"
+        try:
+            return CalibrationSetup(**backend["setup"]), ""
+        except TypeError as exc:
+            return None, f"{topic} reports a setup this version does not read ({exc})"
 
     def close(self) -> None:
         """Stop spinning before the node and context go: rclpy aborts the process if a spinning thread

@@ -19,10 +19,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
 from spatialthinker_ros.core.backends.base import Backend
 from spatialthinker_ros.core.ask import AskFlow
+from spatialthinker_ros.core.config import answering_setup
+from spatialthinker_ros.core.conformal import CalibrationSetup
 from spatialthinker_ros.core.pipeline import PipelineConfig
 from spatialthinker_ros.core.request import RequestError
 from spatialthinker_ros.core.sources import Source
@@ -49,6 +51,9 @@ class RowAnswer:
     error: str = ""
     skipped: str = ""       # the row could not be asked (bad image, refused question): not scored
     image_size: Optional[tuple[int, int]] = None   # (width, height) of the row's image as loaded
+    # answered at a smaller image size after running out of memory (the calibration does not hold for it); None:
+    # not known (a --node answer whose node has no calibration, which would have said so)
+    retried: Optional[bool] = False
 
 
 class Answerer(Protocol):
@@ -58,6 +63,10 @@ class Answerer(Protocol):
     concurrency: int
 
     def answer(self, rows: Sequence[tuple[EvalItem, Source]]) -> list[RowAnswer]: ...
+
+    def answering_setup(self, values: Mapping[str, Any]) -> tuple[Optional[CalibrationSetup], str]:
+        """What answers (core/config.answering_setup; `values` as the node's parameters), or None and why it is
+        not known: the setup a calibration from this run holds for."""
 
     def close(self) -> None:
         """Free what answering held (a model, connections)."""
@@ -70,6 +79,12 @@ class PipelineAnswerer:
     def __init__(self, backend: Backend, config: PipelineConfig, batch_size: int, concurrency: int):
         self.backend, self.config = backend, config
         self.batch_size, self.concurrency = batch_size, concurrency
+
+    def answering_setup(self, values: Mapping[str, Any]) -> tuple[Optional[CalibrationSetup], str]:
+        try:
+            return answering_setup(self.backend, values), ""
+        except (ValueError, BackendError) as exc:
+            return None, str(exc)
 
     def answer(self, rows: Sequence[tuple[EvalItem, Source]]) -> list[RowAnswer]:
         answers: list[Optional[RowAnswer]] = [None] * len(rows)
@@ -95,16 +110,18 @@ class PipelineAnswerer:
                 answers[i] = RowAnswer(error=f"{type(outcome).__name__}{kind}: {outcome}", latency_s=seconds)
                 continue
             result = flow.finish(self.backend.name)
-            answers[i] = row_answer(result.parsed, result.inference, result.inference.seconds)
+            answers[i] = row_answer(result.parsed, result.inference, result.inference.seconds, flow.retried)
         return [a if a is not None else RowAnswer(error="no answer") for a in answers]
 
     def close(self) -> None:
         self.backend.close()
 
 
-def row_answer(parsed: ParsedResponse, inference: InferenceResult, latency_s: float) -> RowAnswer:
+def row_answer(parsed: ParsedResponse, inference: InferenceResult, latency_s: float,
+               retried: Optional[bool]) -> RowAnswer:
     """A parsed answer as a row's answer, in-process or from a node's SpatialAnswer alike."""
     return RowAnswer(
+        retried=retried,
         output=inference.text, parsed_answer=parsed.answer, choice=parsed.choice,
         status=parsed.status.name.lower(), problems=list(parsed.problems), latency_s=latency_s,
         prompt_tokens=inference.prompt_tokens, completion_tokens=inference.completion_tokens,
@@ -187,6 +204,7 @@ def record_for(item: EvalItem, answer: RowAnswer) -> dict[str, Any]:
         "status": answer.status, "problems": list(answer.problems), "latency_s": answer.latency_s,
         "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
         "objects": answer.objects, "image_size": list(answer.image_size) if answer.image_size else None,
+        "retried": answer.retried,
     }
     if answer.error:
         record["error"] = answer.error

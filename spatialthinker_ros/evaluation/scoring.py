@@ -132,7 +132,10 @@ def _problem_kind(message: str) -> str:
 
 def summary_markdown(summary: dict[str, Any]) -> str:
     """summary.md: the summary's figures as tables."""
-    lines = [f"# Evaluation of {summary.get('backend', '?')} ({summary.get('model', '?')})", ""]
+    backend, model = summary.get("backend", "?"), summary.get("model")
+    title = (f"node {summary.get('node')}" if backend == "node" else
+             backend if model in (None, backend) else f"{model} ({backend} backend)")
+    lines = [f"# Evaluation of {title}", ""]
     if summary.get("data"):
         lines += [f"Data: {', '.join(summary['data'])} ({summary.get('format', '?')})", ""]
     lines += ["| | rows | correct | accuracy | 95 % interval |", "|---|---:|---:|---:|---|"]

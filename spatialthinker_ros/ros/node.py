@@ -26,8 +26,8 @@ from rclpy.qos import QoSProfile
 from spatialthinker_ros.action import AskSpatial as AskSpatialAction
 from spatialthinker_ros.core.ask import AskFlow
 from spatialthinker_ros.core.backends.settings import backend_settings
-from spatialthinker_ros.core.config import configured_calibration, lift_config_from, pipeline_config_from
-from spatialthinker_ros.core.conformal import CalibrationError
+from spatialthinker_ros.core.config import answering_setup, lift_config_from, pipeline_config_from
+from spatialthinker_ros.core.conformal import CalibrationError, CalibrationSetup, check_setup, read_calibration_file
 from spatialthinker_ros.core.pipeline import PipelineConfig
 from spatialthinker_ros.core.request import ErrorCode, RequestError, check_question, internal_error
 from spatialthinker_ros.core.runtime import BackendRuntime
@@ -74,6 +74,8 @@ class SpatialThinkerNode(LifecycleNode):
         self._camera_subscriptions = []
         self._outputs: Optional[AnswerOutputs] = None
         self._pipeline = PipelineConfig()
+        self._setup: Optional[CalibrationSetup] = None   # the loaded backend's (config.answering_setup)
+        self._setup_problem = ""                          # why there is none while a backend is loaded
         self._active = False
         self._stats = StatsPublisher(self)
         # Requests wait in this history until the executor takes them: the default depth of 10 silently drops
@@ -106,13 +108,24 @@ class SpatialThinkerNode(LifecycleNode):
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         p = self._param
         values = {spec.name: p(spec.name) for spec in PARAMETERS}
-        try:   # the calibration before the model loads: a wrong one fails in milliseconds
-            pipeline = pipeline_config_from(values, lift=lift_config_from(values),
-                                            calibration=configured_calibration(p("calibration_file"), values))
+        try:   # the calibration file before the model loads: a bad one fails in milliseconds
+            calibration = read_calibration_file(p("calibration_file"))
+            pipeline = pipeline_config_from(values, lift=lift_config_from(values), calibration=calibration)
             backend = self._runtime.load(p("backend"), backend_settings(p("backend"), values))
         except (CalibrationError, BackendError, ValueError, OSError) as exc:
             self.get_logger().error(f"cannot configure: {exc}")
             return TransitionCallbackReturn.FAILURE
+        try:   # what the loaded model is (weights, dtype, ...): the setup a calibration must have been made with
+            self._setup, self._setup_problem = answering_setup(backend, values), ""
+            check_setup(calibration, p("calibration_file"), self._setup)
+        except (CalibrationError, BackendError, ValueError, OSError) as exc:
+            if calibration is not None:
+                self.get_logger().error(f"cannot configure: {exc}")
+                self._runtime.close()
+                self._setup = None
+                self._publish_stats()
+                return TransitionCallbackReturn.FAILURE
+            self._setup, self._setup_problem = None, str(exc)   # ~/stats says why; nothing depends on it here
         self._pipeline = pipeline.for_backend(backend)
         self._publish_stats()
         transport = "image/compressed" if p("image_transport") == "compressed" else "image"
@@ -216,7 +229,8 @@ class SpatialThinkerNode(LifecycleNode):
     def _publish_stats(self) -> None:
         runtime = self._runtime
         self._stats.publish(runtime.stats(), self._cameras, self.replies.counts(), runtime.state, runtime.model_name,
-                            self._pipeline.calibration)
+                            self._pipeline.calibration, self._setup if runtime.state == "loaded" else None,
+                            self._setup_problem)
 
     def _on_cancel(self, goal_handle) -> CancelResponse:
         request_id = bytes(goal_handle.goal_id.uuid).hex()

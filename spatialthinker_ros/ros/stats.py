@@ -16,7 +16,11 @@ stops answering and when its backend is loaded or released:
                counted since the node started
     backend    state (core/runtime.py: BACKEND_STATES): "none" (never configured), "loaded" or "released" (closed on
                cleanup, its memory freed);
-               model: the loaded model's name, else null
+               model: the loaded model's name, else null;
+               setup: what a calibration must have been made with to hold for the loaded backend (core/conformal.py
+               CalibrationSetup: weights' fingerprint, resolved dtype, quantization, image limits, prompt), else
+               null; setup_problem: why it is null while a backend is loaded (weights that cannot be fingerprinted,
+               a server that cannot say which model it serves), else ""; `spatialthinker-eval run --node` records it
     calibration  the calibration prediction sets use (calibration_file, core/conformal.py): coverage, threshold,
                rows and setup; null without one
     frame_memory  what the process did about freed frame buffers (ros/cameras.py, keep_freed_frame_memory);
@@ -32,7 +36,7 @@ from typing import Any, Mapping, Optional
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from std_msgs.msg import String
 
-from spatialthinker_ros.core.conformal import Calibration
+from spatialthinker_ros.core.conformal import Calibration, CalibrationSetup
 from spatialthinker_ros.core.scheduling import SchedulerStats
 from spatialthinker_ros.ros.cameras import CameraInput, frame_memory
 
@@ -42,14 +46,17 @@ STATS_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=Rel
 
 
 def stats_dict(scheduler: Optional[SchedulerStats], cameras: Mapping[str, CameraInput], replies: Mapping[str, int],
-               backend_state: str, model: Optional[str], calibration: Optional[Calibration] = None) -> dict[str, Any]:
+               backend_state: str, model: Optional[str], calibration: Optional[Calibration] = None,
+               setup: Optional[CalibrationSetup] = None, setup_problem: str = "") -> dict[str, Any]:
     """What ~/stats carries (module docstring)."""
     return {
         "scheduler": dataclasses.asdict(scheduler) if scheduler is not None else None,
         "cameras": {name: {"frames_received": camera.frames_received, "frames_dropped": camera.frames_dropped,
                            "frames_decoded": camera.frames_decoded} for name, camera in cameras.items()},
         "replies": dict(replies),
-        "backend": {"state": backend_state, "model": model},
+        "backend": {"state": backend_state, "model": model,
+                    "setup": dataclasses.asdict(setup) if setup is not None else None,
+                    "setup_problem": setup_problem if backend_state == "loaded" and setup is None else ""},
         "frame_memory": frame_memory(),
         "calibration": None if calibration is None else {
             "coverage": calibration.coverage, "threshold": calibration.threshold, "rows": calibration.n,
@@ -66,8 +73,10 @@ class StatsPublisher:
 
     def publish(self, scheduler: Optional[SchedulerStats], cameras: Mapping[str, CameraInput],
                 replies: Mapping[str, int], backend_state: str, model: Optional[str],
-                calibration: Optional[Calibration] = None) -> None:
+                calibration: Optional[Calibration] = None, setup: Optional[CalibrationSetup] = None,
+                setup_problem: str = "") -> None:
         if scheduler is not None:
             self._last_scheduler = scheduler
-        message = stats_dict(self._last_scheduler, cameras, replies, backend_state, model, calibration)
+        message = stats_dict(self._last_scheduler, cameras, replies, backend_state, model, calibration, setup,
+                             setup_problem)
         self._publisher.publish(String(data=json.dumps(message)))

@@ -10,6 +10,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import cv2
 import numpy as np
@@ -149,12 +150,14 @@ class _Script(ScriptedHandler):
     def _garbage(self, body: dict) -> None:
         self._send(200, b"this is not json")
 
-    def _logprobs(self, body: dict) -> None:
-        """A vLLM-like server: the answer with its per-token logprobs (LOGPROBS_TOKENS), streamed or not."""
+    def _logprobs(self, body: dict, scripted: Optional[list] = None) -> None:
+        """A vLLM-like server: the answer with its per-token logprobs (LOGPROBS_TOKENS, or `scripted`), streamed or
+        not."""
+        scripted = scripted or LOGPROBS_TOKENS
         tokens = [{"token": token, "logprob": logprob, "bytes": list(token.encode()),
                    "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top]}
-                  for token, logprob, top in LOGPROBS_TOKENS]
-        text = "".join(token for token, _, _ in LOGPROBS_TOKENS)
+                  for token, logprob, top in scripted]
+        text = "".join(token for token, _, _ in scripted)
         usage = {"prompt_tokens": 100, "completion_tokens": len(tokens), "total_tokens": 100 + len(tokens)}
         if not body.get("stream"):
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop",
@@ -165,6 +168,33 @@ class _Script(ScriptedHandler):
                                 "logprobs": {"content": [token]} if body.get("logprobs") else None}]}
                   for token in tokens]
         self._events(events + [{"choices": [], "usage": usage}, "[DONE]"])
+
+    def _tight(self, body: dict) -> None:
+        self._logprobs(body, TIGHT_TOKENS)
+
+    def _fewer(self, body: dict) -> None:
+        self._logprobs(body, FEWER_TOKENS)
+
+    def _unoffered(self, body: dict) -> None:
+        self._logprobs(body, UNOFFERED_TOKENS)
+
+    def _think(self, body: dict) -> None:
+        self._logprobs(body, THINK_TOKENS)
+
+    def _capped(self, body: dict) -> None:
+        """vLLM started with --max-logprobs 5: more is refused with its own message."""
+        if body.get("top_logprobs", 0) > 5:
+            message = f"Requested sample logprobs of {body['top_logprobs']}, which is greater than max allowed: 5"
+            self._send(400, json.dumps({"object": "error", "message": message, "code": 400}).encode())
+            return
+        self._logprobs(body, CAPPED_TOKENS)
+
+    def _unprocessable(self, body: dict) -> None:
+        """A server whose 422 does not say what it refused; it answers without logprobs."""
+        if "logprobs" in body:
+            self._send(422, b'{"detail": "Unprocessable Entity"}')
+            return
+        self._logprobs(body)
 
     def _refuse(self, body: dict) -> None:
         """A server that refuses logprobs with an error, and answers without them."""
@@ -191,6 +221,30 @@ LOGPROBS_TOKENS = [
     (")", 0.0, []), (" right", 0.0, []), (" </", 0.0, []), ("answer", 0.0, []), (">", 0.0, []),
 ]
 EXPECTED_PROBABILITIES = [p / 0.802 for p in (0.2, 0.6, 0.001, 0.001)]
+
+
+def _at_letter(top: list, chosen: str = "B") -> list:
+    """LOGPROBS_TOKENS with other alternatives (and chosen token) at the letter."""
+    return [(chosen, dict(top).get(chosen, math.log(0.5)), top) if token == "B" else (token, lp, alts)
+            for token, lp, alts in LOGPROBS_TOKENS]
+
+
+# the listed 20 hold 0.9993 (B 0.6, A 0.3, " B" 0.05, 17 others of 0.0029 each): C and D can have at most the 0.0007
+# left, less than the lowest listed
+TIGHT_TOKENS = _at_letter([(t, math.log(p)) for t, p in [("B", 0.6), ("A", 0.3), (" B", 0.05)]]
+                          + [(f"w{i}", math.log(0.0029)) for i in range(17)])
+TIGHT_PROBABILITIES = [p / 0.9514 for p in (0.3, 0.65, 0.0007, 0.0007)]
+# 3 alternatives where 20 were asked, C and D not among them: nothing bounds them
+FEWER_TOKENS = _at_letter(_top(("B", 0.55), ("A", 0.2), (" B", 0.05), fill=0))
+# the model wrote E, which is not offered, and no offered letter is listed
+UNOFFERED_TOKENS = _at_letter(_top(("E", 0.9), fill=19), chosen="E")
+# 5 alternatives (the server's maximum): C and D get the 5th's 0.001
+CAPPED_TOKENS = _at_letter(_top(("B", 0.55), ("A", 0.2), (" B", 0.05), fill=2))
+# the <think> section quotes the card's example before the real answer
+THINK_TOKENS = [("<think>", 0.0, []), (" The", 0.0, []), (" card", 0.0, []), (" writes", 0.0, []), (" <", 0.0, []),
+                ("answer", 0.0, []), (">", 0.0, []), (" (", 0.0, []), ("A", math.log(0.99), _top(("A", 0.99), fill=19)),
+                (")", 0.0, []), (" cat", 0.0, []), (" </", 0.0, []), ("answer", 0.0, []), (">", 0.0, []),
+                (" </", 0.0, []), ("think", 0.0, []), (">", 0.0, []), (" ", 0.0, [])] + LOGPROBS_TOKENS
 OPTIONS_QUESTION = "Where is the cup? (A) left (B) right (C) behind (D) in front"
 
 
@@ -515,3 +569,42 @@ def test_real_server_answers_without_option_probabilities_and_says_why_once(tiny
         assert result.option_probabilities == ()
         assert "returned no logprobs" in result.option_probabilities_note
     assert len([r for r in caplog.records if "no option probabilities" in r.getMessage()]) == 1
+
+
+@pytest.mark.parametrize("mode, expected, note", [
+    ("tight", TIGHT_PROBABILITIES, ""),
+    ("fewer", (), "the server listed 3 alternatives at the option letter, fewer than the 20 asked, without every "
+                  "offered letter (A..D): the others cannot be bounded"),
+    ("unoffered", (), "no offered letter (A..D) is among the server's alternatives at the option letter"),
+])
+def test_letters_outside_the_alternatives_get_only_what_the_list_allows(script, mode, expected, note):
+    [result] = script(mode).generate([_options_request()])
+    assert result.option_probabilities == pytest.approx(expected, abs=1e-9)
+    assert result.option_probabilities_note == note
+
+
+def test_a_stated_maximum_of_alternatives_is_honoured_from_then_on(script, caplog):
+    backend = script("capped")
+    with caplog.at_level(logging.WARNING, logger="spatialthinker_ros.core.backends.openai_backend"):
+        [first] = backend.generate([_options_request()])
+        [second] = backend.generate([_options_request()])
+    for result in (first, second):
+        assert result.option_probabilities == pytest.approx(EXPECTED_PROBABILITIES, abs=1e-9)
+        assert result.option_probabilities_note == ""
+    assert [seen["body"]["top_logprobs"] for seen in script.seen] == [20, 5, 5]   # one refusal, then 5 each time
+    assert len([r for r in caplog.records if "allows 5 top_logprobs" in r.getMessage()]) == 1
+
+
+def test_a_422_to_logprobs_is_retried_once_without_them(script):
+    backend = script("unprocessable")
+    [first] = backend.generate([_options_request()])
+    [second] = backend.generate([_options_request()])
+    assert first.text == second.text == "<answer> (B) right </answer>"
+    assert first.option_probabilities == () and "refused logprobs (HTTP 422" in first.option_probabilities_note
+    assert ["logprobs" in seen["body"] for seen in script.seen] == [True, False, False]
+
+
+def test_a_think_section_quoting_the_cards_example_does_not_move_the_probe(script):
+    [result] = script("think").generate([_options_request()])
+    assert result.text.startswith("<think> The card writes <answer> (A) cat </answer> </think> <answer> (B)")
+    assert result.option_probabilities == pytest.approx(EXPECTED_PROBABILITIES, abs=1e-9)

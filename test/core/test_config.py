@@ -8,9 +8,9 @@ import yaml
 
 from spatialthinker_ros import cli, cli_options
 from spatialthinker_ros.core.backends.settings import TransformersConfig, backend_settings
-from spatialthinker_ros.core.config import (BY_NAME, PARAMETERS, configured_calibration, defaults, lift_config_from,
+from spatialthinker_ros.core.config import (BY_NAME, PARAMETERS, answering_setup, defaults, lift_config_from,
                                             pipeline_config_from)
-from spatialthinker_ros.core.conformal import SETUP_FIELDS, Calibration, CalibrationError, CalibrationSetup
+from spatialthinker_ros.core.conformal import SETUP_FIELDS, CalibrationSetup
 from spatialthinker_ros.core.geometry import LiftConfig
 from spatialthinker_ros.core.pipeline import PipelineConfig
 from spatialthinker_ros.core.prompt import PromptConfig
@@ -70,21 +70,30 @@ def test_node_and_command_line_build_the_same_pipeline_from_their_values():
     assert pipeline_config_from(node_values).max_input_pixels == 76800
 
 
-def test_calibration_is_checked_against_the_configured_setup(tmp_path: Path):
-    values = defaults() | {"backend": "replay"}
-    assert configured_calibration("", values) is None
-    path = tmp_path / "calibration.json"
-    setup = CalibrationSetup.of("replay", None, None, values["max_input_pixels"], "training")
-    Calibration(threshold=0.6, coverage=0.9, n=300, setup=setup).save(path)
-    with pytest.raises(CalibrationError, match="prompt_style: calibrated 'training', here 'model_card'"):
-        configured_calibration(str(path), values)
-    assert configured_calibration(str(path), values | {"prompt_style": "training"}).setup == setup
+def test_the_answering_setup_is_read_from_the_loaded_backend(tiny_checkpoint: Path, tmp_path: Path):
+    from spatialthinker_ros.core.backends import create_backend
+    from spatialthinker_ros.core.checkpoint import checkpoint_fingerprint
+
+    values = defaults() | {"prompt_style": "training", "max_input_pixels": 76800}
+    replay_file = tmp_path / "replay.jsonl"
+    replay_file.write_text('{"question": "q", "response": "<answer> (A) x </answer>"}\n')
+    replay = create_backend("replay", replay_file=str(replay_file))
+    assert answering_setup(replay, values) == CalibrationSetup.replay(76800, "training")
+    backend = create_backend("transformers", model=str(tiny_checkpoint), device="cpu", max_pixels=50176)
+    try:
+        setup = answering_setup(backend, values)
+    finally:
+        backend.close()
+    assert setup == CalibrationSetup(
+        model=str(tiny_checkpoint), backend="transformers", checkpoint=checkpoint_fingerprint(str(tiny_checkpoint)),
+        dtype="float32", quantization="none", min_pixels=3136, max_pixels=50176, max_input_pixels=76800,
+        prompt_style="training", prompt_cache=True)
+
 
 
 def test_the_calibration_setup_is_named_alike_everywhere():
-    """The node parameters a calibration holds for: the setup's fields, listed from them in the parameter's
-    description and in README's calibration recipe."""
-    assert set(SETUP_FIELDS) <= set(BY_NAME)
+    """What a calibration holds for: the setup's fields, listed from them in the parameter's description and in
+    README's calibration recipe."""
     description = BY_NAME["calibration_file"].description
     assert re.search(r"another (.*)$", description).group(1) == ", ".join(SETUP_FIELDS[:-1]) + f" or {SETUP_FIELDS[-1]}"
     readme = (REPO / "README.md").read_text()

@@ -1,6 +1,7 @@
 """Split conformal calibration (core/conformal.py): the order-statistic threshold, rows needed, coverage over
 random calibration/test splits of exchangeable data, prediction sets, and strict calibration files."""
 
+import dataclasses
 import json
 import math
 from fractions import Fraction
@@ -9,15 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spatialthinker_ros.core.backends.base import DEFAULT_MAX_PIXELS
 from spatialthinker_ros.core.conformal import (Calibration, CalibrationError, CalibrationSetup,
-                                               answer_prediction_set, conformal_threshold, load_calibration,
-                                               nonconformity, prediction_set, rank, rows_needed, setup_differences)
+                                               answer_prediction_set, check_setup, conformal_threshold,
+                                               nonconformity, prediction_set, rank, read_calibration_file,
+                                               rows_needed, setup_differences)
 from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, prepare_request
 from spatialthinker_ros.core.types import InferenceResult
 
-SETUP = CalibrationSetup(model="OX-PIXL/SpatialThinker-7B", backend="transformers", max_pixels=1003520,
-                         max_input_pixels=2073600, prompt_style="model_card")
+SETUP = CalibrationSetup(model="OX-PIXL/SpatialThinker-7B", backend="transformers",
+                         checkpoint="sha256:0123456789abcdef", dtype="bfloat16", quantization="none", min_pixels=3136,
+                         max_pixels=1003520, max_input_pixels=2073600, prompt_style="model_card", prompt_cache=True)
 LETTERS = "ABCD"
 
 
@@ -104,15 +106,16 @@ def test_answer_prediction_set_without_calibration_or_probabilities_is_empty_wit
     assert answer_prediction_set([0.7, 0.2, 0.1], "ABC", calibration) == (["A"], 0.9)
 
 
-def test_setups_compare_as_they_apply():
-    assert CalibrationSetup.of("transformers", "m", None, 100000, "model_card").max_pixels == DEFAULT_MAX_PIXELS
-    replay = CalibrationSetup.of("replay", None, 1234, 100000, "model_card")
-    assert replay == CalibrationSetup.of("replay", "OX-PIXL/SpatialThinker-7B", None, 100000, "model_card")
-    assert (replay.model, replay.max_pixels) == ("replay", None)
+def test_setups_compare_field_by_field():
+    replay = CalibrationSetup.replay(100000, "model_card")
+    assert (replay.model, replay.checkpoint, replay.dtype, replay.max_pixels) == ("replay", "", None, None)
     assert setup_differences(SETUP, SETUP) is None
-    other = CalibrationSetup.of("transformers", SETUP.model, 401408, SETUP.max_input_pixels, "plain")
-    assert setup_differences(SETUP, other) == ("max_pixels: calibrated 1003520, here 401408; "
-                                               "prompt_style: calibrated 'model_card', here 'plain'")
+    other = dataclasses.replace(SETUP, checkpoint="sha256:fedcba9876543210", dtype="float32", quantization="4bit",
+                                max_pixels=401408, prompt_style="plain")
+    assert setup_differences(SETUP, other) == (
+        "checkpoint: calibrated 'sha256:0123456789abcdef', here 'sha256:fedcba9876543210'; "
+        "dtype: calibrated 'bfloat16', here 'float32'; quantization: calibrated 'none', here '4bit'; "
+        "max_pixels: calibrated 1003520, here 401408; prompt_style: calibrated 'model_card', here 'plain'")
 
 
 def test_calibration_file_round_trips(tmp_path: Path):
@@ -123,8 +126,9 @@ def test_calibration_file_round_trips(tmp_path: Path):
     data = json.loads(path.read_text())
     assert {k: data[k] for k in ("threshold", "coverage", "n", "runs")} == {
         "threshold": calibration.threshold, "coverage": 0.9, "n": 20, "runs": ["eval/a"]}
-    assert data["setup"] == {"model": SETUP.model, "backend": "transformers", "max_pixels": 1003520,
-                             "max_input_pixels": 2073600, "prompt_style": "model_card"}
+    assert data["setup"] == {"model": SETUP.model, "backend": "transformers", "checkpoint": "sha256:0123456789abcdef",
+                             "dtype": "bfloat16", "quantization": "none", "min_pixels": 3136, "max_pixels": 1003520,
+                             "max_input_pixels": 2073600, "prompt_style": "model_card", "prompt_cache": True}
     assert Calibration.load(path) == calibration
 
 
@@ -146,7 +150,7 @@ def _with(**changes) -> dict:
     ("{not json", "is not JSON"),
     ("[1, 2]", "not a calibration file"),
     (json.dumps(_with(format="other")), "not a calibration file"),
-    (json.dumps(_with(version=2)), "calibration file version 2"),
+    (json.dumps(_with(version=3)), "calibration file version 3"),
     (json.dumps(_with(threshold=_DROP)), "missing threshold"),
     (json.dumps(_with(setup=_DROP, n=_DROP)), "missing n, setup"),
     (json.dumps(_with(threshold=1.5)), "threshold must be a number in"),
@@ -155,8 +159,10 @@ def _with(**changes) -> dict:
     (json.dumps(_with(n=5)), "n must be an integer of at least 9 rows"),
     (json.dumps(_with(n=50.0)), "n must be an integer"),
     (json.dumps(_with(n=True)), "n must be an integer"),
-    (json.dumps(_with(setup={**GOOD["setup"], "device": "cuda"})), "setup must hold exactly"),
-    (json.dumps(_with(setup={k: v for k, v in GOOD["setup"].items() if k != "model"})), "setup must hold exactly"),
+    (json.dumps(_with(setup={**GOOD["setup"], "device": "cuda"})), "this version reads 2 with model, backend"),
+    (json.dumps(_with(setup={k: v for k, v in GOOD["setup"].items() if k != "model"})), "its setup lacks model "),
+    (json.dumps(_with(setup={**GOOD["setup"], "dtype": 16})), "setup.dtype has the wrong type"),
+    (json.dumps(_with(setup={**GOOD["setup"], "prompt_cache": "yes"})), "setup.prompt_cache has the wrong type"),
     (json.dumps(_with(setup={**GOOD["setup"], "max_pixels": "1003520"})), "setup.max_pixels has the wrong type"),
     (json.dumps(_with(setup={**GOOD["setup"], "model": ""})), "setup.model has the wrong type"),
 ])
@@ -173,15 +179,28 @@ def test_load_names_a_missing_file(tmp_path: Path):
         Calibration.load(tmp_path / "nothing.json")
 
 
-def test_load_calibration_checks_the_setup_that_will_answer(tmp_path: Path):
+def test_a_file_of_the_first_version_is_refused_naming_the_fields_it_lacks(tmp_path: Path):
+    path = tmp_path / "calibration.json"
+    first = {"model": SETUP.model, "backend": "transformers", "max_pixels": 1003520, "max_input_pixels": 2073600,
+             "prompt_style": "model_card"}
+    path.write_text(json.dumps(_with(version=1, setup=first)))
+    with pytest.raises(CalibrationError, match=r"its setup lacks checkpoint, dtype, quantization, min_pixels, "
+                                               r"prompt_cache \(a calibration file of version 1"):
+        read_calibration_file(str(path))
+
+
+def test_a_calibration_is_checked_against_the_setup_that_will_answer(tmp_path: Path):
     path = tmp_path / "calibration.json"
     Calibration(threshold=0.4, coverage=0.9, n=50, setup=SETUP).save(path)
-    assert load_calibration("", SETUP) is None
-    assert load_calibration(str(path), SETUP).threshold == 0.4
-    here = CalibrationSetup.of("openai", SETUP.model, None, SETUP.max_input_pixels, SETUP.prompt_style)
-    with pytest.raises(CalibrationError, match=r"calibration.json was calibrated with another setup \(backend: "
-                                               r"calibrated 'transformers', here 'openai'\); recalibrate"):
-        load_calibration(str(path), here)
+    assert read_calibration_file("") is None
+    calibration = read_calibration_file(str(path))
+    assert calibration.threshold == 0.4
+    check_setup(calibration, str(path), SETUP)
+    check_setup(None, "", SETUP)
+    here = dataclasses.replace(SETUP, dtype="float32")
+    with pytest.raises(CalibrationError, match=r"calibration.json was calibrated with another setup \(dtype: "
+                                               r"calibrated 'bfloat16', here 'float32'\); recalibrate"):
+        check_setup(calibration, str(path), here)
 
 
 def test_finish_result_gives_the_calibrated_set_of_the_answer():
@@ -203,3 +222,31 @@ def test_finish_result_gives_the_calibrated_set_of_the_answer():
     inline = prepare_request(image, "Where is the cup? (A) left (B) right", [])
     result = finish_result(inline, output(0.2, 0.8), [], camera_size=(56, 56), config=calibrated)
     assert result.prediction_set == ("B",)
+
+
+def test_an_answer_made_after_the_out_of_memory_retry_gets_no_set():
+    image = np.zeros((56, 56, 3), np.uint8)
+    options = ["left of", "right of"]
+    request = prepare_request(image, "Where is the cup?", options)
+    output = InferenceResult(text="<answer> (A) left of </answer>", option_probabilities=(0.9, 0.1))
+    calibrated = PipelineConfig(calibration=Calibration(threshold=0.5, coverage=0.9, n=100, setup=SETUP))
+    whole = finish_result(request, output, options, camera_size=(56, 56), config=calibrated)
+    assert (whole.prediction_set, whole.prediction_set_coverage) == (("A",), 0.9)
+    retried = finish_result(request, output, options, camera_size=(56, 56), config=calibrated, retried=True)
+    assert (retried.prediction_set, retried.prediction_set_coverage) == ((), 0.0)
+    assert retried.parsed.option_probabilities == (0.9, 0.1)    # the probabilities stay; only the set goes
+    assert "no prediction set: answered at a smaller image size after running out of memory" in \
+        retried.parsed.status_message
+
+
+def test_the_set_is_the_one_a_planner_recomputes_from_the_float32_message():
+    # the threshold sits exactly at float32(0.4): 0.400000003 rounds up to it in the message, so it is in the set
+    # a planner computes from the message (1 - p <= threshold), though below it in float64
+    carried = float(np.float32(0.4))
+    threshold = 1 - carried
+    p = 0.400000003
+    assert 1 - p > threshold and float(np.float32(p)) == carried
+    calibration = Calibration(threshold=threshold, coverage=0.9, n=100, setup=SETUP)
+    message = [float(np.float32(v)) for v in (p, 1 - p)]
+    planner = [letter for letter, v in zip("AB", message) if 1 - v <= threshold]
+    assert answer_prediction_set([p, 1 - p], "AB", calibration) == (planner, 0.9) == (["A", "B"], 0.9)

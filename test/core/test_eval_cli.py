@@ -214,8 +214,17 @@ def test_tiny_checkpoint_end_to_end(tiny_checkpoint: Path, tmp_path: Path):
     path, _ = eval_data.vlmevalkit_parquet(tmp_path)
     out = tmp_path / "out"
     done = run_eval("run", path, "--out", out, "--model", tiny_checkpoint, "--device", "cpu", "--limit", "3",
-                    "--max-new-tokens", "8", "--max-pixels", "50000", "--batch-size", "2", "--verbose")
+                    "--max-new-tokens", "8", "--max-pixels", "50000", "--batch-size", "2", "--dtype", "float32",
+                    "--verbose")
     assert done.returncode == 0, done.stderr
+    # what answered, for a calibration from this run: the node's model options, resolved
+    from spatialthinker_ros.core.checkpoint import checkpoint_fingerprint
+
+    recorded = json.loads((out / "run.json").read_text())
+    assert recorded["calibration_setup"] == {
+        "model": str(tiny_checkpoint), "backend": "transformers", "checkpoint": checkpoint_fingerprint(str(tiny_checkpoint)),
+        "dtype": "float32", "quantization": "none", "min_pixels": 3136, "max_pixels": 50000,
+        "max_input_pixels": 2073600, "prompt_style": "model_card", "prompt_cache": True}
     # --verbose logs the model loading, each line under this command's name
     assert "spatialthinker-eval: INFO: spatialthinker_ros.core.backends.transformers.generation: loaded" in done.stderr
     assert "spatialthinker-ask" not in done.stderr, done.stderr
@@ -231,6 +240,8 @@ def test_transformers_serve_with_requests_in_flight(tiny_server: str, tiny_check
                     "--model", tiny_checkpoint, "--max-new-tokens", "8", "--concurrency", "3", "--limit", "5",
                     "--max-pixels", "50000")
     assert done.returncode == 0, done.stderr
+    # the model the server reports serving (GET /v1/models), for a calibration from this run
+    assert json.loads((out / "run.json").read_text())["calibration_setup"]["checkpoint"] == f"served {tiny_checkpoint}"
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["scored"], summary["errors"], summary["total"]) == (5, 0, 5)
     assert summary["latency_s"]["p50"] > 0 and summary["tokens_per_answer"] > 0

@@ -9,6 +9,7 @@ from hypothesis_profiles import examples
 
 from spatialthinker_ros.core.parsing import (
     MAX_OBJECTS,
+    answer_opened_at,
     MAX_PROBLEMS,
     MAX_RELATIONS,
     object_label,
@@ -278,3 +279,15 @@ def mutated_responses(draw):
 def test_mutated_good_responses_never_raise(case):
     text, options = case
     check_invariants(parse_response(text, options, (640, 480)), options)
+
+
+def test_an_answer_quoted_in_think_is_not_the_answer():
+    # the model echoes the card's example while reasoning; its own answer comes after </think>
+    text = ('<observe> a cup </observe> <scene> {"objects": []} </scene> <think> The card writes '
+            '<answer> (A) cat </answer>, but the cup is right of the plate. </think> <answer> (B) right of </answer>')
+    parsed = parse_response(text, ["left of", "right of"], (640, 480))
+    assert (parsed.answer, parsed.choice) == ("(B) right of", "B")
+    assert "<answer> (A) cat </answer>" in parsed.reasoning
+    assert not any("more than once" in p for p in parsed.problems)
+    assert answer_opened_at(text) == text.rindex("<answer>")
+    assert answer_opened_at("<think> no answer yet") is None

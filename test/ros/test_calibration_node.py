@@ -1,9 +1,12 @@
 """The node's calibration_file: loaded at configure, refused when calibrated with another setup (the node names
 the difference and stays unconfigured), accepted when the setups match."""
 
+import dataclasses
+
 import pytest
 from lifecycle_msgs.msg import Transition
 
+from spatialthinker_ros.core.checkpoint import checkpoint_fingerprint
 from spatialthinker_ros.core.conformal import Calibration, CalibrationSetup
 from spatialthinker_ros.testing.processes import node_command, wait_for
 from node_requests import E, OPTIONS, QUESTION, STARTUP, replay_params
@@ -11,8 +14,8 @@ from node_requests import E, OPTIONS, QUESTION, STARTUP, replay_params
 pytestmark = pytest.mark.timeout(180)
 
 
-def write_calibration(path, prompt_style: str):
-    setup = CalibrationSetup.of("replay", None, None, 320 * 240, prompt_style)    # replay_params' setup
+def write_calibration(path, prompt_style: str, setup=None):
+    setup = setup or CalibrationSetup.replay(320 * 240, prompt_style)    # replay_params' setup
     Calibration(threshold=0.6, coverage=0.9, n=300, setup=setup).save(path)
     return path
 
@@ -60,3 +63,32 @@ def test_without_a_calibration_every_set_is_empty_with_coverage_0(spawn, client,
     assert response.success, response.message
     assert list(response.answer.option_probabilities) == pytest.approx([0.8, 0.2])
     assert (list(response.answer.prediction_set), response.answer.prediction_set_coverage) == ([], 0.0)
+
+
+def test_the_transformers_node_refuses_a_calibration_of_another_dtype_or_other_weights(spawn, client, tiny_checkpoint,
+                                                                                      tmp_path):
+    params = dict(backend="transformers", model=str(tiny_checkpoint), device="cpu", max_new_tokens=16,
+                  max_pixels=50176, max_input_pixels=320 * 240, use_depth=False, max_image_age=0.0)
+    here = CalibrationSetup(model=str(tiny_checkpoint), backend="transformers",
+                            checkpoint=checkpoint_fingerprint(str(tiny_checkpoint)), dtype="float32",
+                            quantization="none", min_pixels=3136, max_pixels=50176, max_input_pixels=320 * 240,
+                            prompt_style="model_card", prompt_cache=True)
+    # the node reports what it loaded on ~/stats (what `spatialthinker-eval run --node` records), and a
+    # calibration of exactly that setup configures
+    same = write_calibration(tmp_path / "same.json", "model_card", here)
+    proc = spawn(node_command(**params, calibration_file=str(same)), name="same")
+    client.wait_for_service(proc, timeout=STARTUP)
+    client.wait(lambda: client.stats and client.stats[-1]["backend"]["setup"] is not None, STARTUP,
+                "~/stats to report the loaded setup")
+    assert client.stats[-1]["backend"]["setup"] == dataclasses.asdict(here)
+    assert "cannot configure" not in proc.output()
+    proc.stop()
+    for name, changed, named in (
+            ("dtype", {"dtype": "bfloat16"}, "dtype: calibrated 'bfloat16', here 'float32'"),
+            ("weights", {"checkpoint": "sha256:0000000000000000"},
+             f"checkpoint: calibrated 'sha256:0000000000000000', here '{here.checkpoint}'")):
+        other = write_calibration(tmp_path / f"{name}.json", "model_card", dataclasses.replace(here, **changed))
+        refused = spawn(node_command(**params, calibration_file=str(other)), name=name)
+        wait_for(lambda: not refused.alive(), STARTUP, "the node to exit after its failed configure")
+        assert refused.exit_code() == 1
+        assert f"cannot configure: {other} was calibrated with another setup ({named})" in refused.output()

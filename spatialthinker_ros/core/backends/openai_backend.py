@@ -6,11 +6,14 @@ Frames are sent no larger than `max_pixels`, at the size Qwen2.5-VL's processor 
 into 2,691 image tokens where the in-process backend uses 1,222.
 
 Option probabilities: a request with options asks for `logprobs` with the top 20 alternatives per token (vLLM and
-SGLang return them; vLLM's `--max-logprobs` must allow 20) and reads them at the answer's option letter
-(base.LetterPosition). An offered letter missing from those 20 is given the 20th's probability, the most it can
-have, before renormalising over the offered letters: an upper bound, so a prediction set includes an option the
-server did not list rather than drop it. A server that refuses logprobs, or answers without them (`transformers
-serve`), is asked without them from then on, for the backend's lifetime, and one log line says so.
+SGLang return them) and reads them at the answer's option letter (base.LetterPosition). An offered letter missing
+from those alternatives is given the most it can have, the smaller of the lowest listed probability and what the
+listed ones leave of 1, before renormalising over the offered letters: an upper bound, so a prediction set includes
+an option the server did not list rather than drop it. With fewer alternatives than asked, or no offered letter
+among them, nothing bounds the letters: no probabilities, and the note says why. A 400 or 422 to a request with
+logprobs is sent once more: with the maximum the refusal states (vLLM's `--max-logprobs`; asked with that many from
+then on), else without logprobs; a server that then answers without them, or answers without them at all
+(`transformers serve`), is asked without them from then on, for the backend's lifetime, and one log line says so.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +37,7 @@ import numpy as np
 from spatialthinker_ros.core.backends.base import (DEFAULT_MAX_PIXELS, SCENE_END_TAG, GenerationConfig, LetterPosition,
                                                    TextSink, cut_after_scene_end, letter_written, renormalised)
 from spatialthinker_ros.core.backends.settings import DEFAULT_MODEL
+from spatialthinker_ros.core.parsing import answer_opened_at
 from spatialthinker_ros.core.prompt import option_letter
 from spatialthinker_ros.core.request import PATCH, model_image_size
 from spatialthinker_ros.core.text import excerpt
@@ -100,6 +105,7 @@ class OpenAIBackend:
         self._pool = ThreadPoolExecutor(config.max_concurrency, thread_name_prefix="spatialthinker-openai")
         self._closed = False
         self._no_logprobs = ""   # why this server gives no option probabilities; "" while it may
+        self._top_logprobs = TOP_LOGPROBS   # alternatives asked for per token: fewer when the server allows fewer
         self._no_logprobs_lock = threading.Lock()
 
     def generate(self, requests: Sequence[InferenceRequest]) -> list[Union[InferenceResult, BackendError]]:
@@ -108,6 +114,21 @@ class OpenAIBackend:
         if self._closed:
             return [BackendError(BackendErrorKind.UNAVAILABLE, "the openai backend is closed") for _ in requests]
         return list(self._pool.map(self._answer, requests))
+
+    def served_model(self) -> str:
+        """The model the server reports serving under config.model (GET /models): its id, and the checkpoint it
+        was loaded from where the server says (vLLM's "root"); "not listed" when the server lists other models
+        only. BackendError when the server cannot be asked."""
+        try:
+            listed = self._client.get(self.config.server_url.rstrip("/") + "/models").raise_for_status().json()
+            entries = [e for e in listed["data"] if isinstance(e, dict) and e.get("id") == self.config.model]
+        except Exception as exc:
+            kind, message = self._classify(exc)
+            raise BackendError(kind, self._scrub(f"cannot ask which model the server serves: {message}")) from None
+        if not entries:
+            return "not listed"
+        root = entries[0].get("root")
+        return self.config.model + (f" from {root}" if isinstance(root, str) and root != self.config.model else "")
 
     def close(self) -> None:
         self._closed = True
@@ -123,12 +144,13 @@ class OpenAIBackend:
             try:
                 text, finish_reason, usage, letters = self._send(body, request, sink, started)
             except httpx.HTTPStatusError as exc:
-                if "logprobs" not in body or "logprobs" not in exc.response.text:
+                if "logprobs" not in body or exc.response.status_code not in (400, 422):
                     raise
-                self._stop_logprobs(f"the inference server refused logprobs (HTTP {exc.response.status_code}: "
-                                    f"{excerpt(exc.response.text, _SHOWN)})")
-                body = {key: value for key, value in body.items() if key not in _LOGPROBS_FIELDS}
+                body = self._without_refused_logprobs(body, exc.response)
                 text, finish_reason, usage, letters = self._send(body, request, sink, started)
+                if "logprobs" not in body:   # answered without them: the server refuses logprobs, not this request
+                    self._stop_logprobs(f"the inference server refused logprobs (HTTP {exc.response.status_code}: "
+                                        f"{excerpt(exc.response.text, _SHOWN)})")
         except BackendError as error:
             return BackendError(error.kind, self._scrub(str(error)))
         except Exception as exc:
@@ -152,6 +174,20 @@ class OpenAIBackend:
             option_probabilities_note=note,
         )
 
+    def _without_refused_logprobs(self, body: dict[str, Any], refusal: httpx.Response) -> dict[str, Any]:
+        """The body to send again after a 400/422 to a request with logprobs: with fewer alternatives when the
+        server states its maximum (vLLM's --max-logprobs; asked with that many from then on), else without them."""
+        stated = re.search(r"(?:max(?:imum)?(?: allowed)?|at most|less than or equal to)\D{0,8}(\d+)", refusal.text,
+                           re.IGNORECASE)
+        maximum = int(stated.group(1)) if stated else 0
+        if 1 <= maximum < body["top_logprobs"]:
+            if maximum < self._top_logprobs:
+                self._top_logprobs = maximum
+                log.warning("%s allows %d top_logprobs: asking for %d alternatives from now on, so option letters "
+                            "outside them get a looser bound", self.config.server_url, maximum, maximum)
+            return body | {"top_logprobs": maximum}
+        return {key: value for key, value in body.items() if key not in _LOGPROBS_FIELDS}
+
     def _send(self, body: dict[str, Any], request: InferenceRequest, sink: TextSink, started: float) -> _Reply:
         if request.on_text:
             return self._stream(body, sink, started + self.config.timeout_s)
@@ -170,7 +206,7 @@ class OpenAIBackend:
                                 "them; vLLM and SGLang do)")
             return (), self._no_logprobs
         try:
-            return letter_probabilities(tokens, len(request.offered_options))
+            return letter_probabilities(tokens, len(request.offered_options), body["top_logprobs"])
         except (KeyError, TypeError, ValueError) as exc:
             return (), f"the inference server's logprobs are malformed: {excerpt(exc, _SHOWN)}"
 
@@ -217,7 +253,7 @@ class OpenAIBackend:
             body["stream_options"] = {"include_usage": True}
         if request.offered_options and not request.scene_only and not self._no_logprobs:
             body["logprobs"] = True
-            body["top_logprobs"] = TOP_LOGPROBS
+            body["top_logprobs"] = self._top_logprobs
         return body
 
     def _complete(self, body: dict[str, Any]) -> _Reply:
@@ -279,12 +315,17 @@ class OpenAIBackend:
         return message.replace(self._api_key, "***") if self._api_key else message
 
 
-def letter_probabilities(tokens: list[dict[str, Any]], count: int) -> tuple[tuple[float, ...], str]:
+def letter_probabilities(tokens: list[dict[str, Any]], count: int, asked: int) -> tuple[tuple[float, ...], str]:
     """The first `count` option letters' probabilities from an OpenAI `logprobs.content` list (one entry per
-    generated token: token, logprob, top_logprobs), or () and why not. Letters missing from the top alternatives
-    get the smallest listed probability (the module doc says why)."""
+    generated token: token, logprob, top_logprobs, `asked` alternatives requested), or () and why not. A letter
+    missing from the alternatives gets the most it can have (the module doc says why)."""
+    # read at the <answer> the parser takes the answer from, not at one quoted in <think>
+    start, end = answer_opened_at("".join(entry["token"] for entry in tokens)) or 0, 0
     position = LetterPosition()
     for entry in tokens:
+        end += len(entry["token"])
+        if end <= start:
+            continue
         run = position.run
         position.feed(entry["token"])
         if position.found:
@@ -306,13 +347,18 @@ def letter_probabilities(tokens: list[dict[str, Any]], count: int) -> tuple[tupl
         if index < count:
             masses[index] += math.exp(logprob)
             seen[index] = True
+    offered = f"{option_letter(0)}..{option_letter(count - 1)}"
+    if not any(seen):
+        return (), f"no offered letter ({offered}) is among the server's alternatives at the option letter"
     if not all(seen):
-        bound = math.exp(min(logprob for _, logprob in alternatives)) if alternatives else 0.0
+        if len(alternatives) < asked:
+            return (), (f"the server listed {len(alternatives)} alternatives at the option letter, fewer than the "
+                        f"{asked} asked, without every offered letter ({offered}): the others cannot be bounded")
+        # a letter outside the list has at most the lowest listed probability, and at most what the list leaves
+        bound = min(math.exp(min(logprob for _, logprob in alternatives)),
+                    max(0.0, 1.0 - math.fsum(math.exp(logprob) for logprob in listed.values())))
         masses = [mass if was_seen else bound for mass, was_seen in zip(masses, seen)]
-    try:
-        return renormalised(masses), ""
-    except ValueError:
-        return (), f"no offered letter ({option_letter(0)}..{option_letter(count - 1)}) has a probability"
+    return renormalised(masses), ""
 
 
 def encode_image(image: np.ndarray, image_format: str = "jpeg", jpeg_quality: int = 90) -> str:
