@@ -158,7 +158,7 @@ def finish_result(
         scene, depth_problems = _lift_scene(scene, depth, intrinsics, config)
         problems.extend(depth_problems)
     lossy = parsed.status is not AnswerStatus.COMPLETE or bool(problems)
-    notes = clamped_boxes(parsed.scene)   # said, without changing the status: nothing was lost
+    notes = clamped_boxes(parsed.scene) + ambiguous_positions(scene)   # said, without changing the status
     scene = check_scene(scene, config.relations, has_depth=depth is not None and intrinsics is not None)
     probabilities, missing = option_probabilities(result, options, scene_only)
     letters = [option_letter(i) for i in range(len(options))]
@@ -178,12 +178,20 @@ def finish_result(
                          prediction_set=tuple(prediction_set), prediction_set_coverage=coverage)
 
 
+def ambiguous_positions(scene: SceneGraph) -> list[str]:
+    """A note naming each object whose 3D position is ambiguous (depth_ambiguous: two surfaces in its box could be
+    it), so an answer that is complete still says which positions a planner should not trust blindly."""
+    return [f"{obj.id}: position ambiguous (two depth surfaces in its box could be the object)"
+            for obj in scene.objects if obj.position is not None and obj.position.ambiguous]
+
+
 def option_probabilities(result: InferenceResult, options: Sequence[str],
                          scene_only: bool) -> tuple[tuple[float, ...], tuple[str, ...]]:
     """The backend's option probabilities when they fit the options answered, and why there are none otherwise.
 
     The reason joins the answer's problems (status_message) without changing its status: the answer itself is
-    whole. A free-form question or a scene-only request has none and needs no reason."""
+    whole, as does a backend's note on probabilities it gave (how a reading not at the written letter was made).
+    A free-form question or a scene-only request has none and needs no reason."""
     if not options or scene_only:
         return (), ()
     probabilities = result.option_probabilities
@@ -192,7 +200,9 @@ def option_probabilities(result: InferenceResult, options: Sequence[str],
         return (), (f"no option probabilities: {why}",)
     if len(probabilities) != len(options):
         return (), (f"no option probabilities: the backend gave {len(probabilities)} for {len(options)} options",)
-    return tuple(probabilities), ()
+    # a reading made other than at the letter the model wrote (e.g. one step further, as if "(" followed) says so
+    how = (f"option probabilities {result.option_probabilities_note}",) if result.option_probabilities_note else ()
+    return tuple(probabilities), how
 
 
 def _lift_scene(

@@ -146,7 +146,8 @@ class InferenceResult:
     seconds: float = 0.0         # wall time the backend spent on this request (a batch's time for each member)
     # The model's probability of each of the request's offered_options, in that order, summing to 1: its next-token
     # distribution at the answer's option letter, renormalised over the offered letters. () when there are none;
-    # then, for a question with options, option_probabilities_note says why.
+    # then, for a question with options, option_probabilities_note says why. With probabilities, the note says how
+    # a reading not made at the letter the model wrote was made ("read one step further, as if ..."), else "".
     option_probabilities: tuple[float, ...] = ()
     option_probabilities_note: str = ""
 

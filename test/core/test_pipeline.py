@@ -141,6 +141,30 @@ def test_objects_are_lifted_with_depth_at_another_resolution():
     assert laptop.z == pytest.approx(1.2) and laptop.x == pytest.approx((399.5 - 319.5) * 1.2 / 500)
 
 
+def test_an_ambiguous_position_is_named_in_the_status_message_of_a_complete_answer():
+    depth = depth_640()
+    depth[150:300, 300:500] = 3.0
+    depth[230:300, 300:500] = 1.2     # the laptop fills the lower half of its box: wall above it, two surfaces
+    request = prepare_request(camera_image(), "Where is the laptop relative to the mug?", OPTIONS, HALF_SIZE)
+    finished = finish_result(request, answered(text=response(MUG_LAPTOP, RIGHT_OF)), OPTIONS, (1280, 960),
+                             depth=DepthImage.from_metres(depth), intrinsics=K640)
+    mug, laptop = finished.scene.objects
+    assert laptop.position.ambiguous and not mug.position.ambiguous
+    assert finished.parsed.status is AnswerStatus.COMPLETE
+    assert finished.parsed.status_message == ("laptop.1: position ambiguous (two depth surfaces in its box could be "
+                                              "the object)")
+
+
+def test_a_reading_not_made_at_the_written_letter_says_how_it_was_made():
+    request = prepare_request(camera_image(), "Where is the laptop relative to the mug?", OPTIONS, HALF_SIZE)
+    note = "read one step further, as if \"(\" followed: the model wrote no option letter"
+    result = InferenceResult(text=response(MUG_LAPTOP, RIGHT_OF, answer="right of"), option_probabilities=(0.3, 0.7),
+                             option_probabilities_note=note)
+    finished = finish_result(request, result, OPTIONS, (1280, 960))
+    assert finished.parsed.option_probabilities == (0.3, 0.7) and finished.parsed.status is AnswerStatus.COMPLETE
+    assert finished.parsed.status_message == f"option probabilities {note}"
+
+
 def test_geometry_losses_turn_complete_into_partial():
     objects = MUG_LAPTOP + [{"id": "lamp.1", "bbox": [700, 10, 760, 90]}]
     relations = RIGHT_OF + [{"subject": "lamp.1", "predicate": "behind", "object": "laptop.1"}]

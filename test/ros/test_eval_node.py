@@ -1,6 +1,7 @@
 """A running node measured as deployed (spatialthinker-eval --node), and inline options filling `choice` in the
 node's own answers."""
 
+import dataclasses
 import json
 import subprocess
 
@@ -9,6 +10,7 @@ from std_msgs.msg import Header
 
 import eval_data
 from eval_data import EXPECTED, ROWS
+from spatialthinker_ros.core.conformal import CalibrationSetup
 from spatialthinker_ros.testing.camera import pattern_image
 from spatialthinker_ros.testing.node_client import NodeClient
 from spatialthinker_ros.testing.processes import installed_executable, node_command
@@ -83,6 +85,14 @@ def test_eval_through_a_running_node(spawn, dataset, tmp_path):
     assert any(r["objects"] and r["problems"] for r in rows), "the rows exercise objects and problems"
     assert [{k: r.get(k) for k in fields} for r in rows] == [{k: in_process[r["index"]].get(k) for k in fields}
                                                              for r in rows]
+    # the node's own setup, read from its ~/stats, is what a calibration from the run holds for: the same as the
+    # same replay in-process (the node's default max_input_pixels), and the run calibrates
+    recorded = json.loads((out / "run.json").read_text())["calibration_setup"]
+    assert recorded == dataclasses.asdict(CalibrationSetup.replay(1920 * 1080, "model_card"))
+    assert recorded == json.loads((local / "run.json").read_text())["calibration_setup"]
+    calibrated = subprocess.run([str(EVAL), "calibrate", str(out), "--coverage", "0.5", "--out",
+                                 str(tmp_path / "calibration.json")], capture_output=True, text=True, timeout=120)
+    assert calibrated.returncode == 0, calibrated.stderr
 
 
 def test_eval_reports_a_node_that_is_not_there(tmp_path):
