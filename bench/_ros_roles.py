@@ -28,9 +28,9 @@ from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
-from spatialthinker_ros.ros.cameras import camera_qos
+from spatialthinker_ros.ros.camera_inputs import camera_qos
 
-CAMERA_QOS = camera_qos("best_effort")   # what spatialthinker_node subscribes with (ros/cameras.py)
+CAMERA_QOS = camera_qos("best_effort")   # what spatialthinker_node subscribes with (ros/camera_inputs.py)
 JPEG_QUALITY = 90   # the JPEG sizes in bench/README.md were measured at this quality
 
 
@@ -92,7 +92,7 @@ def run_publisher(args) -> None:
     """Camera drivers: the harness's FakeCamera, one per camera (each spins on its own thread)."""
     from rclpy.utilities import get_default_context
 
-    from spatialthinker_ros.testing.camera import FakeCamera
+    from spatialthinker_ros.testing.fake_cameras import FakeCamera
 
     status = Status(args.status)
     cameras = {}

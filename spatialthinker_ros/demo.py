@@ -36,7 +36,7 @@ import numpy as np
 
 from spatialthinker_ros.cli import DATA_DIR
 from spatialthinker_ros.core.parsing import scene_text_complete
-from spatialthinker_ros.testing.camera import FakeCamera
+from spatialthinker_ros.testing.fake_cameras import FakeCamera
 from spatialthinker_ros.testing.isolation import isolate_ros
 from spatialthinker_ros.testing.node_client import NodeClient
 from spatialthinker_ros.testing.processes import Process, WaitFailed, node_command, wait_for

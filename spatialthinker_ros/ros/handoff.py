@@ -16,11 +16,17 @@ class ExecutorHandoff:
     def __init__(self, node, callback_group):
         self._posted: collections.deque[Callable[[], None]] = collections.deque()
         self._wake = node.create_guard_condition(self._run_posted, callback_group=callback_group)
+        self._closed = False
 
     def post(self, call: Callable[[], None]) -> None:
-        """Run `call` on the executor thread (safe from any thread)."""
-        self._posted.append(call)
-        self._wake.trigger()
+        """Run `call` on the executor thread (safe from any thread); dropped once closed."""
+        if not self._closed:
+            self._posted.append(call)
+            self._wake.trigger()
+
+    def close(self) -> None:
+        """Drop later posts: the node is going away."""
+        self._closed = True
 
     def done(self, future: concurrent.futures.Future) -> Future:
         """An rclpy Future that a coroutine on the executor can await: it completes there once `future` (resolved

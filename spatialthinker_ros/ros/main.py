@@ -14,7 +14,7 @@ from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.signals import SignalHandlerOptions
 
-from spatialthinker_ros.ros.cameras import keep_freed_frame_memory
+from spatialthinker_ros.ros.camera_inputs import keep_freed_frame_memory
 from spatialthinker_ros.ros.node import SpatialThinkerNode
 
 SHUTDOWN_DRAIN_S = 2.0         # on SIGINT/SIGTERM, time for the answers to pending callers to go out
@@ -52,8 +52,8 @@ def main(args=None, on_node: Optional[Callable[[SpatialThinkerNode], None]] = No
             return 1
         if on_node is not None:
             on_node(node)
-        if node.get_parameter("keep_frame_memory").value:   # before any frame arrives
-            node.get_logger().info(keep_freed_frame_memory())
+        if node.get_parameter("keep_frame_memory").value:   # before any frame arrives; ~/stats reports it too
+            node.get_logger().debug(keep_freed_frame_memory())
         executor.add_node(node)
         if node.get_parameter("autostart").value:
             if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:

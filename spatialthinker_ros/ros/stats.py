@@ -14,8 +14,8 @@ stops answering and when its backend is loaded or released:
                resends), resent (replies that went out on a resend), abandoned (replies still refused after
                RESEND_FOR_S: their callers never get them), pending (replies waiting for their next resend);
                counted since the node started
-    backend    state (core/runtime.py: BACKEND_STATES): "none" (never configured), "loaded" or "released" (closed on
-               cleanup, its memory freed);
+    backend    state (core/runtime.py: BACKEND_STATES): "none" (never configured), "loaded", "releasing" (cleaned up
+               while a generation still runs: freed once it has ended) or "released" (closed, its memory freed);
                model: the loaded model's name, else null;
                setup: what a calibration must have been made with to hold for the loaded backend (core/conformal.py
                CalibrationSetup: weights' fingerprint, resolved dtype, quantization, image limits, prompt), else
@@ -23,7 +23,7 @@ stops answering and when its backend is loaded or released:
                a server that cannot say which model it serves), else ""; `spatialthinker-eval run --node` records it
     calibration  the calibration prediction sets use (calibration_file, core/conformal.py): coverage, threshold,
                rows and setup; null without one
-    frame_memory  what the process did about freed frame buffers (ros/cameras.py, keep_freed_frame_memory);
+    frame_memory  what the process did about freed frame buffers (ros/camera_inputs.py, keep_freed_frame_memory);
                null where it was not called
 """
 
@@ -38,7 +38,7 @@ from std_msgs.msg import String
 
 from spatialthinker_ros.core.conformal import Calibration, CalibrationSetup
 from spatialthinker_ros.core.scheduling import SchedulerStats
-from spatialthinker_ros.ros.cameras import CameraInput, frame_memory
+from spatialthinker_ros.ros.camera_inputs import CameraInput, frame_memory
 
 STATS_TOPIC = "~/stats"
 STATS_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,

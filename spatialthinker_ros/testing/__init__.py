@@ -2,7 +2,7 @@
 
 - isolation:   isolate_ros (an isolated ROS graph for this process and its children), the DDS transport profile
 - processes:   child processes stopped by their own pid, the node's command line, bounded polling waits
-- camera:      FakeCamera (a driver-like colour + depth + CameraInfo stream), FramePublisher, pattern_image
+- fake_cameras: FakeCamera (a driver-like colour + depth + CameraInfo stream), FramePublisher, pattern_image
 - node_client: NodeClient (the node's ask service and action, lifecycle, outputs, ~/stats) and the spin waits
 - http_server: local HTTP servers scripted as stand-ins of an inference server
 
@@ -10,6 +10,6 @@ Every wait has a deadline and fails with processes.WaitFailed naming what did no
 process is known, whether it died and the tail of its log), never by returning None.
 
 Importing isolation, processes or http_server imports no ROS: isolate_ros() must run before rclpy creates its
-first context, and the GPU benchmark uses these parts on machines without ROS. camera and node_client import
+first context, and the GPU benchmark uses these parts on machines without ROS. fake_cameras and node_client import
 rclpy when their classes are built.
 """

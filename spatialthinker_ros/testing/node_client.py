@@ -189,6 +189,21 @@ class NodeClient:
         self.wait(self.get_state_client.service_is_ready, timeout, f"the service {self.namespace}/get_state")
         return self.call(GetState.Request(), timeout, self.get_state_client).current_state.label
 
+    def set_parameters(self, timeout: float = 30.0, **values: Any) -> None:
+        """Set the node's parameters, as `ros2 param set` does; AssertionError with the reasons of any refused."""
+        from rcl_interfaces.srv import SetParameters
+        from rclpy.parameter import Parameter
+
+        setter = self.node.create_client(SetParameters, f"{self.namespace}/set_parameters")
+        try:
+            self.wait(setter.service_is_ready, timeout, f"the service {self.namespace}/set_parameters")
+            request = SetParameters.Request(parameters=[Parameter(k, value=v).to_parameter_msg()
+                                                        for k, v in values.items()])
+            results = self.call(request, timeout, setter).results
+            assert all(r.successful for r in results), [r.reason for r in results]
+        finally:
+            self.node.destroy_client(setter)
+
     def ask(self, timeout: float = 30.0, **fields: Any) -> Any:
         """AskSpatial.Request(**fields) by the service; its response."""
         return self.call(self.Service.Request(**fields), timeout)

@@ -6,7 +6,7 @@ import json
 import pytest
 from node_requests import QUESTION, RESPONSE
 
-from spatialthinker_ros.testing.camera import FakeCamera, FramePublisher
+from spatialthinker_ros.testing.fake_cameras import FakeCamera, FramePublisher
 from spatialthinker_ros.testing.node_client import NodeClient, new_context
 from spatialthinker_ros.testing.processes import Processes
 

@@ -46,6 +46,7 @@ def test_calibration_of_the_same_setup_configures(spawn, client, camera, replay_
     response = client.ask_until_ready(proc, question=QUESTION, options=OPTIONS)
     assert response.success, response.message
     assert client.lifecycle_state() == "active" and "cannot configure" not in proc.output()
+    assert f"prediction sets: calibration {calibration} loaded (coverage 0.9, n = 300 rows)" in proc.output()
     # the replay line's probabilities are 0.8 and 0.2; threshold 0.6 keeps every option of at least 0.4: A only
     answer = response.answer
     assert list(answer.option_probabilities) == pytest.approx([0.8, 0.2])

@@ -11,7 +11,7 @@ from std_msgs.msg import Header
 import eval_data
 from eval_data import EXPECTED, ROWS
 from spatialthinker_ros.core.conformal import CalibrationSetup
-from spatialthinker_ros.testing.camera import pattern_image
+from spatialthinker_ros.testing.fake_cameras import pattern_image
 from spatialthinker_ros.testing.node_client import NodeClient
 from spatialthinker_ros.testing.processes import installed_executable, node_command
 from spatialthinker_ros.ros.conversions import rgb_to_image_msg

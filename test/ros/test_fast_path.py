@@ -80,7 +80,7 @@ def test_an_idle_node_streamed_raw_1080p_with_depth_reuses_the_memory_of_old_fra
 
 KEEP_AND_CHURN = """
 import collections, resource, sys
-from spatialthinker_ros.ros.cameras import keep_freed_frame_memory
+from spatialthinker_ros.ros.camera_inputs import keep_freed_frame_memory
 if sys.argv[1] == "keep":
     print(keep_freed_frame_memory())
 colour, depth = collections.deque(maxlen=3), collections.deque(maxlen=8)   # the node's frame rings

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from lifecycle_msgs.msg import Transition
 from transformers_serve import TransformersServe
-from spatialthinker_ros.testing.camera import pattern_image
+from spatialthinker_ros.testing.fake_cameras import pattern_image
 from spatialthinker_ros.testing.node_client import spin_future, spin_until
 from spatialthinker_ros.testing.processes import node_command
 from sensor_msgs.msg import Image
@@ -208,9 +208,11 @@ def test_deactivate_and_cleanup_during_requests_answer_every_caller_at_once(spaw
     assert result.result().result.error_code == E.ERROR_NOT_ACTIVE
     assert "deactivated" in services[0].result().message
 
-    # cleanup while the abandoned generation still runs: it waits for it, then frees the backend
+    # cleanup while the abandoned generation still runs: done at once; the backend is freed once it has ended
     assert client.change_state(Transition.TRANSITION_CLEANUP)
     assert client.lifecycle_state() == "unconfigured"
+    client.wait(lambda: client.stats and client.stats[-1]["backend"]["state"] == "released", latency + CALL,
+                "the backend to be freed once its generation ended")
     assert "backend closed" in proc.output()
     assert client.ask(question=QUESTION).error_code == E.ERROR_NOT_ACTIVE
     assert client.change_state(Transition.TRANSITION_CONFIGURE)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from rcl_interfaces.srv import ListParameters
-from spatialthinker_ros.testing.camera import FakeCamera
+from spatialthinker_ros.testing.fake_cameras import FakeCamera
 from spatialthinker_ros.testing.node_client import NodeClient, spin_future, spin_until
 from spatialthinker_ros.testing.processes import node_command, node_executable
 

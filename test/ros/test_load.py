@@ -111,7 +111,7 @@ from rclpy.node import Node  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 from node_requests import E, RESPONSE  # noqa: E402
 
-from spatialthinker_ros.testing.camera import FakeCamera  # noqa: E402
+from spatialthinker_ros.testing.fake_cameras import FakeCamera  # noqa: E402
 from spatialthinker_ros.testing.node_client import spin_future, spin_until  # noqa: E402
 from spatialthinker_ros.testing.processes import node_command  # noqa: E402
 from spatialthinker_ros.msg import SpatialAnswer  # noqa: E402

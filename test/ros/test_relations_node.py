@@ -5,14 +5,12 @@ applied to the next request."""
 import numpy as np
 import pytest
 import sample_relations
-from rcl_interfaces.srv import SetParameters
-from rclpy.parameter import Parameter
 from node_requests import CALL
 
 from spatialthinker_ros.core.relations import VERDICT_COLOURS
 from spatialthinker_ros.core.types import RelationCheck
 from spatialthinker_ros.demo import load_sample, sample_camera as stream_sample
-from spatialthinker_ros.testing.node_client import NodeClient, spin_future, spin_until
+from spatialthinker_ros.testing.node_client import NodeClient, spin_until
 from spatialthinker_ros.testing.processes import node_command
 from spatialthinker_ros.msg import SceneRelation
 
@@ -26,15 +24,6 @@ def sample_camera(ros_context):
     camera = stream_sample(ros_context, sample)
     yield sample
     camera.close()
-
-
-def set_parameters(client: NodeClient, **values) -> None:
-    setter = client.node.create_client(SetParameters, "/spatialthinker/set_parameters")
-    assert spin_until(client.node, setter.service_is_ready, CALL)
-    request = SetParameters.Request(parameters=[Parameter(k, value=v).to_parameter_msg() for k, v in values.items()])
-    results = spin_future(client.node, setter.call_async(request), CALL).results
-    assert all(r.successful for r in results), [r.reason for r in results]
-    client.node.destroy_client(setter)
 
 
 def ask(client: NodeClient, proc):
@@ -89,9 +78,9 @@ def test_the_node_checks_every_relation_of_an_answer_about_the_sample_scene(spaw
                                           axis=2).any()
 
     # check_relations and relation_margin apply to the next request
-    set_parameters(client, relation_margin=0.5)
+    client.set_parameters(relation_margin=0.5)
     assert [r.check for r in ask(client, proc).scene_graph.relations][:3] == [CHECKS["UNCERTAIN"]] * 3
-    set_parameters(client, check_relations=False)
+    client.set_parameters(check_relations=False)
     answer = ask(client, proc)
     assert {(r.check, r.check_note) for r in answer.scene_graph.relations} == {
         (SceneRelation.CHECK_NOT_CHECKED, "relation checks are off (check_relations)")}

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis_profiles import examples
 from rclpy.qos import QoSProfile
-from spatialthinker_ros.testing.camera import FakeCamera, pattern_image
+from spatialthinker_ros.testing.fake_cameras import FakeCamera, pattern_image
 from spatialthinker_ros.testing.node_client import NodeClient, new_context, spin_until
 from spatialthinker_ros.testing.processes import Process, node_command
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image

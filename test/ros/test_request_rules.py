@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from sensor_msgs.msg import Image
 from spatialthinker_ros.core.request import ErrorCode
-from spatialthinker_ros.testing.camera import pattern_image
+from spatialthinker_ros.testing.fake_cameras import pattern_image
 from spatialthinker_ros.testing.processes import installed_executable, node_command
 from spatialthinker_ros.ros.conversions import ERROR_CODES
 from spatialthinker_ros.srv import AskSpatial

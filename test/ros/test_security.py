@@ -22,7 +22,7 @@ from rcl_interfaces.msg import Log, Parameter, ParameterEvent, ParameterType, Pa
 from rcl_interfaces.srv import GetParameters, ListParameters, SetParameters
 from rclpy.qos import QoSProfile
 from spatialthinker_ros.testing.http_server import ScriptedHandler, local_http_server
-from spatialthinker_ros.testing.camera import pattern_image
+from spatialthinker_ros.testing.fake_cameras import pattern_image
 from spatialthinker_ros.testing.node_client import spin_future, spin_until
 from spatialthinker_ros.testing.processes import node_command
 from sensor_msgs.msg import Image
