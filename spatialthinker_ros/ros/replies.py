@@ -7,14 +7,17 @@ returns normally: for service replies and for action server replies, on Jazzy (r
 alike. `wait_for_service()` only proves the caller matched the server, not the reverse, so on a loaded machine a
 caller that asks at once can wait forever for an answer the node gave in milliseconds.
 
-Here every dropped service reply is counted (on ~/stats: ros/stats.py), logged for humans, and sent again until
-it goes out, the caller is gone (rmw then drops the reply without error) or RESEND_FOR_S has passed. To see a drop
-without swapping Python's warning machinery, a warnings filter turns that one warning, raised from rclpy's
-Service.send_response, into an exception for the sender here to catch. rclpy's executor sends each reply itself
-and offers no hook, so each of the node's services gets ONE wrapper on its own object (ReplyCourier.guard): the
-one place this package wraps an rclpy method. rclpy's ActionServer sends its replies itself and offers no way to
-see or repeat a failed send: its drops stay rclpy's RuntimeWarning, shown every time, and the shipped Fast DDS
-profile lets the reply writer wait longer for the caller's reader (as it does for every first send here).
+Here every dropped reply of the node's own services is counted (on ~/stats: ros/stats.py), logged for humans, and
+sent again until it goes out, the caller is gone (rmw then drops the reply without error) or RESEND_FOR_S has passed.
+rclpy's executor sends each reply with `service.send_response` and offers no hook, so each of the node's services
+gets ONE wrapper on its own object (ReplyCourier.guard): the one place this package wraps an rclpy method. The
+wrapper sends through the service's handle (`Service.handle.service_send_response`, what rclpy's send_response
+calls) from this module, so rclpy's warning names this module as its origin, and one warnings filter whose module
+pattern is this module alone turns it into an exception for the sender here to catch. No other service, node or
+library in the process is touched: an unguarded service's drop stays rclpy's RuntimeWarning. rclpy's ActionServer
+sends its replies itself and offers no way to see or repeat a failed send: its drops stay rclpy's RuntimeWarning,
+and the shipped Fast DDS profile lets the reply writer wait longer for the caller's reader (as it does for every
+first send here).
 A send holds the GIL while rmw waits, so sending again from another thread would block the node just the same:
 resends run on the executor thread, spaced out, each waiting at most the writer's `max_blocking_time`.
 """
@@ -40,29 +43,34 @@ RESEND_FOR_S = 10.0            # a caller's reply reader not matched after this 
 FIRST_RESEND_AFTER_S = 0.05    # then twice as long each time: 7 sends at most within RESEND_FOR_S
 
 _SEND_TIMEOUT_PATTERN = re.escape(SEND_TIMEOUT)
-# (action, module whose send_response raised the warning): a service's drop raises, for send_went_out to catch;
-# an action server's is shown every time instead of once per code line
-_SEND_TIMEOUT_FILTERS = (("error", r"rclpy\.service"), ("always", r"rclpy\.action\.server"))
+_THIS_MODULE = re.escape(__name__) + r"\Z"   # the warnings filter's scope: sends made from this module only
 _filters_lock = threading.Lock()
 
 
-def report_send_timeouts() -> None:
-    """Install the send-timeout warning filters (_SEND_TIMEOUT_FILTERS) where missing. Process-wide and idempotent;
-    checked again before each watched send, because whoever records warnings (pytest, `warnings.catch_warnings`)
-    restores the filters of before when done."""
+def _report_send_timeouts() -> None:
+    """Make this module's filter the first one (process-wide warnings.filters, but it matches only warnings raised
+    by this module's own sends). Checked before each send, because whoever records warnings (pytest,
+    `warnings.catch_warnings`) puts filters of their own first, or restores the filters of before when done."""
     with _filters_lock:
-        present = {(action, module.pattern) for action, message, category, module, _ in warnings.filters
-                   if message is not None and message.pattern == _SEND_TIMEOUT_PATTERN and module is not None}
-        for action, module in _SEND_TIMEOUT_FILTERS:
-            if (action, module) not in present:
-                warnings.filterwarnings(action, message=_SEND_TIMEOUT_PATTERN, category=RuntimeWarning, module=module)
+        first = warnings.filters[0] if warnings.filters else None
+        if not (first and first[0] == "error" and first[3] is not None and first[3].pattern == _THIS_MODULE
+                and first[1] is not None and first[1].pattern == _SEND_TIMEOUT_PATTERN):
+            warnings.filterwarnings("error", message=_SEND_TIMEOUT_PATTERN, category=RuntimeWarning,
+                                    module=_THIS_MODULE)
 
 
-def send_went_out(send: Callable[[], Any]) -> tuple[bool, str]:
-    """Run `send` (one rclpy Service.send_response); (False, rclpy's message) if the transport dropped the reply."""
-    report_send_timeouts()
+def send_went_out(service: Service, response: Any, header: Any) -> tuple[bool, str]:
+    """Send `response` as rclpy's Service.send_response(response, header) does; (False, rclpy's message) if the
+    transport dropped it."""
+    if not isinstance(response, service.srv_type.Response):
+        raise TypeError(f"{service.srv_name}: a {type(response).__name__} is not a {service.srv_type.__name__} "
+                        "response")
+    request_id = getattr(header, "request_id", header)   # an rmw_service_info_t carries the rmw_request_id_t
+    _report_send_timeouts()
     try:
-        send()
+        handle = service.handle
+        with handle:   # as rclpy's send_response: the handle is not destroyed meanwhile
+            handle.service_send_response(response, request_id)
     except (RuntimeWarning, SystemError) as error:
         # rclpy ignores the result of raising its warning, so Python reports a SystemError caused by the warning
         warning = error if isinstance(error, RuntimeWarning) else error.__cause__
@@ -89,7 +97,6 @@ class ReplyCourier:
         self.resent = 0      # replies that went out on a resend
         self.abandoned = 0   # replies still refused after resend_for_s: their callers never get them
         self.pending = 0     # replies waiting for their next resend
-        report_send_timeouts()
 
     def counts(self) -> dict[str, int]:
         """What ~/stats reports as "replies"."""
@@ -97,13 +104,9 @@ class ReplyCourier:
 
     def guard(self, service: Service) -> Service:
         """Make `service`'s replies go through this courier. rclpy's executor sends each reply with
-        `service.send_response` and offers no other hook, so that method is wrapped on this one object. Every
-        service of a node that uses a courier must be guarded: an unguarded service's dropped reply raises (the
-        filter of report_send_timeouts) in the executor."""
-        send = service.send_response
-
+        `service.send_response` and offers no other hook, so that method is replaced on this one object."""
         def send_response(response, header) -> None:
-            self._send(service.srv_name, send, response, header, time.monotonic(), 0, FIRST_RESEND_AFTER_S)
+            self._send(service, response, header, time.monotonic(), 0, FIRST_RESEND_AFTER_S)
 
         service.send_response = send_response
         return service
@@ -113,8 +116,9 @@ class ReplyCourier:
         for service in self._node.services:
             self.guard(service)
 
-    def _send(self, name: str, send, response, header, first_try: float, tries: int, wait_s: float) -> None:
-        went_out, why = send_went_out(lambda: send(response, header))
+    def _send(self, service: Service, response, header, first_try: float, tries: int, wait_s: float) -> None:
+        name = service.srv_name
+        went_out, why = send_went_out(service, response, header)
         tries += 1
         waited = time.monotonic() - first_try
         if went_out:
@@ -137,7 +141,7 @@ class ReplyCourier:
             self._node.get_logger().warning(
                 f"{name}: {REPLY_DELAYED}, the caller's reply reader is not matched yet ({why}); sending it again "
                 f"for up to {self._resend_for_s:.0f} s")
-        self._later(wait_s, lambda: self._send(name, send, response, header, first_try, tries, 2 * wait_s))
+        self._later(wait_s, lambda: self._send(service, response, header, first_try, tries, 2 * wait_s))
         self._on_change()
 
     def _later(self, delay_s: float, call: Callable[[], None]) -> None:

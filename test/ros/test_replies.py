@@ -8,6 +8,7 @@ than the node's volatile reply writer offers, while its request writer still rea
 
 import threading
 import time
+from typing import Optional
 
 import pytest
 from rclpy.executors import SingleThreadedExecutor
@@ -25,10 +26,13 @@ UNMATCHABLE = QoSProfile(depth=10, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 class Server:
     """A node in its own context (its own DDS participant) answering `ask` at once, spun on its own thread."""
 
-    def __init__(self, resend_for_s: float, guarded: bool = True):
+    def __init__(self, resend_for_s: float, guarded: bool = True, unguarded: Optional[str] = None):
+        """`unguarded` names a second service, beside the first, that the courier leaves alone."""
         self.context = new_context()
         self.node = Node("reply_server", context=self.context)
         self.service = self.node.create_service(AskSpatial, "ask", self._answer)
+        if unguarded:
+            self.node.create_service(AskSpatial, unguarded, self._answer)
         self.courier = ReplyCourier(self.node, resend_for_s=resend_for_s)
         if guarded:
             self.courier.guard(self.service)
@@ -77,8 +81,8 @@ def test_rclpy_reports_a_dropped_reply_only_as_a_warning_and_send_went_out_sees_
     server = server_factory(resend_for_s=0.0, guarded=False)
     outcomes = []
 
-    def send_response(response, header, send=server.service.send_response):
-        outcomes.append(send_went_out(lambda: send(response, header)))
+    def send_response(response, header, service=server.service):
+        outcomes.append(send_went_out(service, response, header))
 
     server.service.send_response = send_response
     caller = Node("unmatchable_caller", context=ros_context)
@@ -87,6 +91,29 @@ def test_rclpy_reports_a_dropped_reply_only_as_a_warning_and_send_went_out_sees_
     assert ask_until(caller, client, lambda: len(outcomes) >= 2, 30.0)
     assert all(not went_out and SEND_TIMEOUT in why for went_out, why in outcomes)
     caller.destroy_node()
+
+
+def test_a_service_left_unguarded_beside_a_guarded_one_keeps_rclpys_behaviour(ros_context, server_factory,
+                                                                               recwarn):
+    """The courier's warnings filter matches only its own sends: a service it does not guard, in the same process
+    and executor, still gets rclpy's RuntimeWarning for a dropped reply and goes on answering (a process-wide
+    filter made that service's send raise SystemError in the executor, which then stopped)."""
+    server = server_factory(resend_for_s=60.0, unguarded="ask_plain")
+    caller = Node("unmatchable_caller", context=ros_context)
+    guarded = caller.create_client(AskSpatial, "ask", qos_profile=UNMATCHABLE)
+    plain = caller.create_client(AskSpatial, "ask_plain", qos_profile=UNMATCHABLE)
+    assert ask_until(caller, guarded, lambda: server.courier.dropped >= 1, 30.0), "the guarded drop is seen"
+    rclpy_warned = lambda: any(SEND_TIMEOUT in str(w.message) for w in recwarn.list)
+    assert ask_until(caller, plain, rclpy_warned, 30.0), "rclpy warns of the unguarded service's drop"
+    good = Node("good_caller", context=ros_context)
+    good_client = good.create_client(AskSpatial, "ask_plain")
+    assert spin_until(good, good_client.service_is_ready, 30.0)
+    future = good_client.call_async(AskSpatial.Request(question="good"))
+    assert spin_until(good, future.done, 10.0), "the executor stopped after the unguarded service's dropped reply"
+    assert future.result().message == "answer to good" and server.thread.is_alive()
+    assert server.courier.dropped >= 1 and server.courier.abandoned == 0
+    caller.destroy_node()
+    good.destroy_node()
 
 
 def test_a_dropped_reply_is_sent_again_without_holding_up_other_callers_and_stops_when_its_caller_leaves(
