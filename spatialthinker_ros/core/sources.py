@@ -59,7 +59,7 @@ T = TypeVar("T", bound=Timed)
 
 
 class CameraFrames(Protocol):
-    """What the rules need of one camera's kept frames (ros/cameras.py CameraInput)."""
+    """What the rules need of one camera's kept frames (ros/camera_inputs.py CameraInput)."""
 
     name: str
     topic: str                                   # where colour frames arrive, for the "no frame yet" error
@@ -136,8 +136,8 @@ def camera_source(camera: CameraFrames, now: float, requested_max_age: float, se
     else:
         frame = camera.colours[-1] if camera.colours else None
     if frame is None:
-        raise RequestError(f"camera {camera.name!r} has not delivered a frame yet on {camera.topic}",
-                           ErrorCode.NO_IMAGE)
+        raise RequestError(f"camera {camera.name!r} has not delivered a frame yet on {camera.topic}: ask again once "
+                           f"it publishes there (ros2 topic hz {camera.topic})", ErrorCode.NO_IMAGE)
     check_image_age(now - frame.time, max_age, camera.name)
     camera.frames_decoded += 1
     try:

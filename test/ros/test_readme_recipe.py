@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from spatialthinker_ros.testing.camera import pattern_image
+from spatialthinker_ros.testing.fake_cameras import pattern_image
 from spatialthinker_ros.testing.node_client import spin_until
 from spatialthinker_ros.testing.processes import WaitFailed
 
@@ -47,6 +47,8 @@ def test_the_readme_offline_recipe_answers_with_3d_positions(spawn, tmp_path):
         assert "answer: (A) left of" in output, output
         objects = [line for line in output.splitlines() if re.match(r"^\w+\.\d+ ", line)]
         assert len(objects) >= 3 and all(re.search(r"z \d\.\d\d m$", line) for line in objects), output
+        # the node's log says nothing a user would read as a failure or could not act on while the recipe waits
+        assert "has not delivered a frame" not in output and "freed frame buffers" not in output, output
         # `kill %1 %2` stopped the node and the camera
         assert psutil.wait_procs(list(started.values()), timeout=15)[1] == [], "the recipe left processes running"
     finally:
