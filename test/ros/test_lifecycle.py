@@ -1,6 +1,7 @@
 """Transitions that answer at once and cannot leave the node half alive: a cleanup under a long generation, and a
 transition that raises (through the node's test seam, SPATIALTHINKER_FAIL_TRANSITIONS)."""
 
+import json
 import os
 import time
 
@@ -14,7 +15,7 @@ from spatialthinker_ros.action import AskSpatial as AskSpatialAction
 from spatialthinker_ros.ros.node import FAIL_TRANSITIONS_ENV, TRANSITION_WAIT_S
 from spatialthinker_ros.testing.node_client import spin_until
 from spatialthinker_ros.testing.processes import node_command
-from node_requests import CALL, E, OPTIONS, QUESTION, replay_params
+from node_requests import CALL, E, OPTIONS, QUESTION, RESPONSE, replay_params
 
 ANSWERS_WITHIN_S = 1.0   # what "at once" means for a lifecycle service and ~/stats, on a loaded machine
 K_HALF = [250.0, 0.0, 160.0, 0.0, 250.0, 120.0, 0.0, 0.0, 1.0]   # intrinsics of 320x240 depth
@@ -25,8 +26,13 @@ def backend_state(client) -> str:
     return client.stats[-1]["backend"]["state"] if client.stats else "no stats yet"
 
 
-def test_get_state_and_stats_answer_at_once_during_a_cleanup_under_a_60_s_generation(spawn, client, replay_file):
-    proc = spawn(node_command(**replay_params(replay_file, replay_latency=60.0)), name="node")
+def test_get_state_and_stats_answer_at_once_during_a_cleanup_under_a_60_s_generation(spawn, client, tmp_path):
+    """The generation is held (up to 60 s) until the test creates its release file: it is still running through
+    every check below however slow the machine, and the test then sees the model freed once it ends."""
+    release = tmp_path / "release"
+    held = tmp_path / "held.jsonl"
+    held.write_text(json.dumps({"question": QUESTION, "response": RESPONSE, "until_file": str(release)}) + "\n")
+    proc = spawn(node_command(**replay_params(held, replay_latency=60.0)), name="node")
     client.wait_for_action(proc)
     client.wait(client.change_state_client.service_is_ready, CALL, "change_state")
     client.wait(client.get_state_client.service_is_ready, CALL, "get_state")
@@ -64,6 +70,11 @@ def test_get_state_and_stats_answer_at_once_during_a_cleanup_under_a_60_s_genera
     assert time.monotonic() - began < TRANSITION_WAIT_S + CALL
     assert "the previous model is still generating" in proc.output(), proc.tail()
     assert client.lifecycle_state() == "unconfigured" and backend_state(client) == "releasing"
+    release.touch()                                                    # the generation ends now
+    client.wait(lambda: backend_state(client) == "released", CALL, "the model to be freed after its generation")
+    assert client.change_state(Transition.TRANSITION_CONFIGURE) and client.change_state(Transition.TRANSITION_ACTIVATE)
+    response = client.ask(question=QUESTION, options=OPTIONS, image=IMAGE)
+    assert response.success, response.message
     assert proc.alive()
 
 
