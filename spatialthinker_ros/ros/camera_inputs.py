@@ -105,6 +105,7 @@ class CameraInput:
         self.colours: collections.deque[CameraFrame] = collections.deque(maxlen=COLOUR_FRAMES_KEPT)
         self.depth: collections.deque[CameraFrame] = collections.deque(maxlen=DEPTH_FRAMES_KEPT)
         self.intrinsics: Optional[CameraIntrinsics] = None   # of the latest usable CameraInfo
+        self.with_depth = False   # whether depth and CameraInfo were subscribed at the last activate (use_depth)
         self.frames_received = 0
         self.frames_dropped = 0
         self.frames_decoded = 0   # by requests that used a frame (~/stats)
@@ -119,6 +120,7 @@ class CameraInput:
         """The subscriptions feeding this camera (colour; depth and CameraInfo with use_depth). Refused messages are
         warned about, throttled per camera and kind."""
         prefix = topic_prefix(self.name)
+        self.with_depth = use_depth
         feeds: list[tuple[Any, str, str, str, Callable[[Any], Optional[str]]]] = [
             (CompressedImage if self.topic.endswith("/compressed") else Image, self.topic, "colour", "frame dropped",
              lambda msg: self.offer_colour(msg, now(), max_age()))]

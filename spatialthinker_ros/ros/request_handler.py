@@ -173,7 +173,7 @@ class RequestHandler:
         if has_request_image(request.image):
             return request_source(request.image, max_pixels)
         camera = configured.cameras[choose_camera(request.camera, list(configured.cameras))]
-        settings = SourceSettings(use_depth=self._param("use_depth"), max_image_age=self._param("max_image_age"),
+        settings = SourceSettings(use_depth=camera.with_depth, max_image_age=self._param("max_image_age"),
                                   depth_sync_tolerance=self._param("depth_sync_tolerance"),
                                   depth_scale=configured.depth_scale, max_request_image_pixels=max_pixels)
         return camera_source(camera, self._node.get_clock().now().nanoseconds * 1e-9, request.max_image_age,

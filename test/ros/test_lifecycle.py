@@ -104,21 +104,28 @@ def test_a_transition_that_raises_leaves_no_worker_and_no_model_behind(spawn, cl
     assert proc.alive()
 
 
-def test_backend_and_depth_scale_set_while_active_apply_at_the_next_configure(spawn, client, camera, replay_file):
-    """Both apply at configure: set while active, errors still name the loaded backend and depth keeps its scale."""
+def test_backend_depth_scale_and_use_depth_set_while_active_apply_when_documented(spawn, client, camera,
+                                                                                   replay_file):
+    """backend and depth_scale apply at configure, use_depth at activate: set while active, errors still name the
+    loaded backend and depth keeps its scale and its use."""
     camera(depth_m=np.full((240, 320), 1.5, np.float32), depth_encoding="16UC1", k=K_HALF)   # 1500 mm
     proc = spawn(node_command(**replay_params(replay_file)), name="node")
     assert client.ask_until_ready(proc, with_depth=True, question=QUESTION, options=OPTIONS).success
-    client.set_parameters(backend="openai", depth_scale=0.002)
+    client.set_parameters(backend="openai", depth_scale=0.002, use_depth=False)
     response = client.ask(question="What was never recorded?")
     assert response.error_code == E.ERROR_BACKEND and response.message.startswith("backend replay (no_match)"), \
         response.message
     assert cup_depth(client.ask(question=QUESTION, options=OPTIONS)) == pytest.approx(1.5, abs=0.01)
-    client.set_parameters(backend="replay")
+    client.set_parameters(backend="replay", use_depth=True)
     for transition in ("DEACTIVATE", "CLEANUP", "CONFIGURE", "ACTIVATE"):
         assert client.change_state(getattr(Transition, f"TRANSITION_{transition}")), proc.tail()
     response = client.ask_until_ready(proc, with_depth=True, question=QUESTION, options=OPTIONS)
     assert cup_depth(response) == pytest.approx(3.0, abs=0.02), "configure read depth_scale 0.002"
+    client.set_parameters(use_depth=False)
+    for transition in ("DEACTIVATE", "ACTIVATE"):
+        assert client.change_state(getattr(Transition, f"TRANSITION_{transition}")), proc.tail()
+    response = client.ask_until_ready(proc, question=QUESTION, options=OPTIONS)
+    assert response.success and not response.answer.scene_graph.objects[0].has_position, "activate read use_depth"
 
 
 def cup_depth(response) -> float:
