@@ -46,7 +46,8 @@ FAIL_TRANSITIONS_ENV = "SPATIALTHINKER_FAIL_TRANSITIONS"
 
 
 def _reported(transition):
-    """rclpy turns an exception in a transition into on_error without a word: say what it was first."""
+    """rclpy turns an exception in a transition into on_error without a word: say what it was first. Also where
+    the test seam (FAIL_TRANSITIONS_ENV) raises."""
     @functools.wraps(transition)
     def run(self: SpatialThinkerNode, state: LifecycleState) -> TransitionCallbackReturn:
         try:
