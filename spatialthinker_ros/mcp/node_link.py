@@ -177,7 +177,7 @@ class NodeLink:
         from rclpy.qos import qos_profile_sensor_data
         from sensor_msgs.msg import CompressedImage, Image
 
-        from spatialthinker_ros.ros.cameras import topic_prefix
+        from spatialthinker_ros.ros.camera_inputs import topic_prefix
 
         if self._camera_topics:
             return self._camera_topics
