@@ -17,12 +17,9 @@ import traceback
 import types
 from typing import Mapping, Optional
 
-from rclpy.action import ActionServer, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-from rclpy.qos import QoSProfile
 
-from spatialthinker_ros.action import AskSpatial as AskSpatialAction
 from spatialthinker_ros.core.backends.settings import backend_settings
 from spatialthinker_ros.core.config import answering_setup, lift_config_from, pipeline_config_from
 from spatialthinker_ros.core.conformal import CalibrationError, CalibrationSetup, check_setup, read_calibration_file
@@ -36,10 +33,8 @@ from spatialthinker_ros.ros.replies import ReplyCourier
 from spatialthinker_ros.ros.request_handler import Configured, RequestHandler
 from spatialthinker_ros.ros.stats import StatsPublisher
 from spatialthinker_ros.ros.throttle import ThrottledWarnings
-from spatialthinker_ros.srv import AskSpatial
 
 TRANSITION_WAIT_S = 5.0     # activate, configure and shutdown wait this long for a running generation (callbacks wait)
-REQUEST_QUEUE_DEPTH = 1000  # requests (all callers together) that may arrive faster than they are taken
 # Test seam (docs/node.md, Lifecycle): comma-separated transitions (configure, activate, deactivate, cleanup) that
 # each raise a RuntimeError once, at the end of their first success
 FAIL_TRANSITIONS_ENV = "SPATIALTHINKER_FAIL_TRANSITIONS"
@@ -83,19 +78,9 @@ class SpatialThinkerNode(LifecycleNode):
         self._setup: Optional[CalibrationSetup] = None   # the loaded backend's (config.answering_setup)
         self._setup_problem = ""                          # why there is none while a backend is loaded
         self._stats = StatsPublisher(self)
-        # Requests wait in this history until the executor takes them: the default depth of 10 silently drops
-        # bursts of concurrent calls (their callers wait forever). KEEP_ALL would drop none, but a caller that never
-        # reads its responses then fills the reply writer's history until send_response raises, stopping the node.
-        requests_qos = QoSProfile(depth=REQUEST_QUEUE_DEPTH)
         # A reply the transport drops because the caller asked before its reply reader was matched is sent again
         self.replies = ReplyCourier(self, self._group, on_change=self._publish_stats)
-        self.create_service(AskSpatial, "~/ask", self._requests.on_ask_service, qos_profile=requests_qos,
-                            callback_group=self._group)
-        self._action_server = ActionServer(
-            self, AskSpatialAction, "~/ask_action", self._requests.on_ask_goal,
-            goal_callback=lambda goal: GoalResponse.ACCEPT, cancel_callback=self._requests.on_cancel,
-            goal_service_qos_profile=requests_qos, result_service_qos_profile=requests_qos,
-            cancel_service_qos_profile=requests_qos, result_timeout=60, callback_group=self._group)
+        self._requests.serve(self._group)
         self.replies.guard_all()   # ~/ask and rclpy's parameter and lifecycle services
 
     @property

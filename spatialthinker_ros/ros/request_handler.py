@@ -13,8 +13,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
-from rclpy.action import CancelResponse
+from rclpy.action import ActionServer, CancelResponse, GoalResponse
+from rclpy.callback_groups import CallbackGroup
 from rclpy.node import Node
+from rclpy.qos import QoSProfile
 
 from spatialthinker_ros.action import AskSpatial as AskSpatialAction
 from spatialthinker_ros.core.ask import AskFlow
@@ -35,6 +37,7 @@ from spatialthinker_ros.ros.outputs import AnswerOutputs
 from spatialthinker_ros.ros.throttle import ThrottledWarnings
 from spatialthinker_ros.srv import AskSpatial
 
+REQUEST_QUEUE_DEPTH = 1000  # requests (all callers together) that may arrive faster than they are taken
 # Failures logged at debug level only, the caller being told: busy and not active follow the callers' own rate, and
 # "no frame yet" is what a caller sees while a camera starts (a frame that cannot be decoded is warned where it is
 # dropped: core/sources.py)
@@ -67,6 +70,21 @@ class RequestHandler:
         self.in_progress = 0                            # accepted and not yet answered
         self._tickets: dict[str, Ticket] = {}          # request id -> ticket, while queued or running
         self._cancelled: set[str] = set()               # action goals cancelled while their request runs
+        self._action_server: Optional[ActionServer] = None   # offered by serve()
+
+    def serve(self, group: CallbackGroup) -> None:
+        """Offer ~/ask and ~/ask_action on the node, their callbacks in `group` (reentrant: a request awaiting the
+        model must not hold up frames, other requests or results coming back)."""
+        # Requests wait in this history until the executor takes them: the default depth of 10 silently drops
+        # bursts of concurrent calls (their callers wait forever). KEEP_ALL would drop none, but a caller that never
+        # reads its responses then fills the reply writer's history until send_response raises, stopping the node.
+        qos = QoSProfile(depth=REQUEST_QUEUE_DEPTH)
+        self._node.create_service(AskSpatial, "~/ask", self.on_ask_service, qos_profile=qos, callback_group=group)
+        self._action_server = ActionServer(
+            self._node, AskSpatialAction, "~/ask_action", self.on_ask_goal,
+            goal_callback=lambda goal: GoalResponse.ACCEPT, cancel_callback=self.on_cancel,
+            goal_service_qos_profile=qos, result_service_qos_profile=qos, cancel_service_qos_profile=qos,
+            result_timeout=60, callback_group=group)
 
     def _param(self, name: str):
         return self._node.get_parameter(name).value
