@@ -477,13 +477,13 @@ def phase_option_probabilities(b: Bench) -> dict:
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     letter = tokenizer.encode(answer_text, add_special_tokens=False)
     no_letter = padded_to(tokenizer, without_letter(answer_text), len(letter))
-    fallback_steps: dict[str, list[int]] = {"letter": [], "free_form": [], "no_letter": []}
+    extra_steps: dict[str, list[int]] = {"letter": [], "free_form": [], "no_letter": []}
 
     def answer(kind: str, script: list[int], options: list[str]):
-        before = b.backend.letter_stats().fallback_steps
+        before = b.backend.letter_stats().extra_steps
         with forced(b.backend, script, eos):
             result, _ = b.run_ours(rgb, options=options)
-        fallback_steps[kind].append(b.backend.letter_stats().fallback_steps - before)
+        extra_steps[kind].append(b.backend.letter_stats().extra_steps - before)
         return result
 
     with generation(b.backend, b.generation, max_new_tokens=len(letter) + 16, min_new_tokens=0):
@@ -505,7 +505,7 @@ def phase_option_probabilities(b: Bench) -> dict:
         "fallback_step_s": median(fallback_step),
         "fallback_step_share_of_answer": median([step / base for step, base in zip(fallback_step, free)]),
         "fallback_step_in_decode_steps": median(fallback_step) / (median(free) / tokens),
-        "fallback_steps_per_answer": {kind: max(steps, default=0) for kind, steps in fallback_steps.items()},
+        "extra_steps_per_answer": {kind: max(steps, default=0) for kind, steps in extra_steps.items()},
         "probabilities_read": {kind: len(result.option_probabilities) for kind, result in values.items()},
     }
 

@@ -2,9 +2,9 @@
 
 import json
 import math
-import re
 import weakref
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 import pytest
@@ -13,7 +13,8 @@ from transformers import LogitsProcessor
 
 from spatialthinker_ros.core.backends.base import GenerationConfig
 from spatialthinker_ros.core.backends.transformers import TransformersBackend, TransformersConfig
-from spatialthinker_ros.core.prompt import Question
+from spatialthinker_ros.core.parsing import parse_response
+from spatialthinker_ros.core.prompt import Question, option_letter
 from spatialthinker_ros.core.types import BackendError, BackendErrorKind, InferenceRequest, InferenceResult
 
 pytestmark = pytest.mark.timeout(120)
@@ -431,20 +432,24 @@ def test_invalid_settings_are_rejected(settings):
 
 # ------------------------------------------------------------------------------------------ option probabilities
 OPTIONS = ("left of", "right of", "behind", "in front of")
+# The card's example answer, as the real prompt quotes it
+CARD_EXAMPLE = "The final answer MUST BE put within <answer> </answer> tags, e.g., <answer> (A) cat </answer>."
 
 
-def _options_request(width: int, height: int, seed: int = 0, question: str = "Where is the cup?") -> InferenceRequest:
+def _options_request(width: int, height: int, seed: int = 0, question: str = "Where is the cup?",
+                     options: tuple[str, ...] = OPTIONS) -> InferenceRequest:
     request = _request(width, height, seed)
-    return InferenceRequest(image=request.image, prompt=f"{request.prompt} {question}", question=question,
-                            asked=Question(question, OPTIONS))
+    return InferenceRequest(image=request.image, prompt=f"{request.prompt} {CARD_EXAMPLE} {question}",
+                            question=question, asked=Question(question, options))
 
 
-def _forcing(backend: TransformersBackend, answers: list[str]) -> None:
-    """Makes row i of every batch write answers[i] and end (set_logits_processors: after the backend's letter probe,
-    which reads the model's own scores; not in the probe's extra step after a missing letter)."""
+def _forcing(backend: TransformersBackend, answers: list[Union[str, list[int]]]) -> None:
+    """Makes row i of every batch write answers[i] (a text as the tokenizer writes it, or token ids as given) and end
+    (set_logits_processors: after the backend's letter probe, which reads the model's own scores; not in the
+    probe's extra steps)."""
     tokenizer = backend.processor.tokenizer
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    sequences = [tokenizer.encode(text, add_special_tokens=False) + [eos] for text in answers]
+    sequences = [(tokenizer.encode(a, add_special_tokens=False) if isinstance(a, str) else a) + [eos] for a in answers]
 
     class Force(LogitsProcessor):
         def __init__(self):
@@ -461,109 +466,205 @@ def _forcing(backend: TransformersBackend, answers: list[str]) -> None:
     backend.set_logits_processors(lambda: [Force()])
 
 
-def _direct_letter_probabilities(backend: TransformersBackend, request: InferenceRequest, written: str) -> list[float]:
-    """One plain forward pass over the prompt and `written` (the answer up to the letter), no cache: the model's
-    distribution of the next token, summed per option letter over every token that writes just that letter."""
+def _direct_letter_probabilities(backend: TransformersBackend, request: InferenceRequest, written: str,
+                                 count: int = 4, before: tuple[int, ...] = ()) -> list[float]:
+    """The first `count` option letters' probabilities after `written` (the answer's text up to its letter, after the
+    tokens `before`), each letter written as the tokenizer writes `written` + letter: one plain forward pass over the
+    prompt and those tokens per letter, no cache, the product of the probabilities of the letter's tokens from where
+    the letters' tokens part, renormalised."""
     tokenizer = backend.processor.tokenizer
     inputs = backend.prepare_inputs([request])
-    ids = torch.cat([inputs["input_ids"], torch.tensor([tokenizer.encode(written, add_special_tokens=False)])], 1)
-    with torch.inference_mode():
-        logits = backend.model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs["pixel_values"],
-                               image_grid_thw=inputs["image_grid_thw"]).logits[0, -1]
-    probabilities = torch.softmax(logits.double(), -1)
-    run = written[written.rfind("<answer") + len("<answer"):]
-    pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])   # every token's text, once
-    masses = []
-    for letter in "ABCD":
-        ids = [i for i, piece in enumerate(pieces) if re.fullmatch(r">[\s(]*" + letter, run + piece)]
-        masses.append(float(probabilities[ids].sum()))
+    prompt = inputs["input_ids"].shape[1]
+    encoded = [list(before) + tokenizer.encode(written + option_letter(i), add_special_tokens=False)
+               for i in range(count)]
+    parted = next(i for i in range(len(encoded[0])) if len({tuple(tokens[:i + 1]) for tokens in encoded}) > 1)
+    weights = []
+    for tokens in encoded:
+        ids = torch.cat([inputs["input_ids"], torch.tensor([tokens])], 1)
+        # text after the prompt: Qwen2.5-VL then places every token by its 3D rope positions, as generate does
+        types = torch.cat([inputs["mm_token_type_ids"], torch.zeros((1, len(tokens)), dtype=torch.int)], 1)
+        with torch.inference_mode():
+            logits = backend.model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=types,
+                                   pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"]).logits
+        log_probabilities = torch.log_softmax(logits[0].double(), -1)
+        weights.append(sum(float(log_probabilities[prompt + i - 1, tokens[i]]) for i in range(parted, len(tokens))))
+    masses = [math.exp(w - max(weights)) for w in weights]
     return [m / sum(masses) for m in masses]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def letters_backend(tiny_checkpoint: Path):
     backend = _backend(tiny_checkpoint, generation=GenerationConfig(max_new_tokens=48))
     yield backend
     backend.close()
 
 
-LETTER_ANSWER = "<observe> a cup </observe> <answer> (B) right of </answer>"
-# How far float32 rounding moves a probability read in a padded batch or from a cache slice (seen: 1.2e-4)
-BATCHED_ROUNDING = 3e-4
-
-
-def test_option_probabilities_equal_a_direct_forward_pass_at_the_letter(letters_backend):
-    request = _options_request(640, 480)
-    _forcing(letters_backend, [LETTER_ANSWER])
-
-    [result] = letters_backend.generate([request])
-
-    expected = _direct_letter_probabilities(letters_backend, request, LETTER_ANSWER[:LETTER_ANSWER.index("B")])
-    assert result.text == LETTER_ANSWER and result.option_probabilities_note == ""
-    assert result.option_probabilities == pytest.approx(expected, abs=1e-4)
-    assert sum(result.option_probabilities) == pytest.approx(1.0)
-
-
-def test_option_probabilities_in_a_batch_equal_each_row_alone(letters_backend):
-    answers = [LETTER_ANSWER, "<answer>C</answer>", "<observe> x </observe>"]
-    requests = [_options_request(640, 480, seed=1), _options_request(320, 240, seed=2, question="Which one?"),
-                _options_request(224, 224, seed=3)]
-    _forcing(letters_backend, answers)
-
-    first, second, third = letters_backend.generate(requests)
-
-    assert first.option_probabilities == pytest.approx(
-        _direct_letter_probabilities(letters_backend, requests[0], LETTER_ANSWER[:LETTER_ANSWER.index("B")]), abs=1e-4)
-    # Qwen writes "<answer>C" as "<", "answer", ">C": the letter's token comes right after "<answer". The row is
-    # left-padded in the batch: float32 rounding then moves its probabilities by up to ~1.1e-4 on Qwen's vocabulary
-    assert second.option_probabilities == pytest.approx(
-        _direct_letter_probabilities(letters_backend, requests[1], "<answer"), abs=BATCHED_ROUNDING)
-    assert third.option_probabilities == () and "no <answer> tag" in third.option_probabilities_note
-
-
-def test_option_probabilities_with_the_prompt_cache_on_and_off(letters_backend):
-    _forcing(letters_backend, [LETTER_ANSWER])
-    first = _options_request(640, 480, seed=5)
-    follow_up = _options_request(640, 480, seed=5, question="Where is the plate?")
-    letters_backend.generate([first])
-    reused = letters_backend.prompts.stats().hits
-
-    [continued] = letters_backend.generate([follow_up])
-    assert letters_backend.prompts.stats().hits > reused   # continued from the first prompt's KV
+@pytest.fixture
+def letters(letters_backend):
+    """letters_backend with nothing kept from an earlier test and no forced answer left over."""
     letters_backend.forget()
-    [whole] = letters_backend.generate([follow_up])
-
-    expected = _direct_letter_probabilities(letters_backend, follow_up, LETTER_ANSWER[:LETTER_ANSWER.index("B")])
-    assert continued.option_probabilities == pytest.approx(expected, abs=1e-4)
-    assert whole.option_probabilities == pytest.approx(expected, abs=1e-4)
+    yield letters_backend
+    letters_backend.set_logits_processors(None)
 
 
-@pytest.mark.parametrize("answer", ["<answer> cat </answer>", "<answer>cat</answer>", "<answer>"])
-def test_without_a_letter_the_distribution_is_read_as_if_a_parenthesis_followed(letters_backend, answer):
+LETTER_ANSWER = "<observe> a cup </observe> <answer> (B) right of </answer>"
+
+
+SPLIT_TAG = ("<", "ans", "wer")   # "<answer" as the tokenizer does not write it ("<", "answer")
+
+# Each way an answer writes its letter, its text up to the letter (after SPLIT_TAG's tokens where it has them).
+# Qwen writes them (pre-tokenizer, then BPE):
+ANSWER_FORMS = {
+    "card": (LETTER_ANSWER, "<observe> a cup </observe> <answer> ("),         # "<" "answer" ">" " (" "B" ")"
+    "parenthesis": ("<answer>(B)</answer>", "<answer>("),                     # ">(" "B"
+    "bare": ("<answer>B</answer>", "<answer>"),                               # ">B": the letter right after "<answer"
+    "newline": ("<answer>\n(B) right of</answer>", "<answer>\n("),            # ">\n" "(B"
+    "letter-dot": ("<answer> B. right of </answer>", "<answer> "),             # ">" " B" "."
+    "after-think": ("<think> x </think> <answer> (B) right of </answer>",
+                    "<think> x </think> <answer> ("),                          # " <" "answer"
+    "split-tag": (SPLIT_TAG + ("> (B) right of </answer>",), "> ("),             # "<" "ans" "wer" ">" " (" "B"
+}
+
+
+@pytest.mark.parametrize("form", ANSWER_FORMS)
+def test_each_answer_form_gives_the_probabilities_of_a_direct_forward_pass(letters, form):
+    answer, written = ANSWER_FORMS[form]
+    tokenizer = letters.processor.tokenizer
+    tag: tuple[int, ...] = ()
+    if not isinstance(answer, str):   # pieces, each written as the tokenizer writes it alone
+        answer = [token for piece in answer for token in tokenizer.encode(piece, add_special_tokens=False)]
+        tag = tuple(answer[:len(SPLIT_TAG)])
+    request = _options_request(224, 224, seed=11)
+    follow_up = _options_request(224, 224, seed=11, question="Where is the plate?")
+    longer = _options_request(320, 240, seed=12, question="Which of the objects on the table is nearest the robot?")
+    before = letters.letter_stats()
+
+    _forcing(letters, [answer])
+    [alone] = letters.generate([request])            # the whole prompt prefilled
+    hits = letters.prompts.stats().hits
+    [continued] = letters.generate([follow_up])     # continued from the first question's KV
+    assert letters.prompts.stats().hits > hits
+    _forcing(letters, [LETTER_ANSWER, answer])
+    beside, batched = letters.generate([longer, request])   # left-padded beside a longer prompt
+
+    text = answer if isinstance(answer, str) else tokenizer.decode(answer)
+    assert (alone.text, continued.text, batched.text) == (text, text, text)
+    assert (alone.option_probabilities_note, continued.option_probabilities_note, batched.option_probabilities_note
+            ) == ("", "", "")
+    expected = _direct_letter_probabilities(letters, request, written, before=tag)
+    assert alone.option_probabilities == pytest.approx(expected, abs=1e-4)
+    assert batched.option_probabilities == pytest.approx(expected, abs=1e-4)
+    assert continued.option_probabilities == pytest.approx(
+        _direct_letter_probabilities(letters, follow_up, written, before=tag), abs=1e-4)
+    assert beside.option_probabilities == pytest.approx(
+        _direct_letter_probabilities(letters, longer, LETTER_ANSWER[:LETTER_ANSWER.index("B")]), abs=1e-4)
+    # every offered letter is one token where these answers write theirs: read from generate's own steps
+    after = letters.letter_stats()
+    assert (after.probed - before.probed, after.extra_steps - before.extra_steps) == (4, 0)
+
+
+def test_a_letter_written_in_two_tokens_where_the_answer_wrote_its_letter_is_read_through_both(letters):
+    tokenizer = letters.processor.tokenizer
+    # Qwen writes "<answer>B" with ">B" but "<answer>Q" with ">", "Q": Q's probability there is P(">") P("Q" | ">")
+    assert [tokenizer.decode([t]) for t in tokenizer.encode("<answer>Q", add_special_tokens=False)][-2:] == [">", "Q"]
+    request = _options_request(224, 224, seed=13, options=tuple(f"object {i}" for i in range(17)))   # A..Q
+    _forcing(letters, ["<answer>B</answer>"])
+    before = letters.letter_stats()
+
+    [result] = letters.generate([request])
+
+    assert letters.letter_stats().extra_steps - before.extra_steps == 1   # one step after ">"
+    assert result.option_probabilities_note == ""
+    assert result.option_probabilities == pytest.approx(
+        _direct_letter_probabilities(letters, request, "<answer>", count=17), abs=1e-4)
+
+
+@pytest.mark.parametrize("answer, written, steps", [
+    ("<answer> cat </answer>", "<answer> (", 1),     # after ">" Qwen writes " (" (one token, 320), then the letter
+    ("<answer>cat</answer>", "<answer> (", 1),
+    ("<answer>", "<answer> (", 1),
+    ("<answer>\ncat</answer>", "<answer>\n(", 0),    # after ">\n" it writes "(B" (one token): read at that step
+])
+def test_without_a_letter_the_card_form_is_read_as_the_tokenizer_writes_it_after_what_was_written(
+        letters, answer, written, steps):
+    assert letters.processor.tokenizer.encode(" (", add_special_tokens=False) == [320]
     request = _options_request(640, 480, seed=7)
     other = _options_request(320, 240, seed=8)
-    _forcing(letters_backend, [answer, LETTER_ANSWER])
-    before = letters_backend.letter_stats()
+    _forcing(letters, [answer, LETTER_ANSWER])
+    before = letters.letter_stats()
 
-    result, beside = letters_backend.generate([request, other])   # in a batch: the row's own slice of the cache
+    result, beside = letters.generate([request, other])   # in a batch: the row's own slice of the cache
 
-    # the letter position follows "<answer>" in each (" cat" is one token): the card's " (" is put after it, in one
-    # extra step for that row only (the other wrote its letter)
-    after = letters_backend.letter_stats()
-    assert (after.probed - before.probed, after.fallback_steps - before.fallback_steps) == (2, 1)
-    # read from the row's slice of the generation's cache: float32 rounding differs from a whole forward pass
+    # the extra step is for that row only (the other wrote its letter)
+    after = letters.letter_stats()
+    assert (after.probed - before.probed, after.extra_steps - before.extra_steps) == (2, steps)
     assert result.option_probabilities == pytest.approx(
-        _direct_letter_probabilities(letters_backend, request, "<answer> ("), abs=BATCHED_ROUNDING)
+        _direct_letter_probabilities(letters, request, written), abs=1e-4)
+    assert result.option_probabilities_note == (f"read as if the answer went on in the card's form "
+                                                f"(\"{written}A)\"): the model wrote no option letter after <answer>")
+    assert beside.option_probabilities_note == ""
     assert beside.option_probabilities == pytest.approx(
-        _direct_letter_probabilities(letters_backend, other, LETTER_ANSWER[:LETTER_ANSWER.index("B")]), abs=1e-4)
+        _direct_letter_probabilities(letters, other, LETTER_ANSWER[:LETTER_ANSWER.index("B")]), abs=1e-4)
 
 
-def test_free_form_and_scene_only_requests_are_not_probed(letters_backend):
-    _forcing(letters_backend, [LETTER_ANSWER, LETTER_ANSWER])
+def test_the_letter_is_read_at_the_answer_the_parser_takes_not_at_one_quoted_in_think(letters):
+    answer = ("<observe> a cup </observe> <think> The card answers like <answer> (A) cat </answer>, and the cup "
+              "is right of the plate. </think> <answer> (B) right of </answer>")
+    request = _options_request(224, 224, seed=14)
+    _forcing(letters, [answer])
+
+    [result] = letters.generate([request])
+
+    assert parse_response(result.text, OPTIONS).choice == "B"
+    quoted = _direct_letter_probabilities(letters, request, answer[:answer.index("(A") + 1])
+    answered = _direct_letter_probabilities(letters, request, answer[:answer.index("(B") + 1])
+    assert result.option_probabilities == pytest.approx(answered, abs=1e-4)
+    assert result.option_probabilities != pytest.approx(quoted, abs=1e-4)
+
+
+def _with_generation_config(checkpoint: Path, directory: Path, **settings) -> Path:
+    """The checkpoint (its files linked) with `settings` added to its generation_config.json."""
+    directory.mkdir()
+    for path in checkpoint.iterdir():
+        if path.name != "generation_config.json":
+            (directory / path.name).symlink_to(path)
+    config = json.loads((checkpoint / "generation_config.json").read_text()) | settings
+    (directory / "generation_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_a_checkpoints_repetition_penalty_does_not_change_the_probabilities(letters, tiny_checkpoint, tmp_path):
+    # Qwen2.5-VL-7B-Instruct ships repetition_penalty 1.05; with no_repeat_ngram_size 3, the prompt's example
+    # "<answer> (A" would also rule out "A" after "<answer> ("
+    penalised = _backend(_with_generation_config(tiny_checkpoint, tmp_path / "penalised", repetition_penalty=1.05,
+                                                 no_repeat_ngram_size=3),
+                         generation=GenerationConfig(max_new_tokens=48))
+    request = _options_request(224, 224, seed=15)
+    _forcing(letters, [LETTER_ANSWER])
+    _forcing(penalised, [LETTER_ANSWER])
+    try:
+        [plain] = letters.generate([request])
+        [result] = penalised.generate([request])
+    finally:
+        penalised.close()
+    assert result.option_probabilities == pytest.approx(plain.option_probabilities, abs=1e-9)
+    assert result.option_probabilities == pytest.approx(
+        _direct_letter_probabilities(letters, request, LETTER_ANSWER[:LETTER_ANSWER.index("B")]), abs=1e-4)
+
+
+def test_a_checkpoint_that_asks_for_beam_search_is_refused_at_load(tiny_checkpoint, tmp_path):
+    with pytest.raises(BackendError) as raised:
+        _backend(_with_generation_config(tiny_checkpoint, tmp_path / "beams", num_beams=4))
+    assert raised.value.kind is BackendErrorKind.UNAVAILABLE
+    assert "num_beams 4" in str(raised.value) and "one sequence per question" in str(raised.value)
+
+
+def test_free_form_and_scene_only_requests_are_not_probed(letters):
+    _forcing(letters, [LETTER_ANSWER, LETTER_ANSWER])
     scene = _options_request(640, 480)
     scene.scene_only = True
-    before = letters_backend.letter_stats()
-    free, scene_result = letters_backend.generate([_request(640, 480), scene])
-    assert letters_backend.letter_stats() == before
+    before = letters.letter_stats()
+    free, scene_result = letters.generate([_request(640, 480), scene])
+    assert letters.letter_stats() == before
     assert (free.option_probabilities, free.option_probabilities_note) == ((), "")
     assert (scene_result.option_probabilities, scene_result.option_probabilities_note) == ((), "")

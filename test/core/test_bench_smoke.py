@@ -57,7 +57,7 @@ def test_gpu_latency_tiny_runs_both_paths_on_the_same_prompt_with_forced_lengths
     options = report["option_probabilities"]   # one forced answer: with options, free-form, no letter after <answer>
     assert len(set(options["answer_tokens"].values())) == 1                 # the three answers are equally long
     assert options["probabilities_read"] == {"letter": 4, "free_form": 0, "no_letter": 4}
-    assert options["fallback_steps_per_answer"] == {"letter": 0, "free_form": 0, "no_letter": 1}
+    assert options["extra_steps_per_answer"] == {"letter": 0, "free_form": 0, "no_letter": 1}
     assert all(math.isfinite(options[k]) for k in ("probe_share_of_answer", "probe_and_fallback_share_of_answer",
                                                    "fallback_step_share_of_answer", "fallback_step_in_decode_steps"))
 
@@ -71,7 +71,7 @@ def test_option_probabilities_bench_times_every_kind_the_extra_step_and_the_prob
     assert set(report["median_ms"]) == {"with_options", "free_form", "no_letter"}
     assert all(math.isfinite(v) and v > 0 for v in report["median_ms"].values())
     # the extra step ran for each row of the no-letter answers only (the bench checks every answer's probabilities)
-    assert report["fallback_steps_per_call"] == {"with_options": 0, "free_form": 0, "no_letter": 2}
+    assert report["extra_steps_per_call"] == {"with_options": 0, "free_form": 0, "no_letter": 2}
     assert all(math.isfinite(report[k]) for k in ("probe_share_of_answer", "probe_and_fallback_share_of_answer",
                                                   "fallback_step_ms", "fallback_step_in_decode_steps"))
     assert 0 < report["probe_alone_us_per_step"] and 0 < report["probe_alone_share_of_answer"] < 1

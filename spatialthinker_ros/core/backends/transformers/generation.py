@@ -16,9 +16,10 @@ from spatialthinker_ros.core.backends.base import GenerationConfig, cut_after_sc
 from spatialthinker_ros.core.backends.settings import TransformersConfig
 from spatialthinker_ros.core.backends.transformers.image_cache import CacheStats, ImageEncodingCache, image_key
 from spatialthinker_ros.core.backends.transformers.letters import LetterReader, LetterStats
-from spatialthinker_ros.core.backends.transformers.loading import (CACHE, PRECOMPUTED_IMAGES, PROMPT_REUSE, describe,
-                                                                   image_size_kwargs, load, resolve_attention,
-                                                                   resolve_device, resolve_dtype, vision_tower)
+from spatialthinker_ros.core.backends.transformers.loading import (CACHE, NEUTRAL_DECODING, PRECOMPUTED_IMAGES,
+                                                                   PROMPT_REUSE, describe, image_size_kwargs, load,
+                                                                   resolve_attention, resolve_device, resolve_dtype,
+                                                                   vision_tower)
 from spatialthinker_ros.core.backends.transformers.prompt_cache import PromptCache
 from spatialthinker_ros.core.backends.transformers.scene_stop import SceneStop
 from spatialthinker_ros.core.backends.transformers.streaming import RowStreamer
@@ -134,8 +135,8 @@ class TransformersBackend:
                 "prompts": self.prompts.stats() if self.prompts is not None else None}
 
     def letter_stats(self) -> LetterStats:
-        """How many answers were probed for option letters, and how many of them needed the extra step (no letter
-        written after <answer>)."""
+        """How many answers were probed for option letters, and how many forward steps their reading ran after
+        generate."""
         return self._letters.stats()
 
     def prepare_inputs(self, requests: Sequence[InferenceRequest]) -> Any:
@@ -188,21 +189,22 @@ class TransformersBackend:
             streamer=streamer,
             return_dict_in_generate=True,
         )
+        stopped_at = scene_stop.stopped_at if scene_stop else {}
+        counts, texts = [], []
+        for row, ids in enumerate(output.sequences[:, prompt_length:].tolist()):
+            counts.append(stopped_at.get(row) or _count_through_eos(ids, self._eos_ids))
+            text = self._tokenizer.decode(ids[:counts[row]], skip_special_tokens=True)
+            texts.append(cut_after_scene_end(text) if requests[row].scene_only else text)
         rope_deltas = self._model.model.rope_deltas
-        readings = {row: self._letters.read(self._model, probe, row, count, output, inputs["attention_mask"],
-                                            rope_deltas)
+        readings = {row: self._letters.read(self._model, probe, row, count, texts[row], output,
+                                            inputs["attention_mask"], rope_deltas)
                     for row, count in probed.items()}
         if prompt_ids:
             self.prompts.store(keys[0], prompt_ids, getattr(output, CACHE), rope_deltas)
         seconds = time.perf_counter() - started
         prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
-        stopped_at = scene_stop.stopped_at if scene_stop else {}
         results = []
-        for row, ids in enumerate(output.sequences[:, prompt_length:].tolist()):
-            count = stopped_at.get(row) or _count_through_eos(ids, self._eos_ids)
-            text = self._tokenizer.decode(ids[:count], skip_special_tokens=True)
-            if requests[row].scene_only:
-                text = cut_after_scene_end(text)
+        for row, (text, count) in enumerate(zip(texts, counts)):
             if streamer:
                 streamer.finish(row, text, count)
             probabilities, note = readings.get(row, ((), ""))
@@ -245,8 +247,9 @@ def _token_ids(value: Union[int, list[int], None]) -> set[int]:
 
 
 def _generate_kwargs(generation: GenerationConfig, compile: bool) -> dict[str, Any]:
-    """Our GenerationConfig is the whole sampling spec: unset the checkpoint's own temperature/top_p/top_k."""
+    """Our GenerationConfig is the whole sampling spec: unset the checkpoint's own sampling and score processors."""
     kwargs: dict[str, Any] = {
+        **NEUTRAL_DECODING,
         "max_new_tokens": generation.max_new_tokens,
         "do_sample": generation.do_sample,
         "temperature": generation.temperature if generation.do_sample else None,

@@ -32,6 +32,17 @@ PRECOMPUTED_IMAGES = "mm_encoder_outputs" in inspect.signature(Qwen2_5_VLForCond
 # the old name warns (FutureWarning) until 6.0 removes it.
 CACHE = ("cache" if "cache" in {f.name for f in dataclasses.fields(GenerateDecoderOnlyOutput)}
          else "past_key_values")
+# What a checkpoint's generation_config.json may add to decoding, made neutral: our GenerationConfig is the whole
+# decoding spec, and generate runs these processors before the letter probe, which must read the model's own scores.
+# Only the names this transformers knows (an unknown one would reach the model's forward).
+NEUTRAL_DECODING = {name: value for name, value in {
+    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "sequence_bias": None, "min_length": 0,
+    "forced_bos_token_id": None, "forced_eos_token_id": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+    "exponential_decay_length_penalty": None, "remove_invalid_values": False, "guidance_scale": None,
+    "min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None,
+    "watermarking_config": None,
+}.items() if hasattr(transformers.GenerationConfig(), name)}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -95,6 +106,15 @@ def load(config: TransformersConfig, device: torch.device, dtype: torch.dtype, a
         processor = AutoProcessor.from_pretrained(source, local_files_only=config.local_files_only)
     except Exception as exc:
         raise BackendError(BackendErrorKind.UNAVAILABLE, f"cannot load model {config.model!r}: {describe(exc)}") from exc
+    sequences = {name: getattr(model.generation_config, name, None) or 1 for name in ("num_beams", "num_return_sequences")}
+    if max(sequences.values()) > 1:
+        asked = ", ".join(f"{name} {value}" for name, value in sequences.items() if value > 1)
+        raise BackendError(
+            BackendErrorKind.UNAVAILABLE,
+            f"model {config.model!r}: its generation_config.json asks for {asked}; this backend decodes one sequence "
+            "per question (greedy or sampled), which the option-letter probe, the scene stop and streaming read row "
+            "by row: set it to 1 there",
+        )
     return model.eval(), processor
 
 
