@@ -6,7 +6,7 @@ fixed length, asked three ways.
 - with options: the letter probe follows every generated token and reads the letter after "<answer>";
 - free-form: the same answer without options (no probe);
 - no letter: with options, the same length, but nothing where the letter belongs ("<answer> right of"), so the
-  probe's extra step (one forward step from the generation's cache, as if "(" had followed) runs too.
+  probe's extra step (one forward step from the generation's cache, the card's " (" after ">") runs too.
 
 Runs alternate (one of each kind per round) so load on the machine hits all alike; ratios are medians of each
 round's ratios, measured in one run. On a shared machine the probe's end-to-end difference is within the noise,
