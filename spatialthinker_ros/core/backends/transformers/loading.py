@@ -37,7 +37,7 @@ CACHE = ("cache" if "cache" in {f.name for f in dataclasses.fields(GenerateDecod
 # Only the names this transformers knows (an unknown one would reach the model's forward).
 NEUTRAL_DECODING = {name: value for name, value in {
     "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
-    "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "sequence_bias": None, "min_length": 0,
+    "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "sequence_bias": None, "min_length": None,
     "forced_bos_token_id": None, "forced_eos_token_id": None, "suppress_tokens": None, "begin_suppress_tokens": None,
     "exponential_decay_length_penalty": None, "remove_invalid_values": False, "guidance_scale": None,
     "min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None,
