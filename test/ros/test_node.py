@@ -342,10 +342,10 @@ def test_stale_frames_refused(spawn, client, camera, replay_file):
 
 def test_busy_and_timeout(spawn, client, camera, replay_file, ros_context):
     camera()
-    # a generation takes 3 s and a request may take 4 s from acceptance: one waiting behind a whole generation
-    # times out, and the margins (1 s for one answered in time, 2 s for one that waits) hold on a loaded machine
-    proc = spawn(node_command(**replay_params(replay_file, replay_latency=3.0, queue_size=1, max_batch_size=1,
-                                           request_timeout=4.0)), name="node")
+    # a generation takes 4 s and a request may take 6 s from acceptance: one waiting behind a whole generation
+    # times out, and the margins (2 s for one answered in time, 2 s for one that waits) hold on a loaded machine
+    proc = spawn(node_command(**replay_params(replay_file, replay_latency=4.0, queue_size=1, max_batch_size=1,
+                                           request_timeout=6.0)), name="node")
     assert client.ask_until_ready(proc, question=QUESTION, options=OPTIONS).success
     # six at once: one runs, at most one waits (queue_size 1), the rest are refused. Whether the second
     # waits depends on whether the worker took the first before it arrived; the deterministic timeout is below.
