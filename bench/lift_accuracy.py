@@ -44,8 +44,8 @@ import numpy as np
 
 from bench._common import machine, per_call_us, percentile, quick_timing, table, timing_parser, write_results
 
-from spatialthinker_ros.core.geometry import (CameraIntrinsics, DepthImage, LiftConfig, box_in_depth,  # noqa: E402
-                                              depth_noise, lift_box)
+from spatialthinker_ros.core.depth_layers import depth_noise  # noqa: E402
+from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage, LiftConfig, box_in_depth, lift_box  # noqa: E402
 from spatialthinker_ros.core.types import Box, Position3D  # noqa: E402
 
 WIDTH, HEIGHT = 640, 480

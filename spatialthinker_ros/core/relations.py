@@ -54,7 +54,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Mapping, Optional
 
-from spatialthinker_ros.core.geometry import DEPTH_NOISE_PER_M, depth_noise
+from spatialthinker_ros.core.depth_layers import DEPTH_NOISE_PER_M, depth_noise
 from spatialthinker_ros.core.types import Position3D, RelationCheck, SceneGraph, SceneObject, SceneRelation
 
 

@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from hypothesis_profiles import examples
 
-from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage, LiftConfig, depth_layers, lift_box
+from spatialthinker_ros.core.depth_layers import depth_layers
+from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage, LiftConfig, lift_box
 from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result
 from spatialthinker_ros.core.types import Box, InferenceRequest, InferenceResult
 

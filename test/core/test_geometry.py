@@ -8,8 +8,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis_profiles import examples
 
-from spatialthinker_ros.core.geometry import (CameraIntrinsics, DepthImage, LiftConfig, depth_layers, depth_noise,
-                                              lift_box, map_box, map_scene)
+from spatialthinker_ros.core.depth_layers import depth_layers, depth_noise
+from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage, LiftConfig, lift_box, map_box, map_scene
 from spatialthinker_ros.core.types import Box, SceneGraph, SceneObject, SceneRelation
 
 K640 = CameraIntrinsics(fx=500.0, fy=520.0, cx=319.5, cy=239.5, width=640, height=480)
@@ -384,8 +384,8 @@ def test_layers_split_only_where_the_gap_exceeds_the_noise():
     rng = np.random.default_rng(3)
     sigma = depth_noise(2.0)
     near = 2.0 + sigma * rng.standard_normal(4000)
-    assert depth_layers(np.concatenate([near, near + 1.5 * sigma]).astype(np.float32)).count == 1
-    two = depth_layers(np.concatenate([near, near + 10 * sigma]).astype(np.float32))
+    assert depth_layers(np.concatenate([near, near + 1.5 * sigma]).astype(np.float32), step=0.001).count == 1
+    two = depth_layers(np.concatenate([near, near + 10 * sigma]).astype(np.float32), step=0.001)
     assert two.count == 2 and (two.labels[:4000] != 1).all() and (two.labels[4000:] != 0).all()
     assert (two.labels >= 0).mean() > 0.99     # the rest: a stray tail reading in a sparse bin, in no layer
     # 0.1 % in each noise-wide bin (a micrometre step: the noise sets every bin's width)

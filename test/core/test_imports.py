@@ -104,3 +104,12 @@ def test_a_cycle_through_a_deferred_or_type_checking_import_is_found(tmp_path: P
     graph = {name: imports_of(name, path, set(modules)) for name, path in modules.items()}
     assert graph == {"pkg.a": {"pkg.b"}, "pkg.b": {"pkg.a"}, "pkg.c": {"pkg.a"}}
     assert cycles(graph) == [["pkg.a", "pkg.b", "pkg.a"]]
+
+
+MAX_MODULE_LINES = 450   # a module past this holds more than one concern: split it by concern (docs/python-api.md)
+
+
+def test_no_module_is_longer_than_one_concern_needs():
+    lines = {name: len(path.read_text().splitlines()) for name, path in module_names().items()}
+    long = {name: n for name, n in lines.items() if n > MAX_MODULE_LINES}
+    assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"

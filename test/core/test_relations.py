@@ -12,7 +12,8 @@ from hypothesis_profiles import examples
 from sample_relations import DATA, EXPECTED, META, MODEL_BOXES, SAMPLE_ANSWER, answer_about, stated_positions
 
 from spatialthinker_ros.core.annotate import AMBIGUOUS_MARK, draw_scene, object_label
-from spatialthinker_ros.core.geometry import DEPTH_NOISE_PER_M, CameraIntrinsics, DepthImage, depth_noise
+from spatialthinker_ros.core.depth_layers import DEPTH_NOISE_PER_M, depth_noise
+from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage
 from spatialthinker_ros.core.pipeline import PipelineConfig, answer_dict, finish_result, prepare_request
 from spatialthinker_ros.core.relations import (VERDICT_COLOURS, RelationCheckConfig, check_scene, checked_predicate,
                                                contradictions, margin, normalise_predicate, verdict_label)
@@ -160,7 +161,7 @@ def test_the_depth_spread_of_each_surface_widens_the_margin_on_both_axes():
 
 
 def test_the_noise_model_is_the_lifts():
-    """One rule for depth noise: the margin's noise term is geometry.depth_noise at the configured constant."""
+    """One rule for depth noise: the margin's noise term is depth_layers.depth_noise at the configured constant."""
     config = RelationCheckConfig(margin_m=0.0, extent_fraction=0.0)
     here = Position3D(0.3, 0, 2.0, 0, 0, 0)
     assert config.depth_noise_per_m == DEPTH_NOISE_PER_M
