@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import eval_data
-from spatialthinker_ros.evaluation.calibration import ACCURACY_COVERAGE_PNG, RELIABILITY_PNG
+from spatialthinker_ros.evaluation.calibration import ACCURACY_SHARE_PNG, RELIABILITY_PNG
 from spatialthinker_ros.testing.http_server import ScriptedHandler, local_http_server
 
 REPO = Path(__file__).resolve().parents[2]
@@ -113,5 +113,5 @@ def test_an_evaluation_with_probabilities_writes_its_summary_and_pictures(venv: 
     assert done.returncode == 0, done.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["total"], summary["correct"]) == (eval_data.EXPECTED["total"], eval_data.EXPECTED["correct"])
-    for picture in (RELIABILITY_PNG, ACCURACY_COVERAGE_PNG):   # matplotlib
+    for picture in (RELIABILITY_PNG, ACCURACY_SHARE_PNG):   # matplotlib
         assert (out / picture).read_bytes().startswith(b"\x89PNG")
