@@ -69,7 +69,7 @@ def graph(tmp_path_factory):
                                                                                 folder / "held_released")))
     calibration = folder / "calibration.json"
     Calibration(threshold=0.6, coverage=0.9, n=300,
-                setup=CalibrationSetup.of("replay", None, None, MAX_INPUT_PIXELS, "model_card")).save(calibration)
+                setup=CalibrationSetup.replay(MAX_INPUT_PIXELS, "model_card")).save(calibration)
     context = new_context()
     with Processes(folder) as processes:
         node = processes.start(node_command(backend="replay", replay_file=str(replay), max_image_age=0.0,
