@@ -1,12 +1,11 @@
 """The MCP server's ROS 2 client of one spatialthinker node: the ask action (feedback, cancel), lifecycle state,
-parameters, ~/stats, and the node's camera topics (the frames an annotated image is drawn on, and their age).
+parameters, ~/stats, and the node's camera topics (the age of their newest frame, for node_status).
 Its own rclpy context and executor spin on a thread; the async methods are awaited on the server's event loop,
 and every wait is bounded: a node that is absent or goes away gives NodeUnavailable, never a hang."""
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 import os
 import threading
@@ -14,12 +13,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-import numpy as np
-
-from spatialthinker_ros.core.images import colour_to_rgb
-from spatialthinker_ros.core.request import MAX_REQUEST_IMAGE_PIXELS
-
-FRAMES_KEPT = 4           # per camera: the node answers on its newest frame or one of the two before it
 SERVER_CHECK_S = 0.25     # how often a wait looks whether the node is still there
 
 
@@ -64,10 +57,8 @@ class NodeLink:
         self._get_parameters = self._node.create_client(GetParameters, f"{self.path}/get_parameters")
         self.stats: Optional[dict[str, Any]] = None
         self._node.create_subscription(String, f"{self.path}/stats", self._on_stats, STATS_QOS)
-        self._frames: dict[str, collections.deque] = {}      # camera name -> its newest frames
-        self._recordings: dict[str, list[list]] = {}           # camera name -> the lists recording its frames
+        self._newest_stamps: dict[str, float] = {}   # camera name -> its newest frame's stamp (ROS seconds)
         self._camera_topics: dict[str, str] = {}
-        self._cameras_lock = threading.Lock()
         self._executor = SingleThreadedExecutor(context=self._context)
         self._executor.add_node(self._node)
         self._spinner = threading.Thread(target=self._spin, name="spatialthinker-mcp-ros", daemon=True)
@@ -190,8 +181,6 @@ class NodeLink:
                     continue
                 transport = "image/compressed" if compressed else "image"
                 topic = f"{self.namespace.rstrip('/')}/{topic_prefix(name)}{transport}"
-                with self._cameras_lock:
-                    self._frames[name] = collections.deque(maxlen=FRAMES_KEPT)
                 self._node.create_subscription(CompressedImage if compressed else Image, topic,
                                                lambda message, name=name: self._on_frame(name, message),
                                                qos_profile_sensor_data)
@@ -201,45 +190,13 @@ class NodeLink:
         return self._camera_topics
 
     def _on_frame(self, camera: str, message: Any) -> None:
-        with self._cameras_lock:
-            self._frames[camera].append(message)
-            for recording in self._recordings.get(camera, ()):
-                recording.append(message)
-
-    def record_frames(self, camera: str) -> Callable[[], list]:
-        """Keeps the camera's newest frames and every one that arrives from now on, until the returned stop() is
-        called (when the node has taken its frame: the goal's first feedback); stop() returns them."""
-        with self._cameras_lock:
-            recording = list(self._frames.get(camera, ()))
-            self._recordings.setdefault(camera, []).append(recording)
-
-        def stop() -> list:
-            with self._cameras_lock:
-                if any(r is recording for r in self._recordings.get(camera, ())):
-                    self._recordings[camera] = [r for r in self._recordings[camera] if r is not recording]
-            return recording
-        return stop
+        stamp = message.header.stamp
+        self._newest_stamps[camera] = stamp.sec + stamp.nanosec * 1e-9
 
     def last_frame_age_s(self, camera: str) -> Optional[float]:
-        frames = self._frames.get(camera)
-        if not frames:
-            return None
-        stamp = frames[-1].header.stamp
-        return max(0.0, self.now_s() - (stamp.sec + stamp.nanosec * 1e-9))
-
-    async def wait_for_frame(self, camera: str, timeout_s: float) -> None:
-        """Until the camera's topic has delivered a frame here (so the one the node answers on is kept)."""
-        deadline = time.monotonic() + timeout_s
-        while not self._frames.get(camera) and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-
-    @staticmethod
-    def frame(frames: list, stamp: tuple[int, int]) -> Optional[np.ndarray]:
-        """The recorded frame (record_frames) with this (sec, nanosec) stamp, as RGB; None when there is none."""
-        for message in reversed(frames):
-            if (message.header.stamp.sec, message.header.stamp.nanosec) == stamp:
-                return colour_to_rgb(message, MAX_REQUEST_IMAGE_PIXELS)
-        return None
+        """ROS time since the newest frame this link received from the camera's topic; None before the first."""
+        stamp = self._newest_stamps.get(camera)
+        return None if stamp is None else max(0.0, self.now_s() - stamp)
 
     def close(self) -> None:
         """Stop spinning before the node and context go: rclpy aborts the process if a spinning thread outlives

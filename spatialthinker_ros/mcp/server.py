@@ -18,19 +18,19 @@ import hmac
 import ipaddress
 import os
 import sys
-from dataclasses import dataclass
 from typing import Annotated, Any, Callable, Optional, Sequence
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.types import CallToolResult, ImageContent, TextContent, ToolAnnotations
 from pydantic import Field
 
+from spatialthinker_ros.core.images import colour_to_rgb
+from spatialthinker_ros.core.request import MAX_REQUEST_IMAGE_PIXELS
 from spatialthinker_ros.mcp import results
 from spatialthinker_ros.mcp.node_link import NodeLink, NodeUnavailable, Progress
 
 PROG = "spatialthinker_mcp"
 DEFAULT_PORT = 8765
-FRAME_WAIT_S = 2.0         # include_image: how long the first call waits for the camera topic's first frame here
 FEEDBACK_GRACE_S = 0.5     # feedback has its own topic: the scene-ready message may come just after the result
 READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=False,
                             open_world_hint=False)
@@ -54,22 +54,15 @@ def _stamp(header: Any) -> float:
     return header.stamp.sec + header.stamp.nanosec * 1e-9
 
 
-@dataclass(frozen=True)
-class Answered:
-    answer: Any            # spatialthinker_ros/msg/SpatialAnswer
-    frames: list           # colour frames recorded while the node took its frame (empty unless asked for)
-
-
 class SpatialTools:
     """The four tools over one NodeLink; every node outcome becomes one tool result."""
 
     def __init__(self, link: NodeLink, timeout_s: float):
         self.link, self.timeout_s = link, timeout_s
 
-    async def _ask(self, ctx: Context, frames_of: Optional[str] = None, **goal: Any) -> Any:
+    async def _ask(self, ctx: Context, **goal: Any) -> Any:
         """One goal, its feedback relayed as MCP progress (1, 2, 3, ... with the stage in the message); the
-        Answered, or a CallToolResult error. With `frames_of` (a camera name), the frames that camera sent until
-        the node took one (its first feedback) come with it."""
+        successful action Result, or a CallToolResult error."""
         from spatialthinker_ros.ros.conversions import error_code_name
 
         wants_progress = bool(ctx.request_context.meta and ctx.request_context.meta.get("progress_token"))
@@ -89,16 +82,9 @@ class SpatialTools:
                     scene_ready.set()
                 queue.task_done()
 
-        stop_recording = self.link.record_frames(frames_of) if frames_of is not None else (lambda: [])
-
-        def on_progress(progress: Progress) -> None:
-            stop_recording()
-            queue.put_nowait(progress)
-
         relaying = asyncio.ensure_future(relay())
         try:
-            result = await self.link.ask(self.timeout_s, on_progress, **goal)
-            frames = stop_recording()
+            result = await self.link.ask(self.timeout_s, queue.put_nowait, **goal)
             if wants_progress and result.success and result.answer.scene_graph.objects:
                 with contextlib.suppress(asyncio.TimeoutError):   # feedback has its own topic: it may come late
                     await asyncio.wait_for(scene_ready.wait(), FEEDBACK_GRACE_S)
@@ -106,43 +92,29 @@ class SpatialTools:
         except NodeUnavailable as exc:
             return _error("NODE_UNAVAILABLE", str(exc))
         finally:
-            stop_recording()
             relaying.cancel()
         if not result.success:
             return _error(error_code_name(result.error_code), result.message)
-        return Answered(result.answer, frames)
+        return result
 
     def _frame(self, answer: Any) -> dict:
         return {"stamp": _stamp(answer.header), "camera": answer.camera, "frame_id": answer.header.frame_id}
 
-    async def _image_camera(self, camera: str) -> str:
-        """The camera whose frames to record for an annotated image (subscribed to before the goal, so the frame
-        answered on is recorded); NodeUnavailable when the node's cameras cannot be read."""
-        name = camera or next(iter(await self.link.watch_cameras()), "")
-        await self.link.wait_for_frame(name, FRAME_WAIT_S)
-        return name
-
-    def _image(self, answered: Answered, scene_caption: str) -> list[Any]:
+    @staticmethod
+    def _image(result: Any, scene_caption: str) -> list[Any]:
+        """The frame the node answered on (the goal's return_image) with the answer's scene graph drawn."""
         from spatialthinker_ros.ros.conversions import scene_graph_from_msg
 
-        answer = answered.answer
-        stamp = answer.header.stamp
-        rgb = self.link.frame(answered.frames, (stamp.sec, stamp.nanosec))
-        if rgb is None:
-            return [TextContent(type="text", text="image not included: the frame answered on did not reach this "
-                                                  "server (a request image, or a camera topic it cannot see)")]
-        jpeg = results.annotated_jpeg(rgb, scene_graph_from_msg(answer.scene_graph), scene_caption)
+        rgb = colour_to_rgb(result.image, MAX_REQUEST_IMAGE_PIXELS)
+        jpeg = results.annotated_jpeg(rgb, scene_graph_from_msg(result.answer.scene_graph), scene_caption)
         return [ImageContent(type="image", data=base64.b64encode(jpeg).decode("ascii"), mime_type="image/jpeg")]
 
     async def ask_spatial(self, ctx: Context, question: str, options: list[str], camera: str,
                           include_image: bool) -> CallToolResult:
         from spatialthinker_ros.ros.conversions import answer_from_msg
 
-        try:
-            frames_of = await self._image_camera(camera) if include_image else None
-        except NodeUnavailable as exc:
-            return _error("NODE_UNAVAILABLE", str(exc))
-        outcome = await self._ask(ctx, frames_of, question=question, options=list(options), camera=camera)
+        outcome = await self._ask(ctx, question=question, options=list(options), camera=camera,
+                                  return_image=include_image)
         if isinstance(outcome, CallToolResult):
             return outcome
         answer = outcome.answer
@@ -155,11 +127,12 @@ class SpatialTools:
             content += self._image(outcome, parsed.answer or parsed.status.name.lower())
         return CallToolResult(content=content, structured_content=result.model_dump(mode="json"))
 
-    async def _scene(self, ctx: Context, camera: str, frames_of: Optional[str] = None) -> tuple[Any, Any]:
+    async def _scene(self, ctx: Context, camera: str, include_image: bool = False) -> tuple[Any, Any]:
         """The scene-only answer's SceneResult (or a CallToolResult error) and the action Result."""
         from spatialthinker_ros.ros.conversions import answer_from_msg
 
-        outcome = await self._ask(ctx, frames_of, question=results.SCENE_QUESTION, camera=camera, scene_only=True)
+        outcome = await self._ask(ctx, question=results.SCENE_QUESTION, camera=camera, scene_only=True,
+                                  return_image=include_image)
         if isinstance(outcome, CallToolResult):
             return outcome, None
         parsed, inference = answer_from_msg(outcome.answer)
@@ -167,11 +140,7 @@ class SpatialTools:
                                     inference.seconds), outcome
 
     async def describe_scene(self, ctx: Context, camera: str, include_image: bool) -> CallToolResult:
-        try:
-            frames_of = await self._image_camera(camera) if include_image else None
-        except NodeUnavailable as exc:
-            return _error("NODE_UNAVAILABLE", str(exc))
-        scene, outcome = await self._scene(ctx, camera, frames_of)
+        scene, outcome = await self._scene(ctx, camera, include_image)
         if isinstance(scene, CallToolResult):
             return scene
         content: list[Any] = [TextContent(type="text", text=results.scene_summary(scene))]

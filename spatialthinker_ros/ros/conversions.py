@@ -6,6 +6,8 @@ when a request uses a frame), re-exported here so the ROS layer has one place to
 
 from __future__ import annotations
 
+from typing import Optional
+
 import cv2
 import numpy as np
 from builtin_interfaces.msg import Duration
@@ -47,13 +49,16 @@ def error_code_name(code: int) -> str:
     return f"unknown error code {code}"
 
 
-def fill_response(response, outcome: SpatialAnswer | RequestError):
-    """An AskSpatial service response or action result with the answer, or with the error's code and message."""
+def fill_response(response, outcome: SpatialAnswer | RequestError, frame: Optional[np.ndarray] = None):
+    """An AskSpatial service response or action result with the answer (and `frame`, the RGB image it is about,
+    when the request's return_image asked for it), or with the error's code and message."""
     if isinstance(outcome, RequestError):
         response.success, response.error_code, response.message = False, ERROR_CODES[outcome.code], str(outcome)
     else:
         response.success, response.error_code, response.message = True, AskSpatial.Response.ERROR_NONE, ""
         response.answer = outcome
+        if frame is not None:
+            response.image = rgb_to_image_msg(frame, outcome.header)
     return response
 
 

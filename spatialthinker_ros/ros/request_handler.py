@@ -11,7 +11,9 @@ import concurrent.futures
 import dataclasses
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, NamedTuple, Optional
+
+import numpy as np
 
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import CallbackGroup
@@ -42,6 +44,13 @@ REQUEST_QUEUE_DEPTH = 1000  # requests (all callers together) that may arrive fa
 # "no frame yet" is what a caller sees while a camera starts (a frame that cannot be decoded is warned where it is
 # dropped: core/sources.py)
 _TOLD_THE_CALLER_ONLY = (ErrorCode.BUSY, ErrorCode.NOT_ACTIVE, ErrorCode.NO_IMAGE)
+
+
+class Reply(NamedTuple):
+    """What one request gets: its answer or error, and the RGB image it is about when return_image asked for it."""
+
+    outcome: SpatialAnswer | RequestError
+    frame: Optional[np.ndarray] = None
 
 
 @dataclass(frozen=True)
@@ -90,15 +99,15 @@ class RequestHandler:
         return self._node.get_parameter(name).value
 
     async def on_ask_service(self, request: AskSpatial.Request, response: AskSpatial.Response):
-        outcome = await self._answer(request, uuid.uuid4().hex[:16], feedback=None)
+        reply = await self._answer(request, uuid.uuid4().hex[:16], feedback=None)
         self._on_answered()
-        return fill_response(response, outcome)
+        return fill_response(response, *reply)
 
     async def on_ask_goal(self, goal_handle):
         request_id = bytes(goal_handle.goal_id.uuid).hex()
-        outcome = await self._answer(goal_handle.request, request_id, goal_feedback(goal_handle))
+        reply = await self._answer(goal_handle.request, request_id, goal_feedback(goal_handle))
         self._on_answered()
-        result = fill_response(AskSpatialAction.Result(), outcome)
+        result = fill_response(AskSpatialAction.Result(), *reply)
         if goal_handle.is_cancel_requested:
             goal_handle.canceled()
         elif result.success:
@@ -115,7 +124,7 @@ class RequestHandler:
             ticket.cancel()      # frees the queue place; a running generation finishes but is discarded
         return CancelResponse.ACCEPT
 
-    async def _answer(self, request, request_id: str, feedback) -> SpatialAnswer | RequestError:
+    async def _answer(self, request, request_id: str, feedback) -> Reply:
         """Translate the message, submit, publish. Every path returns an answer or a RequestError."""
         self.in_progress += 1
         try:
@@ -143,17 +152,17 @@ class RequestHandler:
             result = flow.finish(configured.backend)
             answer = spatial_answer_msg(result, source.header, request_id, source.camera, request.question, options)
             self._publish(configured.outputs, answer, result, source)
-            return answer
+            return Reply(answer, source.rgb if request.return_image else None)
         except RequestError as failure:
             if failure.code in _TOLD_THE_CALLER_ONLY:
                 self._node.get_logger().debug(f"request {request_id} failed: {failure}")
             else:   # throttled: callers control the rate
                 self._warn_throttled(f"request/{failure.code.value}", f"request {request_id} failed: {failure}")
-            return failure
+            return Reply(failure)
         except Exception as exc:   # a bug must still answer the caller, and never stop the node
             self._node.get_logger().error(
                 f"request {request_id}: unexpected {type(exc).__name__}: {excerpt(exc, 2000)}")
-            return internal_error(exc)
+            return Reply(internal_error(exc))
         finally:
             self._cancelled.discard(request_id)
             self.in_progress -= 1

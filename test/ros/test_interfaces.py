@@ -43,9 +43,12 @@ def test_every_interface_imports_with_documented_fields():
     assert (SpatialAnswer.STATUS_COMPLETE, SpatialAnswer.STATUS_PARTIAL, SpatialAnswer.STATUS_NO_ANSWER) == (0, 1, 2)
     request_fields = AskSpatial.Request.get_fields_and_field_types()
     assert request_fields == {"question": "string", "options": "sequence<string>", "camera": "string",
-                              "image": "sensor_msgs/Image", "scene_only": "boolean", "max_image_age": "double"}
+                              "image": "sensor_msgs/Image", "scene_only": "boolean", "max_image_age": "double",
+                              "return_image": "boolean"}
     assert AskSpatialAction.Goal.get_fields_and_field_types() == request_fields
     response_fields = AskSpatial.Response.get_fields_and_field_types()
+    assert response_fields == {"success": "boolean", "error_code": "uint8", "message": "string",
+                               "answer": "spatialthinker_ros/SpatialAnswer", "image": "sensor_msgs/Image"}
     assert AskSpatialAction.Result.get_fields_and_field_types() == response_fields
     codes = ["NONE", "INVALID_REQUEST", "NO_IMAGE", "STALE_IMAGE", "UNKNOWN_CAMERA", "BUSY", "BACKEND", "TIMEOUT",
              "NOT_ACTIVE", "CANCELLED"]

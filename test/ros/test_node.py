@@ -9,8 +9,11 @@ import psutil
 import pytest
 from lifecycle_msgs.msg import Transition
 from sensor_msgs.msg import Image
+from std_msgs.msg import Header
 
 from spatialthinker_ros.action import AskSpatial as AskSpatialAction
+from spatialthinker_ros.core.images import colour_to_rgb
+from spatialthinker_ros.ros.conversions import rgb_to_compressed_msg
 from spatialthinker_ros.testing.node_client import spin_future, spin_until
 from spatialthinker_ros.testing.processes import node_command
 from spatialthinker_ros.msg import SceneRelation, SpatialAnswer
@@ -26,6 +29,7 @@ def test_replay_answer_field_by_field_with_3d_markers_and_debug_image(spawn, cli
     proc = spawn(node_command(**replay_params(replay_file)), name="node")
     response = client.ask_until_ready(proc, with_depth=True, question=QUESTION, options=OPTIONS)
     assert response.success, response.message
+    assert (response.image.width, response.image.height, len(response.image.data)) == (0, 0, 0), "not asked for"
     answer = response.answer
     assert (answer.answer, answer.choice, answer.status) == ("(A) left of", "A", SpatialAnswer.STATUS_COMPLETE)
     assert answer.observation == "A cup and a plate on a table." and "left of the plate" in answer.reasoning
@@ -70,6 +74,13 @@ def test_replay_answer_field_by_field_with_3d_markers_and_debug_image(spawn, cli
     drawn = np.frombuffer(debug.data, np.uint8).reshape(480, 640, 3)
     assert not np.array_equal(drawn, cam.rgb), "boxes were drawn"
     assert np.array_equal(drawn[470:, 600:], cam.rgb[470:, 600:]), "away from boxes and caption, pixels unchanged"
+    # return_image: the very frame answered on, undrawn, with the answer's header
+    response = client.ask(question=QUESTION, options=OPTIONS, return_image=True)
+    assert response.success, response.message
+    frame = response.image
+    assert (frame.width, frame.height, frame.encoding, frame.step) == (640, 480, "rgb8", 640 * 3)
+    assert frame.header == response.answer.header
+    assert np.array_equal(np.frombuffer(frame.data, np.uint8).reshape(480, 640, 3), cam.rgb)
     assert proc.alive()
 
 
@@ -206,12 +217,19 @@ def test_transformers_backend_tiny_checkpoint_service_and_action(spawn, client, 
 
 
 def test_compressed_input(spawn, client, camera, replay_file):
-    camera(compressed=True)
+    cam = camera(compressed=True)
     proc = spawn(node_command(**replay_params(replay_file, image_transport="compressed")), name="node")
     response = client.ask_until_ready(proc, question=QUESTION, options=OPTIONS)
     assert response.success, response.message
     assert (response.answer.scene_graph.image_width, response.answer.scene_graph.image_height) == (640, 480)
     assert response.answer.scene_graph.objects[1].x_max == pytest.approx(500)
+    # the action's return_image: the JPEG frame the node decoded, as rgb8
+    result = client.ask_action(question=QUESTION, options=OPTIONS, return_image=True)
+    assert result.success, result.message
+    assert (result.image.width, result.image.height, result.image.encoding) == (640, 480, "rgb8")
+    assert result.image.header == result.answer.header
+    sent = colour_to_rgb(rgb_to_compressed_msg(cam.rgb, Header()), 640 * 480)   # as FakeCamera sends it
+    assert np.array_equal(np.frombuffer(result.image.data, np.uint8).reshape(480, 640, 3), sent), "JPEG decoded"
 
 
 def vm_peak_mb(proc) -> float:
@@ -318,11 +336,14 @@ def test_error_codes(spawn, client, camera, replay_file):
         assert (response.success, response.error_code) == (False, code), (fields, response.message)
         assert text in response.message, (text, response.message)
     # a request image is used instead of the camera, with its own header
-    image = Image(width=64, height=48, encoding="bgr8", step=64 * 3, data=bytes(64 * 48 * 3))
+    bgr = np.random.default_rng(0).integers(0, 256, (48, 64, 3), np.uint8)
+    image = Image(width=64, height=48, encoding="bgr8", step=64 * 3, data=bgr.tobytes())
     image.header.frame_id = "given"
-    response = client.ask(question=QUESTION, options=OPTIONS, image=image)
+    response = client.ask(question=QUESTION, options=OPTIONS, image=image, return_image=True)
     assert response.success and response.answer.header.frame_id == "given" and response.answer.camera == ""
     assert response.answer.scene_graph.image_width == 64
+    returned = np.frombuffer(response.image.data, np.uint8).reshape(48, 64, 3)
+    assert response.image.encoding == "rgb8" and np.array_equal(returned, bgr[..., ::-1]), "the request's image"
     # malformed model output is an answer with status, not an error
     response = client.ask(question="broken?")
     assert response.success and response.answer.status == SpatialAnswer.STATUS_PARTIAL
