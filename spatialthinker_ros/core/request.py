@@ -1,17 +1,18 @@
 """Every rule on what a caller may ask, and the one error type that refuses a request.
 
 The ROS node and `spatialthinker-ask` both apply these rules, so the same bad request gets the same error code
-and message from either. Each rule is here once: the question and its options, the request image (layout,
-pixels, aspect, frame_id), the size the model is given, depth/colour registration, image age, and the one retry
-after the backend ran out of memory. `ErrorCode` is mapped to the AskSpatial.srv constants in the ROS layer only
-(ros/conversions.py); the command line prints its value.
+and message from either. Each rule is here once: the question and its options, a caller's request id, the request
+image (layout, pixels, aspect, frame_id), the size the model is given, depth/colour registration, image age, and the
+one retry after the backend ran out of memory. `ErrorCode` is mapped to the AskSpatial.srv constants in the ROS layer
+only (ros/conversions.py); the command line prints its value.
 """
 
 from __future__ import annotations
 
 import enum
 import math
-from typing import Mapping, Optional, Sequence
+import re
+from typing import Container, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -29,6 +30,7 @@ OOM_RETRY_SCALE = 0.5           # per side, for the one retry after the backend 
 OOM_RETRY_MIN_PIXELS = 200_000  # smaller images are not retried: halving them would not help
 PATCH = 28                      # Qwen2.5-VL's resize factor: 14-pixel patches merged 2x2
 QWEN_MIN_PIXELS = 56 * 56       # Qwen2.5-VL's image processor's own min_pixels
+REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")   # a caller's request_id (srv/AskSpatial.srv)
 
 
 class ErrorCode(enum.Enum):
@@ -73,6 +75,16 @@ class InvalidRequest(RequestError, ValueError):
 class ImageError(ValueError):
     """An image whose layout or content cannot be used; the message says exactly why. A request image that fails
     is an invalid request; a camera frame that fails is dropped."""
+
+
+def check_request_id(request_id: str, in_progress: Container[str]) -> str:
+    """A caller's request_id, which the answer carries and ~/cancel names: short and printable (it is logged), and
+    not that of a request still in progress (a cancel must name one request)."""
+    if not REQUEST_ID.fullmatch(request_id):
+        raise InvalidRequest(f"request_id {excerpt(request_id, 80)!r} is not 1 to 64 characters of A-Z a-z 0-9 _ . : -")
+    if request_id in in_progress:
+        raise InvalidRequest(f"request_id {request_id!r} is that of a request still in progress")
+    return request_id
 
 
 def check_question(question: str, options: Sequence[str], config: PromptConfig = PromptConfig()) -> Question:

@@ -23,7 +23,7 @@ from rclpy.qos import QoSProfile
 from spatialthinker_ros.action import AskSpatial as AskSpatialAction
 from spatialthinker_ros.core.ask import AskFlow
 from spatialthinker_ros.core.pipeline import PipelineConfig
-from spatialthinker_ros.core.request import ErrorCode, RequestError, check_question, internal_error
+from spatialthinker_ros.core.request import ErrorCode, RequestError, check_question, check_request_id, internal_error
 from spatialthinker_ros.core.runtime import BackendRuntime
 from spatialthinker_ros.core.scheduling import RequestCancelled, Ticket
 from spatialthinker_ros.core.sources import (Source, SourceSettings, camera_source, choose_camera, has_request_image,
@@ -37,7 +37,7 @@ from spatialthinker_ros.ros.feedback import FeedbackSink, goal_feedback
 from spatialthinker_ros.ros.handoff import ExecutorHandoff
 from spatialthinker_ros.ros.outputs import AnswerOutputs
 from spatialthinker_ros.ros.throttle import ThrottledWarnings
-from spatialthinker_ros.srv import AskSpatial
+from spatialthinker_ros.srv import AskSpatial, CancelAsk
 
 REQUEST_QUEUE_DEPTH = 1000  # requests (all callers together) that may arrive faster than they are taken
 # Failures logged at debug level only, the caller being told: busy and not active follow the callers' own rate, and
@@ -76,9 +76,9 @@ class RequestHandler:
         self._lifecycle_state = lifecycle_state
         self._on_answered = on_answered
         self.configured: Optional[Configured] = None   # set by configure, None again after cleanup
-        self.in_progress = 0                            # accepted and not yet answered
+        self._requests: set[str] = set()                # ids of the requests taken and not yet answered
         self._tickets: dict[str, Ticket] = {}          # request id -> ticket, while queued or running
-        self._cancelled: set[str] = set()               # action goals cancelled while their request runs
+        self._cancelled: set[str] = set()               # requests cancelled while in progress
         self._action_server: Optional[ActionServer] = None   # offered by serve()
 
     def serve(self, group: CallbackGroup) -> None:
@@ -89,6 +89,8 @@ class RequestHandler:
         # reads its responses then fills the reply writer's history until send_response raises, stopping the node.
         qos = QoSProfile(depth=REQUEST_QUEUE_DEPTH)
         self._node.create_service(AskSpatial, "~/ask", self.on_ask_service, qos_profile=qos, callback_group=group)
+        self._node.create_service(CancelAsk, "~/cancel", self.on_cancel_service, qos_profile=qos,
+                                  callback_group=group)
         self._action_server = ActionServer(
             self._node, AskSpatialAction, "~/ask_action", self.on_ask_goal,
             goal_callback=lambda goal: GoalResponse.ACCEPT, cancel_callback=self.on_cancel,
@@ -98,10 +100,25 @@ class RequestHandler:
     def _param(self, name: str):
         return self._node.get_parameter(name).value
 
+    @property
+    def in_progress(self) -> int:
+        """Requests taken and not yet answered."""
+        return len(self._requests)
+
     async def on_ask_service(self, request: AskSpatial.Request, response: AskSpatial.Response):
-        reply = await self._answer(request, uuid.uuid4().hex[:16], feedback=None)
+        try:
+            request_id = (check_request_id(request.request_id, self._requests) if request.request_id
+                          else uuid.uuid4().hex[:16])
+        except RequestError as failure:
+            reply = Reply(failure)
+        else:
+            reply = await self._answer(request, request_id, feedback=None)
         self._on_answered()
         return fill_response(response, *reply)
+
+    def on_cancel_service(self, request: CancelAsk.Request, response: CancelAsk.Response):
+        response.cancelled = self._cancel(request.request_id)
+        return response
 
     async def on_ask_goal(self, goal_handle):
         request_id = bytes(goal_handle.goal_id.uuid).hex()
@@ -117,16 +134,22 @@ class RequestHandler:
         return result
 
     def on_cancel(self, goal_handle) -> CancelResponse:
-        request_id = bytes(goal_handle.goal_id.uuid).hex()
-        self._cancelled.add(request_id)   # also between two tries, when no ticket is queued
+        self._cancel(bytes(goal_handle.goal_id.uuid).hex())
+        return CancelResponse.ACCEPT
+
+    def _cancel(self, request_id: str) -> bool:
+        """Cancel a request in progress (False: none has this id). Its caller gets ERROR_CANCELLED."""
+        if request_id not in self._requests:
+            return False
+        self._cancelled.add(request_id)   # also before its first try and between two tries, when no ticket is queued
         ticket = self._tickets.get(request_id)
         if ticket is not None:
             ticket.cancel()      # frees the queue place; a running generation finishes but is discarded
-        return CancelResponse.ACCEPT
+        return True
 
     async def _answer(self, request, request_id: str, feedback) -> Reply:
         """Translate the message, submit, publish. Every path returns an answer or a RequestError."""
-        self.in_progress += 1
+        self._requests.add(request_id)
         try:
             configured = self.configured
             if self._runtime.scheduler is None or configured is None:
@@ -165,7 +188,7 @@ class RequestHandler:
             return Reply(internal_error(exc))
         finally:
             self._cancelled.discard(request_id)
-            self.in_progress -= 1
+            self._requests.discard(request_id)
 
     async def _run(self, attempt: InferenceRequest, feedback) -> InferenceResult | BackendError:
         """Queue the request and wait for the worker, without blocking the executor. The scheduler's refusals
@@ -173,8 +196,8 @@ class RequestHandler:
         scheduler = self._runtime.scheduler
         if scheduler is None:
             raise RequestError("node is not active", ErrorCode.NOT_ACTIVE)
-        if attempt.request_id in self._cancelled:   # cancelled after the first try ended: no second one
-            raise RequestCancelled("request cancelled between its two tries")
+        if attempt.request_id in self._cancelled:   # before its first try, or after the first ended: no (next) try
+            raise RequestCancelled("request cancelled")
         on_start = None
         if feedback:
             generating = lambda: feedback(AskSpatialAction.Feedback.STAGE_GENERATING, 0, None)

@@ -108,13 +108,19 @@ def test_latency_is_spent_once_per_batch(replay_file: Path):
     assert all(result.seconds >= latency for result in results)
 
 
-def test_a_held_line_generates_until_its_file_exists(tmp_path: Path):
-    release = tmp_path / "release"
+def test_a_held_line_generates_until_its_file_exists_and_says_when_it_started(tmp_path: Path):
+    release, started = tmp_path / "release", tmp_path / "started"
     path = tmp_path / "held.jsonl"
-    path.write_text(json.dumps({"question": QUESTION, "response": RESPONSE, "until_file": str(release)}) + "\n")
+    path.write_text(json.dumps({"question": QUESTION, "response": RESPONSE, "until_file": str(release),
+                                "started_file": str(started)}) + "\n")
     backend = ReplayBackend(ReplayConfig(str(path), latency_s=60.0))
+    assert not started.exists()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         generating = pool.submit(backend.generate, [_request(QUESTION)])
+        deadline = time.monotonic() + 30
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert started.exists(), "a generation matching the line creates its started_file"
         with pytest.raises(concurrent.futures.TimeoutError):
             generating.result(timeout=0.2)          # held: nothing ends it but the file (or 60 s)
         release.touch()
@@ -131,6 +137,7 @@ def test_a_held_line_generates_until_its_file_exists(tmp_path: Path):
     [
         ('{"question": "q", "response": ', "not valid JSON"),
         ('{"question": "q", "response": "r", "until_file": ""}', '"until_file" must be a non-empty path'),
+        ('{"question": "q", "response": "r", "started_file": 7}', '"started_file" must be a non-empty path'),
         ('["q", "r"]', 'string "question" and "response"'),
         ('{"question": "q"}', 'string "question" and "response"'),
         ('{"question": "q", "response": 3}', 'string "question" and "response"'),

@@ -9,8 +9,9 @@ from spatialthinker_ros.core.backends.base import GenerationConfig
 from spatialthinker_ros.core.pipeline import PipelineConfig, answer_dict, finish_result, prepare_request, smaller_request
 from spatialthinker_ros.core.prompt import PromptConfig
 from spatialthinker_ros.core.request import (ErrorCode, ImageError, InvalidRequest, RequestError, answered,
-                                             check_raw_layout, check_image_age, check_question, depth_aspect_mismatch,
-                                             max_image_age, model_image_size, oom_retry_pixels, smart_resize)
+                                             check_raw_layout, check_image_age, check_question, check_request_id,
+                                             depth_aspect_mismatch, max_image_age, model_image_size, oom_retry_pixels,
+                                             smart_resize)
 from spatialthinker_ros.core.scheduling import QueueFull, RequestCancelled, RequestTimeout, SchedulerStopped
 from spatialthinker_ros.core.text import excerpt
 from spatialthinker_ros.core.types import BackendError, BackendErrorKind, InferenceResult
@@ -138,3 +139,18 @@ def test_an_unexpected_exception_becomes_a_bounded_reply():
     assert error.code is ErrorCode.BACKEND
     assert str(error).startswith("internal error: ValueError: could not convert xxx")
     assert len(str(error)) < MAX_INTERNAL_ERROR_CHARS + 100
+
+
+@pytest.mark.parametrize("request_id", ["pick-7", "a", "x" * 64, "mcp-0f3a.plan:2_b"])
+def test_a_request_id_of_the_allowed_form_is_taken(request_id):
+    assert check_request_id(request_id, {"other"}) == request_id
+
+
+@pytest.mark.parametrize(("request_id", "problem"), [
+    ("x" * 65, "1 to 64 characters"), ("has space", "1 to 64 characters"), ("new\nline", "1 to 64 characters"),
+    ("ünï", "1 to 64 characters"), ("busy", "still in progress"),
+])
+def test_a_request_id_of_another_form_or_in_progress_is_an_invalid_request(request_id, problem):
+    with pytest.raises(InvalidRequest, match=problem) as refused:
+        check_request_id(request_id, {"busy"})
+    assert len(str(refused.value)) < 200, "the message stays short whatever was sent"

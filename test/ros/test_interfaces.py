@@ -13,7 +13,7 @@ from sensor_msgs.msg import Image
 from spatialthinker_ros.action import AskSpatial as AskSpatialAction
 from spatialthinker_ros.core.types import RelationCheck
 from spatialthinker_ros.msg import SceneGraph, SceneObject, SceneRelation, SpatialAnswer
-from spatialthinker_ros.srv import AskSpatial
+from spatialthinker_ros.srv import AskSpatial, CancelAsk
 
 PEER = str(Path(__file__).parent / "interface_peer.py")
 TIMEOUT = 20.0
@@ -44,8 +44,11 @@ def test_every_interface_imports_with_documented_fields():
     request_fields = AskSpatial.Request.get_fields_and_field_types()
     assert request_fields == {"question": "string", "options": "sequence<string>", "camera": "string",
                               "image": "sensor_msgs/Image", "scene_only": "boolean", "max_image_age": "double",
-                              "return_image": "boolean"}
-    assert AskSpatialAction.Goal.get_fields_and_field_types() == request_fields
+                              "return_image": "boolean", "request_id": "string"}
+    goal_fields = AskSpatialAction.Goal.get_fields_and_field_types()
+    assert goal_fields == {k: v for k, v in request_fields.items() if k != "request_id"}, "the goal id is its id"
+    assert CancelAsk.Request.get_fields_and_field_types() == {"request_id": "string"}
+    assert CancelAsk.Response.get_fields_and_field_types() == {"cancelled": "boolean"}
     response_fields = AskSpatial.Response.get_fields_and_field_types()
     assert response_fields == {"success": "boolean", "error_code": "uint8", "message": "string",
                                "answer": "spatialthinker_ros/SpatialAnswer", "image": "sensor_msgs/Image"}

@@ -17,7 +17,7 @@ from spatialthinker_ros.ros.conversions import rgb_to_compressed_msg
 from spatialthinker_ros.testing.node_client import spin_future, spin_until
 from spatialthinker_ros.testing.processes import node_command
 from spatialthinker_ros.msg import SceneRelation, SpatialAnswer
-from spatialthinker_ros.srv import AskSpatial
+from spatialthinker_ros.srv import AskSpatial, CancelAsk
 from node_requests import CALL, E, OPTIONS, QUESTION, RESPONSE, STARTUP, replay_params
 
 CLIENT_IDS = itertools.count()
@@ -426,6 +426,52 @@ def test_lifecycle_transitions_free_the_model(spawn, client, camera, heavy_tiny_
     assert client.change_state(Transition.TRANSITION_CONFIGURE)
     assert client.change_state(Transition.TRANSITION_ACTIVATE)
     assert client.ask_until_ready(proc, question=QUESTION).success
+    assert proc.alive()
+
+
+def test_a_service_request_is_cancelled_by_its_request_id(spawn, client, tmp_path):
+    """~/cancel names a ~/ask request by the request_id its caller chose: the caller gets ERROR_CANCELLED at once,
+    while the generation is held (until the test's release file exists), and ~/stats counts it. The id is the
+    answer's, checked for form, and refused while a request with it is in progress."""
+    release = tmp_path / "release"
+    held = tmp_path / "held.jsonl"
+    held.write_text(json.dumps({"question": QUESTION, "response": RESPONSE, "until_file": str(release)}) + "\n")
+    proc = spawn(node_command(**replay_params(held, replay_latency=600.0)), name="node")
+    client.wait_for_service(proc)
+    cancel = client.node.create_client(CancelAsk, "/spatialthinker/cancel")
+    assert spin_until(client.node, cancel.service_is_ready, CALL), "~/cancel is offered"
+    image = Image(width=64, height=48, encoding="rgb8", step=64 * 3, data=bytes(64 * 48 * 3))
+    try:
+        asking = client.service.call_async(AskSpatial.Request(question=QUESTION, image=image, request_id="pick-7"))
+        # the request is in progress once a cancel of its id says so (no sleep: the cancel is the condition)
+        cancelled = []
+
+        def cancelled_now() -> bool:
+            if not cancelled or cancelled[-1].done():
+                if cancelled and cancelled[-1].result().cancelled:
+                    return True
+                cancelled.append(cancel.call_async(CancelAsk.Request(request_id="pick-7")))
+            return False
+        assert spin_until(client.node, cancelled_now, CALL), "the held request never became cancellable"
+        assert spin_until(client.node, asking.done, CALL), "the cancelled caller is answered at once, held or not"
+        response = asking.result()
+        assert (response.success, response.error_code) == (False, E.ERROR_CANCELLED), response.message
+        again = spin_future(client.node, cancel.call_async(CancelAsk.Request(request_id="pick-7")), CALL)
+        assert not again.cancelled, "answered: nothing left to cancel"
+        assert spin_until(client.node, lambda: client.stats and client.stats[-1]["scheduler"]["cancelled"] == 1, CALL)
+        # an id of the wrong form, and an id in use, are invalid requests; neither reaches the model
+        bad = client.ask(question=QUESTION, image=image, request_id="has space")
+        assert bad.error_code == E.ERROR_INVALID_REQUEST and "request_id" in bad.message, bad.message
+        # one client's requests are taken in order, and a request's id is registered as it is taken
+        first = client.service.call_async(AskSpatial.Request(question=QUESTION, image=image, request_id="pick-8"))
+        duplicate = spin_future(client.node, client.service.call_async(
+            AskSpatial.Request(question=QUESTION, image=image, request_id="pick-8")), CALL)
+        assert duplicate.error_code == E.ERROR_INVALID_REQUEST, duplicate.message
+        assert "still in progress" in duplicate.message, duplicate.message
+    finally:
+        release.touch()
+    answered = spin_future(client.node, first, CALL)
+    assert answered.success and answered.answer.request_id == "pick-8", answered.message
     assert proc.alive()
 
 

@@ -18,9 +18,10 @@ that batch with "failed"). "times" (an integer >= 1) fails only the first N requ
 counted per backend (so a node's `configure` starts the count again); it needs a "response" for afterwards.
 
 A line may hold its generation open until a file exists, so a test or a rehearsal decides when a long generation
-ends instead of racing the clock; `latency_s` (replay_latency) is then the longest it lasts:
+ends instead of racing the clock; `latency_s` (replay_latency) is then the longest it lasts. It may also name a file
+the backend creates when a generation that matches it starts, so they know when the model is busy with it:
 
-    {"question": "...", "response": "...", "until_file": "/tmp/release"}
+    {"question": "...", "response": "...", "until_file": "/tmp/release", "started_file": "/tmp/started"}
 
 A line may carry the model's option probabilities, in option order, so planners can rehearse low-confidence
 answers:
@@ -81,6 +82,7 @@ class ReplayRecord:
     times: Optional[int] = None
     option_probabilities: Optional[tuple[float, ...]] = None   # in option order, summing to 1
     until_file: Optional[str] = None   # the generation ends once this file exists (within latency_s)
+    started_file: Optional[str] = None   # created when a generation matching this line starts
 
 
 class ReplayBackend:
@@ -103,6 +105,9 @@ class ReplayBackend:
         if len(requests) > self.max_batch_size:
             raise ValueError(f"{len(requests)} requests exceed max_batch_size {self.max_batch_size}")
         started = time.perf_counter()
+        for record in map(self._records.get, (request.question for request in requests)):
+            if record is not None and record.started_file:
+                Path(record.started_file).touch()
         if requests and self.config.latency_s:
             self._spend_latency(requests)
         failures = [self._failure(request.question) for request in requests]
@@ -194,18 +199,20 @@ def _record(record: object) -> Union[ReplayRecord, str]:
     if not isinstance(record, dict) or not isinstance(record.get("question"), str):
         return 'expected an object with string "question" and "response"'
     response, error, times = record.get("response"), record.get("error"), record.get("times")
-    until_file = record.get("until_file")
+    until_file, started_file = record.get("until_file"), record.get("started_file")
     probabilities = _probabilities(record.get("option_probabilities"))
     if isinstance(probabilities, str):
         return probabilities
-    if until_file is not None and not (isinstance(until_file, str) and until_file):
-        return f'"until_file" must be a non-empty path, not {until_file!r}'
+    for name, path in (("until_file", until_file), ("started_file", started_file)):
+        if path is not None and not (isinstance(path, str) and path):
+            return f'"{name}" must be a non-empty path, not {path!r}'
     if error is None:
         if not isinstance(response, str):
             return 'expected an object with string "question" and "response"'
         if times is not None:
             return '"times" needs an "error"'
-        return ReplayRecord(response, option_probabilities=probabilities, until_file=until_file)
+        return ReplayRecord(response, option_probabilities=probabilities, until_file=until_file,
+                            started_file=started_file)
     if error not in ERROR_NAMES:
         return f'"error" must be one of {", ".join(ERROR_NAMES)}, not {error!r}'
     if times is not None and (isinstance(times, bool) or not isinstance(times, int) or times < 1):
@@ -214,7 +221,7 @@ def _record(record: object) -> Union[ReplayRecord, str]:
         return '"response" must be a string'
     if times is not None and response is None:
         return '"times" needs a "response" to answer with after the failures'
-    return ReplayRecord(response, error, times, probabilities, until_file)
+    return ReplayRecord(response, error, times, probabilities, until_file, started_file)
 
 
 def _probabilities(value: object) -> Union[tuple[float, ...], str, None]:
