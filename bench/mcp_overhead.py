@@ -1,5 +1,5 @@
 """What spatialthinker_mcp adds to a question: an MCP ask_spatial call against the direct ~/ask service call (and
-the ~/ask_action goal the server sends), same node, same run, replay backend (no model time).
+the ~/ask_action goal), same node, same run, replay backend (no model time).
 
     .venv/bin/python -m bench.mcp_overhead
     .venv/bin/python -m bench.mcp_overhead --requests 200
@@ -7,10 +7,12 @@ the ~/ask_action goal the server sends), same node, same run, replay backend (no
 The node answers the bundled sample scene, streamed with depth by spatialthinker_camera; this process calls, in turn
 and interleaved (so machine noise hits all alike):
 
-    service   AskSpatial on ~/ask from rclpy: the floor every ROS client pays
-    action    the same question as a ~/ask_action goal (goal, feedback, result): what the MCP server sends
-    mcp       ask_spatial through the official MCP client over stdio to a spatialthinker_mcp child: JSON-RPC,
-              the goal, shaping the structured result (objects, relations, decision) and its schema validation
+    service        AskSpatial on ~/ask from rclpy: the floor every ROS client pays
+    action         the same question as a ~/ask_action goal (goal, feedback, result)
+    mcp            ask_spatial through the official MCP client over stdio to a spatialthinker_mcp child, no
+                   progress token: JSON-RPC, the server's ~/ask call, shaping the structured result (objects,
+                   relations, decision) and its schema validation
+    mcp_progress   the same with a progress token: the server sends an ~/ask_action goal and relays its feedback
 
 mcp minus service is the overhead an agent pays for MCP over calling the node directly; the goal is under 10 ms.
 """
@@ -38,7 +40,7 @@ from bench._rosbench import Asker, rclpy  # noqa: E402
 from spatialthinker_ros.srv import AskSpatial  # noqa: E402
 from spatialthinker_ros.testing.mcp_client import mcp_client  # noqa: E402
 
-KINDS = ("service", "action", "mcp")
+KINDS = ("service", "action", "mcp", "mcp_progress")
 
 
 def sample_scene():
@@ -75,12 +77,16 @@ async def measure(args, asker: Asker, question: dict) -> dict:
             failures.append(f"action: {result.message}")
         return time.perf_counter() - started
 
+    async def progress(value, total, message) -> None:   # asking for progress is what sends the goal
+        pass
+
     async with mcp_client(SCRATCH / "mcp.log") as client:
         for i in range(args.warmup + args.requests):
             for kind in KINDS:
-                if kind == "mcp":
+                if kind.startswith("mcp"):
                     started = time.perf_counter()
-                    result = await client.call_tool("ask_spatial", arguments, 30.0)
+                    result = await client.call_tool("ask_spatial", arguments, 30.0,
+                                                    progress if kind == "mcp_progress" else None)
                     seconds = time.perf_counter() - started
                     if result.is_error:
                         failures.append(f"mcp: {result.content[0].text}")
@@ -90,7 +96,7 @@ async def measure(args, asker: Asker, question: dict) -> dict:
                     times[kind].append(seconds)
     results = {kind: summary_ms(values) for kind, values in times.items()}
     results["overhead_over_service_p50_ms"] = results["mcp"]["p50_ms"] - results["service"]["p50_ms"]
-    results["overhead_over_action_p50_ms"] = results["mcp"]["p50_ms"] - results["action"]["p50_ms"]
+    results["progress_overhead_over_action_p50_ms"] = results["mcp_progress"]["p50_ms"] - results["action"]["p50_ms"]
     results["failure_count"], results["failures"] = len(failures), failures[:5]
     return results
 
@@ -122,8 +128,8 @@ def main(argv=None) -> int:
           "sample scene with depth")
     print(table([[kind, f"{results[kind]['p50_ms']:.2f}", f"{results[kind]['p95_ms']:.2f}"] for kind in KINDS],
                 ["kind", "p50 ms", "p95 ms"]))
-    print(f"\nmcp - service (p50): {results['overhead_over_service_p50_ms']:.2f} ms; mcp - action (p50): "
-          f"{results['overhead_over_action_p50_ms']:.2f} ms; failed: {results['failure_count']}")
+    print(f"\nmcp - service (p50): {results['overhead_over_service_p50_ms']:.2f} ms; mcp_progress - action (p50): "
+          f"{results['progress_overhead_over_action_p50_ms']:.2f} ms; failed: {results['failure_count']}")
     path = write_results("mcp_overhead", {"args": vars(args), **results}, args.json)
     print(f"\nresults: {path}")
     return 1 if results["failure_count"] else 0

@@ -1,7 +1,8 @@
-"""The MCP server's ROS 2 client of one spatialthinker node: the ask action (feedback, cancel), lifecycle state,
-parameters, ~/stats, and the node's camera topics (the age of their newest frame, for node_status).
-Its own rclpy context and executor spin on a thread; the async methods are awaited on the server's event loop,
-and every wait is bounded: a node that is absent or goes away gives NodeUnavailable, never a hang."""
+"""The MCP server's ROS 2 client of one spatialthinker node: the ask service and its cancel, the ask action
+(feedback, cancel), lifecycle state, parameters, ~/stats, and the node's camera topics (the age of their newest
+frame, for node_status). Its own rclpy context and executor spin on a thread; the async methods are awaited on the
+server's event loop, and every wait is bounded: a node that is absent or goes away gives NodeUnavailable, never a
+hang."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import json
 import os
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 SERVER_CHECK_S = 0.25     # how often a wait looks whether the node is still there
+CANCEL_RETRY_S = 0.05     # how soon a cancel that found no request is sent again
 
 
 class NodeUnavailable(RuntimeError):
@@ -46,19 +49,24 @@ class NodeLink:
 
         from spatialthinker_ros.action import AskSpatial
         from spatialthinker_ros.ros.stats import STATS_QOS
+        from spatialthinker_ros.srv import AskSpatial as AskSpatialService
+        from spatialthinker_ros.srv import CancelAsk
 
         self.path, self.namespace, self.wait_s = node_path(name, namespace), f"/{namespace.strip('/')}", wait_s
-        self.Action = AskSpatial
+        self.Action, self.Service, self.Cancel = AskSpatial, AskSpatialService, CancelAsk
         self._context = rclpy.Context()
         rclpy.init(args=ros_args, context=self._context)
         self._node = rclpy.create_node(f"spatialthinker_mcp_{os.getpid()}", context=self._context)
         self._action = ActionClient(self._node, AskSpatial, f"{self.path}/ask_action")
+        self._ask = self._node.create_client(AskSpatialService, f"{self.path}/ask")
+        self._cancel = self._node.create_client(CancelAsk, f"{self.path}/cancel")
         self._get_state = self._node.create_client(GetState, f"{self.path}/get_state")
         self._get_parameters = self._node.create_client(GetParameters, f"{self.path}/get_parameters")
         self.stats: Optional[dict[str, Any]] = None
         self._node.create_subscription(String, f"{self.path}/stats", self._on_stats, STATS_QOS)
         self._newest_stamps: dict[str, float] = {}   # camera name -> its newest frame's stamp (ROS seconds)
         self._camera_topics: dict[str, str] = {}
+        self._cancelling: set[asyncio.Future] = set()   # cancels still being sent (kept from the collector)
         self._executor = SingleThreadedExecutor(context=self._context)
         self._executor.add_node(self._node)
         self._spinner = threading.Thread(target=self._spin, name="spatialthinker-mcp-ros", daemon=True)
@@ -100,39 +108,78 @@ class NodeLink:
         return future.result()
 
     # ------------------------------------------------------------------ asking
-    async def ask(self, timeout_s: float, on_progress: Optional[Callable[[Progress], None]] = None,
-                  **goal: Any) -> Any:
+    async def ask(self, timeout_s: float, **request: Any) -> Any:
+        """One ~/ask call under a request_id of this link's making; its Response (error codes included). A
+        cancelled caller (MCP cancellation, the deadline, the node gone) cancels the request with ~/cancel."""
+        deadline = time.monotonic() + timeout_s
+        await self._ready(lambda: self._ask.service_is_ready() and self._cancel.service_is_ready(),
+                          f"services {self.path}/ask and {self.path}/cancel")
+        request_id = f"mcp-{uuid.uuid4().hex}"
+        # rclpy's Client sends and registers the reply's future under one lock: any thread may call it
+        asking = self._ask.call_async(self.Service.Request(request_id=request_id, **request))
+        try:
+            return await self._result(asking, deadline, "answer", self._ask.service_is_ready)
+        except BaseException:   # the first cancel goes out now: this process may be about to stop
+            cancel = self.Cancel.Request(request_id=request_id)
+            cancelling = asyncio.ensure_future(self._cancel_until_done(cancel, self._cancel.call_async(cancel), asking))
+            self._cancelling.add(cancelling)
+            cancelling.add_done_callback(self._cancelling.discard)
+            raise
+
+    async def _cancel_until_done(self, cancel: Any, sent: Any, asking: Any) -> None:
+        """Send ~/cancel again while the node has no request of its id and the request's reply has not come (a
+        cancel can overtake its request: they travel on different topics), for at most wait_s."""
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            try:
+                reply = await self._result(sent, deadline, "cancel reply", self._cancel.service_is_ready)
+            except NodeUnavailable:
+                return
+            if reply.cancelled or asking.done():
+                return
+            await asyncio.sleep(CANCEL_RETRY_S)
+            sent = self._cancel.call_async(cancel)
+
+    async def ask_with_feedback(self, timeout_s: float, on_progress: Callable[[Progress], None], **goal: Any) -> Any:
         """One goal of ~/ask_action; its Result (error codes included). Feedback goes to on_progress on the
         event loop's thread. A cancelled caller (MCP cancellation) cancels the goal."""
         deadline = time.monotonic() + timeout_s
         await self._ready(self._action.server_is_ready, f"action server {self.path}/ask_action")
         loop = asyncio.get_running_loop()
-        feedback = None
-        if on_progress is not None:
-            def feedback(message: Any) -> None:
-                loop.call_soon_threadsafe(on_progress, Progress(message.feedback.stage,
-                                                                message.feedback.tokens_generated))
+
+        def feedback(message: Any) -> None:
+            loop.call_soon_threadsafe(on_progress, Progress(message.feedback.stage, message.feedback.tokens_generated))
         alive = self._action.server_is_ready
-        # sent from the executor's thread: rclpy's ActionClient registers a reply's future only after sending the
-        # request, without a lock, so a quick reply to a request sent from another thread can be dropped
-        sending = self._executor.create_task(self._action.send_goal_async, self.Action.Goal(**goal), feedback)
+        message = self.Action.Goal(**goal)
+        accepted: list[Any] = []     # the goal's handle once accepted; appended and read on the executor's thread
+        abandoned = False
+
+        async def goal_then_result() -> Any:
+            """On the executor's thread, so the result request goes out as soon as the goal is accepted, with no
+            hop through the event loop in between (and because rclpy's ActionClient registers a reply's future only
+            after sending the request, without a lock: a quick reply to a request from another thread can be lost)."""
+            handle = await self._action.send_goal_async(message, feedback)
+            if not handle.accepted:
+                return None
+            accepted.append(handle)
+            if abandoned:   # the caller gave up while the goal was on its way
+                handle.cancel_goal_async()
+            return (await handle.get_result_async()).result
+
+        def abandon() -> None:   # on the executor's thread: cancels the goal now, or once it is accepted
+            nonlocal abandoned
+            abandoned = True
+            for handle in accepted:
+                handle.cancel_goal_async()
+
         try:
-            handle = await self._result(await self._result(sending, deadline, "goal request"), deadline,
-                                        "goal acceptance", alive)
-        except BaseException:   # a goal accepted after its caller gave up is cancelled at once
-            sending.add_done_callback(lambda task: task.exception() is None and task.result().add_done_callback(
-                lambda f: f.exception() is None and f.result().accepted and f.result().cancel_goal_async()))
-            raise
-        if not handle.accepted:
-            raise NodeUnavailable(f"{self.path}/ask_action rejected the goal")
-        try:
-            getting = self._executor.create_task(handle.get_result_async)
-            response = await self._result(await self._result(getting, deadline, "result request"), deadline,
-                                          "answer", alive)
+            result = await self._result(self._executor.create_task(goal_then_result), deadline, "answer", alive)
         except BaseException:   # cancelled by the MCP client, timed out, or the node left: the goal is dropped
-            self._executor.create_task(handle.cancel_goal_async)
+            self._executor.create_task(abandon)
             raise
-        return response.result
+        if result is None:
+            raise NodeUnavailable(f"{self.path}/ask_action rejected the goal")
+        return result
 
     async def _on_executor(self, call: Callable, *args: Any) -> Any:
         """call(*args) run on the executor's thread; its return value."""

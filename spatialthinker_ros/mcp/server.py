@@ -60,12 +60,26 @@ class SpatialTools:
     def __init__(self, link: NodeLink, timeout_s: float):
         self.link, self.timeout_s = link, timeout_s
 
-    async def _ask(self, ctx: Context, **goal: Any) -> Any:
-        """One goal, its feedback relayed as MCP progress (1, 2, 3, ... with the stage in the message); the
-        successful action Result, or a CallToolResult error."""
+    async def _ask(self, ctx: Context, **request: Any) -> Any:
+        """One question to the node: through its action when the MCP client asked for progress (the feedback is
+        relayed), else through its service, one round trip where a goal takes two. The successful Result or
+        Response, or a CallToolResult error. Either way a cancelled call cancels the node's request."""
         from spatialthinker_ros.ros.conversions import error_code_name
 
         wants_progress = bool(ctx.request_context.meta and ctx.request_context.meta.get("progress_token"))
+        try:
+            if wants_progress:
+                result = await self._ask_with_progress(ctx, request)
+            else:
+                result = await self.link.ask(self.timeout_s, **request)
+        except NodeUnavailable as exc:
+            return _error("NODE_UNAVAILABLE", str(exc))
+        if not result.success:
+            return _error(error_code_name(result.error_code), result.message)
+        return result
+
+    async def _ask_with_progress(self, ctx: Context, goal: dict[str, Any]) -> Any:
+        """One goal, its feedback relayed as MCP progress (1, 2, 3, ... with the stage in the message)."""
         queue: asyncio.Queue[Progress] = asyncio.Queue()
         scene_ready = asyncio.Event()
 
@@ -84,18 +98,14 @@ class SpatialTools:
 
         relaying = asyncio.ensure_future(relay())
         try:
-            result = await self.link.ask(self.timeout_s, queue.put_nowait, **goal)
-            if wants_progress and result.success and result.answer.scene_graph.objects:
+            result = await self.link.ask_with_feedback(self.timeout_s, queue.put_nowait, **goal)
+            if result.success and result.answer.scene_graph.objects:
                 with contextlib.suppress(asyncio.TimeoutError):   # feedback has its own topic: it may come late
                     await asyncio.wait_for(scene_ready.wait(), FEEDBACK_GRACE_S)
             await queue.join()
-        except NodeUnavailable as exc:
-            return _error("NODE_UNAVAILABLE", str(exc))
+            return result
         finally:
             relaying.cancel()
-        if not result.success:
-            return _error(error_code_name(result.error_code), result.message)
-        return result
 
     def _frame(self, answer: Any) -> dict:
         return {"stamp": _stamp(answer.header), "camera": answer.camera, "frame_id": answer.header.frame_id}

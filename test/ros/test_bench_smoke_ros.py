@@ -58,10 +58,12 @@ def test_reply_loss_counts_what_callers_lost_and_what_each_node_counted_on_its_s
 
 
 @pytest.mark.timeout(150)
-def test_mcp_overhead_measures_the_mcp_call_against_the_service_and_the_action(tmp_path: Path):
+def test_mcp_overhead_measures_the_mcp_calls_against_the_service_and_the_action(tmp_path: Path):
     report = run_bench("mcp_overhead", "--requests", "3", "--warmup", "1", "--json", str(tmp_path / "mcp.json"),
                        timeout=140)
     assert report["failure_count"] == 0
-    for kind in ("service", "action", "mcp"):
+    for kind in ("service", "action", "mcp", "mcp_progress"):
         assert report[kind]["n"] == 3 and 0 < report[kind]["p50_ms"] <= report[kind]["p95_ms"] < 10_000, kind
     assert report["overhead_over_service_p50_ms"] == report["mcp"]["p50_ms"] - report["service"]["p50_ms"]
+    assert (report["progress_overhead_over_action_p50_ms"]
+            == report["mcp_progress"]["p50_ms"] - report["action"]["p50_ms"])

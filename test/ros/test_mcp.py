@@ -31,15 +31,18 @@ RESPONSES = {line["question"]: line["response"]
              for line in map(json.loads, (DATA / META["replay_file"]).read_text().splitlines())}
 FREE = "What is on the table?"
 HELD = "Is anything moving?"                       # its generation runs until the test releases it
+QUIET_HELD = "Is anything falling?"                # the same, asked with no progress: the service, ~/cancel
 SAMPLE_PROBABILITIES = [0.85, 0.05, 0.05, 0.05]     # threshold 0.6 keeps p >= 0.4: {A}, act
 CLOSEST_PROBABILITIES = [0.34, 0.33, 0.33]          # none >= 0.4: the empty set, ask for help
 MAX_INPUT_PIXELS = next(p.default for p in PARAMETERS if p.name == "max_input_pixels")
 CAMERA = META["camera"]
 
 
-def replay_lines(released, held):
-    """Every line's generation ends once its until_file exists: `released` exists from the start, `held` is made
-    by the test that holds HELD's generation (so it is still running when the test cancels it)."""
+def replay_lines(folder):
+    """Every line's generation ends once its until_file exists: `released` exists from the start, the others are
+    made by the tests that hold HELD's and QUIET_HELD's generations (still running when the tests cancel them);
+    QUIET_HELD's generation says when it started."""
+    released = folder / "released"
     lines = [
         {"question": SAMPLE["question"], "response": RESPONSES[SAMPLE["question"]],
          "option_probabilities": SAMPLE_PROBABILITIES},
@@ -49,7 +52,9 @@ def replay_lines(released, held):
         {"question": SCENE_QUESTION, "response": RESPONSES[SAMPLE["question"]]},
     ]
     return [{**line, "until_file": str(released)} for line in lines] + [
-        {"question": HELD, "response": RESPONSES[SAMPLE["question"]], "until_file": str(held)}]
+        {"question": HELD, "response": RESPONSES[SAMPLE["question"]], "until_file": str(folder / "held_released")},
+        {"question": QUIET_HELD, "response": RESPONSES[SAMPLE["question"]],
+         "until_file": str(folder / "quiet_released"), "started_file": str(folder / "quiet_started")}]
 
 
 def camera_command():
@@ -65,8 +70,7 @@ def graph(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mcp")
     replay = folder / "replay.jsonl"
     (folder / "released").touch()
-    replay.write_text("".join(json.dumps(line) + "\n" for line in replay_lines(folder / "released",
-                                                                                folder / "held_released")))
+    replay.write_text("".join(json.dumps(line) + "\n" for line in replay_lines(folder)))
     calibration = folder / "calibration.json"
     Calibration(threshold=0.6, coverage=0.9, n=300,
                 setup=CalibrationSetup.replay(MAX_INPUT_PIXELS, "model_card")).save(calibration)
@@ -240,6 +244,29 @@ def test_progress_arrives_in_order_and_a_cancelled_call_cancels_its_goal(graph):
                             "the node's ~/stats to count the cancelled goal")
     finally:
         (folder / "held_released").touch()   # the held generation ends; the backend answers the next tests
+
+
+def test_a_call_without_progress_is_asked_by_service_and_cancelled_with_its_request_id(graph):
+    """No progress token: the server calls ~/ask (one round trip) under a request_id of its own, and a cancelled
+    call cancels that request with ~/cancel; the node's ~/stats count it. The generation is held, and says when it
+    started, so the cancel reaches a request the node is working on however slow the machine."""
+    client_of_node, folder, _ = graph
+    cancelled_before = client_of_node.stats[-1]["scheduler"]["cancelled"]
+
+    async def scenario(client):
+        async with anyio.create_task_group() as group:
+            group.start_soon(client.call_tool, "ask_spatial", {"question": QUIET_HELD}, CALL_S)
+            with anyio.fail_after(CALL_S):
+                while not (folder / "quiet_started").exists():
+                    await anyio.sleep(0.02)
+            group.cancel_scope.cancel()
+
+    try:
+        run(scenario, folder)
+        client_of_node.wait(lambda: client_of_node.stats[-1]["scheduler"]["cancelled"] > cancelled_before, CALL_S,
+                            "the node's ~/stats to count the call cancelled through ~/cancel")
+    finally:
+        (folder / "quiet_released").touch()
 
 
 def test_four_concurrent_calls_are_each_answered_once(graph):
