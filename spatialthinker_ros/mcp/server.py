@@ -112,7 +112,7 @@ class SpatialTools:
 
     @staticmethod
     def _image(result: Any, scene_caption: str) -> list[Any]:
-        """The frame the node answered on (the goal's return_image) with the answer's scene graph drawn."""
+        """The frame the node answered on (the request's return_image) with the answer's scene graph drawn."""
         from spatialthinker_ros.ros.conversions import scene_graph_from_msg
 
         rgb = colour_to_rgb(result.image, MAX_REQUEST_IMAGE_PIXELS)
@@ -138,7 +138,7 @@ class SpatialTools:
         return CallToolResult(content=content, structured_content=result.model_dump(mode="json"))
 
     async def _scene(self, ctx: Context, camera: str, include_image: bool = False) -> tuple[Any, Any]:
-        """The scene-only answer's SceneResult (or a CallToolResult error) and the action Result."""
+        """The scene-only answer's SceneResult (or a CallToolResult error) and the node's Result or Response."""
         from spatialthinker_ros.ros.conversions import answer_from_msg
 
         outcome = await self._ask(ctx, question=results.SCENE_QUESTION, camera=camera, scene_only=True,
