@@ -26,23 +26,26 @@ reports the error of the visible-surface depth (against the median true depth of
 of the visible-surface point, how often the returned depth lies between two surfaces (farther than max(3 cm,
 2 sigma) from every surface in the box), how often it is off by more than that bound (another surface), and how
 often that happens without the lift marking the object ambiguous; for the wrist scenes also the error of the x
-extent. The old rule (the median of the valid depths in the central 50 % of the box, before issue 21) is copied
-here as the baseline and runs on the same scenes in the same run. Last, the cost per object of both on a 1080p
-16UC1 frame.
+extent. Two baselines run on the same scenes in the same run: "old", the median of the valid depths in the
+central 50 % of the box (the rule before issue 21, copied here), and "0b3964b", the layered lift as it was at that
+commit (issue 21's, before issue 24 made it read a wrist camera), loaded from the repository's history (left out,
+with a note, where there is none). Last, the cost per object of each on a 1080p 16UC1 frame.
 """
 
 from __future__ import annotations
 
 import math
+import subprocess
 import sys
 import time
 import tracemalloc
+import types
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
 
-from bench._common import machine, per_call_us, percentile, quick_timing, table, timing_parser, write_results
+from bench._common import BENCH_DIR, machine, per_call_us, percentile, quick_timing, table, timing_parser, write_results
 
 from spatialthinker_ros.core.depth_layers import depth_noise  # noqa: E402
 from spatialthinker_ros.core.geometry import CameraIntrinsics, DepthImage, LiftConfig, box_in_depth, lift_box  # noqa: E402
@@ -57,6 +60,24 @@ KINDS = FAR_KINDS + WRIST_KINDS
 RANGES = ((0.5, 1.0), (1.0, 2.0), (2.0, 3.0))
 WRIST_RANGES = ((0.07, 0.15), (0.15, 0.3), (0.3, 0.5))
 WRIST_NOISE_PER_M = 0.01   # a D405 at 848x480: 0.08 px subpixel / (447 px x 18 mm baseline); bench/README.md
+BASELINE_COMMIT = "0b3964b"   # issue 21's layered lift, the rule issue 24 replaced
+
+
+def lift_at_commit(commit: str) -> Optional[Callable]:
+    """lift_box as it was at `commit`, compiled from the repository's history; None where there is none (a copy
+    of the files outside a git clone), with the reason on stderr."""
+    path = "spatialthinker_ros/core/geometry.py"
+    try:
+        source = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=BENCH_DIR, capture_output=True, text=True,
+                                check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        print(f"[lift_accuracy] the {commit} lift is left out: git show {commit}:{path} failed ({exc})",
+              file=sys.stderr)
+        return None
+    module = types.ModuleType(f"geometry_{commit}")
+    sys.modules[module.__name__] = module   # dataclasses look their module up
+    exec(compile(source, f"{commit}:{path}", "exec"), module.__dict__)
+    return lambda box, depth, intrinsics, image_size: module.lift_box(box, depth, intrinsics, image_size)
 
 
 def old_lift_box(box: Box, depth: DepthImage, intrinsics: CameraIntrinsics, image_size: tuple[int, int],
@@ -290,8 +311,8 @@ def summary(rows: list[dict]) -> dict:
             "within_bound_p50": percentile([r["depth_error"] / r["bound"] for r in rows], 50)}
 
 
-def cost_per_object_us(repeat: int, min_time: float) -> dict:
-    """Both lifts on a 1080p 16UC1 frame with noise and holes, for boxes of three sizes."""
+def cost_per_object_us(lifts: dict[str, Callable], repeat: int, min_time: float) -> dict:
+    """Each lift on a 1080p 16UC1 frame with noise and holes, for boxes of three sizes."""
     rng = np.random.default_rng(1)
     metres = np.full((1080, 1920), 2.5, np.float32)
     metres[300:800, 600:1300] = 1.2
@@ -303,7 +324,7 @@ def cost_per_object_us(repeat: int, min_time: float) -> dict:
              "whole 1920x1080 frame": Box(0, 0, 1920, 1080)}
     result = {}
     for name, box in boxes.items():
-        for label, lift in (("old", old_lift_box), ("new", lift_box)):
+        for label, lift in lifts.items():
             result[f"{label}, {name}"] = per_call_us(lambda: lift(box, frame, k, (1920, 1080)), repeat, min_time)
     return result
 
@@ -352,13 +373,15 @@ def main(argv=None) -> int:
     if quick_timing(args):
         args.scenes = 12
     rng = np.random.default_rng(args.seed)
-    measured: dict[str, list[dict]] = {"old": [], "new": []}
-    lost = {"old": 0, "new": 0}
+    lifts = {"old": old_lift_box, BASELINE_COMMIT: lift_at_commit(BASELINE_COMMIT), "new": lift_box}
+    lifts = {label: lift for label, lift in lifts.items() if lift is not None}
+    measured: dict[str, list[dict]] = {label: [] for label in lifts}
+    lost = {label: 0 for label in lifts}
     for kind in KINDS:
         for _ in range(args.scenes):
             scene = render(kind, rng)
             frame = sensed(scene, rng)
-            for label, lift in (("old", old_lift_box), ("new", lift_box)):
+            for label, lift in lifts.items():
                 row = measure(lift, scene, frame)
                 if row is None:
                     lost[label] += 1
@@ -379,14 +402,14 @@ def main(argv=None) -> int:
              for label in measured}
     wrist_by_kind = {f"{kind}, {lo}-{hi} m": summary(select("new", kind, lo, hi, 0.25))
                      for kind in WRIST_KINDS for lo, hi in WRIST_RANGES}
-    costs = cost_per_object_us(args.repeat, args.min_time)
+    costs = cost_per_object_us(lifts, args.repeat, args.min_time)
     hostile = hostile_cost(args.repeat, args.min_time)
 
     print(f"\nlift accuracy, {args.scenes} scenes per kind, {HOLES:.0%} holes; noise 0.005 z^2 at 0.5-3 m, "
           f"{WRIST_NOISE_PER_M} z^2 at 0.07-0.5 m (wrist); {machine()}")
     rows = []
     for kind in KINDS:
-        for label in ("old", "new"):
+        for label in lifts:
             s = by_kind[label][kind]
             rows.append([kind, label, s["n"], f"{s['depth_error_cm_p50']:.1f}", f"{s['depth_error_cm_p90']:.1f}",
                          f"{s['point_error_cm_p50']:.1f}", f"{s['point_error_cm_p90']:.1f}",
@@ -397,7 +420,7 @@ def main(argv=None) -> int:
     print("\nobjects covering >= 25 % of their box (the done-when set): median depth error / max(3 cm, 2 sigma)")
     rows = [[rng_name, label, s["n"], f"{s['depth_error_cm_p50']:.1f}", f"{s['within_bound_p50']:.2f}",
              f"{s['between_rate']:.1%}"]
-            for label in ("old", "new") for rng_name, s in done_when[label].items()]
+            for label in lifts for rng_name, s in done_when[label].items()]
     print(table(rows, ["range", "lift", "n", "depth err p50 cm", "p50 / bound", "between surfaces"]))
     print("\nwrist scenes, objects covering >= 25 % of their box: depth error (mm; bar 3 mm + 2 sigma at the range's"
           " far end) and x extent error (bar 20 %)")
@@ -405,7 +428,7 @@ def main(argv=None) -> int:
              f"{3 + 2000 * WRIST_NOISE_PER_M * float(rng_name.split('-')[1][:-2]) ** 2:.1f}",
              f"{s['extent_error_p50']:.0%}", f"{s['extent_error_p90']:.0%}", f"{s['between_rate']:.1%}",
              f"{s['ambiguous_rate']:.1%}"]
-            for label in ("old", "new") for rng_name, s in wrist[label].items()]
+            for label in lifts for rng_name, s in wrist[label].items()]
     print(table(rows, ["range", "lift", "n", "depth err p50 mm", "p90", "bar mm", "extent err p50", "p90",
                        "between surfaces", "marked ambiguous"]))
     rows = [[name, f"{us:.0f}"] for name, us in costs.items()]
@@ -419,8 +442,9 @@ def main(argv=None) -> int:
         "args": vars(args), "lost": lost, "by_kind": by_kind, "done_when_set": done_when,
         "done_when_set_new_by_kind": done_when_by_kind, "wrist_done_when_set": wrist,
         "wrist_done_when_set_new_by_kind": wrist_by_kind, "cost_us_per_object": costs, "hostile_cost": hostile,
-        "cost_ratio_new_to_old": {name: costs[f"new, {name}"] / costs[f"old, {name}"]
-                                  for name in ("200x200 px", "800x600 px", "whole 1920x1080 frame")}}, args.json)
+        "cost_ratio_new_to": {label: {name: costs[f"new, {name}"] / costs[f"{label}, {name}"]
+                                      for name in ("200x200 px", "800x600 px", "whole 1920x1080 frame")}
+                              for label in lifts if label != "new"}}, args.json)
     print(f"results: {path}")
     return 0
 

@@ -15,12 +15,18 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from spatialthinker_ros.core.text import excerpt
+
 SERVER_CHECK_S = 0.25     # how often a wait looks whether the node is still there
 CANCEL_RETRY_S = 0.05     # how soon a cancel that found no request is sent again
 
 
 class NodeUnavailable(RuntimeError):
     """The node is not running (no action server, no parameter service) or went away during a call."""
+
+
+class CallTimedOut(NodeUnavailable):
+    """The node is there but gave no reply within the call's time limit (a long queue, a slow model)."""
 
 
 @dataclass(frozen=True)
@@ -67,19 +73,30 @@ class NodeLink:
         self._newest_stamps: dict[str, float] = {}   # camera name -> its newest frame's stamp (ROS seconds)
         self._camera_topics: dict[str, str] = {}
         self._cancelling: set[asyncio.Future] = set()   # cancels still being sent (kept from the collector)
+        self._closing = False
         self._executor = SingleThreadedExecutor(context=self._context)
         self._executor.add_node(self._node)
         self._spinner = threading.Thread(target=self._spin, name="spatialthinker-mcp-ros", daemon=True)
         self._spinner.start()
 
     def _spin(self) -> None:
-        try:
-            self._executor.spin()
-        except Exception:   # the context was shut down under it (close)
-            pass
+        """Spins until close(). A callback's exception is logged and spinning goes on: rclpy re-raises it from
+        spin, and a thread that stopped there would leave every later call waiting out its deadline."""
+        while not self._closing:
+            try:
+                self._executor.spin_once(timeout_sec=SERVER_CHECK_S)
+            except Exception as exc:
+                if self._closing or not self._context.ok():   # shut down under it (close)
+                    return
+                self._node.get_logger().error(f"a ROS callback failed: {type(exc).__name__}: {excerpt(exc, 500)}")
 
     def _on_stats(self, message: Any) -> None:
-        self.stats = json.loads(message.data)
+        try:
+            stats = json.loads(message.data)
+        except ValueError:
+            stats = None
+        if isinstance(stats, dict):   # anything else on the topic is not the node's
+            self.stats = stats
 
     # ------------------------------------------------------------------ waits
     async def _ready(self, is_ready: Callable[[], bool], what: str) -> None:
@@ -91,14 +108,15 @@ class NodeLink:
 
     async def _result(self, future: Any, deadline: float, what: str,
                       alive: Optional[Callable[[], bool]] = None) -> Any:
-        """The rclpy future's result; NodeUnavailable past the deadline, or once alive() says the node left."""
+        """The rclpy future's result; CallTimedOut past the deadline, NodeUnavailable once alive() says the node
+        left."""
         loop = asyncio.get_running_loop()
         done = asyncio.Event()
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(done.set))
         while not future.done():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise NodeUnavailable(f"no {what} from {self.path} in time")
+                raise CallTimedOut(f"no {what} from {self.path} in time")
             if alive is not None and not alive():
                 raise NodeUnavailable(f"the node {self.path} went away before its {what}")
             try:
@@ -248,6 +266,7 @@ class NodeLink:
     def close(self) -> None:
         """Stop spinning before the node and context go: rclpy aborts the process if a spinning thread outlives
         them."""
+        self._closing = True
         self._executor.shutdown(timeout_sec=5.0)
         self._spinner.join(timeout=5.0)
         self._node.destroy_node()

@@ -115,7 +115,7 @@ class CalibrationStatus(BaseModel):
     coverage: float
     threshold: float
     rows: int
-    setup: dict[str, Optional[str | int]]
+    setup: dict[str, Optional[str | bool | int]]   # bool first: pydantic would make True the integer 1
 
 
 class NodeStatusResult(BaseModel):

@@ -25,9 +25,9 @@ from mcp.types import CallToolResult, ImageContent, TextContent, ToolAnnotations
 from pydantic import Field
 
 from spatialthinker_ros.core.images import colour_to_rgb
-from spatialthinker_ros.core.request import MAX_REQUEST_IMAGE_PIXELS
+from spatialthinker_ros.core.text import excerpt
 from spatialthinker_ros.mcp import results
-from spatialthinker_ros.mcp.node_link import NodeLink, NodeUnavailable, Progress
+from spatialthinker_ros.mcp.node_link import CallTimedOut, NodeLink, NodeUnavailable, Progress
 
 PROG = "spatialthinker_mcp"
 DEFAULT_PORT = 8765
@@ -66,12 +66,15 @@ class SpatialTools:
         Response, or a CallToolResult error. Either way a cancelled call cancels the node's request."""
         from spatialthinker_ros.ros.conversions import error_code_name
 
-        wants_progress = bool(ctx.request_context.meta and ctx.request_context.meta.get("progress_token"))
+        meta = ctx.request_context.meta
+        wants_progress = meta is not None and meta.get("progress_token") is not None   # 0 and "" are tokens too
         try:
             if wants_progress:
                 result = await self._ask_with_progress(ctx, request)
             else:
                 result = await self.link.ask(self.timeout_s, **request)
+        except CallTimedOut as exc:
+            return _error("TIMEOUT", f"{exc} (the server's --timeout)")
         except NodeUnavailable as exc:
             return _error("NODE_UNAVAILABLE", str(exc))
         if not result.success:
@@ -91,10 +94,14 @@ class SpatialTools:
                 if progress.stage:
                     text += f": {progress.tokens} tokens"
                 sent += 1
-                await ctx.report_progress(sent, None, text)
-                if progress.stage == SCENE_READY:
-                    scene_ready.set()
-                queue.task_done()
+                try:   # a client that went away must not stop the call (queue.join() waits for every item)
+                    await ctx.report_progress(sent, None, text)
+                except Exception:
+                    pass
+                finally:
+                    if progress.stage == SCENE_READY:
+                        scene_ready.set()
+                    queue.task_done()
 
         relaying = asyncio.ensure_future(relay())
         try:
@@ -111,12 +118,19 @@ class SpatialTools:
         return {"stamp": _stamp(answer.header), "camera": answer.camera, "frame_id": answer.header.frame_id}
 
     @staticmethod
-    def _image(result: Any, scene_caption: str) -> list[Any]:
-        """The frame the node answered on (the request's return_image) with the answer's scene graph drawn."""
+    async def _image(result: Any, scene_caption: str) -> list[Any]:
+        """The frame the node answered on (the request's return_image) with the answer's scene graph drawn, off
+        the event loop (a large frame takes a while to draw and encode)."""
         from spatialthinker_ros.ros.conversions import scene_graph_from_msg
 
-        rgb = colour_to_rgb(result.image, MAX_REQUEST_IMAGE_PIXELS)
-        jpeg = results.annotated_jpeg(rgb, scene_graph_from_msg(result.answer.scene_graph), scene_caption)
+        def draw() -> bytes:   # the node has checked the frame's size against its own limit
+            rgb = colour_to_rgb(result.image, result.image.width * result.image.height)
+            return results.annotated_jpeg(rgb, scene_graph_from_msg(result.answer.scene_graph), scene_caption)
+
+        try:
+            jpeg = await asyncio.to_thread(draw)
+        except ValueError as exc:   # a frame the node sent that cannot be read here
+            return [TextContent(type="text", text=f"image not included: {excerpt(exc, 300)}")]
         return [ImageContent(type="image", data=base64.b64encode(jpeg).decode("ascii"), mime_type="image/jpeg")]
 
     async def ask_spatial(self, ctx: Context, question: str, options: list[str], camera: str,
@@ -134,7 +148,7 @@ class SpatialTools:
                                     float(answer.prediction_set_coverage))
         content: list[Any] = [TextContent(type="text", text=results.ask_summary(result))]
         if include_image:
-            content += self._image(outcome, parsed.answer or parsed.status.name.lower())
+            content += await self._image(outcome, parsed.answer or parsed.status.name.lower())
         return CallToolResult(content=content, structured_content=result.model_dump(mode="json"))
 
     async def _scene(self, ctx: Context, camera: str, include_image: bool = False) -> tuple[Any, Any]:
@@ -155,7 +169,7 @@ class SpatialTools:
             return scene
         content: list[Any] = [TextContent(type="text", text=results.scene_summary(scene))]
         if include_image:
-            content += self._image(outcome, "scene")
+            content += await self._image(outcome, "scene")
         return CallToolResult(content=content, structured_content=scene.model_dump(mode="json"))
 
     async def locate(self, ctx: Context, description: str, camera: str) -> CallToolResult:

@@ -79,6 +79,7 @@ class RequestHandler:
         self._requests: set[str] = set()                # ids of the requests taken and not yet answered
         self._tickets: dict[str, Ticket] = {}          # request id -> ticket, while queued or running
         self._cancelled: set[str] = set()               # requests cancelled while in progress
+        self._named: set[str] = set()                   # ~/ask requests in progress under their caller's id
         self._action_server: Optional[ActionServer] = None   # offered by serve()
 
     def serve(self, group: CallbackGroup) -> None:
@@ -112,12 +113,18 @@ class RequestHandler:
         except RequestError as failure:
             reply = Reply(failure)
         else:
-            reply = await self._answer(request, request_id, feedback=None)
+            if request.request_id:
+                self._named.add(request_id)
+            try:
+                reply = await self._answer(request, request_id, feedback=None)
+            finally:
+                self._named.discard(request_id)
         self._on_answered()
         return fill_response(response, *reply)
 
     def on_cancel_service(self, request: CancelAsk.Request, response: CancelAsk.Response):
-        response.cancelled = self._cancel(request.request_id)
+        """Only ids their callers chose: a goal is cancelled through the action, which ends it as cancelled."""
+        response.cancelled = request.request_id in self._named and self._cancel(request.request_id)
         return response
 
     async def on_ask_goal(self, goal_handle):

@@ -101,3 +101,10 @@ def test_summaries_name_the_answer_the_decision_and_each_position():
         "answer: (A) left of (A); decision: act (prediction set ['A'] at coverage 0.9). 3 objects on front: "
         "coffee_mug.1 at z 1.50 m, mug.2 at z 0.90 m, plate.1 (no depth); 1 relations")
     assert results.error_text("ERROR_UNKNOWN_CAMERA", "no camera 'x'") == "ERROR_UNKNOWN_CAMERA: no camera 'x'"
+
+
+def test_a_calibration_setup_keeps_its_booleans_in_node_status():
+    status = results.CalibrationStatus(coverage=0.9, threshold=0.6, rows=300,
+                                       setup={"prompt_cache": True, "max_input_pixels": 76800, "dtype": None})
+    assert status.model_dump(mode="json")["setup"] == {"prompt_cache": True, "max_input_pixels": 76800,
+                                                       "dtype": None}

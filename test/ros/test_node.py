@@ -462,6 +462,14 @@ def test_a_service_request_is_cancelled_by_its_request_id(spawn, client, tmp_pat
         # an id of the wrong form, and an id in use, are invalid requests; neither reaches the model
         bad = client.ask(question=QUESTION, image=image, request_id="has space")
         assert bad.error_code == E.ERROR_INVALID_REQUEST and "request_id" in bad.message, bad.message
+        # a goal in progress is not ~/cancel's: the action cancels goals (and ends them as cancelled)
+        stages = []
+        handle = spin_future(client.node, client.action.send_goal_async(
+            AskSpatialAction.Goal(question=QUESTION, image=image), feedback_callback=lambda m: stages.append(m)), CALL)
+        assert handle.accepted and spin_until(client.node, lambda: stages, CALL), "the goal runs"
+        goal_id = bytes(handle.goal_id.uuid).hex()
+        refused = spin_future(client.node, cancel.call_async(CancelAsk.Request(request_id=goal_id)), CALL)
+        assert not refused.cancelled, "a goal is cancelled through the action, not ~/cancel"
         # one client's requests are taken in order, and a request's id is registered as it is taken
         first = client.service.call_async(AskSpatial.Request(question=QUESTION, image=image, request_id="pick-8"))
         duplicate = spin_future(client.node, client.service.call_async(
@@ -472,6 +480,8 @@ def test_a_service_request_is_cancelled_by_its_request_id(spawn, client, tmp_pat
         release.touch()
     answered = spin_future(client.node, first, CALL)
     assert answered.success and answered.answer.request_id == "pick-8", answered.message
+    goal_result = spin_future(client.node, handle.get_result_async(), CALL).result
+    assert goal_result.success and goal_result.answer.request_id == goal_id, goal_result.message
     assert proc.alive()
 
 
