@@ -579,6 +579,21 @@ def test_a_letter_written_in_two_tokens_where_the_answer_wrote_its_letter_is_rea
         _direct_letter_probabilities(letters, request, "<answer>", count=17), abs=1e-4)
 
 
+def test_a_letter_the_answer_wrote_after_a_lone_tag_close_is_read_where_the_tag_closed(letters):
+    """"<answer>Q" is "<" "answer" ">" "Q": after that lone ">", a B would be a tokenization the model never writes
+    (it writes ">B"), so the letters are compared where ">" was written: P(">B") against P(">") P("Q" | ">")."""
+    request = _options_request(224, 224, seed=13, options=tuple(f"object {i}" for i in range(17)))   # A..Q
+    _forcing(letters, ["<answer>Q</answer>"])
+    before = letters.letter_stats()
+
+    [result] = letters.generate([request])
+
+    assert letters.letter_stats().extra_steps - before.extra_steps == 1   # the step after ">", log-probabilities
+    assert result.option_probabilities_note == ""
+    assert result.option_probabilities == pytest.approx(
+        _direct_letter_probabilities(letters, request, "<answer>", count=17), abs=1e-4)
+
+
 @pytest.mark.parametrize("answer, written, steps", [
     ("<answer> cat </answer>", "<answer> (", 1),     # after ">" Qwen writes " (" (one token, 320), then the letter
     ("<answer>cat</answer>", "<answer> (", 1),

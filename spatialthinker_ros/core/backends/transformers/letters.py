@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
@@ -52,6 +52,8 @@ class LetterTokens:
         self._forms: dict[str, tuple[str, ...]] = {}
         self._firsts: dict[str, list[int]] = {}
         self._indices: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._apart: dict[str, bool] = {}
+        self.tag_close = tuple(tokenizer.encode(">", add_special_tokens=False))   # the answer tag's ">" alone
 
     def piece(self, token: int) -> str:
         text = self._pieces.get(token)
@@ -66,6 +68,15 @@ class LetterTokens:
             encoded = self._tokenizer(texts, add_special_tokens=False)["input_ids"]   # one call for all 26
             self._written[form] = tuple(tuple(tokens) for tokens in encoded)
         return self._written[form]
+
+    def written_apart(self, form: str) -> bool:
+        """Whether the tokenizer writes ">" + form + each letter as a ">" token and then form + letter: then a
+        letter written after a ">" token alone is read as written; otherwise where the ">" was (Qwen writes ">B" as
+        one token but ">Q" as ">" then "Q": after a lone ">", B is a tokenization the model never writes)."""
+        if form not in self._apart:
+            self._apart[form] = all(tokens == self.tag_close + alone for tokens, alone
+                                    in zip(self.written(">" + form), self.written(form)))
+        return self._apart[form]
 
     def forms(self, run: str) -> tuple[str, ...]:
         """The forms a letter may take at the letter position after `run`: each of LETTER_FORMS (">" first right
@@ -105,6 +116,7 @@ class _LetterRecord:
     step: int                   # generated tokens before the letter position
     run: str                    # the answer tag's text before it (see LetterPosition)
     logits: torch.Tensor        # the step's scores of LetterTokens.ids(run)
+    at_tag_close: Optional["_LetterRecord"] = None   # run "", one step before, where a lone ">" token was written
 
 
 class LetterProbe:
@@ -123,6 +135,7 @@ class LetterProbe:
         self.prompt_length = prompt_length
         self.records: dict[int, list[_LetterRecord]] = {row: [] for row in rows}   # one per letter position reached
         self.pending: dict[int, _LetterRecord] = {}   # at a step that may be the letter's: generation may end there
+        self._at_tag_close: dict[int, _LetterRecord] = {}   # the pending record where a lone ">" closed the tag
         self._positions = {row: LetterPosition() for row in rows}
         self.scores_reader = _LetterScores(self)
         self.token_follower = _LetterTokensFollowed(self)
@@ -131,12 +144,21 @@ class LetterProbe:
         """Feeds the token just appended to every row."""
         last = input_ids[:, -1].tolist()
         for row, position in self._positions.items():
+            closes_tag = position.run == "" and (last[row],) == self.letters.tag_close and row in self.pending
+            if closes_tag:
+                self._at_tag_close[row] = self.pending[row]
             position.feed(self.letters.piece(last[row]))
             if position.found:
-                self.records[row].append(self.pending.pop(row))
+                record = self.pending.pop(row)
+                if row in self._at_tag_close:
+                    record = replace(record, at_tag_close=self._at_tag_close.pop(row))
+                self.records[row].append(record)
                 self._positions[row] = LetterPosition()   # a later <answer> may be the one the parser takes
             elif position.run is None:
                 self.pending.pop(row, None)               # "<answer" began another word
+                self._at_tag_close.pop(row, None)
+            elif not closes_tag:
+                self._at_tag_close.pop(row, None)         # more was written after the lone ">"
 
     def read(self, input_ids: torch.Tensor, scores: torch.Tensor) -> None:
         """Keeps the letter tokens' scores of the rows whose next token may write their letter."""
@@ -228,6 +250,8 @@ class LetterReader:
             return (), "the answer was cut off at its option letter"
         letters = probe.letters
         form = letters.form_of(record.run, int(sequence[column]))
+        if form is not None and record.at_tag_close is not None and not letters.written_apart(form):
+            record, form = record.at_tag_close, ">" + form   # read where the ">" was: ">B" or ">", "Q"
         note = ""
         if form is None:
             form = card_form(record.run)
