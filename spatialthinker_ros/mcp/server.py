@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
 import hmac
 import ipaddress
 import os
@@ -31,7 +30,6 @@ from spatialthinker_ros.mcp.node_link import CallTimedOut, NodeLink, NodeUnavail
 
 PROG = "spatialthinker_mcp"
 DEFAULT_PORT = 8765
-FEEDBACK_GRACE_S = 0.5     # feedback has its own topic: the scene-ready message may come just after the result
 READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=False,
                             open_world_hint=False)
 STAGE_NAMES = {0: "queued", 1: "generating", 2: "scene ready"}   # action/AskSpatial.action's STAGE_* values
@@ -82,9 +80,16 @@ class SpatialTools:
         return result
 
     async def _ask_with_progress(self, ctx: Context, goal: dict[str, Any]) -> Any:
-        """One goal, its feedback relayed as MCP progress (1, 2, 3, ... with the stage in the message)."""
+        """One goal, its feedback relayed as MCP progress (1, 2, 3, ... with the stage in the message). A scene-ready
+        message that has not come with the result is reported from the result: feedback travels on a topic of its
+        own, and rclpy drops a goal's feedback that it takes after the goal's result."""
         queue: asyncio.Queue[Progress] = asyncio.Queue()
-        scene_ready = asyncio.Event()
+        scene_seen = False
+
+        def on_progress(progress: Progress) -> None:
+            nonlocal scene_seen
+            scene_seen = scene_seen or progress.stage == SCENE_READY
+            queue.put_nowait(progress)
 
         async def relay() -> None:
             sent = 0
@@ -99,16 +104,13 @@ class SpatialTools:
                 except Exception:
                     pass
                 finally:
-                    if progress.stage == SCENE_READY:
-                        scene_ready.set()
                     queue.task_done()
 
         relaying = asyncio.ensure_future(relay())
         try:
-            result = await self.link.ask_with_feedback(self.timeout_s, queue.put_nowait, **goal)
-            if result.success and result.answer.scene_graph.objects:
-                with contextlib.suppress(asyncio.TimeoutError):   # feedback has its own topic: it may come late
-                    await asyncio.wait_for(scene_ready.wait(), FEEDBACK_GRACE_S)
+            result = await self.link.ask_with_feedback(self.timeout_s, on_progress, **goal)
+            if result.success and result.answer.scene_graph.objects and not scene_seen:
+                on_progress(Progress(SCENE_READY, result.answer.completion_tokens))
             await queue.join()
             return result
         finally:
