@@ -19,7 +19,8 @@ from spatialthinker_ros.testing.http_server import ScriptedHandler, local_http_s
 from spatialthinker_ros.testing.processes import free_port
 
 from spatialthinker_ros.core.backends.base import GenerationConfig
-from spatialthinker_ros.core.backends.openai_backend import OpenAIBackend, OpenAIConfig, encode_image
+from spatialthinker_ros.core.backends.openai_backend import (OpenAIBackend, OpenAIConfig, encode_image,
+                                                             letter_probabilities)
 from spatialthinker_ros.core.pipeline import PipelineConfig, finish_result, prepare_request
 from spatialthinker_ros.core.types import BackendError, BackendErrorKind, InferenceRequest, InferenceResult
 
@@ -581,6 +582,29 @@ def test_letters_outside_the_alternatives_get_only_what_the_list_allows(script, 
     [result] = script(mode).generate([_options_request()])
     assert result.option_probabilities == pytest.approx(expected, abs=1e-9)
     assert result.option_probabilities_note == note
+
+
+def _entry(token: str, probability: float, alternatives: dict[str, float]) -> dict:
+    return {"token": token, "logprob": math.log(probability),
+            "top_logprobs": [{"token": t, "logprob": math.log(p)} for t, p in alternatives.items()]}
+
+
+def test_a_letter_after_a_lone_tag_close_sums_both_ways_of_writing_each_letter():
+    """"<answer>" ">" "C": a letter's probability is P(">L") at the ">" plus P(">") P("L" | ">") at the letter;
+    D, listed at neither, gets each list's bound (0.05 at both: the lowest listed, and what each list leaves)."""
+    plain = {"token": "x", "logprob": 0.0, "top_logprobs": []}
+    tokens = [{**plain, "token": "<"}, {**plain, "token": "answer"},
+              _entry(">", 0.3, {">B": 0.5, ">": 0.3, ">A": 0.1, ">C": 0.05}),
+              _entry("C", 0.6, {"C": 0.6, "Q": 0.2, "B": 0.1, "A": 0.05}),
+              {**plain, "token": "</"}, {**plain, "token": "answer"}, {**plain, "token": ">"}]
+    masses = [0.1 + 0.3 * 0.05, 0.5 + 0.3 * 0.1, 0.05 + 0.3 * 0.6, 0.05 + 0.3 * 0.05]
+    probabilities, note = letter_probabilities(tokens, 4, asked=4)
+    assert note == ""
+    assert probabilities == pytest.approx([m / sum(masses) for m in masses], abs=1e-12)
+    # the same letter written with ">" in one token is read at that token alone
+    merged = [tokens[0], tokens[1], _entry(">C", 0.05, {">B": 0.5, ">": 0.3, ">A": 0.1, ">C": 0.05})] + tokens[4:]
+    probabilities, note = letter_probabilities(merged, 4, asked=4)
+    assert probabilities == pytest.approx([m / 0.7 for m in (0.1, 0.5, 0.05, 0.05)], abs=1e-12)
 
 
 def test_a_stated_maximum_of_alternatives_is_honoured_from_then_on(script, caplog):

@@ -318,10 +318,16 @@ class OpenAIBackend:
 def letter_probabilities(tokens: list[dict[str, Any]], count: int, asked: int) -> tuple[tuple[float, ...], str]:
     """The first `count` option letters' probabilities from an OpenAI `logprobs.content` list (one entry per
     generated token: token, logprob, top_logprobs, `asked` alternatives requested), or () and why not. A letter
-    missing from the alternatives gets the most it can have (the module doc says why)."""
+    missing from the alternatives gets the most it can have (the module doc says why).
+
+    Where the answer closed its tag with a ">" token alone before the letter ("<answer>Q" is "<" "answer" ">" "Q",
+    "<answer>B" is "<" "answer" ">B"), a letter's probability is that of both ways to write it: P(">B") at the ">"
+    plus P(">") P("B" | ">") at the letter (read after the lone ">" only, B would be a tokenization the model never
+    writes, and Q would take every letter's share)."""
     # read at the <answer> the parser takes the answer from, not at one quoted in <think>
     start, end = answer_opened_at("".join(entry["token"] for entry in tokens)) or 0, 0
     position = LetterPosition()
+    previous: Optional[tuple[dict[str, Any], Optional[str]]] = None   # the entry before the letter, and its run
     for entry in tokens:
         end += len(entry["token"])
         if end <= start:
@@ -330,35 +336,46 @@ def letter_probabilities(tokens: list[dict[str, Any]], count: int, asked: int) -
         position.feed(entry["token"])
         if position.found:
             break
+        previous = (entry, run)
     else:
         if position.run is not None:
             return (), "the answer was cut off at its option letter"
         return (), "the answer has no <answer> tag to read the option letter's probabilities at"
     if not letter_written(run, entry["token"]):
         return (), "the model wrote no option letter after <answer>"
+    at_letter = _listed_letters(entry, run, count)
+    if run == ">" and previous is not None and previous[1] == "" and previous[0]["token"] == ">":
+        tag_close = previous[0]   # (letters at ">", scaled by P(">")) and letters written with ">" in one token
+        readings = [(at_letter, math.exp(float(tag_close["logprob"]))), (_listed_letters(tag_close, "", count), 1.0)]
+    else:
+        readings = [(at_letter, 1.0)]
+    offered = f"{option_letter(0)}..{option_letter(count - 1)}"
+    if not any(mass is not None for (masses, _, _), _ in readings for mass in masses):
+        return (), f"no offered letter ({offered}) is among the server's alternatives at the option letter"
+    for (masses, _, listed), _ in readings:
+        if None in masses and listed < asked:
+            return (), (f"the server listed {listed} alternatives at the option letter, fewer than the "
+                        f"{asked} asked, without every offered letter ({offered}): the others cannot be bounded")
+    return renormalised([math.fsum(scale * (masses[i] if masses[i] is not None else bound)
+                                   for (masses, bound, _), scale in readings) for i in range(count)]), ""
+
+
+def _listed_letters(entry: dict[str, Any], run: str, count: int) -> tuple[list[Optional[float]], float, int]:
+    """At one token: each offered letter's probability from the token and its alternatives (None where none writes
+    it), the most an unlisted one can have (the lowest listed probability, and what the list leaves of 1), and how
+    many alternatives were listed."""
     alternatives = [(alt["token"], float(alt["logprob"])) for alt in entry.get("top_logprobs") or ()]
     listed = dict(alternatives)
     listed.setdefault(entry["token"], float(entry["logprob"]))
-    masses = [0.0] * count
-    seen = [False] * count
+    masses: list[Optional[float]] = [None] * count
     for token, logprob in listed.items():
         letter = letter_written(run, token)
         index = ord(letter) - ord("A") if letter else count
         if index < count:
-            masses[index] += math.exp(logprob)
-            seen[index] = True
-    offered = f"{option_letter(0)}..{option_letter(count - 1)}"
-    if not any(seen):
-        return (), f"no offered letter ({offered}) is among the server's alternatives at the option letter"
-    if not all(seen):
-        if len(alternatives) < asked:
-            return (), (f"the server listed {len(alternatives)} alternatives at the option letter, fewer than the "
-                        f"{asked} asked, without every offered letter ({offered}): the others cannot be bounded")
-        # a letter outside the list has at most the lowest listed probability, and at most what the list leaves
-        bound = min(math.exp(min(logprob for _, logprob in alternatives)),
-                    max(0.0, 1.0 - math.fsum(math.exp(logprob) for logprob in listed.values())))
-        masses = [mass if was_seen else bound for mass, was_seen in zip(masses, seen)]
-    return renormalised(masses), ""
+            masses[index] = (masses[index] or 0.0) + math.exp(logprob)
+    bound = min(math.exp(min(logprob for _, logprob in alternatives)) if alternatives else 1.0,
+                max(0.0, 1.0 - math.fsum(math.exp(logprob) for logprob in listed.values())))
+    return masses, bound, len(alternatives)
 
 
 def encode_image(image: np.ndarray, image_format: str = "jpeg", jpeg_quality: int = 90) -> str:
