@@ -223,6 +223,13 @@ class NodeLink:
                                       time.monotonic() + self.wait_s, "parameters")
         return {name: parameter_value_to_python(value) for name, value in zip(names, response.values)}
 
+    async def wait_for_stats(self) -> None:
+        """Until the node's ~/stats has arrived here, for at most wait_s (the topic is transient local: a subscriber
+        gets the last message as soon as it has matched the node's publisher)."""
+        deadline = time.monotonic() + self.wait_s
+        while self.stats is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
     def now_s(self) -> float:
         return self._node.get_clock().now().nanoseconds * 1e-9
 

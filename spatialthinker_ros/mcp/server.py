@@ -189,6 +189,8 @@ class SpatialTools:
             topics = await self.link.watch_cameras()
         except NodeUnavailable as exc:
             return _error("NODE_UNAVAILABLE", str(exc))
+        if state == "active":   # an active node has published ~/stats: a fresh server may not have it yet
+            await self.link.wait_for_stats()
         stats = self.link.stats or {}
         counted = stats.get("cameras", {})
         cameras = [results.CameraStatus(name=name, topic=topic, last_frame_age_s=self.link.last_frame_age_s(name),
