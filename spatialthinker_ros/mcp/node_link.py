@@ -7,6 +7,7 @@ hang."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import threading
@@ -226,9 +227,8 @@ class NodeLink:
     async def wait_for_stats(self) -> None:
         """Until the node's ~/stats has arrived here, for at most wait_s (the topic is transient local: a subscriber
         gets the last message as soon as it has matched the node's publisher)."""
-        deadline = time.monotonic() + self.wait_s
-        while self.stats is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        with contextlib.suppress(NodeUnavailable):   # none in time: status is reported without them
+            await self._ready(lambda: self.stats is not None, f"~/stats from {self.path}")
 
     def now_s(self) -> float:
         return self._node.get_clock().now().nanoseconds * 1e-9
