@@ -41,16 +41,31 @@ def checkpoint_fingerprint(model: str) -> str:
     return "sha256:" + digest.hexdigest()[:16]
 
 
-def checkpoint_folder(model: str) -> Optional[Path]:
-    """The directory `model` names, or the local hub cache's snapshot of that hub id; None when neither exists."""
+def local_checkpoint(model: str) -> Optional[Path]:
+    """The directory `model` names, or None when it is a hub id ("org/name", or a legacy "name"). ValueError when it
+    names a path that is not a directory: one that exists as a file, or starts with "/", "." or "~"."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path
-    if model.startswith(("/", ".", "~")) or model.count("/") != 1:
+    if path.exists() or model.startswith(("/", ".", "~")):
+        raise ValueError(f"model directory {model!r} does not exist")
+    return None
+
+
+def checkpoint_folder(model: str) -> Optional[Path]:
+    """The directory `model` names, or the local hub cache's snapshot of that hub id; None when neither exists."""
+    try:
+        folder = local_checkpoint(model)
+    except ValueError:
         return None
+    if folder is not None:
+        return folder
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(model, "config.json")
+    try:
+        cached = try_to_load_from_cache(model, "config.json")
+    except ValueError:   # not a valid hub id (huggingface_hub's HFValidationError)
+        return None
     return Path(cached).parent if isinstance(cached, str) else None
 
 

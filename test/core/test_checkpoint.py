@@ -26,19 +26,23 @@ def test_a_copy_has_the_same_fingerprint_and_other_weights_another(tiny_checkpoi
     assert checkpoint_fingerprint(str(copy)) != original
 
 
-def test_a_hub_id_is_fingerprinted_from_the_hub_cache(tiny_checkpoint: Path, tmp_path: Path, monkeypatch):
+@pytest.mark.parametrize("hub_id", ["org/tiny", "tiny"])   # "tiny": a legacy id without an organisation
+def test_a_hub_id_is_fingerprinted_from_the_hub_cache(hub_id: str, tiny_checkpoint: Path, tmp_path: Path,
+                                                      monkeypatch):
     import huggingface_hub.constants
 
     revision = "0" * 40
-    repo = tmp_path / "hub" / "models--org--tiny"
+    repo = tmp_path / "hub" / ("models--" + hub_id.replace("/", "--"))
     shutil.copytree(tiny_checkpoint, repo / "snapshots" / revision)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    assert checkpoint_fingerprint("org/tiny") == checkpoint_fingerprint(str(tiny_checkpoint))
+    monkeypatch.chdir(tmp_path)   # so that "tiny" names no folder here
+    assert checkpoint_fingerprint(hub_id) == checkpoint_fingerprint(str(tiny_checkpoint))
 
 
 @pytest.mark.parametrize("model, message", [("org/not-cached", "nor in the local hub cache"),
+                                            ("a/b/c", "nor in the local hub cache"),   # not a valid hub id
                                             ("/no/such/dir", "not a checkpoint directory")])
 def test_what_cannot_be_found_is_refused(model, message, tmp_path: Path, monkeypatch):
     import huggingface_hub.constants
@@ -52,3 +56,14 @@ def test_a_folder_without_weights_is_refused(tmp_path: Path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="holds no weight files"):
         checkpoint_fingerprint(str(tmp_path))
+
+
+def test_a_file_is_not_a_checkpoint_directory(tmp_path: Path):
+    from spatialthinker_ros.core.checkpoint import local_checkpoint
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"")
+    with pytest.raises(ValueError, match="does not exist"):
+        local_checkpoint(str(weights))
+    with pytest.raises(ValueError, match="not a checkpoint directory"):
+        checkpoint_fingerprint(str(weights))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import inspect
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +16,7 @@ from transformers.generation import GenerateDecoderOnlyOutput
 from transformers.utils import is_flash_attn_2_available
 
 from spatialthinker_ros.core.backends.settings import TransformersConfig
+from spatialthinker_ros.core.checkpoint import local_checkpoint
 from spatialthinker_ros.core.text import excerpt
 from spatialthinker_ros.core.types import BackendError, BackendErrorKind
 
@@ -119,12 +119,12 @@ def load(config: TransformersConfig, device: torch.device, dtype: torch.dtype, a
 
 
 def _model_source(model: str) -> str:
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return str(path)
-    if path.exists() or model.startswith(("/", ".", "~")):
-        raise BackendError(BackendErrorKind.UNAVAILABLE, f"model directory {model!r} does not exist")
-    return model
+    """What from_pretrained loads: the directory `model` names, or the hub id itself."""
+    try:
+        folder = local_checkpoint(model)
+    except ValueError as exc:
+        raise BackendError(BackendErrorKind.UNAVAILABLE, str(exc)) from exc
+    return str(folder) if folder is not None else model
 
 
 def _quantization_config(name: str, device: torch.device, dtype: torch.dtype) -> Any:
