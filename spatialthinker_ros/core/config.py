@@ -213,10 +213,10 @@ def lift_config_from(values: Mapping[str, Any]) -> LiftConfig:
 
 def answering_setup(backend: Backend, values: Mapping[str, Any]) -> CalibrationSetup:
     """The setup a calibration must hold for, as the loaded `backend` answers: its weights' fingerprint, resolved
-    dtype, quantization, image limits and prompt cache (transformers), or the model id its server reports (openai),
-    with the prompt parameters prompt_style and max_input_pixels in `values` (the node's parameters, or the command
-    line's options). ValueError when the weights cannot be fingerprinted; BackendError when the server cannot say
-    which model it serves."""
+    dtype, quantization, image limits and whether letters are read past generate (transformers), or the model id
+    its server reports (openai), with the prompt parameters prompt_style and max_input_pixels in `values` (the
+    node's parameters, or the command line's options). ValueError when the weights cannot be fingerprinted;
+    BackendError when the server cannot say which model it serves."""
     prompt = dict(max_input_pixels=values["max_input_pixels"], prompt_style=values["prompt_style"])
     if backend.name == "replay":
         return CalibrationSetup.replay(**prompt)
@@ -224,7 +224,7 @@ def answering_setup(backend: Backend, values: Mapping[str, Any]) -> CalibrationS
     if backend.name == "openai":
         return CalibrationSetup(model=config.model, backend="openai", checkpoint=f"served {backend.served_model()}",
                                 dtype=None, quantization=None, min_pixels=None, max_pixels=config.max_pixels,
-                                prompt_cache=None, **prompt)
+                                letters_continue=None, **prompt)
     return CalibrationSetup(model=config.model, backend=backend.name, checkpoint=checkpoint_fingerprint(config.model),
                             dtype=backend.dtype, quantization=config.quantization, min_pixels=config.min_pixels,
-                            max_pixels=config.max_pixels, prompt_cache=backend.prompts is not None, **prompt)
+                            max_pixels=config.max_pixels, letters_continue=backend.letters_continue, **prompt)

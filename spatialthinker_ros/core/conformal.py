@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 
 
 FILE_FORMAT = "spatialthinker-calibration"
-FILE_VERSION = 2
+FILE_VERSION = 3
 
 
 class CalibrationError(ValueError):
@@ -93,15 +93,16 @@ class CalibrationSetup:
     max_pixels: Optional[int]
     max_input_pixels: int            # frames are downscaled to this before the prompt states their size
     prompt_style: str
-    # whether the backend keeps prompts' KV cache, which decides whether an answer that writes no option letter
-    # still gets probabilities (read one step further) or none (transformers)
-    prompt_cache: Optional[bool]
+    # whether the backend can run steps past generate (transformers without compile): an answer that wrote its
+    # letter in more than one token, or wrote none, then still gets probabilities; otherwise none (transformers)
+    letters_continue: Optional[bool]
 
     @classmethod
     def replay(cls, max_input_pixels: int, prompt_style: str) -> CalibrationSetup:
         """Replay answers from a file: no model, no image size, the recorded probabilities."""
         return cls(model="replay", backend="replay", checkpoint="", dtype=None, quantization=None, min_pixels=None,
-                   max_pixels=None, max_input_pixels=max_input_pixels, prompt_style=prompt_style, prompt_cache=None)
+                   max_pixels=None, max_input_pixels=max_input_pixels, prompt_style=prompt_style,
+                   letters_continue=None)
 
 
 # The setup's fields (most are named as the node parameters they come from): messages and docs list them from here.
@@ -190,7 +191,8 @@ class Calibration:
         for name, ok in (("model", _is_str), ("backend", _is_str), ("prompt_style", _is_str),
                          ("checkpoint", lambda v: isinstance(v, str)), ("dtype", optional_str),
                          ("quantization", optional_str), ("max_input_pixels", _is_int), ("min_pixels", optional_int),
-                         ("max_pixels", optional_int), ("prompt_cache", lambda v: v is None or isinstance(v, bool))):
+                         ("max_pixels", optional_int),
+                         ("letters_continue", lambda v: v is None or isinstance(v, bool))):
             if not ok(setup[name]):
                 raise CalibrationError(f"setup.{name} has the wrong type: {setup[name]!r}")
         return cls(threshold=data["threshold"], coverage=data["coverage"], n=data["n"],

@@ -1,6 +1,7 @@
 """The one typed node configuration (core/config.py) against the shipped parameter file and the command line."""
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -79,15 +80,22 @@ def test_the_answering_setup_is_read_from_the_loaded_backend(tiny_checkpoint: Pa
     replay_file.write_text('{"question": "q", "response": "<answer> (A) x </answer>"}\n')
     replay = create_backend("replay", replay_file=str(replay_file))
     assert answering_setup(replay, values) == CalibrationSetup.replay(76800, "training")
-    backend = create_backend("transformers", model=str(tiny_checkpoint), device="cpu", max_pixels=50176)
-    try:
-        setup = answering_setup(backend, values)
-    finally:
-        backend.close()
-    assert setup == CalibrationSetup(
+    setups = {}
+    for settings in ({}, {"reuse_prompts": False}, {"compile": True}):
+        backend = create_backend("transformers", model=str(tiny_checkpoint), device="cpu", max_pixels=50176,
+                                 **settings)
+        try:
+            setups[tuple(settings)] = answering_setup(backend, values)
+        finally:
+            backend.close()
+    assert setups[()] == CalibrationSetup(
         model=str(tiny_checkpoint), backend="transformers", checkpoint=checkpoint_fingerprint(str(tiny_checkpoint)),
         dtype="float32", quantization="none", min_pixels=3136, max_pixels=50176, max_input_pixels=76800,
-        prompt_style="training", prompt_cache=True)
+        prompt_style="training", letters_continue=True)
+    # Without prompt reuse the same answers get the same probabilities, so the calibration still holds; with compile
+    # (a static cache) a letter written in two tokens, or not written, gets none, so it does not.
+    assert setups[("reuse_prompts",)] == setups[()]
+    assert setups[("compile",)] == replace(setups[()], letters_continue=False)
 
 
 

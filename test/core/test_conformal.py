@@ -19,7 +19,7 @@ from spatialthinker_ros.core.types import InferenceResult
 
 SETUP = CalibrationSetup(model="OX-PIXL/SpatialThinker-7B", backend="transformers",
                          checkpoint="sha256:0123456789abcdef", dtype="bfloat16", quantization="none", min_pixels=3136,
-                         max_pixels=1003520, max_input_pixels=2073600, prompt_style="model_card", prompt_cache=True)
+                         max_pixels=1003520, max_input_pixels=2073600, prompt_style="model_card", letters_continue=True)
 LETTERS = "ABCD"
 
 
@@ -128,7 +128,7 @@ def test_calibration_file_round_trips(tmp_path: Path):
         "threshold": calibration.threshold, "coverage": 0.9, "n": 20, "runs": ["eval/a"]}
     assert data["setup"] == {"model": SETUP.model, "backend": "transformers", "checkpoint": "sha256:0123456789abcdef",
                              "dtype": "bfloat16", "quantization": "none", "min_pixels": 3136, "max_pixels": 1003520,
-                             "max_input_pixels": 2073600, "prompt_style": "model_card", "prompt_cache": True}
+                             "max_input_pixels": 2073600, "prompt_style": "model_card", "letters_continue": True}
     assert Calibration.load(path) == calibration
 
 
@@ -150,7 +150,7 @@ def _with(**changes) -> dict:
     ("{not json", "is not JSON"),
     ("[1, 2]", "not a calibration file"),
     (json.dumps(_with(format="other")), "not a calibration file"),
-    (json.dumps(_with(version=3)), "calibration file version 3"),
+    (json.dumps(_with(version=4)), "calibration file version 4"),
     (json.dumps(_with(threshold=_DROP)), "missing threshold"),
     (json.dumps(_with(setup=_DROP, n=_DROP)), "missing n, setup"),
     (json.dumps(_with(threshold=1.5)), "threshold must be a number in"),
@@ -159,10 +159,10 @@ def _with(**changes) -> dict:
     (json.dumps(_with(n=5)), "n must be an integer of at least 9 rows"),
     (json.dumps(_with(n=50.0)), "n must be an integer"),
     (json.dumps(_with(n=True)), "n must be an integer"),
-    (json.dumps(_with(setup={**GOOD["setup"], "device": "cuda"})), "this version reads 2 with model, backend"),
+    (json.dumps(_with(setup={**GOOD["setup"], "device": "cuda"})), "this version reads 3 with model, backend"),
     (json.dumps(_with(setup={k: v for k, v in GOOD["setup"].items() if k != "model"})), "its setup lacks model "),
     (json.dumps(_with(setup={**GOOD["setup"], "dtype": 16})), "setup.dtype has the wrong type"),
-    (json.dumps(_with(setup={**GOOD["setup"], "prompt_cache": "yes"})), "setup.prompt_cache has the wrong type"),
+    (json.dumps(_with(setup={**GOOD["setup"], "letters_continue": "yes"})), "setup.letters_continue has the wrong type"),
     (json.dumps(_with(setup={**GOOD["setup"], "max_pixels": "1003520"})), "setup.max_pixels has the wrong type"),
     (json.dumps(_with(setup={**GOOD["setup"], "model": ""})), "setup.model has the wrong type"),
 ])
@@ -179,13 +179,20 @@ def test_load_names_a_missing_file(tmp_path: Path):
         Calibration.load(tmp_path / "nothing.json")
 
 
-def test_a_file_of_the_first_version_is_refused_naming_the_fields_it_lacks(tmp_path: Path):
+FIRST_SETUP = {"model": SETUP.model, "backend": "transformers", "max_pixels": 1003520, "max_input_pixels": 2073600,
+               "prompt_style": "model_card"}
+# the second version recorded whether prompts were cached, which does not decide which answers get probabilities
+SECOND_SETUP = {**FIRST_SETUP, "checkpoint": "sha256:0123456789abcdef", "dtype": "bfloat16", "quantization": "none",
+                "min_pixels": 3136, "prompt_cache": True}
+
+
+@pytest.mark.parametrize("version, setup, lacking", [
+    (1, FIRST_SETUP, "checkpoint, dtype, quantization, min_pixels, letters_continue"),
+    (2, SECOND_SETUP, "letters_continue")])
+def test_a_file_of_an_earlier_version_is_refused_naming_the_fields_it_lacks(version, setup, lacking, tmp_path: Path):
     path = tmp_path / "calibration.json"
-    first = {"model": SETUP.model, "backend": "transformers", "max_pixels": 1003520, "max_input_pixels": 2073600,
-             "prompt_style": "model_card"}
-    path.write_text(json.dumps(_with(version=1, setup=first)))
-    with pytest.raises(CalibrationError, match=r"its setup lacks checkpoint, dtype, quantization, min_pixels, "
-                                               r"prompt_cache \(a calibration file of version 1"):
+    path.write_text(json.dumps(_with(version=version, setup=setup)))
+    with pytest.raises(CalibrationError, match=rf"its setup lacks {lacking} \(a calibration file of version {version}"):
         read_calibration_file(str(path))
 
 

@@ -160,7 +160,7 @@ _DROP = object()   # a run.json key left out
 ANSWERING = dataclasses.asdict(CalibrationSetup(
     model="OX-PIXL/SpatialThinker-7B", backend="transformers", checkpoint="sha256:0123456789abcdef", dtype="bfloat16",
     quantization="none", min_pixels=3136, max_pixels=1003520, max_input_pixels=2073600, prompt_style="model_card",
-    prompt_cache=True))
+    letters_continue=True))
 
 
 def write_run(folder: Path, rows: list[tuple[list[float], str]], run: Optional[dict] = None, retried: int = 0,

@@ -224,7 +224,7 @@ def test_tiny_checkpoint_end_to_end(tiny_checkpoint: Path, tmp_path: Path):
     assert recorded["calibration_setup"] == {
         "model": str(tiny_checkpoint), "backend": "transformers", "checkpoint": checkpoint_fingerprint(str(tiny_checkpoint)),
         "dtype": "float32", "quantization": "none", "min_pixels": 3136, "max_pixels": 50000,
-        "max_input_pixels": 2073600, "prompt_style": "model_card", "prompt_cache": True}
+        "max_input_pixels": 2073600, "prompt_style": "model_card", "letters_continue": True}
     # --verbose logs the model loading, each line under this command's name
     assert "spatialthinker-eval: INFO: spatialthinker_ros.core.backends.transformers.generation: loaded" in done.stderr
     assert "spatialthinker-ask" not in done.stderr, done.stderr

@@ -105,6 +105,6 @@ def test_summaries_name_the_answer_the_decision_and_each_position():
 
 def test_a_calibration_setup_keeps_its_booleans_in_node_status():
     status = results.CalibrationStatus(coverage=0.9, threshold=0.6, rows=300,
-                                       setup={"prompt_cache": True, "max_input_pixels": 76800, "dtype": None})
-    assert status.model_dump(mode="json")["setup"] == {"prompt_cache": True, "max_input_pixels": 76800,
+                                       setup={"letters_continue": True, "max_input_pixels": 76800, "dtype": None})
+    assert status.model_dump(mode="json")["setup"] == {"letters_continue": True, "max_input_pixels": 76800,
                                                        "dtype": None}

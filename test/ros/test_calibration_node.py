@@ -73,7 +73,7 @@ def test_the_transformers_node_refuses_a_calibration_of_another_dtype_or_other_w
     here = CalibrationSetup(model=str(tiny_checkpoint), backend="transformers",
                             checkpoint=checkpoint_fingerprint(str(tiny_checkpoint)), dtype="float32",
                             quantization="none", min_pixels=3136, max_pixels=50176, max_input_pixels=320 * 240,
-                            prompt_style="model_card", prompt_cache=True)
+                            prompt_style="model_card", letters_continue=True)
     # the node reports what it loaded on ~/stats (what `spatialthinker-eval run --node` records), and a
     # calibration of exactly that setup configures
     same = write_calibration(tmp_path / "same.json", "model_card", here)

@@ -65,7 +65,9 @@ class TransformersBackend:
         self.prompts: Optional[PromptCache] = (
             PromptCache(PROMPTS_KEPT)
             if config.reuse_prompts and PROMPT_REUSE and PRECOMPUTED_IMAGES and not config.compile else None)
-        self._letters = LetterReader(self._tokenizer, can_continue=PROMPT_REUSE and not config.compile)
+        # whether option letters can be read past generate (LetterReader): a calibration's setup records it
+        self.letters_continue = PROMPT_REUSE and not config.compile
+        self._letters = LetterReader(self._tokenizer, can_continue=self.letters_continue)
         self._eos_ids = _token_ids(self._model.generation_config.eos_token_id)
         self._end_ids = self._eos_ids | _token_ids(self._model.generation_config.pad_token_id)
         log.info(
