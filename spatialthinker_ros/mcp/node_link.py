@@ -74,6 +74,8 @@ class NodeLink:
         self._newest_stamps: dict[str, float] = {}   # camera name -> its newest frame's stamp (ROS seconds)
         self._camera_topics: dict[str, str] = {}
         self._cancelling: set[asyncio.Future] = set()   # cancels still being sent (kept from the collector)
+        self._cancels: set[Any] = set()   # rclpy futures of cancels sent, or still to send: close() lets them finish
+        self._cancels_lock = threading.Lock()   # added to from the event loop's thread and the executor's
         self._closing = False
         self._executor = SingleThreadedExecutor(context=self._context)
         self._executor.add_node(self._node)
@@ -98,6 +100,13 @@ class NodeLink:
             stats = None
         if isinstance(stats, dict):   # anything else on the topic is not the node's
             self.stats = stats
+
+    def _keep_until_done(self, future: Any) -> Any:
+        """Keeps a cancel's rclpy future (or the executor task that will send one) for close(); returns it."""
+        with self._cancels_lock:
+            self._cancels = {kept for kept in self._cancels if not kept.done()}
+            self._cancels.add(future)
+        return future
 
     # ------------------------------------------------------------------ waits
     async def _ready(self, is_ready: Callable[[], bool], what: str) -> None:
@@ -140,7 +149,8 @@ class NodeLink:
             return await self._result(asking, deadline, "answer", self._ask.service_is_ready)
         except BaseException:   # the first cancel goes out now: this process may be about to stop
             cancel = self.Cancel.Request(request_id=request_id)
-            cancelling = asyncio.ensure_future(self._cancel_until_done(cancel, self._cancel.call_async(cancel), asking))
+            first = self._keep_until_done(self._cancel.call_async(cancel))
+            cancelling = asyncio.ensure_future(self._cancel_until_done(cancel, first, asking))
             self._cancelling.add(cancelling)
             cancelling.add_done_callback(self._cancelling.discard)
             raise
@@ -157,7 +167,7 @@ class NodeLink:
             if reply.cancelled or asking.done():
                 return
             await asyncio.sleep(CANCEL_RETRY_S)
-            sent = self._cancel.call_async(cancel)
+            sent = self._keep_until_done(self._cancel.call_async(cancel))
 
     async def ask_with_feedback(self, timeout_s: float, on_progress: Callable[[Progress], None], **goal: Any) -> Any:
         """One goal of ~/ask_action; its Result (error codes included). Feedback goes to on_progress on the
@@ -182,19 +192,19 @@ class NodeLink:
                 return None
             accepted.append(handle)
             if abandoned:   # the caller gave up while the goal was on its way
-                handle.cancel_goal_async()
+                self._keep_until_done(handle.cancel_goal_async())
             return (await handle.get_result_async()).result
 
         def abandon() -> None:   # on the executor's thread: cancels the goal now, or once it is accepted
             nonlocal abandoned
             abandoned = True
             for handle in accepted:
-                handle.cancel_goal_async()
+                self._keep_until_done(handle.cancel_goal_async())
 
         try:
             result = await self._result(self._executor.create_task(goal_then_result), deadline, "answer", alive)
         except BaseException:   # cancelled by the MCP client, timed out, or the node left: the goal is dropped
-            self._executor.create_task(abandon)
+            self._keep_until_done(self._executor.create_task(abandon))
             raise
         if result is None:
             raise NodeUnavailable(f"{self.path}/ask_action rejected the goal")
@@ -271,8 +281,17 @@ class NodeLink:
         return None if stamp is None else max(0.0, self.now_s() - stamp)
 
     def close(self) -> None:
-        """Stop spinning before the node and context go: rclpy aborts the process if a spinning thread outlives
-        them."""
+        """First lets the cancels on their way get the node's reply, for at most wait_s: this process is often about
+        to exit (a client that cancelled a call and left), and a cancel lost with it would leave the node answering
+        nobody. Then stops spinning before the node and context go: rclpy aborts the process if a spinning thread
+        outlives them."""
+        deadline = time.monotonic() + self.wait_s
+        while self._context.ok() and time.monotonic() < deadline and \
+                (self._cancel.service_is_ready() or self._action.server_is_ready()):   # no node, no reply
+            with self._cancels_lock:
+                if all(kept.done() for kept in self._cancels):
+                    break
+            time.sleep(CANCEL_RETRY_S)
         self._closing = True
         self._executor.shutdown(timeout_sec=5.0)
         self._spinner.join(timeout=5.0)

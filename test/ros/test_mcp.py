@@ -5,6 +5,7 @@ cancellation, concurrent calls, and a node that is inactive or gone."""
 
 import asyncio
 import base64
+import contextlib
 import json
 
 import anyio
@@ -15,7 +16,9 @@ import pytest
 from node_requests import STARTUP
 
 from spatialthinker_ros.core.conformal import Calibration, CalibrationSetup
+from spatialthinker_ros.action import AskSpatial
 from spatialthinker_ros.core.config import PARAMETERS
+from spatialthinker_ros.mcp.node_link import NodeLink
 from spatialthinker_ros.mcp.results import SCENE_QUESTION
 from spatialthinker_ros.testing.mcp_client import mcp_client
 from spatialthinker_ros.testing.node_client import NodeClient, new_context
@@ -32,6 +35,7 @@ RESPONSES = {line["question"]: line["response"]
 FREE = "What is on the table?"
 HELD = "Is anything moving?"                       # its generation runs until the test releases it
 QUIET_HELD = "Is anything falling?"                # the same, asked with no progress: the service, ~/cancel
+LEFT_HELD = "Is anything rolling?"                 # the same, asked through a NodeLink that closes at once
 SAMPLE_PROBABILITIES = [0.85, 0.05, 0.05, 0.05]     # threshold 0.6 keeps p >= 0.4: {A}, act
 CLOSEST_PROBABILITIES = [0.34, 0.33, 0.33]          # none >= 0.4: the empty set, ask for help
 MAX_INPUT_PIXELS = next(p.default for p in PARAMETERS if p.name == "max_input_pixels")
@@ -54,7 +58,8 @@ def replay_lines(folder):
     return [{**line, "until_file": str(released)} for line in lines] + [
         {"question": HELD, "response": RESPONSES[SAMPLE["question"]], "until_file": str(folder / "held_released")},
         {"question": QUIET_HELD, "response": RESPONSES[SAMPLE["question"]],
-         "until_file": str(folder / "quiet_released"), "started_file": str(folder / "quiet_started")}]
+         "until_file": str(folder / "quiet_released"), "started_file": str(folder / "quiet_started")},
+        {"question": LEFT_HELD, "response": RESPONSES[SAMPLE["question"]], "until_file": str(folder / "left_released")}]
 
 
 def camera_command():
@@ -244,6 +249,37 @@ def test_progress_arrives_in_order_and_a_cancelled_call_cancels_its_goal(graph):
                             "the node's ~/stats to count the cancelled goal")
     finally:
         (folder / "held_released").touch()   # the held generation ends; the backend answers the next tests
+
+
+def test_a_goal_cancelled_as_its_server_exits_is_cancelled_on_the_node(graph):
+    """A client that cancels a call and leaves at once: the server closes its NodeLink straight after the cancel,
+    and the goal's cancel must still reach the node (close lets it), or the node answers nobody."""
+    client_of_node, folder, _ = graph
+    cancelled_before = client_of_node.stats[-1]["scheduler"]["cancelled"]
+    link = NodeLink(wait_s=CALL_S)
+
+    async def ask_and_give_up():
+        generating = asyncio.Event()
+
+        def on_progress(progress):
+            if progress.stage == AskSpatial.Feedback.STAGE_GENERATING:
+                generating.set()
+
+        asking = asyncio.ensure_future(link.ask_with_feedback(CALL_S, on_progress, question=LEFT_HELD))
+        await asyncio.wait_for(generating.wait(), CALL_S)   # the node is generating, held until released
+        asking.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asking
+
+    try:
+        asyncio.run(ask_and_give_up())
+    finally:
+        link.close()
+    try:
+        client_of_node.wait(lambda: client_of_node.stats[-1]["scheduler"]["cancelled"] > cancelled_before, CALL_S,
+                            "the node's ~/stats to count the goal cancelled as its link closed")
+    finally:
+        (folder / "left_released").touch()
 
 
 def test_a_call_without_progress_is_asked_by_service_and_cancelled_with_its_request_id(graph):
