@@ -29,6 +29,7 @@ from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 from spatialthinker_ros.ros.camera_inputs import camera_qos
+from spatialthinker_ros.testing.processes import stop_on_sigterm
 
 CAMERA_QOS = camera_qos("best_effort")   # what spatialthinker_node subscribes with (ros/camera_inputs.py)
 JPEG_QUALITY = 90   # the JPEG sizes in bench/README.md were measured at this quality
@@ -220,7 +221,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if os.environ.get("ROS_AUTOMATIC_DISCOVERY_RANGE") != "LOCALHOST":
         sys.exit("refusing to run without ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST (start it from a bench script)")
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    stop_on_sigterm()
     rclpy.init()
     {"publisher": run_publisher, "subscriber": run_subscriber, "floor": run_floor}[args.role](args)
 

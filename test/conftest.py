@@ -11,9 +11,11 @@ import pytest
 
 import hypothesis_profiles  # noqa: F401  (registers and loads the hypothesis profile before any test module)
 from spatialthinker_ros.testing.isolation import isolate_ros
+from spatialthinker_ros.testing.processes import stop_on_sigterm
 
 # before any test module imports rclpy: every node of the suite, in-process or a child (which inherits os.environ)
 _SCRATCH = isolate_ros(prefix="spatialthinker-test-")
+stop_on_sigterm()   # a killed run still stops the nodes, cameras and servers its fixtures started
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -27,6 +27,17 @@ def interruptible() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (a `kill`, CI's `timeout`) raises KeyboardInterrupt in the main thread, as Ctrl-C does, so the
+    `finally` blocks and fixtures that stop this process's children run. The children have sessions of their own
+    (Process): with SIGTERM's default, this process would die alone and leave them running. Main thread only."""
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 class Process:
     """A child process whose output goes to a file (shown when something fails); stopped by its own pid only.
 
