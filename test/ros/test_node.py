@@ -361,37 +361,56 @@ def test_stale_frames_refused(spawn, client, camera, replay_file):
     assert response.success, "a per-request max_image_age overrides the parameter"
 
 
-def test_busy_and_timeout(spawn, client, camera, replay_file, ros_context):
+def test_busy_and_timeout(spawn, client, camera, tmp_path):
+    """queue_size 1 behind a running generation: of six requests at once one waits and five are refused as busy, and
+    request_timeout counts the wait and the run. Generations are held until the test creates their release file
+    (the replay line's until_file), so which request runs and which waits never depends on the machine's speed; the
+    one clock is request_timeout, which only the answers in time race, with many service round trips of margin."""
     camera()
-    # a generation takes 4 s and a request may take 6 s from acceptance: one waiting behind a whole generation
-    # times out, and the margins (2 s for one answered in time, 2 s for one that waits) hold on a loaded machine
-    proc = spawn(node_command(**replay_params(replay_file, replay_latency=4.0, queue_size=1, max_batch_size=1,
-                                           request_timeout=6.0)), name="node")
-    assert client.ask_until_ready(proc, question=QUESTION, options=OPTIONS).success
-    # six at once: one runs, at most one waits (queue_size 1), the rest are refused. Whether the second
-    # waits depends on whether the worker took the first before it arrived; the deterministic timeout is below.
-    futures = [client.service.call_async(AskSpatial.Request(question=QUESTION)) for _ in range(6)]
-    assert spin_until(client.node, lambda: all(f.done() for f in futures), CALL)
-    codes = sorted(f.result().error_code for f in futures)
-    assert set(codes) <= {E.ERROR_NONE, E.ERROR_BUSY, E.ERROR_TIMEOUT}, (codes, [f.result().message for f in futures])
-    assert codes.count(E.ERROR_BUSY) >= 3 and E.ERROR_NONE in codes, codes
-    # one that waits behind another beyond request_timeout times out; first let the worker finish the
-    # generation whose caller already timed out (a running generation cannot be interrupted): a question answered
-    # in time was the only one the worker had
-    deadline = time.monotonic() + CALL
-    while not client.ask(question=QUESTION).success:   # ERROR_TIMEOUT while it waited behind an abandoned one
-        assert time.monotonic() < deadline, "the worker stayed busy"
-    # the first question is generating (its GENERATING feedback) before the second is asked, so the second queues
-    # (queue_size 1) instead of being refused as busy, and waits longer than request_timeout allows
-    stages = []
-    sending = client.action.send_goal_async(AskSpatialAction.Goal(question=QUESTION),
-                                            feedback_callback=lambda m: stages.append(m.feedback.stage))
-    assert spin_until(client.node, lambda: AskSpatialAction.Feedback.STAGE_GENERATING in stages, CALL), stages
-    behind = client.service.call_async(AskSpatial.Request(question=QUESTION))
-    getting = sending.result().get_result_async()
-    assert spin_until(client.node, lambda: behind.done() and getting.done(), CALL)
-    assert getting.result().result.error_code == E.ERROR_NONE
-    assert behind.result().error_code == E.ERROR_TIMEOUT, behind.result().message
+    timeout_s = 10.0
+    quick, held_busy, held_timeout = tmp_path / "quick", tmp_path / "release-busy", tmp_path / "release-timeout"
+    started_busy, started_timeout = tmp_path / "started-busy", tmp_path / "started-timeout"
+    quick.touch()                                  # QUESTION's generation ends at once
+    replay = tmp_path / "held.jsonl"
+    replay.write_text("".join(json.dumps(line) + "\n" for line in (
+        {"question": QUESTION, "response": RESPONSE, "until_file": str(quick)},
+        {"question": "busy?", "response": RESPONSE, "until_file": str(held_busy),
+         "started_file": str(started_busy)},
+        {"question": "timeout?", "response": RESPONSE, "until_file": str(held_timeout),
+         "started_file": str(started_timeout)})))
+    # replay_latency bounds a hold: reached only when the test fails before releasing it
+    proc = spawn(node_command(**replay_params(replay, replay_latency=600.0, queue_size=1, max_batch_size=1,
+                                              request_timeout=timeout_s)), name="node")
+    try:
+        assert client.ask_until_ready(proc, question=QUESTION, options=OPTIONS).success
+        # six at once while one generation runs: one waits (queue_size 1), the other five are refused
+        sending = client.action.send_goal_async(AskSpatialAction.Goal(question="busy?"))
+        assert spin_until(client.node, lambda: sending.done() and started_busy.exists(), CALL), proc.tail()
+        futures = [client.service.call_async(AskSpatial.Request(question=QUESTION)) for _ in range(6)]
+        assert spin_until(client.node, lambda: sum(f.done() for f in futures) >= 5, CALL), proc.tail()
+        refused = [f.result() for f in futures if f.done()]
+        assert [r.error_code for r in refused] == [E.ERROR_BUSY] * 5, [(r.error_code, r.message) for r in refused]
+        held_busy.touch()
+        getting = sending.result().get_result_async()
+        assert spin_until(client.node, lambda: getting.done() and all(f.done() for f in futures), CALL)
+        assert getting.result().result.error_code == E.ERROR_NONE, getting.result().result.message
+        codes = sorted(f.result().error_code for f in futures)
+        assert codes == [E.ERROR_NONE] + [E.ERROR_BUSY] * 5, [f.result().message for f in futures]
+        # a running generation cannot be interrupted: it times out while it runs, and the one behind it times out
+        # while it waits, both at request_timeout from their acceptance
+        running = client.service.call_async(AskSpatial.Request(question="timeout?"))
+        assert spin_until(client.node, started_timeout.exists, CALL), proc.tail()
+        behind = client.service.call_async(AskSpatial.Request(question=QUESTION))
+        assert spin_until(client.node, lambda: running.done() and behind.done(), CALL), proc.tail()
+        for response, where in ((running.result(), "running"), (behind.result(), "waiting")):
+            assert response.error_code == E.ERROR_TIMEOUT, response.message
+            assert f"timed out after {timeout_s:g} s ({where})" in response.message, response.message
+    finally:
+        held_busy.touch()
+        held_timeout.touch()
+    # the abandoned generation ends, and the worker answers again
+    assert client.ask(question=QUESTION, options=OPTIONS).success
+    assert proc.alive()
 
 
 def rss_mb(proc) -> float:
