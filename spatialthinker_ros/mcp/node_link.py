@@ -172,6 +172,8 @@ class NodeLink:
     async def ask_with_feedback(self, timeout_s: float, on_progress: Callable[[Progress], None], **goal: Any) -> Any:
         """One goal of ~/ask_action; its Result (error codes included). Feedback goes to on_progress on the
         event loop's thread. A cancelled caller (MCP cancellation) cancels the goal."""
+        from rclpy.task import Future
+
         deadline = time.monotonic() + timeout_s
         await self._ready(self._action.server_is_ready, f"action server {self.path}/ask_action")
         loop = asyncio.get_running_loop()
@@ -182,6 +184,12 @@ class NodeLink:
         message = self.Action.Goal(**goal)
         accepted: list[Any] = []     # the goal's handle once accepted; appended and read on the executor's thread
         abandoned = False
+        # Done once a dropped goal needs nothing more from the node: its cancel has the node's reply, or the goal was
+        # rejected. close() waits for it: a goal dropped before its acceptance reached us is cancelled only then.
+        dropped = Future()
+
+        def cancel(handle: Any) -> None:
+            handle.cancel_goal_async().add_done_callback(lambda _: dropped.done() or dropped.set_result(None))
 
         async def goal_then_result() -> Any:
             """On the executor's thread, so the result request goes out as soon as the goal is accepted, with no
@@ -189,22 +197,24 @@ class NodeLink:
             after sending the request, without a lock: a quick reply to a request from another thread can be lost)."""
             handle = await self._action.send_goal_async(message, feedback)
             if not handle.accepted:
+                dropped.set_result(None)
                 return None
             accepted.append(handle)
-            if abandoned:   # the caller gave up while the goal was on its way
-                self._keep_until_done(handle.cancel_goal_async())
+            if abandoned:   # the caller gave up while the goal was on its way (its feedback can come first)
+                cancel(handle)
             return (await handle.get_result_async()).result
 
         def abandon() -> None:   # on the executor's thread: cancels the goal now, or once it is accepted
             nonlocal abandoned
             abandoned = True
             for handle in accepted:
-                self._keep_until_done(handle.cancel_goal_async())
+                cancel(handle)
 
         try:
             result = await self._result(self._executor.create_task(goal_then_result), deadline, "answer", alive)
         except BaseException:   # cancelled by the MCP client, timed out, or the node left: the goal is dropped
-            self._keep_until_done(self._executor.create_task(abandon))
+            self._keep_until_done(dropped)
+            self._executor.create_task(abandon)
             raise
         if result is None:
             raise NodeUnavailable(f"{self.path}/ask_action rejected the goal")

@@ -36,6 +36,7 @@ FREE = "What is on the table?"
 HELD = "Is anything moving?"                       # its generation runs until the test releases it
 QUIET_HELD = "Is anything falling?"                # the same, asked with no progress: the service, ~/cancel
 LEFT_HELD = "Is anything rolling?"                 # the same, asked through a NodeLink that closes at once
+LEFT_EARLY = "Is anything sliding?"                # the same, given up at its first feedback
 SAMPLE_PROBABILITIES = [0.85, 0.05, 0.05, 0.05]     # threshold 0.6 keeps p >= 0.4: {A}, act
 CLOSEST_PROBABILITIES = [0.34, 0.33, 0.33]          # none >= 0.4: the empty set, ask for help
 MAX_INPUT_PIXELS = next(p.default for p in PARAMETERS if p.name == "max_input_pixels")
@@ -59,7 +60,9 @@ def replay_lines(folder):
         {"question": HELD, "response": RESPONSES[SAMPLE["question"]], "until_file": str(folder / "held_released")},
         {"question": QUIET_HELD, "response": RESPONSES[SAMPLE["question"]],
          "until_file": str(folder / "quiet_released"), "started_file": str(folder / "quiet_started")},
-        {"question": LEFT_HELD, "response": RESPONSES[SAMPLE["question"]], "until_file": str(folder / "left_released")}]
+        {"question": LEFT_HELD, "response": RESPONSES[SAMPLE["question"]], "until_file": str(folder / "left_released")},
+        {"question": LEFT_EARLY, "response": RESPONSES[SAMPLE["question"]],
+         "until_file": str(folder / "left_early_released")}]
 
 
 def camera_command():
@@ -251,9 +254,14 @@ def test_progress_arrives_in_order_and_a_cancelled_call_cancels_its_goal(graph):
         (folder / "held_released").touch()   # the held generation ends; the backend answers the next tests
 
 
-def test_a_goal_cancelled_as_its_server_exits_is_cancelled_on_the_node(graph):
+@pytest.mark.parametrize("question, give_up_at, release", [(LEFT_HELD, "generating", "left_released"),
+                                                            (LEFT_EARLY, "first feedback", "left_early_released")],
+                         ids=["generating", "first-feedback"])
+def test_a_goal_cancelled_as_its_server_exits_is_cancelled_on_the_node(graph, question, give_up_at, release):
     """A client that cancels a call and leaves at once: the server closes its NodeLink straight after the cancel,
-    and the goal's cancel must still reach the node (close lets it), or the node answers nobody."""
+    and the goal's cancel must still reach the node (close lets it), or the node answers nobody. The goal's
+    feedback can arrive before its acceptance does (they travel on different topics): given up then, the goal is
+    cancelled only once it is accepted, and close waits for that too."""
     client_of_node, folder, _ = graph
     cancelled_before = client_of_node.stats[-1]["scheduler"]["cancelled"]
     link = NodeLink(wait_s=CALL_S)
@@ -262,11 +270,11 @@ def test_a_goal_cancelled_as_its_server_exits_is_cancelled_on_the_node(graph):
         generating = asyncio.Event()
 
         def on_progress(progress):
-            if progress.stage == AskSpatial.Feedback.STAGE_GENERATING:
+            if give_up_at == "first feedback" or progress.stage == AskSpatial.Feedback.STAGE_GENERATING:
                 generating.set()
 
-        asking = asyncio.ensure_future(link.ask_with_feedback(CALL_S, on_progress, question=LEFT_HELD))
-        await asyncio.wait_for(generating.wait(), CALL_S)   # the node is generating, held until released
+        asking = asyncio.ensure_future(link.ask_with_feedback(CALL_S, on_progress, question=question))
+        await asyncio.wait_for(generating.wait(), CALL_S)   # the node has the goal, held until released
         asking.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asking
@@ -279,7 +287,7 @@ def test_a_goal_cancelled_as_its_server_exits_is_cancelled_on_the_node(graph):
         client_of_node.wait(lambda: client_of_node.stats[-1]["scheduler"]["cancelled"] > cancelled_before, CALL_S,
                             "the node's ~/stats to count the goal cancelled as its link closed")
     finally:
-        (folder / "left_released").touch()
+        (folder / release).touch()
 
 
 def test_a_call_without_progress_is_asked_by_service_and_cancelled_with_its_request_id(graph):
